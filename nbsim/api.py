@@ -1,0 +1,98 @@
+"""Public Python API: ExperimentSpec -> SimResult.  (engine entry point; owned by the engine author)
+
+Contract used by the front end, the Hydra app and the writers:
+
+simulate(spec, device=None, *, base_dir=".", progress=None) -> SimResult
+
+SimResult.image   torch.Tensor (spixels, fpixels), configured device/dtype; exactly 0 outside ROI/mask
+SimResult.float32() -> numpy float32 array (spixels, fpixels), what -floatfile writes
+SimResult.info    dict of derived values, all plain Python numbers / lists:
+    fpixels, spixels (int); pixel_mm, distance_mm, close_distance_mm, wavelength_A,
+    xbeam_mm, ybeam_mm, fbeam_mm, sbeam_mm, fclose_mm, sclose_mm, detsize_f_mm, detsize_s_mm,
+    orgx_px, orgy_px, dials_origin_mm [x, y, z], phi_deg, osc_deg, twotheta_deg,
+    roi [xmin, xmax, ymin, ymax] (resolved, inclusive), convention, pivot,
+    steps, sources, mosaic_domains, phisteps, oversample, thicksteps,
+    max_I, max_I_at_m [Fdet, Sdet], mean, rms, rmsd, sum, omega_sum_sr
+SimResult.mask    numpy bool (spixels, fpixels): pixels that were simulated (ROI and mask)
+SimResult.warnings list[str]  (quirk warnings etc.)
+SimResult.log      list[str]  (nanoBragg-style stdout lines describing the setup)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nbsim.spec import DeviceSpec, ExperimentSpec
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class SimResult:
+    image: torch.Tensor
+    info: dict
+    mask: np.ndarray
+    warnings: list = field(default_factory=list)
+    log: list = field(default_factory=list)
+    trace: list = field(default_factory=list)
+
+    def float32(self) -> np.ndarray:
+        """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
+        return self.image.detach().to("cpu", torch.float32).numpy()
+
+
+def resolve_device(device: Optional[DeviceSpec]):
+    device = device or DeviceSpec()
+    if device.dtype not in _DTYPES:
+        from nbsim.spec import SpecError
+        raise SpecError("device.dtype", f"must be one of float64, float32; got {device.dtype!r}")
+    dev = device.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        from nbsim.spec import SpecError
+        raise SpecError("device.device", "CUDA was requested but torch sees no CUDA device")
+    return torch.device(dev), _DTYPES[device.dtype], device
+
+
+def memory_budget_bytes(device: DeviceSpec, torch_device) -> float:
+    """Working-set budget for one chunk: the configured value, else a share of free memory."""
+    if device.memory_budget_mb:
+        return device.memory_budget_mb * 2 ** 20
+    if torch_device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch_device)
+        return 0.4 * free
+    try:
+        import os
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 4 * 2 ** 30
+    return max(64 * 2 ** 20, min(0.25 * avail, 2 * 2 ** 30))
+
+
+def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_dir=".",
+             progress=None, trace_pixel=None, chunk_pixels=None) -> SimResult:
+    """Simulate one image. See the module docstring for the result's contents."""
+    from nbsim.engine import simulate_image
+    from nbsim.experiment import build_model
+    from nbsim.stats import image_stats
+
+    tdev, tdtype, device = resolve_device(device)
+    t0 = time.perf_counter()
+    model = build_model(spec, dtype=tdtype, device=tdev, base_dir=base_dir)
+    budget = memory_budget_bytes(device, tdev)
+    image = simulate_image(model, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress)
+    info = model.info
+    mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
+        model.mask.cpu().numpy()
+    img32 = image.detach().to("cpu", torch.float32).numpy()
+    info.update(image_stats(img32, mask, model))
+    info["wall_s"] = time.perf_counter() - t0
+    result = SimResult(image=image, info=info, mask=mask, warnings=list(info.pop("warnings", [])),
+                       log=list(info.pop("log", [])))
+    if trace_pixel is not None:
+        from nbsim.trace import trace_lines
+        result.trace = trace_lines(model, trace_pixel)
+    return result

@@ -1,0 +1,105 @@
+"""Crystal lattice setup (nanoBragg §4.2): cell or MOSFLM matrix, misset, real-space vectors.
+
+All lattice vectors are lab-frame (3,) torch tensors. Reciprocal vectors ``a*, b*, c*`` are in Å⁻¹,
+real-space vectors ``a, b, c`` in metres (as the C program stores them for the pixel loop).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from nbsim.rotation import cross, dot, rotate_xyz
+
+
+@dataclass
+class Lattice:
+    a: torch.Tensor          # real-space cell vectors, metres, (3,) each — the φ=0, mosaic=0 orientation
+    b: torch.Tensor
+    c: torch.Tensor
+    a_star: torch.Tensor     # reciprocal vectors, Å⁻¹ (include misset, not φ or mosaic)
+    b_star: torch.Tensor
+    c_star: torch.Tensor
+    V_cell_A3: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+def _vrescale(v, new_mag):
+    mag = torch.sqrt(dot(v, v))
+    return v * (new_mag / mag)
+
+
+def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
+    """Reciprocal vectors (Å⁻¹) of the default orientation and the formula volume (Å³) for a cell.
+
+    cell_A_deg: [a, b, c, alpha, beta, gamma]. ``faithful`` reproduces C's c*_z term (quirk 5).
+    Returns (a*, b*, c*, V_cell, (a, b, c) lengths) as tensors.
+    """
+    t = lambda x: torch.as_tensor(x, dtype=dtype, device=device)  # noqa: E731
+    a, b, c = (t(float(x)) for x in cell_A_deg[:3])
+    al, be, ga = (t(math.radians(float(x))) for x in cell_A_deg[3:])
+    s = (al + be + ga) / 2
+    skew = torch.abs(torch.sin(s) * torch.sin(s - al) * torch.sin(s - be) * torch.sin(s - ga))
+    V = 2.0 * a * b * c * torch.sqrt(skew)
+    Vs = 1.0 / V
+    ast = b * c * torch.sin(al) * Vs
+    bst = c * a * torch.sin(be) * Vs
+    cst = a * b * torch.sin(ga) * Vs
+    sin_gs = torch.clamp(c * Vs / ast / bst, max=1.0)
+    cos_as = (torch.cos(be) * torch.cos(ga) - torch.cos(al)) / (torch.sin(be) * torch.sin(ga))
+    cos_bs = (torch.cos(ga) * torch.cos(al) - torch.cos(be)) / (torch.sin(ga) * torch.sin(al))
+    cos_gs = (torch.cos(al) * torch.cos(be) - torch.cos(ga)) / (torch.sin(al) * torch.sin(be))
+    zero = torch.zeros_like(ast)
+    a_star = torch.stack((ast, zero, zero))
+    b_star = torch.stack((bst * cos_gs, bst * sin_gs, zero))
+    if faithful:
+        cz = cst * V / (a * b * c * sin_gs)          # quirk 5 (C's expression)
+    else:
+        cz = Vs / (ast * bst * sin_gs)               # textbook V*/(a* b* sin γ*)
+    c_star = torch.stack((cst * cos_bs, cst * (cos_as - cos_bs * cos_gs) / sin_gs, cz))
+    return a_star, b_star, c_star, V, (a, b, c)
+
+
+def build_lattice(*, cell_A_deg=None, matrix=None, wavelength_A: float = 1.0, misset_rad=None,
+                  faithful: bool = True, dtype=torch.float64, device="cpu") -> Lattice:
+    """Lattice from a cell and/or a MOSFLM A matrix (columns a*, b*, c* × λ), then misset (rad, xyz).
+
+    Mirrors C: with a user cell the cross products are rescaled to the formula volume; with -mat
+    alone the volume comes from the matrix.
+    """
+    user_cell = cell_A_deg is not None
+    if user_cell:
+        a_star, b_star, c_star, V_cell, (la, lb, lc) = cell_reciprocal(
+            cell_A_deg, faithful=faithful, dtype=dtype, device=device)
+    if matrix is not None:
+        m = torch.as_tensor(matrix, dtype=dtype, device=device) * (1.0 / wavelength_A)
+        a_star, b_star, c_star = m[:, 0], m[:, 1], m[:, 2]
+    if misset_rad is not None:
+        a_star, b_star, c_star = (rotate_xyz(v, *misset_rad) for v in (a_star, b_star, c_star))
+    bxc, cxa, axb = cross(b_star, c_star), cross(c_star, a_star), cross(a_star, b_star)
+    V_star = dot(a_star, bxc)
+    if user_cell:
+        bxc = _vrescale(bxc, la / V_cell)
+        cxa = _vrescale(cxa, lb / V_cell)
+        axb = _vrescale(axb, lc / V_cell)
+        V_star = 1.0 / V_cell
+    V_cell = 1.0 / V_star
+    a, b, c = bxc * V_cell, cxa * V_cell, axb * V_cell
+    a_star = cross(b, c) * V_star
+    b_star = cross(c, a) * V_star
+    c_star = cross(a, b) * V_star
+    return Lattice(a=a * 1e-10, b=b * 1e-10, c=c * 1e-10, a_star=a_star, b_star=b_star, c_star=c_star,
+                   V_cell_A3=V_cell)
+
+
+def cell_parameters(lat: Lattice):
+    """(a, b, c [Å], α, β, γ [deg]) of the real-space vectors, and the same for the reciprocal ones."""
+    def params(x, y, z):
+        lx, ly, lz = (float(torch.sqrt(dot(v, v))) for v in (x, y, z))
+        ang = lambda u, v, lu, lv: math.degrees(math.acos(max(-1.0, min(1.0, float(dot(u, v)) / lu / lv))))  # noqa
+        return [lx, ly, lz, ang(y, z, ly, lz), ang(x, z, lx, lz), ang(x, y, lx, ly)]
+    real = params(lat.a * 1e10, lat.b * 1e10, lat.c * 1e10)
+    recip = params(lat.a_star, lat.b_star, lat.c_star)
+    return real, recip

@@ -1,0 +1,224 @@
+"""Detector geometry: conventions, pivots, rotations, beam centres (nanoBragg §4.1).
+
+``detector_geometry`` turns a ``DetectorSpec`` (+ beam/spindle vectors) into a ``DetectorGeometry``
+holding lab-frame unit vectors and the detector origin ``pix0`` as torch tensors (metres), plus the
+derived values nanoBragg prints and writes into SMV headers.
+
+Frames: lab (x, y, z); f̂/ŝ/ô are the fast/slow/normal detector axes; pixel (s, f) sub-pixel centre is
+``pix0 + Fdet·f̂ + Sdet·ŝ`` with Fdet, Sdet in metres from the detector origin.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from nbsim.rotation import dot, rotate_axis, rotate_xyz, unitize, cross
+from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec
+
+DBL_MIN = 2.2250738585072014e-308
+
+# convention table: beam, fdet, sdet, odet, twotheta axis, polar, spindle, forced pivot
+_CONV = {
+    "mosflm": ((1, 0, 0), (0, 0, 1), (0, -1, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1), "beam"),
+    "denzo": ((1, 0, 0), (0, 0, 1), (0, -1, 0), (1, 0, 0), (0, 0, -1), (0, 0, 1), (0, 0, 1), "beam"),
+    "adxv": ((0, 0, 1), (1, 0, 0), (0, -1, 0), (0, 0, 1), (-1, 0, 0), (1, 0, 0), (1, 0, 0), "beam"),
+    "xds": ((0, 0, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 0), (1, 0, 0), (1, 0, 0), "sample"),
+    "dials": ((0, 0, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 0), (0, 1, 0), (0, 1, 0), "sample"),
+    "custom": ((1, 0, 0), (0, 0, 1), (0, -1, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 1), None),
+}
+
+
+@dataclass
+class DetectorGeometry:
+    """Resolved detector. Tensors are (3,) lab vectors or 0-d scalars, SI units (m, rad)."""
+    fpixels: int
+    spixels: int
+    pixel_m: torch.Tensor
+    fdet: torch.Tensor
+    sdet: torch.Tensor
+    odet: torch.Tensor
+    pix0: torch.Tensor
+    beam: torch.Tensor            # unit vector along the beam (towards the detector)
+    polar: torch.Tensor           # unit E-vector axis
+    vert: torch.Tensor            # unit(beam × polar)
+    spindle: torch.Tensor
+    twotheta_axis: torch.Tensor
+    distance_m: torch.Tensor      # recomputed distance (close_distance/ratio)
+    close_distance_m: torch.Tensor
+    ratio: torch.Tensor
+    convention: str
+    pivot: str
+    point_pixel: bool
+    curved: bool
+    info: dict = field(default_factory=dict)   # plain numbers for headers / stdout
+    warnings: list = field(default_factory=list)
+
+
+def _vec(v, dtype, device):
+    return torch.tensor([float(x) for x in v], dtype=dtype, device=device)
+
+
+def resolve_pixels(d: DetectorSpec):
+    """(fpixels, spixels, detsize_f_m, detsize_s_m) with C's rules."""
+    px = d.pixel_mm * 1e-3
+    out = []
+    for npix, size_mm in ((d.fpixels, d.detsize_f_mm), (d.spixels, d.detsize_s_mm)):
+        if npix is not None:
+            size = px * npix
+        else:
+            size = (size_mm if size_mm is not None else 102.4) * 1e-3
+            npix = int(math.ceil(size / px - 0.5))
+        out += [npix, size]
+    return out[0], out[2], out[1], out[3]
+
+
+def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: str = "faithful",
+                      dtype=torch.float64, device="cpu") -> DetectorGeometry:
+    faithful = quirks == "faithful"
+    warnings = []
+    conv = d.convention
+    tv = lambda v: _vec(v, dtype, device)  # noqa: E731
+    px = d.pixel_mm * 1e-3
+    fpixels, spixels, detsize_f, detsize_s = resolve_pixels(d)
+    if fpixels < 1 or spixels < 1:
+        from nbsim.spec import SpecError
+        raise SpecError("detector.fpixels", f"detector has {fpixels}x{spixels} pixels; need >= 1 each")
+
+    beam_d, fdet_d, sdet_d, odet_d, tth_d, polar_d, spindle_d, forced = _CONV[conv]
+    if conv == "custom":
+        pivot = d.pivot or "beam"
+        beam_v = b.beam_vector or beam_d
+        fdet_v = d.fdet_vector or fdet_d
+        sdet_v = d.sdet_vector or sdet_d
+        odet_v = d.odet_vector or odet_d
+        tth_v = d.twotheta_axis or tth_d
+        polar_v = b.polar_vector or polar_d
+        spindle_v = c.spindle_axis or spindle_d
+    else:
+        # non-custom conventions set every vector; the C program switches to custom when a vector is given
+        if faithful or d.pivot is None:
+            if d.pivot is not None and d.pivot != forced:
+                warnings.append(f"quirk: {conv} convention forces pivot={forced} (detector.pivot={d.pivot} "
+                                "ignored; quirks=physical honours it)")
+            pivot = forced
+        else:
+            pivot = d.pivot
+        beam_v, fdet_v, sdet_v, odet_v, tth_v, polar_v, spindle_v = (
+            beam_d, fdet_d, sdet_d, odet_d, tth_d, polar_d, spindle_d)
+        if not faithful:
+            beam_v = b.beam_vector or beam_v
+            polar_v = b.polar_vector or polar_v
+            spindle_v = c.spindle_axis or spindle_v
+            fdet_v = d.fdet_vector or fdet_v
+            sdet_v = d.sdet_vector or sdet_v
+            odet_v = d.odet_vector or odet_v
+            tth_v = d.twotheta_axis or tth_v
+
+    # beam centre defaults (metres)
+    nan = float("nan")
+    Xbeam = d.xbeam_mm * 1e-3 if d.xbeam_mm is not None else nan
+    Ybeam = d.ybeam_mm * 1e-3 if d.ybeam_mm is not None else nan
+    Xclose = d.xclose_mm * 1e-3 if d.xclose_mm is not None else nan
+    Yclose = d.yclose_mm * 1e-3 if d.yclose_mm is not None else nan
+    Fclose = (d.orgx_px - 0.5) * px if d.orgx_px is not None else detsize_f / 2.0
+    Sclose = (d.orgy_px - 0.5) * px if d.orgy_px is not None else detsize_s / 2.0
+    if math.isnan(Xclose):
+        Xclose = Fclose
+    if math.isnan(Yclose):
+        Yclose = Sclose
+    if conv == "adxv":
+        Xbeam = (detsize_f + px) / 2.0 if math.isnan(Xbeam) else Xbeam
+        Ybeam = (detsize_s - px) / 2.0 if math.isnan(Ybeam) else Ybeam
+        Fbeam, Sbeam = Xbeam, detsize_s - Ybeam
+    elif conv in ("mosflm", "denzo"):
+        Xbeam = (detsize_s + px) / 2.0 if math.isnan(Xbeam) else Xbeam
+        Ybeam = (detsize_f + px) / 2.0 if math.isnan(Ybeam) else Ybeam
+        shift = 0.5 * px if conv == "mosflm" else 0.0
+        Fbeam, Sbeam = Ybeam + shift, Xbeam + shift
+    else:  # xds, dials, custom
+        Xbeam = Xclose if math.isnan(Xbeam) else Xbeam
+        Ybeam = Yclose if math.isnan(Ybeam) else Ybeam
+        Fbeam, Sbeam = Xbeam, Ybeam
+        if conv == "custom":
+            Fclose, Sclose = Xbeam, Ybeam
+
+    beam, _ = unitize(tv(beam_v))
+    fdet, _ = unitize(tv(fdet_v))
+    sdet, _ = unitize(tv(sdet_v))
+    odet, omag = unitize(tv(odet_v))
+    if float(omag) != 1.0 and conv == "custom" and d.odet_vector is not None:
+        # C regenerates odet as f x s when the given one is not a unit vector
+        warnings.append("auto-generating odet_vector = fdet x sdet (given odet_vector is not a unit vector)")
+        odet, _ = unitize(cross(fdet, sdet))
+    polar, _ = unitize(tv(polar_v))
+    spindle, _ = unitize(tv(spindle_v))
+    tth_axis = tv(tth_v)   # C does not unitize the two-theta axis
+    vert, _ = unitize(cross(beam, polar))
+
+    rx, ry, rz = (math.radians(d.rotx_deg), math.radians(d.roty_deg), math.radians(d.rotz_deg))
+    tth = math.radians(d.twotheta_deg)
+    distance = torch.tensor(d.distance_mm * 1e-3, dtype=dtype, device=device)
+
+    def place(v):
+        return rotate_axis(rotate_xyz(v, rx, ry, rz), tth_axis, tth)
+
+    if faithful:
+        ratio = dot(beam, rotate_xyz(odet, rx, ry, rz))     # quirk 3: two-theta not included
+    else:
+        ratio = dot(beam, place(odet))
+    ratio = torch.where(ratio == 0, torch.full_like(ratio, DBL_MIN), ratio)
+    if d.close_distance_mm is not None:
+        close_distance = torch.tensor(d.close_distance_mm * 1e-3, dtype=dtype, device=device)
+    else:
+        close_distance = torch.abs(ratio * distance)
+    distance = close_distance / ratio
+
+    pix0 = None
+    if pivot == "sample":
+        pix0 = -Fclose * fdet - Sclose * sdet + close_distance * odet
+        pix0 = place(pix0)
+    fdet, sdet, odet = place(fdet), place(sdet), place(odet)
+    if pivot == "beam":
+        pix0 = -Fbeam * fdet - Sbeam * sdet + distance * beam
+    if d.pix0_vector_mm is not None:
+        if faithful:
+            warnings.append("quirk: pix0_vector is overwritten by the pivot formula (C behaviour); "
+                            "quirks=physical honours it")
+        else:
+            pix0 = tv([x * 1e-3 for x in d.pix0_vector_mm])
+
+    Fclose_t = -dot(pix0, fdet)
+    Sclose_t = -dot(pix0, sdet)
+    close_distance = dot(pix0, odet)
+    newv = close_distance / ratio * beam - pix0
+    Fbeam_t = dot(fdet, newv)
+    Sbeam_t = dot(sdet, newv)
+    distance = close_distance / ratio
+    orgx = Fclose_t / px + 0.5
+    orgy = Sclose_t / px + 0.5
+    dials = 1000.0 * torch.stack((pix0[2], pix0[1], -pix0[0]))
+
+    g = lambda t: float(t.detach())  # noqa: E731  (report only)
+    info = dict(
+        convention=conv, pivot=pivot, fpixels=fpixels, spixels=spixels,
+        pixel_mm=px * 1e3, detsize_f_mm=detsize_f * 1e3, detsize_s_mm=detsize_s * 1e3,
+        distance_mm=g(distance) * 1e3, close_distance_mm=g(close_distance) * 1e3,
+        xbeam_mm=Xbeam * 1e3, ybeam_mm=Ybeam * 1e3, xclose_mm=Xclose * 1e3, yclose_mm=Yclose * 1e3,
+        fbeam_mm=g(Fbeam_t) * 1e3, sbeam_mm=g(Sbeam_t) * 1e3,
+        fclose_mm=g(Fclose_t) * 1e3, sclose_mm=g(Sclose_t) * 1e3,
+        orgx_px=g(orgx), orgy_px=g(orgy), dials_origin_mm=[g(x) for x in dials],
+        twotheta_deg=d.twotheta_deg, ratio=g(ratio),
+        fdet=[g(x) for x in fdet], sdet=[g(x) for x in sdet], odet=[g(x) for x in odet],
+        pix0_m=[g(x) for x in pix0], beam=[g(x) for x in beam], spindle=[g(x) for x in spindle],
+        polar_vector=[g(x) for x in polar], twotheta_axis=[g(x) for x in tth_axis],
+        polarization_plane_normal=[g(x) for x in cross(beam, polar)],
+    )
+    return DetectorGeometry(
+        fpixels=fpixels, spixels=spixels, pixel_m=torch.tensor(px, dtype=dtype, device=device),
+        fdet=fdet, sdet=sdet, odet=odet, pix0=pix0, beam=beam, polar=polar, vert=vert, spindle=spindle,
+        twotheta_axis=tth_axis, distance_m=distance, close_distance_m=close_distance, ratio=ratio,
+        convention=conv, pivot=pivot, point_pixel=d.point_pixel, curved=d.curved, info=info,
+        warnings=warnings)

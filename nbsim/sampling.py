@@ -1,0 +1,201 @@
+"""Sampling grids: sources (divergence × dispersion or a source file), φ steps, mosaic domains and
+sensor layers, with nanoBragg's auto-selection rules (§4.2 items 6-8, §4.4).
+
+Each ``resolve_*`` takes plain numbers (None = "not given") and returns plain numbers, so the rules
+are testable without torch; ``make_sources`` builds the tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nbsim.rotation import rotate_axis, unitize
+
+
+def _auto_steps(steps, rng, step, *, none_range=0.0, steps_only_range=1.0):
+    """C's shared (range, step, steps) auto-selection; None = not given (C's -1)."""
+    steps = -1 if steps is None else steps
+    rng = -1.0 if rng is None else rng
+    step = -1.0 if step is None else step
+    if steps <= 0:
+        if rng < 0.0:
+            if step <= 0.0:
+                steps, rng, step = 1, 0.0, 0.0
+            else:
+                rng, steps = step, 2
+        else:
+            if step <= 0.0:
+                step, steps = rng, 2
+            else:
+                steps = int(math.ceil(rng / step))
+    else:
+        if rng < 0.0:
+            if step <= 0.0:
+                rng = steps_only_range
+                step = rng / steps
+            else:
+                rng, steps = step, 2
+        else:
+            if step <= 0.0:
+                if steps <= 1:
+                    steps = 2
+                step = rng / (steps - 1)
+    if rng <= 0.0 or step <= 0.0 or steps <= 0:
+        steps, rng, step = 1, 0.0, 0.0
+    return steps, rng, step
+
+
+def resolve_divergence(range_rad, step_rad, steps):
+    """(steps, range, step) of one divergence axis (rad)."""
+    return _auto_steps(steps, range_rad, step_rad)
+
+
+def resolve_dispersion(dispersion_frac, dispsteps):
+    """(steps, dispersion, dispstep) — fractional; C has no dispstep flag."""
+    return _auto_steps(dispsteps, dispersion_frac, None)
+
+
+def resolve_phi(phi0_rad, osc_rad, phistep_rad, phisteps):
+    """(phisteps, osc, phistep) in rad, C's rules (note -osc 0 gives 2 steps of 0)."""
+    steps = -1 if phisteps is None else phisteps
+    osc = -1.0 if osc_rad is None else osc_rad
+    step = -1.0 if phistep_rad is None else phistep_rad
+    if steps < 0:
+        if osc < 0.0:
+            if step <= 0.0:
+                steps, osc, step = 1, 0.0, 0.0
+            else:
+                osc, steps = step, 2
+        else:
+            if step <= 0.0:
+                steps, step = 2, osc / 2.0
+            else:
+                steps = int(math.ceil(osc / step))
+    else:
+        if steps == 0:
+            steps = 1
+        if osc < 0.0:
+            if step <= 0.0:
+                osc = 1.0 / (180.0 / math.pi)
+                step = osc / steps
+            else:
+                osc, steps = step, 2
+        else:
+            if step < 0.0:
+                step = osc / steps
+    return steps, osc, step
+
+
+def resolve_thickness(thick_m, thicksteps, *, faithful=True):
+    """(thicksteps, thick, thickstep) in m. Faithful: layers at 0, Δ, ..., T with Δ = T/(N-1)
+    (or T/2 with N=2 when only T is given); physical: N layers of T/N."""
+    steps = -1 if thicksteps is None else thicksteps
+    thick = thick_m
+    if not faithful:
+        if thick <= 0:
+            return 1, 0.0, 0.0
+        n = steps if steps > 0 else 2
+        return n, thick, thick / n
+    step = -1.0
+    if steps <= 0:
+        if thick < 0.0:
+            steps, thick, step = 1, 0.0, 0.0
+        else:
+            steps, step = 2, thick / 2
+    else:
+        if thick < 0.0:
+            thick = 0.5e-6
+            step = thick / steps
+        else:
+            if steps <= 1:
+                steps = 2
+            step = thick / (steps - 1)
+    if thick <= 0.0 or step <= 0.0 or steps <= 0:
+        steps, thick, step = 1, 0.0, 0.0
+    return steps, thick, step
+
+
+def resolve_mosaic(spread_rad, domains):
+    """(domains, spread, warning or None)."""
+    d = -1 if domains is None else domains
+    if d <= 0:
+        if spread_rad <= 0.0:
+            return 1, 0.0, None
+        return 10, spread_rad, "finite mosaicity with only one domain! upping to 10 mosaic domains"
+    if spread_rad <= 0.0:
+        return 1, 0.0, ("zero mosaic spread specified.  setting mosaic_domains = 1" if d > 1 else None)
+    return d, spread_rad, None
+
+
+def _div2(num, den):
+    """num/den/den with IEEE semantics (0/0 = NaN keeps the point, x/0 = ±inf)."""
+    if den != 0:
+        return num / den / den
+    return float("nan") if num == 0 else math.copysign(float("inf"), num)
+
+
+@dataclass
+class Sources:
+    direction: torch.Tensor   # (S, 3) unit vectors from the sample towards each source
+    wavelength_m: torch.Tensor  # (S,)
+    weight: torch.Tensor      # (S,) relative weights (all 1 in faithful mode)
+    divsteps: int
+    dispsteps: int
+    hdiv: tuple
+    vdiv: tuple
+    dispersion: tuple
+    listing: list             # C-style lines "X Y Z I lambda" (before unitizing)
+
+
+def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div=True, table=None,
+                 faithful=True, dtype=torch.float64, device="cpu") -> Sources:
+    """Sources from divergence (steps, range, step) × dispersion (steps, frac, step), or a table
+    (n, 5) of X Y Z I λ (m) with NaN for missing values. beam/polar/vert: (3,) unit vectors."""
+    source_distance = 10.0
+    listing = []
+    if table is not None and len(table):
+        rows = []
+        for X, Y, Z, I, lam in table:
+            X = -source_distance * float(beam[0]) if math.isnan(X) else X
+            Y = -source_distance * float(beam[1]) if math.isnan(Y) else Y
+            Z = -source_distance * float(beam[2]) if math.isnan(Z) else Z
+            I = 1.0 if math.isnan(I) else I
+            lam = wavelength_m if math.isnan(lam) else lam
+            rows.append((X, Y, Z, I, lam))
+        pos = torch.tensor([r[:3] for r in rows], dtype=dtype, device=device)
+        lams = torch.tensor([r[4] for r in rows], dtype=dtype, device=device)
+        w = torch.tensor([r[3] for r in rows], dtype=dtype, device=device)
+        weight = torch.ones_like(w) if faithful else w / w.mean()
+        listing = [f"{r[0]:g} {r[1]:g} {r[2]:g}   {r[3]:g} {r[4]:g}" for r in rows]
+        direction, _ = unitize(pos)
+        return Sources(direction, lams, weight, len(rows), 1, (1, 0.0, 0.0), (1, 0.0, 0.0), (1, 0.0, 0.0),
+                       listing)
+    hsteps, hrange, hstep = hdiv
+    vsteps, vrange, vstep = vdiv
+    dsteps, dispersion, dstep = disp
+    angles = []
+    for i in range(hsteps):
+        for j in range(vsteps):
+            h = hstep * i - hrange / 2.0
+            v = vstep * j - vrange / 2.0
+            test = _div2(h * h - hstep * hstep / 4.0 * (1 - hsteps % 2), hrange)
+            test += _div2(v * v - vstep * vstep / 4.0 * (1 - vsteps % 2), vrange)
+            if round_div and test * 4.0 > 1.1:
+                continue
+            angles.append((h, v))
+    lam_list = [wavelength_m * (1.0 + dstep * k - dispersion / 2.0) for k in range(dsteps)]
+    dirs, lams = [], []
+    base = -source_distance * beam
+    weight_val = 1.0 / (len(angles) * dsteps) if angles else 0.0
+    for h, v in angles:
+        vec = rotate_axis(rotate_axis(base, polar, v), vert, h)
+        for lam in lam_list:
+            dirs.append(vec)
+            lams.append(lam)
+            listing.append(f"{float(vec[0]):g} {float(vec[1]):g} {float(vec[2]):g}   {weight_val:g} {lam:g}")
+    pos = torch.stack(dirs)
+    direction, _ = unitize(pos)
+    lam_t = torch.tensor(lams, dtype=dtype, device=device)
+    return Sources(direction, lam_t, torch.ones_like(lam_t), len(angles), dsteps, hdiv, vdiv, disp, listing)

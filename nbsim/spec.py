@@ -1,0 +1,335 @@
+"""Experiment description: plain dataclasses, no Hydra, no torch.
+
+These dataclasses are the single description of a simulation. The Hydra app uses them as
+structured-config schemas (``pipeline.compose`` registers them), the nanoBragg front end fills
+them from argv (``nbsim.frontend``), and the engine (``nbsim.experiment``) turns them into tensors.
+
+Conventions
+-----------
+* Units are in the key names: ``_mm``, ``_deg``, ``_A`` (Ångström), ``_um``, ``_mrad``, ``_eV``...
+* ``None`` means "not given": the engine applies nanoBragg's default for it, which often depends on
+  other keys (e.g. the beam centre on the detector convention).
+* Vectors are lab-frame ``[x, y, z]`` lists; they are unitized by the engine.
+* ``quirks`` is ``"faithful"`` (reproduce the C program bit for bit, quirks included) or
+  ``"physical"`` (fix the quirks listed in ``nbsim.quirks``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import List, Optional
+
+CONVENTIONS = ("mosflm", "xds", "dials", "adxv", "denzo", "custom")
+PIVOTS = ("beam", "sample")
+SHAPES = ("square", "round", "gauss", "tophat")
+QUIRK_MODES = ("faithful", "physical")
+DTYPES = ("float64", "float32")
+
+
+class SpecError(ValueError):
+    """A value in the experiment description is invalid. ``key`` names the offending key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass
+class DetectorSpec:
+    convention: str = "mosflm"
+    pivot: Optional[str] = None            # None: forced by convention; custom defaults to beam
+    distance_mm: float = 100.0             # sample -> beam spot along the beam
+    close_distance_mm: Optional[float] = None  # sample -> detector plane along its normal
+    pixel_mm: float = 0.1
+    fpixels: Optional[int] = None          # None: ceil(detsize_f_mm/pixel_mm - 0.5)
+    spixels: Optional[int] = None
+    detsize_f_mm: Optional[float] = None   # None: 102.4 mm, or fpixels*pixel_mm when fpixels is given
+    detsize_s_mm: Optional[float] = None
+    xbeam_mm: Optional[float] = None       # beam centre in the convention's X/Y (BEAM pivot)
+    ybeam_mm: Optional[float] = None
+    xclose_mm: Optional[float] = None      # near point (SAMPLE pivot)
+    yclose_mm: Optional[float] = None
+    orgx_px: Optional[float] = None        # XDS ORGX/ORGY (SAMPLE pivot)
+    orgy_px: Optional[float] = None
+    rotx_deg: float = 0.0
+    roty_deg: float = 0.0
+    rotz_deg: float = 0.0
+    twotheta_deg: float = 0.0
+    fdet_vector: Optional[List[float]] = None
+    sdet_vector: Optional[List[float]] = None
+    odet_vector: Optional[List[float]] = None
+    twotheta_axis: Optional[List[float]] = None
+    pix0_vector_mm: Optional[List[float]] = None  # custom only; ignored by C (quirk), honoured when physical
+    point_pixel: bool = False
+    curved: bool = False
+    thick_um: float = 0.0                  # sensor thickness
+    attenuation_um: Optional[float] = None  # sensor attenuation length (C -detector_abs); None: = thickness
+    thicksteps: Optional[int] = None
+    oversample: Optional[int] = None       # None: auto
+    oversample_thick: bool = False
+    oversample_polar: bool = False
+    oversample_omega: bool = False
+    roi: Optional[List[int]] = None        # [xmin, xmax, ymin, ymax] inclusive pixel indices (fast, slow)
+    mask_file: Optional[str] = None        # SMV image; pixels equal to 0 are skipped
+
+
+@dataclass
+class BeamSpec:
+    wavelength_A: float = 1.0
+    dispersion_pct: float = 0.0            # full range of dlambda/lambda, percent
+    dispsteps: Optional[int] = None
+    hdivrange_mrad: Optional[float] = None
+    vdivrange_mrad: Optional[float] = None
+    hdivstep_mrad: Optional[float] = None
+    vdivstep_mrad: Optional[float] = None
+    hdivsteps: Optional[int] = None
+    vdivsteps: Optional[int] = None
+    round_div: bool = True
+    source_file: Optional[str] = None      # columns X Y Z I lambda (m, m, m, -, m)
+    fluence_ph_per_m2: Optional[float] = None  # None: 1/r_e^2, or flux*exposure/beamsize^2 when flux given
+    flux_ph_per_s: float = 0.0
+    exposure_s: float = 1.0
+    beamsize_mm: float = 0.1
+    kahn_factor: float = 0.0               # polarization; C's default is 0 (unpolarised)
+    nopolar: bool = False                  # polarization factor = 1
+    beam_vector: Optional[List[float]] = None   # direction of the beam (None: convention)
+    polar_vector: Optional[List[float]] = None  # E-vector axis (None: convention)
+    dmin_A: float = 0.0
+
+
+@dataclass
+class CrystalSpec:
+    cell_A_deg: Optional[List[float]] = None   # a b c (A) alpha beta gamma (deg)
+    matrix_file: Optional[str] = None          # MOSFLM A matrix (includes lambda)
+    misset_deg: Optional[List[float]] = None   # rotations about x, y, z
+    misset_random: bool = False
+    misset_seed: Optional[int] = None          # seed for misset_random (C: -misset_seed)
+    N: int = 1                                 # cells along every axis unless Na/Nb/Nc given
+    Na: Optional[int] = None
+    Nb: Optional[int] = None
+    Nc: Optional[int] = None
+    size_x_mm: Optional[float] = None          # crystal size along a (overrides Na)
+    size_y_mm: Optional[float] = None
+    size_z_mm: Optional[float] = None
+    shape: str = "square"
+    fudge: float = 1.0
+    default_F: float = 0.0
+    hkl_file: Optional[str] = None
+    fdump_file: Optional[str] = None           # binary F cache: read when hkl_file is absent, written otherwise
+    interpolate: Optional[bool] = None         # None: auto (on when any N <= 2 and a table is loaded)
+    mosaic_deg: float = 0.0
+    mosaic_domains: Optional[int] = None
+    mosaic_seed: int = 12345678
+    phi_deg: float = 0.0
+    osc_deg: Optional[float] = None            # None: not given (C: 0 and 1 phi step)
+    phisteps: Optional[int] = None
+    phistep_deg: Optional[float] = None
+    spindle_axis: Optional[List[float]] = None
+    water_um: float = 0.0                      # water droplet for the background
+
+
+@dataclass
+class ImageSpec:
+    """How the float image becomes integer images (does not change the float image)."""
+    adc: float = 40.0
+    int_scale: Optional[float] = None          # None: 55000/max
+    pgm_scale: Optional[float] = None          # None: 250/(5 rmsd)
+    noise: bool = True
+    noise_seed: Optional[int] = None           # None: the clock (not reproducible)
+
+
+@dataclass
+class DeviceSpec:
+    device: str = "cpu"
+    dtype: str = "float64"
+    memory_budget_mb: Optional[float] = None   # None: derived from available memory
+    compile: bool = False
+
+
+@dataclass
+class ExperimentSpec:
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
+    beam: BeamSpec = field(default_factory=BeamSpec)
+    crystal: CrystalSpec = field(default_factory=CrystalSpec)
+    image: ImageSpec = field(default_factory=ImageSpec)
+    quirks: str = "faithful"
+
+    def validate(self) -> "ExperimentSpec":
+        validate(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: one clear message naming the key and the accepted range
+# ---------------------------------------------------------------------------------------------
+
+def _finite(key, v):
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SpecError(key, f"must be a finite number, got {v!r}")
+
+
+def _positive(key, v, allow_none=True):
+    if v is None and allow_none:
+        return
+    _finite(key, v)
+    if not v > 0:
+        raise SpecError(key, f"must be > 0, got {v!r}")
+
+
+def _nonneg(key, v):
+    if v is None:
+        return
+    _finite(key, v)
+    if v < 0:
+        raise SpecError(key, f"must be >= 0, got {v!r}")
+
+
+def _choice(key, v, choices, allow_none=False):
+    if v is None and allow_none:
+        return
+    if v not in choices:
+        raise SpecError(key, f"must be one of {', '.join(choices)}; got {v!r}")
+
+
+def _vector(key, v, n=3, nonzero=True):
+    if v is None:
+        return
+    if not isinstance(v, (list, tuple)) or len(v) != n:
+        raise SpecError(key, f"must be a list of {n} numbers, got {v!r}")
+    for x in v:
+        _finite(key, x)
+    if nonzero and all(x == 0 for x in v):
+        raise SpecError(key, "must not be the zero vector")
+
+
+def _int_ge(key, v, lo, allow_none=True):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(key, f"must be an integer >= {lo}, got {v!r}")
+    if v < lo:
+        raise SpecError(key, f"must be an integer >= {lo}, got {v!r}")
+
+
+def validate(spec: ExperimentSpec) -> None:
+    """Raise ``SpecError`` for the first non-physical value found."""
+    d, b, c, im = spec.detector, spec.beam, spec.crystal, spec.image
+    _choice("quirks", spec.quirks, QUIRK_MODES)
+    # detector
+    _choice("detector.convention", d.convention, CONVENTIONS)
+    _choice("detector.pivot", d.pivot, PIVOTS, allow_none=True)
+    _positive("detector.distance_mm", d.distance_mm, allow_none=False)
+    _positive("detector.close_distance_mm", d.close_distance_mm)
+    _positive("detector.pixel_mm", d.pixel_mm, allow_none=False)
+    _int_ge("detector.fpixels", d.fpixels, 1)
+    _int_ge("detector.spixels", d.spixels, 1)
+    _positive("detector.detsize_f_mm", d.detsize_f_mm)
+    _positive("detector.detsize_s_mm", d.detsize_s_mm)
+    for k in ("xbeam_mm", "ybeam_mm", "xclose_mm", "yclose_mm", "orgx_px", "orgy_px",
+              "rotx_deg", "roty_deg", "rotz_deg", "twotheta_deg"):
+        _finite(f"detector.{k}", getattr(d, k))
+    for k in ("fdet_vector", "sdet_vector", "odet_vector", "twotheta_axis"):
+        _vector(f"detector.{k}", getattr(d, k))
+    _vector("detector.pix0_vector_mm", d.pix0_vector_mm, nonzero=False)
+    _nonneg("detector.thick_um", d.thick_um)
+    _nonneg("detector.attenuation_um", d.attenuation_um)
+    _int_ge("detector.thicksteps", d.thicksteps, 1)
+    _int_ge("detector.oversample", d.oversample, 1)
+    if d.roi is not None:
+        if not isinstance(d.roi, (list, tuple)) or len(d.roi) != 4 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in d.roi):
+            raise SpecError("detector.roi", f"must be 4 integers [xmin, xmax, ymin, ymax], got {d.roi!r}")
+        if d.roi[0] > d.roi[1] or d.roi[2] > d.roi[3]:
+            raise SpecError("detector.roi", f"needs xmin <= xmax and ymin <= ymax, got {list(d.roi)}")
+    # beam
+    _positive("beam.wavelength_A", b.wavelength_A, allow_none=False)
+    _nonneg("beam.dispersion_pct", b.dispersion_pct)
+    _int_ge("beam.dispsteps", b.dispsteps, 1)
+    for k in ("hdivrange_mrad", "vdivrange_mrad", "hdivstep_mrad", "vdivstep_mrad"):
+        _nonneg(f"beam.{k}", getattr(b, k))
+    _int_ge("beam.hdivsteps", b.hdivsteps, 1)
+    _int_ge("beam.vdivsteps", b.vdivsteps, 1)
+    _positive("beam.fluence_ph_per_m2", b.fluence_ph_per_m2)
+    _nonneg("beam.flux_ph_per_s", b.flux_ph_per_s)
+    _positive("beam.exposure_s", b.exposure_s, allow_none=False)
+    _positive("beam.beamsize_mm", b.beamsize_mm, allow_none=False)
+    _finite("beam.kahn_factor", b.kahn_factor)
+    if not -1.0 <= b.kahn_factor <= 1.0:
+        raise SpecError("beam.kahn_factor", f"must be in [-1, 1], got {b.kahn_factor!r}")
+    _vector("beam.beam_vector", b.beam_vector)
+    _vector("beam.polar_vector", b.polar_vector)
+    _nonneg("beam.dmin_A", b.dmin_A)
+    # crystal
+    if c.cell_A_deg is None and c.matrix_file is None:
+        raise SpecError("crystal.cell_A_deg", "a unit cell is required: give crystal.cell_A_deg "
+                        "[a b c alpha beta gamma] or crystal.matrix_file")
+    if c.cell_A_deg is not None:
+        cell = c.cell_A_deg
+        if not isinstance(cell, (list, tuple)) or len(cell) != 6:
+            raise SpecError("crystal.cell_A_deg", f"must be 6 numbers [a b c alpha beta gamma], got {cell!r}")
+        for x in cell:
+            _finite("crystal.cell_A_deg", x)
+        if min(cell[:3]) <= 0:
+            raise SpecError("crystal.cell_A_deg", f"cell edges must be > 0 A, got {list(cell[:3])}")
+        al, be, ga = cell[3:]
+        if not all(0 < x < 180 for x in (al, be, ga)):
+            raise SpecError("crystal.cell_A_deg", f"cell angles must be in (0, 180) deg, got {list(cell[3:])}")
+        if not (al + be + ga < 360 and al + be > ga and be + ga > al and ga + al > be):
+            raise SpecError("crystal.cell_A_deg",
+                            f"degenerate cell: angles {list(cell[3:])} enclose no volume "
+                            "(need each angle < sum of the other two and the sum < 360)")
+    _vector("crystal.misset_deg", c.misset_deg, nonzero=False)
+    _int_ge("crystal.N", c.N, 0, allow_none=False)
+    for k in ("Na", "Nb", "Nc"):
+        _int_ge(f"crystal.{k}", getattr(c, k), 0)
+    for k in ("size_x_mm", "size_y_mm", "size_z_mm"):
+        _nonneg(f"crystal.{k}", getattr(c, k))
+    _choice("crystal.shape", c.shape, SHAPES)
+    _positive("crystal.fudge", c.fudge, allow_none=False)
+    _finite("crystal.default_F", c.default_F)
+    _nonneg("crystal.mosaic_deg", c.mosaic_deg)
+    _int_ge("crystal.mosaic_domains", c.mosaic_domains, 1)
+    _finite("crystal.phi_deg", c.phi_deg)
+    _finite("crystal.osc_deg", c.osc_deg)
+    _int_ge("crystal.phisteps", c.phisteps, 1)
+    _finite("crystal.phistep_deg", c.phistep_deg)
+    _vector("crystal.spindle_axis", c.spindle_axis)
+    _nonneg("crystal.water_um", c.water_um)
+    # image
+    _finite("image.adc", im.adc)
+    _positive("image.int_scale", im.int_scale)
+    _positive("image.pgm_scale", im.pgm_scale)
+
+
+def spec_to_dict(obj) -> dict:
+    """Nested plain dict of a spec dataclass (lists copied)."""
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            v = spec_to_dict(v)
+        elif isinstance(v, (list, tuple)):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def spec_from_dict(d: dict) -> ExperimentSpec:
+    """Inverse of ``spec_to_dict`` for ``ExperimentSpec`` (unknown keys raise ``SpecError``)."""
+    groups = {"detector": DetectorSpec, "beam": BeamSpec, "crystal": CrystalSpec, "image": ImageSpec}
+    kw = {}
+    for k, v in d.items():
+        if k in groups:
+            cls = groups[k]
+            names = {f.name for f in fields(cls)}
+            for kk in v:
+                if kk not in names:
+                    raise SpecError(f"{k}.{kk}", f"unknown key; accepted: {', '.join(sorted(names))}")
+            kw[k] = cls(**{kk: (list(vv) if isinstance(vv, (list, tuple)) else vv) for kk, vv in v.items()})
+        elif k == "quirks":
+            kw[k] = v
+        else:
+            raise SpecError(k, "unknown key; accepted: detector, beam, crystal, image, quirks")
+    return ExperimentSpec(**kw)
