@@ -78,12 +78,12 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         matrix = read_matrix(_path(base_dir, c.matrix_file, "crystal.matrix_file"))
     misset = None
     if c.misset_random:
-        from nbsim.rng import random_misset
+        from nbsim.rng import c_seed, random_misset
         seed = c.misset_seed
         if seed is None:
             raise SpecError("crystal.misset_seed", "crystal.misset_random needs a misset_seed "
                             "(the C program would use the clock)")
-        misset = tuple(random_misset(seed))
+        misset = tuple(random_misset(c_seed(seed)))
         log.append("random orientation misset angles: %g %g %g deg" % tuple(x * RTD for x in misset))
     elif c.misset_deg is not None:
         misset = tuple(math.radians(x) for x in c.misset_deg)
@@ -182,8 +182,8 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     if mwarn:
         warnings.append(mwarn)
     if spread > 0:
-        from nbsim.rng import mosaic_umats
-        umats = torch.as_tensor(np.asarray(mosaic_umats(spread, mosaic_domains, c.mosaic_seed)), **tkw)
+        from nbsim.rng import c_seed, mosaic_umats
+        umats = torch.as_tensor(np.asarray(mosaic_umats(spread, mosaic_domains, c_seed(c.mosaic_seed))), **tkw)
     else:
         umats = None
 

@@ -1,0 +1,123 @@
+"""Atomic file and directory creation: readers never see a half-written output.
+
+* :func:`atomic_write_bytes` writes a temporary file in the destination directory, flushes and
+  fsyncs it, then ``os.replace``-s it over the destination (atomic on POSIX within one filesystem).
+* :func:`atomic_dir` builds a directory under a sibling temporary name and renames it into place
+  when the ``with`` block succeeds; on an exception the temporary tree is removed and nothing is
+  left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_dir", "atomic_write_bytes"]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Best-effort fsync of a directory so a rename inside it is durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the final path.
+
+    The parent directory must exist.  An existing file at ``path`` is replaced only once the new
+    content is completely on disk; on any error the temporary file is removed and ``path`` is
+    untouched.  The new file gets mode 0o644 (subject to the umask) rather than mkstemp's 0o600.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"atomic_write_bytes: directory {str(parent)!r} does not exist (writing {str(path)!r})")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(memoryview(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path) -> Iterator[Path]:
+    """Context manager: yield a sibling temporary directory, rename it to ``final_path`` on success.
+
+    Usage::
+
+        with atomic_dir("out/run1") as tmp:
+            (tmp / "image.bin").write_bytes(...)
+        # out/run1 now exists with all its files, or not at all
+
+    If ``final_path`` already exists it is replaced: the old tree is renamed aside, the new one
+    renamed into place, then the old one deleted (``final_path`` is briefly absent between the two
+    renames, but never partial).  On an exception inside the block the temporary tree is removed
+    and ``final_path`` is left as it was.
+    """
+    final = Path(final_path)
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"atomic_dir: parent directory {str(parent)!r} does not exist (creating {str(final)!r})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        if final.exists() or final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
+            os.rmdir(old)
+            os.rename(final, old)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(old, final)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(old)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+
+
+def _read_umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+# read once at import: os.umask() is process-wide, changing it later would race with other threads
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK

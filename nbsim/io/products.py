@@ -1,0 +1,117 @@
+"""Write nanoBragg's output files (float, int SMV, PGM, noise SMV) from a finished float image.
+
+Mirrors the C output section: statistics -> float file -> int file -> pgm -> noise, with the same
+default scales and the same numbers printed.  Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..noise import noise_image
+from ..rng import Ran1Table
+from .atomic import atomic_write_bytes
+from .images import default_int_scale, default_pgm_scale, image_stats, int_image, pgm_bytes, write_float
+from .smv import c_g, write_smv
+
+__all__ = ["clock_seed", "write_products"]
+
+
+def clock_seed() -> int:
+    """nanoBragg's default noise (and misset) seed: ``-time(NULL)``."""
+    return -int(time.time())
+
+
+def _spec(spec, name: str, default=None):
+    if spec is None:
+        return default
+    if isinstance(spec, dict):
+        return spec.get(name, default)
+    return getattr(spec, name, default)
+
+
+def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, int_path=None,
+                   noise_path=None, pgm_path=None, active=None,
+                   table: Ran1Table | None = None) -> dict:
+    """Write the requested output files and return what nanoBragg prints about them.
+
+    Parameters
+    ----------
+    img_f32 : array (S, F)
+        Final float image (photons/pixel), taken as float32 (C ``floatimage``).
+    mask : bool array (S, F) or None
+        The ROI (pixels C writes; others are 0 in every output).  Pixels excluded by a ``-mask`` file
+        belong to the ROI; give them through ``active``.
+    info : dict
+        SMV header values (see :func:`nbsim.io.smv.smv_header`; needed when ``int_path`` or
+        ``noise_path`` is given).  Optional ``max_I``: the engine's C ``max_I``; C takes it from the
+        float32 image, so it equals ``image_stats(...)['max_I']`` and is computed when absent.
+        Optional ``max_I_x_m``/``max_I_y_m`` only feed the ``max_I = ... at x y`` line.
+    image_spec : object or dict
+        Attributes ``adc`` (default 40), ``int_scale`` (None or <= 0 -> 55000/max_I, or 1 when
+        max_I == 0), ``pgm_scale`` (None or <= 0 -> 250/(5*rmsd), or the int scale when rmsd == 0),
+        ``noise_seed`` (C-internal value, ``-N`` for ``-seed N``; None -> ``-time()``).
+    float_path, int_path, noise_path, pgm_path : path or None
+        Files to write (None = skip).
+    active : bool array (S, F), optional
+        ROI and not masked (the pixels the C loop computed) for mean/rms; default ``mask``.
+    table : Ran1Table, optional
+        Shared ran1 table (only matters for a positive noise seed, see :mod:`nbsim.rng`).
+
+    Returns
+    -------
+    dict: ``max_I, mean, rms, rmsd, sum, intfile_scale, pgm_scale, photons, overloads, noise_seed,
+    adc, written`` (list of paths) and ``lines`` (the stdout lines C prints, in order).  ``photons``,
+    ``overloads`` and ``noise_seed`` are None without ``noise_path``; ``pgm_scale`` is always computed.
+    """
+    a = np.asarray(img_f32, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"write_products: expected a 2-D (slow, fast) image, got shape {a.shape}")
+    roi = np.ones(a.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if roi.shape != a.shape:
+        raise ValueError(f"write_products: mask shape {roi.shape} != image shape {a.shape}")
+    adc = _spec(image_spec, "adc")
+    adc = 40.0 if adc is None else float(adc)
+
+    st = image_stats(a, roi, active=active)
+    max_I = float(info["max_I"]) if info and info.get("max_I") is not None else st["max_I"]
+    int_scale = _spec(image_spec, "int_scale")
+    if int_scale is None or float(int_scale) <= 0.0:
+        int_scale = default_int_scale(max_I)
+    int_scale = float(int_scale)
+    pgm_scale = _spec(image_spec, "pgm_scale")
+    if pgm_scale is None or float(pgm_scale) <= 0.0:
+        pgm_scale = default_pgm_scale(st["rmsd"], int_scale)
+    pgm_scale = float(pgm_scale)
+
+    lines: list[str] = []
+    written: list[Path] = []
+    if info and "max_I_x_m" in info and "max_I_y_m" in info:
+        lines.append(f"max_I = {c_g(max_I)}  at {c_g(info['max_I_x_m'])} {c_g(info['max_I_y_m'])}")
+    lines.append(f"mean= {c_g(st['mean'])} rms= {c_g(st['rms'])} rmsd= {c_g(st['rmsd'])}")
+    lines.append(f"intfile_scale = {c_g(int_scale)}")
+
+    if float_path is not None:
+        written.append(write_float(float_path, a))
+    if int_path is not None:
+        written.append(write_smv(int_path, int_image(a, int_scale, adc, roi), info))
+    if pgm_path is not None:
+        lines.append(f"pgm_scale = {c_g(pgm_scale)}")
+        written.append(atomic_write_bytes(pgm_path, pgm_bytes(a, pgm_scale, roi)))
+
+    photons = overloads = seed = None
+    if noise_path is not None:
+        seed = _spec(image_spec, "noise_seed")
+        seed = clock_seed() if seed is None else int(seed)
+        noise, photons, overloads = noise_image(a, seed, adc, roi, table=table)
+        lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
+        written.append(write_smv(noise_path, noise, info))
+
+    return {
+        "max_I": max_I, "mean": st["mean"], "rms": st["rms"], "rmsd": st["rmsd"], "sum": st["sum"],
+        "intfile_scale": int_scale, "pgm_scale": pgm_scale, "photons": photons,
+        "overloads": overloads, "noise_seed": seed, "adc": adc, "written": written, "lines": lines,
+    }
