@@ -35,7 +35,8 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 class SimResult:
     image: torch.Tensor
     info: dict
-    mask: np.ndarray
+    mask: np.ndarray              # pixels simulated (ROI and mask file)
+    roi_mask: Optional[np.ndarray] = None   # the ROI alone: what nanoBragg writes (0 outside)
     warnings: list = field(default_factory=list)
     log: list = field(default_factory=list)
     trace: list = field(default_factory=list)
@@ -90,7 +91,10 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
     img32 = image.detach().to("cpu", torch.float32).numpy()
     info.update(image_stats(img32, mask, model))
     info["wall_s"] = time.perf_counter() - t0
-    result = SimResult(image=image, info=info, mask=mask, warnings=list(info.pop("warnings", [])),
+    xmin, xmax, ymin, ymax = info["roi"]
+    roi_mask = np.zeros_like(mask)
+    roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+    result = SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=list(info.pop("warnings", [])),
                        log=list(info.pop("log", [])))
     if trace_pixel is not None:
         from nbsim.trace import trace_lines

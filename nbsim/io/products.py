@@ -115,3 +115,16 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
         "intfile_scale": int_scale, "pgm_scale": pgm_scale, "photons": photons,
         "overloads": overloads, "noise_seed": seed, "adc": adc, "written": written, "lines": lines,
     }
+
+
+def write_result(result, image_spec, **paths) -> dict:
+    """Write a ``SimResult``'s products: the one place where the description meets the writers.
+
+    ``image_spec.noise_seed`` is the user's seed (``-seed N``); the writers take C's internal ``-N``.
+    The ROI (what nanoBragg writes, 0 outside) comes from ``result.roi_mask``; pixels skipped by a mask
+    file are inside it but not simulated (``result.mask``).
+    """
+    seed = getattr(image_spec, "noise_seed", None)
+    args = {"adc": image_spec.adc, "int_scale": image_spec.int_scale, "pgm_scale": image_spec.pgm_scale,
+            "noise_seed": None if seed is None else -int(seed)}
+    return write_products(result.float32(), result.roi_mask, result.info, args, active=result.mask, **paths)

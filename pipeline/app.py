@@ -1,0 +1,105 @@
+"""The Hydra app behind ``python -m nbsim``: compose -> validate -> run or reuse -> print the folder.
+
+Every configuration error ends as one line on stderr (``nbsim: error: <key>: <what is accepted>``)
+and exit status 2; set HYDRA_FULL_ERROR=1 to get the full traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pipeline.compose import CONF_DIR, cfg_to_spec, format_error  # also registers schema + resolver
+from pipeline.store import run_or_reuse
+
+
+def _shown(path: Path) -> str:
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
+
+
+_FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
+_user_wants_traceback = os.environ.get(_FULL_ERROR_ENV) == "1"
+
+
+def _fail_on_config_error(exc: BaseException, composing: bool = False) -> None:
+    """Exit 2 with one line if ``exc`` is a configuration error; return if it is not.
+
+    ``composing``: raised by Hydra before the task ran (composition, override syntax): always a
+    problem of the command line, reported by its first line even if ``format_error`` does not know it.
+    """
+    if _user_wants_traceback:
+        return
+    message = format_error(exc)
+    if message is None and composing:
+        message = format_error(exc, fallback=True)
+    if message is not None:
+        print(f"nbsim: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def task(cfg: DictConfig) -> str:
+    # errors here are reported by us: Hydra would add "Error executing job with overrides: [...]"
+    try:
+        return _task(cfg)
+    except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
+        _fail_on_config_error(exc)
+        exc.nbsim_in_task = True                    # a real bug: main() keeps its traceback
+        raise
+
+
+def _task(cfg: DictConfig) -> str:
+    t0 = time.perf_counter()
+    spec, device = cfg_to_spec(cfg)
+    base_dir = HydraConfig.get().runtime.cwd        # where nbsim was started, even if Hydra chdir'ed
+    folder, reused, run = run_or_reuse(
+        spec, device, root=cfg.store.root, force=cfg.store.force, write_noise=cfg.store.write_noise,
+        write_pgm=cfg.store.write_pgm, preview=cfg.store.preview, base_dir=base_dir)
+    total = time.perf_counter() - t0
+    if reused:
+        print(f"simulated earlier in {run.get('wall_time_s', float('nan')):.2f} s "
+              f"({run.get('device')}, {run.get('dtype')}); nothing computed, {total:.2f} s")
+    else:
+        for w in run.get("warnings", []):
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"computed {_shown(folder)} (config hash {run['hash']}): simulation "
+              f"{run['wall_time_s']:.2f} s on {device.device} ({device.dtype}), total {total:.2f} s")
+    print(_shown(folder))
+    return str(folder)
+
+
+def main() -> None:
+    """Console entry point (``nbsim`` / ``python -m nbsim``)."""
+    global _user_wants_traceback
+    saved = os.environ.get(_FULL_ERROR_ENV)
+    _user_wants_traceback = saved == "1"
+    os.environ[_FULL_ERROR_ENV] = "1"               # composition errors reach us, not Hydra's printer
+    # SIGTERM (kill, SLURM time limit) unwinds like Ctrl-C, so a half-built entry is removed
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        task()
+    except KeyboardInterrupt:
+        print("nbsim: interrupted; nothing was stored for this run", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
+        _fail_on_config_error(exc, composing=not getattr(exc, "nbsim_in_task", False))
+        raise                                       # a real bug: full traceback
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if saved is None:
+            os.environ.pop(_FULL_ERROR_ENV, None)
+        else:
+            os.environ[_FULL_ERROR_ENV] = saved
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Hydra config -> (ExperimentSpec, DeviceSpec), and one-line messages for every config error.
+
+* ``NbsimConfig`` is the typed schema of the whole app config (registered in Hydra's ConfigStore as
+  ``nbsim_schema``; ``conf/config.yaml`` lists it first in its defaults), so a wrong type or an unknown
+  key fails while Hydra composes.
+* ``cfg_to_spec(cfg)`` builds and validates the spec dataclasses.
+* ``compose_config(overrides)`` / ``compose_spec(overrides)`` do the same through Hydra's compose API
+  (tests, sweeps, other tools), without running the app.
+* ``format_error(exc)`` turns any error of the above into one line naming the key.
+* The OmegaConf resolver ``${nbsim_data:NAME}`` gives the absolute path of an example input shipped in
+  ``nbsim/data/`` (so configs work from any working directory).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Optional, Tuple
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from nbsim.spec import (DTYPES, BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec, ExperimentSpec,
+                        ImageSpec, SpecError, spec_from_dict)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DATA_DIR = Path(__file__).resolve().parent.parent / "nbsim" / "data"
+PREVIEW_MODES = ("log", "percentile")
+
+
+@dataclass
+class StoreConfig:
+    root: str = "outputs"
+    force: bool = False
+    write_noise: bool = False
+    write_pgm: bool = False
+    preview: str = "log"
+
+
+@dataclass
+class NbsimConfig:
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
+    beam: BeamSpec = field(default_factory=BeamSpec)
+    crystal: CrystalSpec = field(default_factory=CrystalSpec)
+    image: ImageSpec = field(default_factory=ImageSpec)
+    quirks: str = "faithful"
+    device: DeviceSpec = field(default_factory=DeviceSpec)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+def _nbsim_data(name: str) -> str:
+    return str(DATA_DIR / name)
+
+
+def register() -> None:
+    """Register the schema and the ``nbsim_data`` resolver (idempotent)."""
+    ConfigStore.instance().store(name="nbsim_schema", node=NbsimConfig)
+    if not OmegaConf.has_resolver("nbsim_data"):
+        OmegaConf.register_new_resolver("nbsim_data", _nbsim_data)
+
+
+register()
+
+
+# ---------------------------------------------------------------------------------------------
+# config -> spec
+# ---------------------------------------------------------------------------------------------
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def validate_device(dev: DeviceSpec) -> DeviceSpec:
+    """Static checks of the device section (availability is checked when simulating)."""
+    if not isinstance(dev.device, str) or not _DEVICE_RE.match(dev.device):
+        raise SpecError("device.device", f"must be cpu, cuda, cuda:N or mps; got {dev.device!r}")
+    if dev.dtype not in DTYPES:
+        raise SpecError("device.dtype", f"must be one of {', '.join(DTYPES)}; got {dev.dtype!r}")
+    mb = dev.memory_budget_mb
+    if mb is not None and not mb > 0:
+        raise SpecError("device.memory_budget_mb", f"must be > 0 (or null: automatic), got {mb!r}")
+    return dev
+
+
+def validate_store(store) -> None:
+    if store.preview not in PREVIEW_MODES:
+        raise SpecError("store.preview",
+                        f"must be one of {', '.join(PREVIEW_MODES)}; got {store.preview!r}")
+    if not str(store.root):
+        raise SpecError("store.root", "must be a folder path, got ''")
+
+
+def cfg_to_spec(cfg: DictConfig) -> Tuple[ExperimentSpec, DeviceSpec]:
+    """Build and validate ``(ExperimentSpec, DeviceSpec)`` from a composed app config."""
+    data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    data.pop("hydra", None)
+    allowed = [f.name for f in fields(NbsimConfig)]
+    for key in data:
+        if key not in allowed:
+            raise SpecError(key, f"unknown key; accepted top-level keys: {', '.join(allowed)}")
+    spec = spec_from_dict({k: data[k] for k in ("detector", "beam", "crystal", "image", "quirks")})
+    spec.validate()
+    dev_keys = {f.name for f in fields(DeviceSpec)}
+    device = DeviceSpec(**{k: v for k, v in data.get("device", {}).items() if k in dev_keys})
+    validate_device(device)
+    if "store" in data:
+        validate_store(OmegaConf.create(data["store"]))
+    return spec, device
+
+
+def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with ``overrides`` (Hydra command-line syntax) via the compose API.
+
+    Works whether or not a Hydra app is already running in this process (its state is restored).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="nbsim"):
+            return compose(config_name="config", overrides=list(overrides))
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def compose_spec(overrides: Iterable[str] = ()) -> Tuple[ExperimentSpec, DeviceSpec]:
+    """``cfg_to_spec(compose_config(overrides))``: a validated spec for the given overrides."""
+    return cfg_to_spec(compose_config(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# errors -> one line
+# ---------------------------------------------------------------------------------------------
+
+_SECTIONS = {"detector": DetectorSpec, "beam": BeamSpec, "crystal": CrystalSpec, "image": ImageSpec,
+             "device": DeviceSpec, "store": StoreConfig}
+
+
+def _accepted_keys(section: str) -> Optional[list]:
+    cls = _SECTIONS.get(section)
+    return [f.name for f in fields(cls)] if cls else None
+
+
+def _field_type(full_key: str) -> Optional[str]:
+    """The declared type of ``section.key`` as written in the dataclass, e.g. 'Optional[int]'.
+
+    For a list element (``crystal.misset_deg[2]``) the element type."""
+    parts = full_key.split(".")
+    if len(parts) >= 2 and parts[0] in _SECTIONS:
+        name, indexed = re.subn(r"\[.*$", "", parts[1])
+        for f in fields(_SECTIONS[parts[0]]):
+            if f.name == name:
+                t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+                m = re.search(r"List\[(\w+)\]", t)
+                return m.group(1) if (indexed and m) else t
+    if full_key == "quirks":
+        return "str"
+    return None
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "List[float]": "a list of numbers like [1, 2, 3]", "List[int]": "a list of integers"}
+
+
+def _expected(type_str: str) -> str:
+    m = re.fullmatch(r"Optional\[(.*)\]", type_str)
+    inner = m.group(1) if m else type_str
+    word = _TYPE_WORDS.get(inner, inner)
+    return word + (" or null" if m else "")
+
+
+def _first_line(text: str) -> str:
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return str(text).strip()
+
+
+def _unknown_key_message(full_key: str) -> str:
+    parts = full_key.split(".")
+    if len(parts) >= 2 and _accepted_keys(parts[0]):
+        keys = _accepted_keys(parts[0])
+        close = difflib.get_close_matches(parts[1], keys, n=3)
+        hint = f" (did you mean {' or '.join(parts[0] + '.' + c for c in close)}?)" if close else ""
+        return f"{full_key}: unknown key{hint}; accepted keys of {parts[0]}: {', '.join(keys)}"
+    top = [f.name for f in fields(NbsimConfig)]
+    return f"{full_key}: unknown key; accepted top-level keys: {', '.join(top)}"
+
+
+def format_error(exc: BaseException, fallback: bool = False) -> Optional[str]:
+    """One line describing a configuration error, or None if ``exc`` is not one (a real bug).
+
+    ``fallback``: describe any exception by the first line of its message (for errors raised while
+    Hydra composes the command line)."""
+    from hydra.errors import (ConfigCompositionException, MissingConfigException,
+                              OverrideParseException)
+    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
+                                  ValidationError)
+
+    if isinstance(exc, SpecError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException):
+        m = re.search(r"Could not find '([^']*)'", str(exc))
+        what = m.group(1) if m else _first_line(exc)
+        group = getattr(exc, "config_name", None) or what
+        opts = getattr(exc, "options", None)
+        if opts and "/" in what:
+            grp, name = what.rsplit("/", 1)
+            return f"{grp}={name}: no such option; available: {', '.join(sorted(opts))}"
+        line = _first_line(exc)
+        return line if line.startswith(f"{group}") else f"{group}: {line}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override {exc.override!r}: {_first_line(exc.message)}"
+
+    # Hydra wraps OmegaConf's error ("Error merging override crystal.N=abc"): the cause names the key
+    cause = exc.__cause__ if isinstance(exc, ConfigCompositionException) else exc
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or ""
+        msg = getattr(cause, "msg", None) or _first_line(cause)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in msg:
+            return _unknown_key_message(key)
+        if isinstance(cause, ValidationError) and _field_type(key):
+            return f"{key}: must be {_expected(_field_type(key))}, got {getattr(cause, 'value', None)!r}"
+        return f"{key or 'config'}: {_first_line(msg)}"
+    if isinstance(exc, ConfigCompositionException):
+        m = re.search(r"Could not override '([^']*)'", str(exc))
+        return _unknown_key_message(m.group(1)) if m else _first_line(exc)
+    if fallback:
+        line = _first_line(exc) or type(exc).__name__
+        if "Config group override" in line:
+            line += " (to drop an optional group such as pivot, write ~pivot)"
+        return line
+    return None
