@@ -6,7 +6,6 @@ nothing of Hydra or of the nanoBragg command line.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np

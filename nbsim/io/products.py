@@ -127,4 +127,8 @@ def write_result(result, image_spec, **paths) -> dict:
     seed = getattr(image_spec, "noise_seed", None)
     args = {"adc": image_spec.adc, "int_scale": image_spec.int_scale, "pgm_scale": image_spec.pgm_scale,
             "noise_seed": None if seed is None else -int(seed)}
-    return write_products(result.float32(), result.roi_mask, result.info, args, active=result.mask, **paths)
+    info = dict(result.info)
+    at = info.get("max_I_at_m")
+    if at is not None:
+        info["max_I_x_m"], info["max_I_y_m"] = at
+    return write_products(result.float32(), result.roi_mask, info, args, active=result.mask, **paths)

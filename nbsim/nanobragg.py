@@ -1,0 +1,154 @@
+"""nanoBragg-compatible command line: ``python -m nbsim.nanobragg ARGS`` (or ``nbsim-nanobragg``).
+
+Parses nanoBragg flags (``nbsim.frontend``), simulates with ``nbsim.api.simulate`` and writes the
+same files as the C program (float, int, noise, pgm images), printing nanoBragg-like lines.
+Command-line and specification errors print one line ``nbsim.nanobragg: error: ...`` on stderr and
+exit with status 2 before anything is written.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from typing import List, Optional
+
+PROG = "nbsim.nanobragg"
+
+
+def _error(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _progress_printer():
+    state = {"last": -1}
+
+    def progress(done: int, total: int):
+        if total <= 0:
+            return
+        pct = int(100 * done // total)
+        step = pct - pct % 5
+        if step > state["last"]:
+            state["last"] = step
+            print(f"{step}% done", flush=True)
+    return progress
+
+
+def _call_simulate(simulate, spec, device, parsed, warn):
+    kw = {"base_dir": os.getcwd()}
+    try:
+        params = inspect.signature(simulate).parameters
+        has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, has_var_kw = {}, True
+    if parsed.progress and ("progress" in params or has_var_kw):
+        kw["progress"] = _progress_printer()
+    if parsed.trace_pixel is not None:
+        if "trace_pixel" in params or has_var_kw:
+            kw["trace_pixel"] = tuple(parsed.trace_pixel)
+        else:
+            warn("-trace_pixel: this engine does not support tracing yet; ignored")
+    return simulate(spec, device, **kw)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from nbsim.frontend import FrontendError, parse_argv, usage
+    from nbsim.frontend.argv import spec_error_message
+    from nbsim.spec import SpecError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed = parse_argv(argv)
+    except FrontendError as e:
+        return _error(str(e))
+    except SpecError as e:           # pragma: no cover - parse_argv maps these itself
+        return _error(str(e))
+    if parsed.help:
+        sys.stdout.write(usage())
+        return 0
+
+    def warn(msg: str):
+        print(f"WARNING: {msg}")
+
+    for w in parsed.warnings:
+        warn(w)
+
+    try:
+        from nbsim.api import simulate
+        try:
+            result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
+        except ImportError as e:
+            if parsed.trace_pixel is None:
+                raise
+            warn(f"-trace_pixel: tracing is not available ({e}); running without it")
+            parsed.trace_pixel = None
+            result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
+    except SpecError as e:
+        return _error(spec_error_message(e, parsed.origins))
+    except FrontendError as e:
+        return _error(str(e))
+    except OSError as e:
+        return _error(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+
+    for line in result.log:
+        print(line)
+    said_fdump = any("quirk 12" in w for w in parsed.warnings)
+    for w in result.warnings:
+        if said_fdump and w.startswith("reading structure factors from"):
+            continue                       # the front end already explained it
+        warn(w)
+    for line in getattr(result, "trace", None) or []:
+        print(line)
+
+    info = result.info
+    img = result.float32()
+    spixels, fpixels = img.shape
+    if "omega_sum_sr" in info and not any(str(x).startswith("solid angle") for x in result.log):
+        om = info["omega_sum_sr"]
+        print(f"solid angle subtended by detector = {om:g} steradian ( {100 * om / 4 / 3.141592653589793:g}% sphere)")
+
+    from nbsim.io.products import write_result
+    paths = parsed.outputs.paths()
+    at = info.get("max_I_at_m")
+    try:
+        res = write_result(result, parsed.spec.image, **paths) or {}
+    except OSError as e:
+        return _error(f"cannot write output: {e}")
+
+    # upstream's order: float file, stats, int file, pgm, noise
+    print(f"writing {paths['float_path']} as {fpixels * spixels} 4-byte floats")
+    lines = res.get("lines")
+    if lines is None:                      # writer without printed lines: format them here
+        lines = []
+        if at is not None and res.get("max_I", info.get("max_I")) is not None:
+            lines.append(f"max_I = {res.get('max_I', info.get('max_I')):g}  at {at[0]:g} {at[1]:g}")
+        st = {k: res.get(k, info.get(k)) for k in ("mean", "rms", "rmsd")}
+        if all(v is not None for v in st.values()):
+            lines.append(f"mean= {st['mean']:g} rms= {st['rms']:g} rmsd= {st['rmsd']:g}")
+        if res.get("intfile_scale") is not None:
+            lines.append(f"intfile_scale = {res['intfile_scale']:g}")
+        if paths["pgm_path"] is not None and res.get("pgm_scale") is not None:
+            lines.append(f"pgm_scale = {res['pgm_scale']:g}")
+        if paths["noise_path"] is not None and res.get("photons") is not None:
+            lines.append(f"{res['photons']:.0f} photons on noise image "
+                         f"({int(res.get('overloads') or 0)} overloads)")
+    int_written = False
+    for line in lines:
+        if not int_written and not line.startswith(("max_I", "mean=", "intfile_scale")):
+            print(f"writing {paths['int_path']} as 2-byte integers")
+            int_written = True
+        print(line)
+        if line.startswith("intfile_scale"):
+            print(f"writing {paths['int_path']} as 2-byte integers")
+            int_written = True
+        elif line.startswith("pgm_scale") and paths["pgm_path"] is not None:
+            print(f"writing {paths['pgm_path']} as 1-byte integers")
+        elif "photons on noise image" in line and paths["noise_path"] is not None:
+            print(f"writing {paths['noise_path']} as 2-byte integers")
+    if not int_written:
+        print(f"writing {paths['int_path']} as 2-byte integers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
