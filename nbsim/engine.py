@@ -14,7 +14,6 @@ Faithful mode reproduces the C program's loop-order-dependent behaviour with ten
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -224,7 +223,8 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
 
     if trace is not None:
         trace.update(pos=pos, d=d, R=R, omega=omega, capture=capture, scat=scat, polar=polar,
-                     hkl=hkl, hkl0=hkl0, F_latt=F_latt, F_cell=F_cell, I=I, val=val)
+                     hkl=hkl, hkl0=hkl0, F_latt=F_latt, F_cell=F_cell, I=I, val=val,
+                     executed=executed, live=live)
     return val, new_state
 
 
