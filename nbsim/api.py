@@ -98,5 +98,5 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
                        log=list(info.pop("log", [])))
     if trace_pixel is not None:
         from nbsim.trace import trace_lines
-        result.trace = trace_lines(model, trace_pixel)
+        result.trace = trace_lines(model, trace_pixel, spec=spec)
     return result

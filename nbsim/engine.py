@@ -145,7 +145,7 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
         stol = 0.5 * torch.sqrt((scat * scat).sum(-1))
         safe = torch.where(stol > 0, stol, torch.ones_like(stol))
         executed = ~((stol > 0) & (m.dmin_m > 0.5 / safe))     # (P, T, O, S)
-    if m.nopolar:
+    if m.nopolar and not (m.faithful and m.oversample_polar):   # C recomputes it per sub-pixel anyway
         polar = torch.ones(P, T, O, inc.shape[0], dtype=dt, device=m.device)
     else:
         polar = polarization_factor(m.kahn, inc.expand(P, T, O, -1, -1), d[..., None, :].expand(

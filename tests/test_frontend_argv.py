@@ -621,6 +621,7 @@ def test_main_runs_and_writes(monkeypatch, capsys, tmp_path):
         info = {"max_I": 12.5, "max_I_at_m": [0.001, 0.002], "mean": 1.0, "rms": 2.0, "rmsd": 3.0,
                 "omega_sum_sr": 0.1}
         mask = np.ones((4, 5), bool)
+        roi_mask = np.ones((4, 5), bool)
         warnings = ["engine says hi"]
         log = ["mosflm convention selected."]
         trace = ["TRACE_C: pix0_vector_meters 0 0 0"]
@@ -641,8 +642,8 @@ def test_main_runs_and_writes(monkeypatch, capsys, tmp_path):
         return {"intfile_scale": 4400.0, "pgm_scale": None, "photons": 123.0, "overloads": 0}
 
     monkeypatch.setitem(sys.modules, "nbsim.api", types.SimpleNamespace(simulate=simulate))
-    monkeypatch.setitem(sys.modules, "nbsim.io.products",
-                        types.SimpleNamespace(write_products=write_products))
+    import nbsim.io.products as products
+    monkeypatch.setattr(products, "write_products", write_products)   # the real write_result calls it
     monkeypatch.chdir(tmp_path)
     rc = nanobragg.main(BASE + ["-detpixels", "5", "-nopgm", "-seed", "7", "-trace_pixel", "1", "2", "-coherent",
                                 "-floatfile", "f.bin"])
