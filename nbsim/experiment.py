@@ -225,7 +225,8 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         mu = -1.0
         if thick > 0.0:
             mu = 1.0 / thick
-            warnings.append(f"setting detector attenuation depth to {mu:g} m")
+            warnings.append(f"no sensor attenuation given: using attenuation length = thickness "
+                            f"(mu = {mu:g} /m)")
 
     steps = nsrc * mosaic_domains * phisteps * oversample * oversample
 
@@ -237,6 +238,29 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     bg_core = 2.57 * 2.57 * water ** 3 * 1e6 * AVOGADRO / 18.0
     I_bg = bg_core * R_E_SQR * fluence if faithful else 0.0      # quirk 7: fluence applied twice
     bg_physical = R_E_SQR * fluence * bg_core if not faithful else 0.0
+
+    # quirks that change this run's result (one line each)
+    if faithful:
+        if d.twotheta_deg != 0.0:
+            warnings.append("quirk: the beam/detector-normal ratio ignores two-theta, so the recomputed "
+                            f"distance is {info['distance_mm']:g} mm (quirks=physical includes it)")
+        if water > 0 and abs(R_E_SQR * fluence - 1.0) > 1e-12:
+            warnings.append("quirk: the water background scales with fluence squared (quirks=physical: "
+                            "linear in fluence)")
+        if table_src is not None and len(table_src):
+            col = table_src[:, 3]
+            col = col[~np.isnan(col)]
+            if col.size and np.ptp(col) > 0:
+                warnings.append("quirk: the source file's intensity column is ignored (quirks=physical "
+                                "uses it as weights)")
+        if d.oversample_thick or d.oversample_polar or d.oversample_omega:
+            warnings.append("quirk: -oversample_thick/_polar/_omega multiply the running sum (compounding); "
+                            "quirks=physical applies the factors per sub-pixel")
+        if thick > 0 and thicksteps > 1:
+            warnings.append(f"quirk: {thicksteps} sensor layers {thickstep * 1e6:g} um apart cover "
+                            f"{thicksteps * thickstep * 1e6:g} um of a {thick * 1e6:g} um sensor, each adds its "
+                            "full intensity and only the last layer's capture fraction is applied "
+                            "(quirks=physical: N layers of T/N, each weighted by its capture fraction)")
 
     # ---- ROI and mask
     fpix, spix = geo.fpixels, geo.spixels
