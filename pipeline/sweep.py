@@ -1,0 +1,297 @@
+"""Parameter sweeps: a grid of Hydra overrides -> points -> ``<store_root>/<config hash>/``.
+
+A sweep config (``workflows/config/sweep.yaml``, schema ``workflows/schemas/sweep.schema.yaml``)::
+
+    name: demo                       # summary goes to <store_root>/sweeps/<name>/
+    store_root: outputs
+    base: [detector.fpixels=128, detector.spixels=128]    # applied to every point
+    grid:                            # the cartesian product of these values
+      detector.distance_mm: [80, 100]
+      crystal.N: [3, 5]
+      detector: [mosflm, xds]        # config-group choices work too (detector=xds)
+
+Every point is one ``python -m nbsim <overrides> store.root=<store_root>`` run. Its folder name, the
+config hash, is computed here when the Snakemake DAG is built (``compose_spec`` + ``config_hash``, the
+same functions the app uses), so Snakemake's targets are the hash folders themselves: a rerun with
+nothing changed does nothing, one more grid value is one more job, and a point already computed by
+``python -m nbsim --multirun ...`` (same hash) is not computed again.
+
+usage:
+  python -m pipeline.sweep points CONFIG         # the points, their hashes and whether they are stored
+  python -m pipeline.sweep multirun CONFIG       # the equivalent `python -m nbsim --multirun` command
+  python -m pipeline.sweep summary CONFIG        # summary.csv + contact_sheet.png of stored points
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = REPO / "workflows" / "schemas" / "sweep.schema.yaml"
+DEFAULTS = {"name": "sweep", "store_root": "outputs", "base": [], "threads": 1}
+STAT_COLUMNS = ("max_I", "mean", "rms", "rmsd", "sum")
+
+
+class SweepError(ValueError):
+    """A sweep config problem (one line naming the key / point)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# override formatting
+# ---------------------------------------------------------------------------------------------
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_.:/+\-@]+$")
+
+
+def format_value(v) -> str:
+    """A YAML value as Hydra override syntax (``80``, ``true``, ``null``, ``[1,2,3]``, ``'a b'``)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            raise SweepError(f"non-finite value {v!r} in the grid")
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{format_value(x)}" for k, x in v.items()) + "}"
+    s = str(v)
+    if _PLAIN.match(s) and s.lower() not in ("null", "true", "false"):
+        return s
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override(key: str, v) -> str:
+    return f"{key}={format_value(v)}"
+
+
+def short_key(key: str) -> str:
+    """``detector.distance_mm`` -> ``distance_mm`` (labels); group names stay as they are."""
+    return key.rsplit(".", 1)[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+def schema_problem(config: dict, schema: Union[str, Path] = SCHEMA) -> Optional[str]:
+    """One line naming the key of the most relevant schema violation, or None if valid."""
+    import jsonschema
+    import yaml
+    sch = yaml.safe_load(Path(schema).read_text())
+    cls = jsonschema.validators.validator_for(sch)
+    err = jsonschema.exceptions.best_match(cls(sch).iter_errors(dict(config)))
+    if err is None:
+        return None
+    where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+    desc = err.schema.get("description") if isinstance(err.schema, dict) and err.absolute_path else None
+    return f"sweep config: {where}: {err.message}" + (f" ({where}: {desc.strip()})" if desc else "")
+
+
+def validate_config(config: dict, schema: Union[str, Path] = SCHEMA) -> dict:
+    """Validate (and fill defaults of) a sweep config with the JSON schema; SweepError on failure."""
+    cfg = {**DEFAULTS, **dict(config)}
+    msg = schema_problem(cfg, schema)
+    if msg:
+        raise SweepError(msg)
+    return cfg
+
+
+def load_config(path: Union[str, Path]) -> dict:
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise SweepError(f"sweep config {p}: no such file")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise SweepError(f"sweep config {p}: must be a mapping")
+    return validate_config(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# points
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Point:
+    index: int
+    params: Dict[str, object]          # grid key -> value of this point
+    overrides: List[str]               # base + grid, Hydra syntax
+    hash: str = ""
+    label: str = ""
+
+    def folder(self, root: Union[str, Path]) -> Path:
+        return Path(root) / self.hash
+
+    def canonical_overrides(self) -> List[str]:
+        """The overrides with one entry per key (the last wins, as in Hydra), sorted by key: the
+        same point spelled in another order gives the same command (Snakemake's params trigger)."""
+        last = {}
+        for o in self.overrides:
+            last[o.split("=", 1)[0]] = o
+        return [last[k] for k in sorted(last)]
+
+    def shell_overrides(self) -> str:
+        return shlex.join(self.canonical_overrides())
+
+
+def grid_points(config: dict) -> List[Tuple[Dict[str, object], List[str]]]:
+    """Cartesian product of the grid (keys in config order, last key fastest)."""
+    grid = config.get("grid") or {}
+    base = list(config.get("base") or [])
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, values))
+        out.append((params, base + [override(k, v) for k, v in params.items()]))
+    return out
+
+
+def point_hash(overrides: Sequence[str], base_dir: Union[str, Path] = ".") -> str:
+    """The config hash ``python -m nbsim <overrides>`` stores its result under."""
+    from pipeline.compose import compose_spec
+    from pipeline.hashing import config_hash
+    spec, device = compose_spec(list(overrides))
+    return config_hash(spec, device, base_dir)
+
+
+def expand(config: dict, base_dir: Union[str, Path] = ".") -> List[Point]:
+    """All points of a (validated) sweep config, with their hashes. Duplicate hashes are merged
+    (two spellings of the same experiment are one job)."""
+    from pipeline.compose import format_error
+    points, seen = [], {}
+    for i, (params, ovr) in enumerate(grid_points(config)):
+        label = " ".join(f"{short_key(k)}={format_value(v)}" for k, v in params.items())
+        try:
+            h = point_hash(ovr, base_dir)
+        except Exception as exc:                    # noqa: BLE001 - config errors become one line
+            msg = format_error(exc)
+            if msg is None:
+                raise
+            raise SweepError(f"sweep point {i} ({label or 'base only'}): {msg}") from None
+        if h in seen:
+            continue
+        seen[h] = True
+        points.append(Point(index=len(points), params=params, overrides=ovr, hash=h, label=label))
+    return points
+
+
+def multirun_command(config: dict) -> List[str]:
+    """The ``python -m nbsim --multirun`` argv that computes the same hash folders."""
+    args = ["python", "-m", "nbsim", "--multirun"] + list(config.get("base") or [])
+    for k, vals in (config.get("grid") or {}).items():
+        args.append(f"{k}=" + ",".join(format_value(v) for v in vals))
+    root = config.get("store_root", "outputs")
+    if root != "outputs":
+        args.append(f"store.root={root}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------
+
+def summary_rows(points: Sequence[Point], root: Union[str, Path]) -> List[dict]:
+    rows = []
+    for p in points:
+        f = p.folder(root) / "run.json"
+        run = json.loads(f.read_text()) if f.is_file() else {}
+        stats = run.get("stats", {})
+        row = {"point": p.index, **{k: format_value(v) for k, v in p.params.items()},
+               "overrides": " ".join(p.overrides), "hash": p.hash, "folder": str(p.folder(root)),
+               "stored": bool(run)}
+        row.update({k: stats.get(k) for k in STAT_COLUMNS})
+        row.update({"wall_time_s": run.get("wall_time_s"), "device": run.get("device"),
+                    "dtype": run.get("dtype"), "created_utc": run.get("created_utc")})
+        rows.append(row)
+    return rows
+
+
+def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Union[str, Path],
+                  sheet_path: Optional[Union[str, Path]] = None, name: str = "sweep",
+                  thumb: int = 200) -> List[dict]:
+    """Write the CSV table (one row per point) and the contact sheet of the previews."""
+    rows = summary_rows(points, root)
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    os.replace(tmp, csv_path)
+    if sheet_path is not None:
+        from pipeline.contact_sheet import contact_sheet
+        entries = []
+        for p, r in zip(points, rows):
+            cap = "\n".join(f"{k}={format_value(v)}" for k, v in p.params.items()) or "base"
+            mx, wt = r.get("max_I"), r.get("wall_time_s")
+            cap += f"\n{p.hash}"
+            if mx is not None:
+                cap += f"\nmax {mx:.4g}" + (f", {wt:.2f} s" if wt is not None else "")
+            entries.append((p.folder(root) / "preview.png", cap))
+        contact_sheet(entries, sheet_path, thumb=thumb, title=f"sweep {name}: {len(points)} points")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.sweep",
+                                 description="nbsim parameter sweeps (see workflows/Snakefile)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, hlp in (("points", "list the points and their hash folders"),
+                      ("multirun", "print the equivalent `python -m nbsim --multirun` command"),
+                      ("summary", "write summary.csv and contact_sheet.png of the stored points")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("config", help="sweep config YAML")
+        if name == "summary":
+            p.add_argument("--csv", help="default <store_root>/sweeps/<name>/summary.csv")
+            p.add_argument("--sheet", help="default <store_root>/sweeps/<name>/contact_sheet.png")
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_config(a.config)
+        if a.cmd == "multirun":
+            print(shlex.join(multirun_command(cfg)))
+            return 0
+        points = expand(cfg)
+    except SweepError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    root = cfg["store_root"]
+    if a.cmd == "points":
+        for p in points:
+            state = "stored " if (p.folder(root) / "run.json").is_file() else "missing"
+            print(f"{p.index:3d}  {p.folder(root)}  {state}  {p.label}")
+        return 0
+    sweep_dir = Path(root) / "sweeps" / cfg["name"]
+    rows = write_summary(points, root, a.csv or sweep_dir / "summary.csv",
+                         a.sheet or sweep_dir / "contact_sheet.png", name=cfg["name"])
+    missing = [r["hash"] for r in rows if not r["stored"]]
+    print(f"summary of {len(rows)} points written to {a.csv or sweep_dir / 'summary.csv'}"
+          + (f"; {len(missing)} not computed yet" if missing else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

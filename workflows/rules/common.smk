@@ -1,0 +1,24 @@
+# Shared settings of the nbsim rules.
+import shlex
+import sys
+from pathlib import Path
+
+PY = shlex.quote(sys.executable)        # the interpreter running Snakemake (also inside SLURM jobs)
+REPO = Path(workflow.basedir).resolve().parent   # the nbsim checkout (the workdir may be elsewhere)
+STORE = config.get("store_root", "outputs")
+LOGS = f"{STORE}/logs"
+
+
+def workflow_error(msg):
+    from snakemake.exceptions import WorkflowError
+    return WorkflowError(msg)
+
+
+def parity_reference_or_stop(parity_cfg, code_files):
+    """Input of the parity jobs (nbsim's code); stops with instructions when there is neither a
+    C program ($NB_C_BIN) nor golden data."""
+    import pipeline.c_runner
+
+    if parity_cfg.get("golden") is None and pipeline.c_runner.find_binary() is None:
+        raise workflow_error(pipeline.c_runner.HOW_TO_PROVIDE)
+    return code_files
