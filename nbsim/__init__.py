@@ -9,3 +9,6 @@ def simulate(spec, device=None, **kw):
     """Simulate ``spec`` (an ``ExperimentSpec``); see ``nbsim.api.simulate``."""
     from nbsim.api import simulate as _simulate
     return _simulate(spec, device, **kw)
+
+__all__ = ["BeamSpec", "CrystalSpec", "DetectorSpec", "DeviceSpec", "ExperimentSpec", "ImageSpec",
+           "SpecError", "simulate"]

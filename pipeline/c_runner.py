@@ -21,8 +21,10 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.hashing import file_sha256
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 ENV_VAR = "NB_C_BIN"
@@ -85,14 +87,6 @@ def find_binary(explicit: Optional[str] = None) -> Optional[str]:
             return None
         p = Path(found)
     return str(p.resolve()) if os.access(p, os.X_OK) else None
-
-
-def sha256_file(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def split_argv(argv: Union[str, Sequence]) -> List[str]:
@@ -166,7 +160,7 @@ def _binary_sha(binary: str) -> str:
     st = os.stat(binary)
     k = (binary, st.st_mtime, st.st_size)
     if k not in _BIN_SHA:
-        _BIN_SHA[k] = sha256_file(binary)
+        _BIN_SHA[k] = file_sha256(binary)
     return _BIN_SHA[k]
 
 
@@ -187,7 +181,7 @@ def run_c(argv: Union[str, Sequence], *, binary: Optional[str] = None,
     if binary is None:
         raise CRunError(HOW_TO_PROVIDE)
     canon, files = resolve_inputs(strip_output_flags(split_argv(argv)), inputs)
-    digests = {name: sha256_file(src) for name, src in files.items()}
+    digests = {name: file_sha256(src) for name, src in files.items()}
     key = cache_key(canon, digests, _binary_sha(binary), noise)
     root = Path(cache_root)
     final = root / key

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 
 from pipeline import c_runner
 from pipeline.compare import Thresholds, compare_images, read_float_image, summary_line, verdict

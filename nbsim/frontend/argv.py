@@ -822,7 +822,7 @@ class _Builder:
 
     # -- after all flags: the argv-order rules of the C program
     def finish(self):
-        sp, d, c = self.spec, self.spec.detector, self.spec.crystal
+        d, c = self.spec.detector, self.spec.crystal
         # convention and pivot (quirks 1 and 2)
         d.convention = self.convention
         self.origins["detector.convention"] = self.convention_flag or "(default)"
