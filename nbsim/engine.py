@@ -11,9 +11,18 @@ Faithful mode reproduces the C program's loop-order-dependent behaviour with ten
 * the φ = 0 carry-over (quirk 4): steady-state orientations plus the very first loop iteration;
 * the global switch-off of tricubic interpolation at the first out-of-range lookup (quirk 10), carried
   across chunks as a tensor state.
+
+Speed (issue 5): ``render_fast`` computes the same float64 numbers as ``render`` (bit for bit) for
+everything but the loop-order quirks, in cache-sized blocks; ``render_compiled`` fuses it with
+torch.compile (device option ``compile``) where per-sub-pixel geometry dominates. Square roots are
+the correctly rounded ones and Miller indices a fixed arithmetic (``miller_mode``), so an image never
+depends on how its pixels were chunked. Below float64, sincg uses the reduced index (``sincg_reduced``).
 """
 from __future__ import annotations
 
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +30,7 @@ import torch
 
 from nbsim.physics import (HKLTable, capture_fraction, lattice_factor, polarization_factor,
                            solid_angle)
-from nbsim.rotation import rotate_axis, unitize
+from nbsim.rotation import rotate_axis
 
 
 @dataclass
@@ -81,6 +90,30 @@ class Model:
     def device(self):
         return self.fdet.device
 
+    def astype(self, dtype) -> "Model":
+        """A copy whose floating-point tensors (and structure-factor table) have ``dtype``.
+
+        Lower precisions are best built this way, from a float64 setup: the setup's derived
+        quantities (auto-selected oversampling, beam centre, pixel origin) then come out exactly
+        as in float64 and only the per-pixel arithmetic runs in ``dtype``."""
+        import copy
+        import dataclasses
+
+        def conv(v):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v.to(dtype)
+            if isinstance(v, tuple):
+                return tuple(conv(x) for x in v)
+            return v
+        kw = {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if self.table is not None:
+            t = copy.copy(self.table)
+            t.table = self.table.table.to(dtype)
+            t.flat = t.table.reshape(-1)
+            kw["table"] = t
+        kw["info"] = dict(self.info)
+        return Model(**kw)
+
     def per_pixel_elements(self) -> int:
         """Number of samples per pixel (T·O·S·F·M)."""
         return (self.thicksteps * self.oversample ** 2 * self.incident.shape[0]
@@ -118,6 +151,105 @@ def _first_along(mask: torch.Tensor, values: torch.Tensor, dims: int, fill: floa
     return torch.where(flat_m.any(-1), v, torch.full_like(v, fill))
 
 
+class _ExactSqrt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        import numpy as np
+        xc = x.detach().contiguous()
+        out = torch.empty_like(xc)
+        np.sqrt(xc.numpy(), out=out.numpy())
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad / (2 * out)
+
+
+def sqrt_exact(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded square root, as C's ``sqrt``. ATen's CPU ``torch.sqrt`` (MKL VML) is one
+    ulp off for about 1 % of inputs; near a Bragg peak that last bit of a distance reaches the
+    Miller index, and sin(N·π·h)/sin(π·h) turns it into a ~1e-10 relative change of the pixel.
+    NumPy's CPU sqrt (and CUDA's) is IEEE-exact, so CPU tensors go through NumPy (no copy)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _ExactSqrt.apply(x)
+    return torch.sqrt(x)
+
+
+def unitize_exact(v: torch.Tensor):
+    """``rotation.unitize`` with ``sqrt_exact``: (unit vector, magnitude) of (..., 3) vectors."""
+    mag = sqrt_exact((v * v).sum(-1))
+    safe = torch.where(mag == 0, torch.ones_like(mag), mag)
+    return v / safe.unsqueeze(-1), mag
+
+
+_BLAS_MIN_FM = 8                 # φ steps × mosaic domains from which Miller indices use BLAS
+_BLAS_ROWS = 4096                # fixed matmul shape of the reference kernel
+
+
+def miller_mode(m: Model) -> str:
+    """How Miller indices are computed for this experiment (every kernel uses the same):
+
+    ``"c"``: a_x·S_x + a_y·S_y + a_z·S_z, C's order without fused multiply-add: the C program's
+    indices to the last bit (and what the compiled kernels fuse);
+    ``"blas"``: one (n, 3) × (3, F·M·3) product, which BLAS evaluates as
+    fma(a_z, S_z, fma(a_y, S_y, a_x·S_x)) — within an ulp of C's, and several times cheaper when
+    many φ steps × mosaic domains share each scattering vector.
+    """
+    return "blas" if m.lattice.shape[0] * m.lattice.shape[1] >= _BLAS_MIN_FM else "c"
+
+
+def rows_matmul(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+    """``a @ b`` for ``a`` (n, 3), evaluated in matmuls of exactly ``rows`` rows (the last padded).
+
+    BLAS picks its kernel, and with it the rounding of the 3-term dot products, from the matrix
+    shape (a few rows take another path), so a fixed shape is what makes each Miller index
+    independent of how the pixels were chunked.
+    """
+    n = a.shape[0]
+    out = []
+    for i in range(0, max(n, 1), rows):
+        piece = a[i:i + rows]
+        k = piece.shape[0]
+        if k < rows:
+            piece = torch.cat((piece, piece.new_zeros(rows - k, a.shape[1])))
+        out.append((piece @ b)[:k])
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def miller(scat: torch.Tensor, lattice: torch.Tensor, mode: str = "c") -> torch.Tensor:
+    """h, k, l = a·S, b·S, c·S for scattering vectors (..., 3) and lattices (F, M, 3, 3) (rows a, b,
+    c): (..., F, M, 3), evaluated as ``mode`` says (see ``miller_mode``); either way each index
+    does not depend on how pixels are batched."""
+    if mode == "blas":
+        Fn, Mn = lattice.shape[:2]
+        flat = rows_matmul(scat.reshape(-1, 3), lattice.reshape(-1, 3).T, _BLAS_ROWS)
+        return flat.view(*scat.shape[:-1], Fn, Mn, 3)
+    sx, sy, sz = (scat[..., c, None, None, None] for c in range(3))
+    return sx * lattice[..., 0] + sy * lattice[..., 1] + sz * lattice[..., 2]
+
+
+def reduced_sincg(m: Model) -> bool:
+    """Below float64, sin(N·π·h)/sin(π·h) loses all its digits near a Bragg peak far from the origin
+    (π·h carries an absolute error of an ulp of π·h, comparable to sin(π·h) itself), so the lower
+    precisions evaluate it from the reduced index h − h0 (``sincg_reduced``). float64 keeps C's
+    expression, bit for bit."""
+    return m.dtype != torch.float64
+
+
+def sincg_reduced(h: torch.Tensor, h0: torch.Tensor, n: float) -> torch.Tensor:
+    """sin(n·π·h)/sin(π·h) for whole n from f = h − h0 (h0 = ceil(h − 0.5), a whole number):
+    (−1)^((n−1)·h0) · sin(n·π·f)/sin(π·f), and n where f == 0. Same value, well conditioned."""
+    x = (h - h0) * math.pi
+    sx = torch.sin(x)
+    r = torch.where(sx == 0, torch.full_like(x, n), torch.sin(x * n) / torch.where(
+        sx == 0, torch.ones_like(sx), sx))
+    if int(n) % 2 == 0:
+        r = r * (1.0 - 2.0 * torch.remainder(h0, 2.0))
+    return r
+
+
 def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=None, trace=None):
     """Pixel values (P,) for flat indices ``idx`` (P,) in raster order, and the new interpolation state.
 
@@ -129,7 +261,7 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     P = idx.shape[0]
     T, O = m.thicksteps, m.oversample ** 2
     pos = _positions(m, idx)                                   # (P, T, O, 3)
-    d, R = unitize(pos)
+    d, R = unitize_exact(pos)
     omega = solid_angle(R, m.pixel_m, m.close_distance_m, m.point_pixel)        # (P, T, O)
     layer = torch.arange(T, dtype=dt, device=m.device)[None, :, None]
     if m.thick_m == 0.0 and not m.oversample_thick:
@@ -142,7 +274,7 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     scat = (d[..., None, :] - inc) / lam[:, None]               # (P, T, O, S, 3), m⁻¹
     executed = None
     if m.dmin_m > 0:
-        stol = 0.5 * torch.sqrt((scat * scat).sum(-1))
+        stol = 0.5 * sqrt_exact((scat * scat).sum(-1))
         safe = torch.where(stol > 0, stol, torch.ones_like(stol))
         executed = ~((stol > 0) & (m.dmin_m > 0.5 / safe))     # (P, T, O, S)
     if m.nopolar and not (m.faithful and m.oversample_polar):   # C recomputes it per sub-pixel anyway
@@ -152,13 +284,20 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
             P, T, O, inc.shape[0], 3), m.polar_vector)         # (P, T, O, S)
 
     # Miller indices for every φ step and mosaic domain: h = a·S
-    hkl = torch.einsum("ptosj,fmij->ptosfmi", scat, m.lattice)  # (P, T, O, S, F, M, 3)
+    mode = miller_mode(m)
+    hkl = miller(scat, m.lattice, mode)                         # (P, T, O, S, F, M, 3)
     if first_local is not None and m.lattice_first is not None:
         p, t, o, s = first_local
         hkl = hkl.clone()
-        hkl[p, t, o, s] = torch.einsum("j,fmij->fmi", scat[p, t, o, s], m.lattice_first)
+        hkl[p, t, o, s] = miller(scat[p, t, o, s], m.lattice_first, mode)
     hkl0 = torch.ceil(hkl - 0.5)
-    F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)        # (P,T,O,S,F,M)
+    if m.shape == "square" and reduced_sincg(m):
+        F_latt = torch.ones_like(hkl[..., 0])
+        for i, n in enumerate(m.N):
+            if n > 1:
+                F_latt = F_latt * sincg_reduced(hkl[..., i], hkl0[..., i], n)
+    else:
+        F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)    # (P,T,O,S,F,M)
 
     # which loop iterations actually run (dmin skip; C also skips F_latt == 0 without water)
     live = torch.ones_like(F_latt, dtype=torch.bool)
@@ -228,35 +367,681 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     return val, new_state
 
 
-def default_chunk_pixels(m: Model, budget_bytes: float) -> int:
-    """Pixels per chunk so that the kernel's working set stays within ``budget_bytes``."""
+# ---------------------------------------------------------------------------------------------
+# fast path: the same numbers as ``render`` (bit for bit in float64), organised for throughput
+# ---------------------------------------------------------------------------------------------
+#
+# ``render`` is the reference: one broadcast expression over (P, T, O, S, F, M) that covers every
+# quirk. ``render_fast`` evaluates the same IEEE operations in the same order wherever ``fast_path_ok``
+# holds (everything except faithful -oversample_thick/polar/omega compounding and tricubic
+# interpolation, which keep C's loop-order state), but
+# * computes the geometry component by component on contiguous (P, T, O) tensors, once per
+#   (pixel, layer, sub-pixel, source), and the per-pixel factors (solid angle, polarization,
+#   capture) only where C uses them;
+# * evaluates the per-sample work on blocks of whole pixels sized to the CPU cache, in per-thread
+#   scratch buffers that are reused (no allocation, no page faults), with every elementwise
+#   operation on one contiguous buffer; axes with N == 1 (factor exactly 1) are skipped;
+# * looks structure factors up in a table bordered with default_F (a clamp instead of range tests);
+# * drops ``torch.where(live, ...)``: it only zeroes terms whose F_latt is 0, which are 0 already,
+#   and patches sincg's 0/0 only in blocks whose sums came out NaN.
+# Each pixel's sum is one contiguous inner reduction in C loop order, Miller indices come from
+# ``miller``'s fixed arithmetic and the polarization from whole vectors (``_polar_exact``), so
+# images do not depend on how the pixels are chunked.
+
+_CACHE_BYTES = 8 << 20          # working set of one sample block
+_GEO_BYTES = 8 << 20            # geometry working set of one chunk of pixels (per worker thread)
+_MAX_CHUNKS_PER_WORKER = 4      # at least this many chunks per worker when the image allows
+
+
+def _requires_grad(m: Model) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(m).values())
+
+
+def fast_path_ok(m: Model) -> bool:
+    """True when ``render_fast`` reproduces ``render`` (no loop-order state, no autograd)."""
+    if m.faithful and (m.oversample_thick or m.oversample_polar or m.oversample_omega):
+        return False
+    if m.table is not None and m.interpolate:
+        return False
+    return not _requires_grad(m)
+
+
+class FastPlan:
+    """Per-image constants of ``render_fast`` (built once, outside the chunk loop)."""
+
+    def __init__(self, m: Model, block_pixels: Optional[int] = None):
+        Fn, Mn = m.lattice.shape[:2]
+        self.FM = Fn * Mn
+        self.S = m.incident.shape[0]
+        self.axes = [i for i in range(3) if m.N[i] > 1] if m.shape == "square" else []
+        need_all = m.table is not None or m.shape != "square"
+        self.rows = [0, 1, 2] if need_all else list(self.axes)
+        R = len(self.rows)
+        self.mode = miller_mode(m)
+        self.reduced = reduced_sincg(m)
+        # "c": lattice row self.rows[r] (a, b or c), component c, over (f, m): (F·M,) vectors
+        self.Lc = [[m.lattice[:, :, i, c].reshape(self.FM).contiguous() for c in range(3)]
+                   for i in self.rows]
+        # "blas": (3 coords, rows·F·M): column r·FM + f·M + m holds lattice row self.rows[r]
+        self.lat_t = (m.lattice[:, :, self.rows, :].permute(2, 0, 1, 3).reshape(R * self.FM, 3).T
+                      .contiguous() if R else None)
+        self.axes_in_rows = [self.rows.index(i) for i in self.axes]
+        self._local = threading.local()
+        self.Nvals = [float(m.N[i]) for i in self.axes]
+        self.Nv = torch.tensor(self.Nvals, dtype=m.dtype, device=m.device)[:, None]
+        self.same_N = len(set(self.Nvals)) <= 1
+        self.w_one = bool((m.source_weight == 1).all())
+        self.FF = float(m.default_F) * float(m.default_F)
+        if m.table is not None:
+            # the structure-factor table with a border of default_F: clamping an index onto the
+            # border gives what HKLTable.nearest gives outside the table, with fewer operations
+            tb = m.table
+            pad = torch.nn.functional.pad(tb.table, (1, 1, 1, 1, 1, 1), value=float(tb.default_F))
+            self.table_flat = pad.reshape(-1).contiguous()
+            self.table_lo = (float(tb.hmin - 1), float(tb.kmin - 1), float(tb.lmin - 1))
+            self.table_hi = (float(tb.hr + 1), float(tb.kr + 1), float(tb.lr + 1))
+            self.table_kl = (float(tb.kr + 2), float(tb.lr + 2))
+            exact_int = 2 ** 53 if m.dtype == torch.float64 else 2 ** 24
+            self.table_index_dtype = m.dtype if self.table_flat.numel() < exact_int else torch.float64
+        itemsize = torch.finfo(m.dtype).bits // 8
+        per_sample = (2 * R + 4 + (12 if m.table is not None else 0)) * itemsize
+        samples = max(1, m.thicksteps * m.oversample ** 2 * self.S * self.FM)
+        self.block_pixels = block_pixels or max(1, _CACHE_BYTES // (samples * per_sample))
+        rows_per_pixel = m.thicksteps * m.oversample ** 2 * self.S
+        self.block_rows = max(64, self.block_pixels * rows_per_pixel)
+        self.geo_bytes_per_pixel = m.thicksteps * m.oversample ** 2 * (16 + 12 * self.S) * itemsize
+
+    def workspace(self, m: Model) -> "_Workspace":
+        """This thread's scratch buffers (created on first use)."""
+        ws = getattr(self._local, "ws", None)
+        if ws is None:
+            ws = self._local.ws = _Workspace(m, self)
+        return ws
+
+
+def _nearest_padded(plan: FastPlan, hkl0: torch.Tensor) -> torch.Tensor:
+    """``HKLTable.nearest`` for whole-number indices ``hkl0`` ([h0, k0, l0], each (n, FM)), via the
+    bordered table."""
+    ix = []
+    for a in range(3):
+        v = hkl0[a].to(plan.table_index_dtype) - plan.table_lo[a]
+        ix.append(v.clamp_(0.0, plan.table_hi[a]))
+    flat = ix[0].mul_(plan.table_kl[0]).add_(ix[1]).mul_(plan.table_kl[1]).add_(ix[2])
+    return plan.table_flat[flat.long()]
+
+
+class _Workspace:
+    """Scratch buffers of one sample block, reused block after block (one set per thread): no
+    allocation, no page faults, and the same cache lines every time. Flat storage: a block of n
+    rows uses the contiguous prefix of each buffer."""
+
+    def __init__(self, m: Model, plan: "FastPlan"):
+        kw = dict(dtype=m.dtype, device=m.device)
+        rows, FM = plan.block_rows, plan.FM
+        R, A = max(1, len(plan.rows)), max(1, len(plan.axes))
+        self.sc = torch.zeros(rows, 3, **kw) if plan.mode == "blas" else None
+        self.hkl = torch.empty(rows * R * FM, **kw)
+        self.x = torch.empty(rows * A * FM, **kw)
+        self.g = torch.empty(rows * A * FM, **kw)
+        self.h0 = (torch.empty(rows * R * FM, **kw)
+                   if (m.table is not None or plan.reduced) else None)
+        self.f = torch.empty(rows * FM, **kw)
+        self.t = torch.empty(rows * FM, **kw)
+
+
+def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch.Tensor],
+                npx: int) -> torch.Tensor:
+    """Σ over φ·domains (and, in faithful mode, over layers·sub-pixels·sources) of
+    F_cell²·F_latt² for the scattering vectors ``sc`` (n, 3) of ``npx`` whole pixels, rows in C loop
+    order. Returns (npx,) in faithful mode, (n,) per-row sums in physical mode.
+
+    Miller indices are laid out (n, R, FM) in "blas" mode (the matmul's output) and (R, n, FM) in
+    "c" mode; every per-sample operation runs on whole contiguous buffers, only the product over
+    axes picks them apart."""
+    n = sc.shape[0]
+    FM = plan.FM
+    W = plan.workspace(m)
+    R, A = len(plan.rows), len(plan.axes)
+    blas = plan.mode == "blas"
+
+    def buf(storage, k):                       # contiguous (n, k, FM) or (k, n, FM) view
+        v = storage[:n * k * FM]
+        return v.view(n, k, FM) if blas else v.view(k, n, FM)
+
+    def axis(t, j):
+        return t[:, j] if blas else t[j]
+
+    hkl0 = F_cell = None
+    if R:
+        hkl = buf(W.hkl, R)
+        if blas:
+            W.sc[:n].copy_(sc)                 # fixed shape and alignment: see rows_matmul
+            W.sc[n:].zero_()
+            torch.mm(W.sc[:n] if n == plan.block_rows else W.sc, plan.lat_t,
+                     out=W.hkl[:plan.block_rows * R * FM].view(plan.block_rows, R * FM))
+        else:
+            # C's order a_x·S_x + a_y·S_y + a_z·S_z (see ``miller``)
+            tmp = W.t[:n * FM].view(n, FM)
+            sx, sy, sz = sc[:, 0:1], sc[:, 1:2], sc[:, 2:3]
+            for r in range(R):
+                Lx, Ly, Lz = plan.Lc[r]
+                h = torch.mul(sx, Lx, out=hkl[r])
+                h.add_(torch.mul(sy, Ly, out=tmp))
+                h.add_(torch.mul(sz, Lz, out=tmp))
+    reduced = m.shape == "square" and plan.reduced
+    if m.table is not None or m.shape != "square":
+        hkl0 = torch.sub(hkl, 0.5, out=buf(W.h0, R) if W.h0 is not None else None).ceil_()
+    elif reduced:                  # any nearby whole number serves the reduced sincg: one pass
+        hkl0 = torch.round(hkl, out=buf(W.h0, R))
+    if m.table is not None:
+        F_cell = _nearest_padded(plan, [axis(hkl0, i) for i in range(3)])       # (n, FM)
+    G = None
+    if m.shape != "square":
+        perm = (0, 2, 1) if blas else (1, 2, 0)
+        F = lattice_factor(hkl.permute(*perm), hkl0.permute(*perm), m.shape, m.N, m.fudge,
+                           m.recip)
+    elif A:
+        if reduced:                                                           # see reduced_sincg
+            hkl.sub_(hkl0)
+        if A == R:
+            X = hkl.mul_(math.pi)                                             # π·h, in place
+        else:
+            X = buf(W.x, A)
+            for j, r in enumerate(plan.axes_in_rows):
+                torch.mul(axis(hkl, r), math.pi, out=axis(X, j))
+        if plan.same_N:
+            Nb = plan.Nvals[0]
+        else:
+            Nb = plan.Nv.view(1, A, 1) if blas else plan.Nv.view(A, 1, 1)
+        G = torch.mul(X, Nb, out=buf(W.g, A))
+        G.sin_()
+        X.sin_()
+        G.div_(X)                         # sin(N·π·h)/sin(π·h); NaN exactly where π·h == 0
+        signs = {}
+        if reduced:
+            for j, (r, nv) in enumerate(zip(plan.axes_in_rows, plan.Nvals)):
+                if int(nv) % 2 == 0:          # (−1)^((N−1)·h0)
+                    signs[j] = 1.0 - 2.0 * torch.remainder(axis(hkl0, r), 2.0)
+                    axis(G, j).mul_(signs[j])
+        if m.device.type != "cpu":
+            _fix_sincg_zero(plan, G, axis, signs)
+    else:
+        F = torch.ones(n, FM, dtype=m.dtype, device=m.device)
+
+    def finish():
+        if G is not None:
+            F = axis(G, 0)
+            if A > 1:
+                F = torch.mul(axis(G, 0), axis(G, 1), out=W.f[:n * FM].view(n, FM))
+                for j in range(2, A):
+                    F.mul_(axis(G, j))
+        else:
+            F = F_nonsq
+        term = W.t[:n * FM].view(n, FM)
+        if F_cell is None:
+            torch.mul(F, plan.FF, out=term)
+        else:
+            torch.mul(F_cell, F_cell, out=term)
+            term.mul_(F)
+        term.mul_(F)
+        if ex is not None:
+            term.masked_fill_(~ex[:, None], 0.0)
+        if m.faithful:
+            if not plan.w_one:
+                term.view(-1, plan.S, FM).mul_(m.source_weight[:, None])
+            return term.view(npx, -1).sum(1)
+        return term.sum(1)                    # physical mode weighs after the φ·domain sum
+
+    F_nonsq = F if G is None else None
+    out = finish()
+    if G is not None and m.device.type == "cpu" and bool(torch.isnan(out).any()):
+        # a Miller index exactly 0 (sincg's x == 0 case) somewhere in this block: patch and redo.
+        # Checking the block's sums instead of patching every sample saves a full pass; on the
+        # CPU reading a flag is no device synchronisation.
+        _fix_sincg_zero(plan, G, axis, signs)
+        out = finish()
+    return out
+
+
+def _fix_sincg_zero(plan: "FastPlan", G: torch.Tensor, axis, signs=None):
+    """sincg(0, N) = N: the 0/0 of sin(N·0)/sin(0) is the only NaN the ratio can hold (times the
+    reduced formula's sign, where there is one)."""
+    if plan.same_N and not signs:
+        G.nan_to_num_(nan=plan.Nvals[0])
+        return
+    for j, nv in enumerate(plan.Nvals):
+        g = axis(G, j)
+        if signs and j in signs:
+            torch.where(torch.isnan(g), nv * signs[j], g, out=g)
+        else:
+            g.nan_to_num_(nan=nv)
+
+
+def _position_components(m: Model, idx: torch.Tensor):
+    """x, y, z (P, T, O) of ``_positions(m, idx)``, computed per component (same operations)."""
+    if m.curved:
+        return _positions(m, idx).unbind(-1)
+    os_ = m.oversample
+    dt, dev = m.dtype, m.device
+    s = torch.div(idx, m.fpixels, rounding_mode="floor").to(dt)
+    f = (idx % m.fpixels).to(dt)
+    sub = torch.arange(os_, dtype=dt, device=dev)
+    subS = sub.repeat_interleave(os_)
+    subF = sub.repeat(os_)
+    subpix = m.pixel_m / os_
+    Fdet = subpix * (f[:, None] * os_ + subF) + subpix / 2.0      # (P, O)
+    Sdet = subpix * (s[:, None] * os_ + subS) + subpix / 2.0
+    Odet = (torch.arange(m.thicksteps, dtype=dt, device=dev) * m.thickstep_m)[None, :, None]
+    out = []
+    for c in range(3):
+        v = (Fdet * m.fdet[c] + Sdet * m.sdet[c])[:, None, :] + Odet * m.odet[c]
+        out.append(v + m.pix0[c])
+    return out
+
+
+def _polar_exact(m: Model, incident: torch.Tensor, diffracted: torch.Tensor) -> torch.Tensor:
+    """``polarization_factor`` for (..., 3) vectors, computed so that every element takes ATen's
+    vectorised atan2 path: scalar-tail elements (std::atan2) can differ in the last bit, which would
+    make a pixel's value depend on where it falls in its chunk. Pads to whole vectors and evaluates
+    in pieces below ATen's parallel grain size."""
+    shape = diffracted.shape[:-1]
+    inc = incident.expand_as(diffracted).reshape(-1, 3)
+    dif = diffracted.reshape(-1, 3)
+    n = dif.shape[0]
+    if not (isinstance(m.kahn, (int, float)) and m.kahn == 0):
+        padded = -(-n // 64) * 64
+        if padded != n:
+            inc = torch.cat((inc, inc[:1].expand(padded - n, 3)))
+            dif = torch.cat((dif, dif[:1].expand(padded - n, 3)))
+        piece = 16384
+        out = torch.cat([polarization_factor(m.kahn, inc[i:i + piece], dif[i:i + piece], m.polar_vector)
+                         for i in range(0, padded, piece)])[:n]
+    else:
+        out = polarization_factor(m.kahn, inc, dif, m.polar_vector)
+    return out.reshape(shape)
+
+
+def render_fast(m: Model, idx: torch.Tensor, plan: FastPlan, *, first_local=None) -> torch.Tensor:
+    """Pixel values (P,) for flat indices ``idx``, identical to ``render`` where ``fast_path_ok``."""
+    dt, dev = m.dtype, m.device
+    P = idx.shape[0]
+    T, O, S = m.thicksteps, m.oversample ** 2, plan.S
+    # geometry component by component on contiguous (P, T, O) tensors: the same IEEE operations as
+    # _positions / unitize / render, without the slow broadcasting over a trailing dimension of 3
+    px, py, pz = _position_components(m, idx)                 # (P, T, O)
+    R = sqrt_exact(px * px + py * py + pz * pz)                # = unitize's (v*v).sum(-1), C order
+    safe = torch.where(R == 0, torch.ones_like(R), R)
+    dc = (px / safe, py / safe, pz / safe)
+    scat = torch.empty(P, T, O, S, 3, dtype=dt, device=dev)
+    for c in range(3):
+        torch.div(dc[c][..., None] - m.incident[:, c], m.wavelength_m, out=scat[..., c])
+
+    def d_at(t, o):
+        return torch.stack([x[:, t, o] for x in dc], -1)      # (P, 3)
+
+    executed = None
+    if m.dmin_m > 0:
+        stol = 0.5 * sqrt_exact((scat * scat).sum(-1))
+        safe = torch.where(stol > 0, stol, torch.ones_like(stol))
+        executed = ~((stol > 0) & (m.dmin_m > 0.5 / safe))     # (P, T, O, S)
+    rows = T * O * S
+    scat = scat.reshape(P * rows, 3)
+    ex = executed.reshape(P * rows) if executed is not None else None
+    parts = []
+    for b in range(0, P, plan.block_pixels):
+        e = min(P, b + plan.block_pixels)
+        parts.append(_block_sums(m, plan, scat[b * rows:e * rows],
+                                 None if ex is None else ex[b * rows:e * rows], e - b))
+    I = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if m.faithful:
+        I = m.I_bg + I
+        val = m.r_e_sqr * m.fluence * I / m.steps
+        if not (m.thick_m == 0.0 and not m.oversample_thick):
+            layer = torch.full((), float(T - 1), dtype=dt, device=dev)
+            val = val * capture_fraction(d_at(-1, 0), m.odet, layer, m.thickstep_m, m.mu_per_m)
+        if executed is None:
+            if not m.nopolar:
+                val = val * _polar_exact(m, m.incident[0], d_at(0, 0))
+        else:
+            if m.nopolar:
+                polar = torch.ones(P, T, O, S, dtype=dt, device=dev)
+            else:
+                polar = _polar_exact(m, m.incident, torch.stack(dc, -1)[..., None, :].expand(P, T, O, S, 3))
+            val = val * _first_along(executed, polar, 3, 1.0 if m.nopolar else 0.0)
+        val = val * solid_angle(R[:, 0, 0], m.pixel_m, m.close_distance_m, m.point_pixel)
+    else:
+        omega = solid_angle(R, m.pixel_m, m.close_distance_m, m.point_pixel)       # (P, T, O)
+        if m.thick_m == 0.0 and not m.oversample_thick:
+            capture = torch.ones_like(omega)
+        else:
+            layer = torch.arange(T, dtype=dt, device=dev)[None, :, None]
+            capture = capture_fraction(torch.stack(dc, -1), m.odet, layer, m.thickstep_m,
+                                       m.mu_per_m)
+        if m.nopolar:
+            polar = torch.ones(P, T, O, S, dtype=dt, device=dev)
+        else:
+            polar = _polar_exact(m, m.incident, torch.stack(dc, -1)[..., None, :].expand(P, T, O, S, 3))
+        fac = capture[..., None] * polar * omega[..., None]
+        I = (I.view(P, T, O, S) * fac * m.source_weight).sum(dim=(1, 2, 3))
+        bg = m.bg_physical * (capture * polar.mean(-1) * omega).mean(dim=2).sum(1)
+        val = m.r_e_sqr * m.fluence * (I / m.steps) + bg
+    return _with_first_iteration(m, idx, val, first_local)
+
+
+def _with_first_iteration(m: Model, idx, val, first_local):
+    """The run's very first loop iteration uses the unrotated crystal (quirk 4): that one pixel
+    goes through the reference kernel."""
+    if first_local is None or m.lattice_first is None:
+        return val
+    p = first_local[0]
+    v1, _ = render(m, idx[p:p + 1], torch.tensor(False, device=m.device),
+                   first_local=(0,) + tuple(first_local[1:]))
+    return torch.cat((val[:p], v1, val[p + 1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled path (device option ``compile``)
+# ---------------------------------------------------------------------------------------------
+#
+# torch.compile (Inductor) fuses the per-sample arithmetic into a few loops, so the CPU no longer
+# streams every intermediate through memory. Layout is pixels-last (…, P), which lets Inductor
+# vectorise across pixels whatever the number of sub-pixels, sources, φ steps and domains. Miller
+# indices are C's own expression a·S = a_x·S_x + a_y·S_y + a_z·S_z (no FMA contraction), so results
+# equal the eager kernels to rounding (~1e-15 relative). In float64 the two sin() calls stay eager:
+# ATen's float64 sin (MKL) is several times faster than the SLEEF sin Inductor emits; in float32
+# Inductor's sin is as fast and everything runs in one kernel. Shapes are static: chunks are padded
+# to a fixed size, so each experiment compiles once (Inductor's on-disk cache makes later processes
+# reuse the code).
+
+_COMPILE_VEC = 16                # pad chunks to a multiple of this many pixels
+_compiled = {}
+
+
+def compile_ok(m: Model) -> bool:
+    """True when ``render_compiled`` supports the model (else the eager fast path runs)."""
+    return (fast_path_ok(m) and m.faithful and m.dmin_m == 0 and m.shape == "square"
+            and not m.curved and any(n > 1 for n in m.N) and miller_mode(m) == "c")
+
+
+_AUTO_COMPILE_SAMPLES = 1e9    # pixels·samples from which compiling once beats eager (2-core CPU)
+
+
+def compile_pays_off(m: Model) -> bool:
+    """Whether compiling (Inductor, a few seconds even with a warm cache) is repaid within a single
+    image: the compiled kernels win where per-sub-pixel geometry dominates (few φ·domains), by
+    roughly 10 ns per sample on a CPU core."""
+    if not compile_ok(m):
+        return False
+    npix = m.fpixels * m.spixels
+    return npix * m.per_pixel_elements() >= _AUTO_COMPILE_SAMPLES
+
+
+def _k_positions(idx, fdet, sdet, odet, pix0, pixel, cfg):
+    """Sub-pixel positions (3, T, O, P) and their squared distance (T, O, P)."""
+    fpix, os_, T, thickstep = cfg
+    dt, dev = fdet.dtype, fdet.device
+    s = torch.div(idx, fpix, rounding_mode="floor").to(dt)
+    f = (idx % fpix).to(dt)
+    sub = torch.arange(os_, dtype=dt, device=dev)
+    subS = sub.repeat_interleave(os_)[:, None]
+    subF = sub.repeat(os_)[:, None]
+    subpix = pixel / os_
+    Fdet = subpix * (f * os_ + subF) + subpix / 2.0                      # (O, P)
+    Sdet = subpix * (s * os_ + subS) + subpix / 2.0
+    Odet = (torch.arange(T, dtype=dt, device=dev) * thickstep)[:, None, None]
+    p = torch.stack([(Fdet * fdet[c] + Sdet * sdet[c])[None] + Odet * odet[c] + pix0[c]
+                     for c in range(3)])
+    return p, torch.sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2])    # IEEE sqrt = sqrt_exact
+
+
+def _k_geometry(p, R, odet, incident, wavelength, polar_vector, pixel, close, cfg):
+    """Scattering vectors [x, y, z] (T, O, S, P) and per-pixel capture, polarization, solid angle."""
+    T, thickstep, mu, use_cap, nopolar, kahn, point = cfg
+    dt, dev = p.dtype, p.device
+    safe = torch.where(R == 0, torch.ones_like(R), R)
+    d = [p[c] / safe for c in range(3)]
+    lam = wavelength[:, None]
+    sc = [(d[c][:, :, None, :] - incident[:, c, None]) / lam for c in range(3)]   # (T, O, S, P)
+    d00 = torch.stack([dc[0, 0] for dc in d], -1)                        # (P, 3)
+    val = solid_angle(R[0, 0], pixel, close, point)
+    if use_cap:
+        dl = torch.stack([dc[-1, 0] for dc in d], -1)
+        layer = torch.full((), float(T - 1), dtype=dt, device=dev)
+        cap = capture_fraction(dl, odet, layer, thickstep, mu)
+    else:
+        cap = None
+    pol = None if nopolar else polarization_factor(kahn, incident[0].expand_as(d00), d00,
+                                                   polar_vector)
+    return sc, cap, pol, val
+
+
+def _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced):
+    """Lists over the sincg axes of π·h and N·π·h (or of the reduced π·(h − h0) and N·π·(h − h0)
+    with the signs (−1)^((N−1)·h0), see ``sincg_reduced``), and F_cell or None. Separate tensors
+    (no stack) keep Inductor's loops fused."""
+    F_cell = None
+    h0 = [torch.ceil(h - 0.5) for h in hkl] if (tab is not None or reduced) else None
+    if tab is not None:
+        lo, hi, kl = tab
+        ix = [torch.clamp(h0[i] - lo[i], 0.0, hi[i]) for i in range(3)]
+        flat = (ix[0] * kl[0] + ix[1]) * kl[1] + ix[2]
+        F_cell = table_flat[flat.long()]
+    X, G, sign = [], [], []
+    for i, n in zip(axes, Nvals):
+        x = ((hkl[i] - h0[i]) if reduced else hkl[i]) * math.pi
+        X.append(x)
+        G.append(x * n)
+        sign.append(1.0 - 2.0 * torch.remainder(h0[i], 2.0) if reduced and int(n) % 2 == 0
+                    else None)
+    return X, G, sign, F_cell
+
+
+def _k_front(idx, fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pixel, close,
+             lat, table_flat, cfg):
+    """Geometry and Miller indices: π·h, N·π·h (each (T, O, S, F, M, P)) for the sincg axes,
+    signs, F_cell (T, O, S, F, M, P) or None, and the per-pixel factors."""
+    pos_cfg, geo_cfg, axes, Nvals, tab, reduced = cfg
+    p, R = _k_positions(idx, fdet, sdet, odet, pix0, pixel, pos_cfg)
+    sc, cap, pol, om = _k_geometry(p, R, odet, incident, wavelength, polar_vector, pixel, close,
+                                   geo_cfg)
+    sx, sy, sz = (c[:, :, :, None, None] for c in sc)                    # (T, O, S, 1, 1, P)
+    L = lat[:, :, None]                                                   # (F, M, 1, 3, 3)
+    hkl = [sx * L[..., i, 0] + sy * L[..., i, 1] + sz * L[..., i, 2]
+           for i in range(3)]                                             # (T, O, S, F, M, P)
+    X, G, sign, F_cell = _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced)
+    return X, G, sign, F_cell, cap, pol, om
+
+
+def _k_finish(X, G, sign, F_cell, cap, pol, om, w, cfg):
+    """Pixel values from sin(π·h) (X), sin(N·π·h) (G) (or π·h, N·π·h when ``sin_inside``)."""
+    Nvals, FF, w_one, I_bg, scale, steps, sin_inside = cfg
+    F = None
+    for j, n in enumerate(Nvals):
+        xs, gs = (torch.sin(X[j]), torch.sin(G[j])) if sin_inside else (X[j], G[j])
+        r = torch.where(xs == 0, torch.full_like(xs, n), gs / xs)
+        if sign[j] is not None:
+            r = r * sign[j]
+        F = r if F is None else F * r
+    term = F * FF * F if F_cell is None else F_cell * F_cell * F * F
+    if not w_one:
+        term = term * w[:, None, None, None]
+    I = I_bg + term.sum(dim=(0, 1, 2, 3, 4))
+    val = scale * I / steps
+    if cap is not None:
+        val = val * cap
+    if pol is not None:
+        val = val * pol
+    return val * om
+
+
+def _compiled_fn(name):
+    fn = _compiled.get(name)
+    if fn is None:
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # indices into the structure-factor table are clamped in range: no per-element checks
+        fn = _compiled[name] = torch.compile(globals()[name], dynamic=False,
+                                             options={"assert_indirect_indexing": False})
+    return fn
+
+
+class CompiledPlan:
+    """Fixed chunk size and the constants of ``render_compiled``."""
+
+    def __init__(self, m: Model, fast: FastPlan, budget_bytes: float, chunk_pixels=None):
+        itemsize = torch.finfo(m.dtype).bits // 8
+        K = max(1, m.per_pixel_elements())
+        A = len(fast.axes)
+        per_pixel = K * (2 * A + 3) * itemsize + 64 * itemsize
+        npix = m.fpixels * m.spixels if m.mask is None else max(1, int(m.mask.sum()))
+        if chunk_pixels is None:
+            cap = min(budget_bytes, 4 * _CACHE_BYTES) if m.device.type == "cpu" else budget_bytes
+            chunk_pixels = max(1, int(cap // per_pixel))
+        chunk = min(chunk_pixels, npix)
+        self.chunk = -(-chunk // _COMPILE_VEC) * _COMPILE_VEC
+        self.sin_inside = m.dtype == torch.float32
+        T = m.thicksteps
+        use_cap = not (m.thick_m == 0.0 and not m.oversample_thick)
+        self.pos_cfg = (m.fpixels, m.oversample, T, float(m.thickstep_m))
+        self.geo_cfg = (T, float(m.thickstep_m), float(m.mu_per_m), use_cap, bool(m.nopolar),
+                        float(m.kahn), bool(m.point_pixel))
+        tab = None
+        if m.table is not None:
+            tab = (fast.table_lo, fast.table_hi, fast.table_kl)
+        self.table_flat = (fast.table_flat if m.table is not None
+                           else torch.zeros(1, dtype=m.dtype, device=m.device))
+        self.front_cfg = (self.pos_cfg, self.geo_cfg, tuple(fast.axes), tuple(fast.Nvals), tab,
+                          fast.reduced)
+        self.finish_cfg = (tuple(fast.Nvals), fast.FF, fast.w_one, float(m.I_bg),
+                           float(m.r_e_sqr * m.fluence), float(m.steps), self.sin_inside)
+
+
+def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Tensor:
+    """``render_fast`` through Inductor for ``plan.chunk`` pixels (``idx`` is padded to that size)."""
+    P = idx.shape[0]
+    if P < plan.chunk:
+        idx = torch.cat((idx, idx[-1:].expand(plan.chunk - P)))
+    X, G, sign, F_cell, cap, pol, om = _compiled_fn("_k_front")(
+        idx, m.fdet, m.sdet, m.odet, m.pix0, m.incident, m.wavelength_m, m.polar_vector,
+        m.pixel_m, m.close_distance_m, m.lattice, plan.table_flat, plan.front_cfg)
+    if not plan.sin_inside:
+        for t in X + G:
+            t.sin_()
+    val = _compiled_fn("_k_finish")(X, G, sign, F_cell, cap, pol, om, m.source_weight,
+                                    plan.finish_cfg)
+    return val[:P]
+
+
+def default_chunk_pixels(m: Model, budget_bytes: float, *, plan: Optional[FastPlan] = None,
+                         workers: int = 1) -> int:
+    """Pixels per chunk so that the kernel's working set stays within ``budget_bytes``.
+
+    ``plan``: size chunks for ``render_fast`` (geometry per pixel plus one cache-sized sample block)
+    rather than for ``render`` (the whole (T, O, S, F, M) broadcast per pixel). On the CPU chunks are
+    also capped so that each of ``workers`` threads gets a few chunks whose working set stays near the
+    cache; on a GPU the budget alone decides.
+    """
+    npix = m.fpixels * m.spixels
+    if m.mask is not None:
+        npix = max(1, int(m.mask.sum()))
     itemsize = torch.finfo(m.dtype).bits // 8
-    per_elem = 24 + (80 if (m.table is not None and m.interpolate) else 0)   # live tensors per sample
-    per_pixel = max(1, m.per_pixel_elements()) * per_elem * itemsize
-    return int(max(1, min(m.fpixels * m.spixels, budget_bytes // per_pixel)))
+    budget = budget_bytes / max(1, workers)
+    cpu = m.device.type == "cpu"
+    if plan is None:
+        per_elem = 24 + (80 if (m.table is not None and m.interpolate) else 0)   # live tensors/sample
+        per_pixel = max(1, m.per_pixel_elements()) * per_elem * itemsize
+        if cpu:
+            budget = min(budget, 64 * 2 ** 20)
+        return int(max(1, min(npix, budget // per_pixel)))
+    block_bytes = plan.block_pixels * max(1, m.per_pixel_elements()) * 3 * itemsize
+    avail = max(budget - block_bytes, plan.geo_bytes_per_pixel)
+    if cpu:
+        avail = min(avail, _GEO_BYTES)
+    chunk = int(max(1, avail // plan.geo_bytes_per_pixel))
+    if cpu and workers > 1:
+        chunk = min(chunk, max(plan.block_pixels, -(-npix // (workers * _MAX_CHUNKS_PER_WORKER))))
+    return int(max(1, min(npix, chunk)))
 
 
 def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes: float = 1.0e9,
-                   progress=None) -> torch.Tensor:
-    """The float image (spixels, fpixels) in the model's dtype; 0 outside the ROI/mask."""
+                   progress=None, workers: Optional[int] = None, fast: Optional[bool] = None,
+                   compile: Optional[bool] = False) -> torch.Tensor:
+    """The float image (spixels, fpixels) in the model's dtype; 0 outside the ROI/mask.
+
+    ``fast``: use ``render_fast`` (default: whenever ``fast_path_ok``; False forces ``render``).
+    ``compile``: run ``render_compiled`` (torch.compile) where ``compile_ok``; chunks then have a
+    fixed, padded size and results equal the eager path to rounding (not bit for bit). ``None``:
+    only where it pays off within this one call (see ``compile_pays_off``); a process that renders
+    many images (a sweep, a refinement loop) should ask for it explicitly.
+    ``workers``: CPU threads that render chunks concurrently, each running its ops single-threaded
+    (default 1: one chunk at a time, each op using torch's intra-op threads, which measured faster
+    on a quiet machine; several workers avoid per-op barriers when cores are shared). The image
+    does not depend on ``chunk_pixels`` or ``workers``.
+    """
     dev = m.device
     npix = m.fpixels * m.spixels
     if m.mask is not None:
         idx_all = torch.nonzero(m.mask.reshape(-1), as_tuple=False).reshape(-1).to(dev)
     else:
         idx_all = torch.arange(npix, device=dev)
-    chunk = chunk_pixels or default_chunk_pixels(m, budget_bytes)
-    out = torch.zeros(npix, dtype=m.dtype, device=dev)
-    interp_on = torch.tensor(bool(m.interpolate), device=dev)
-    first = m.first_iteration
     n = idx_all.shape[0]
-    for start in range(0, n, chunk):
-        idx = idx_all[start:start + chunk]
-        first_local = None
+    use_fast = fast_path_ok(m) if fast is None else (fast and fast_path_ok(m))
+    plan = FastPlan(m) if use_fast else None
+    if compile is None:
+        compile = use_fast and compile_pays_off(m)
+    if compile and use_fast and compile_ok(m):
+        cplan = CompiledPlan(m, plan, budget_bytes, chunk_pixels)
+        out = torch.zeros(npix, dtype=m.dtype, device=dev)
+        first = m.first_iteration
+        for start in range(0, n, cplan.chunk):
+            idx = idx_all[start:start + cplan.chunk]
+            val = render_compiled(m, idx, cplan)
+            if first is not None and start <= first[0] < start + cplan.chunk:
+                val = _with_first_iteration(m, idx, val, (first[0] - start,) + tuple(first[1:]))
+            out.index_put_((idx,), val)
+            if progress is not None:
+                progress(min(start + cplan.chunk, n), n)
+        return out.reshape(m.spixels, m.fpixels)
+    workers = max(1, int(workers or 1)) if use_fast and dev.type == "cpu" else 1
+    chunk = chunk_pixels or default_chunk_pixels(m, budget_bytes, plan=plan, workers=workers)
+    out = torch.zeros(npix, dtype=m.dtype, device=dev)
+    first = m.first_iteration
+
+    def first_of(start):
         if first is not None and start <= first[0] < start + chunk:
-            first_local = (first[0] - start,) + tuple(first[1:])
-        val, interp_on = render(m, idx, interp_on, first_local=first_local)
-        out = out.index_put((idx,), val)
-        if progress is not None:
-            progress(min(start + chunk, n), n)
+            return (first[0] - start,) + tuple(first[1:])
+        return None
+
+    if not use_fast:
+        interp_on = torch.tensor(bool(m.interpolate), device=dev)
+        for start in range(0, n, chunk):
+            idx = idx_all[start:start + chunk]
+            val, interp_on = render(m, idx, interp_on, first_local=first_of(start))
+            out.index_put_((idx,), val)
+            if progress is not None:
+                progress(min(start + chunk, n), n)
+        return out.reshape(m.spixels, m.fpixels)
+
+    def job(start):
+        idx = idx_all[start:start + chunk]
+        return idx, render_fast(m, idx, plan, first_local=first_of(start))
+
+    starts = range(0, n, chunk)
+    if workers > 1 and len(starts) > 1:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbsim") as ex:
+                for start, (idx, val) in zip(starts, ex.map(job, starts)):
+                    out.index_put_((idx,), val)
+                    if progress is not None:
+                        progress(min(start + chunk, n), n)
+        finally:
+            torch.set_num_threads(prev)
+    else:
+        for start in starts:
+            idx, val = job(start)
+            out.index_put_((idx,), val)
+            if progress is not None:
+                progress(min(start + chunk, n), n)
     return out.reshape(m.spixels, m.fpixels)
