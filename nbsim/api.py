@@ -82,7 +82,11 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
 
     tdev, tdtype, device = resolve_device(device)
     t0 = time.perf_counter()
-    model = build_model(spec, dtype=tdtype, device=tdev, base_dir=base_dir)
+    # the setup (geometry, lattice, auto oversampling) is always resolved in float64, so a float32
+    # run samples exactly what the float64 run samples; only the kernel runs in the chosen dtype
+    model = build_model(spec, dtype=torch.float64, device=tdev, base_dir=base_dir)
+    if tdtype != torch.float64:
+        model = model.astype(tdtype)
     budget = memory_budget_bytes(device, tdev)
     image = simulate_image(model, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress)
     info = model.info
