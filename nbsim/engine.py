@@ -388,8 +388,8 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
 # ``miller``'s fixed arithmetic and the polarization from whole vectors (``_polar_exact``), so
 # images do not depend on how the pixels are chunked.
 
-_CACHE_BYTES = 8 << 20          # working set of one sample block
-_GEO_BYTES = 8 << 20            # geometry working set of one chunk of pixels (per worker thread)
+_CACHE_BYTES = 16 << 20         # working set of one sample block (per worker thread)
+_GEO_BYTES = 32 << 20           # geometry working set of one chunk of pixels (per worker thread)
 _MAX_CHUNKS_PER_WORKER = 4      # at least this many chunks per worker when the image allows
 
 
@@ -557,14 +557,10 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
         G.sin_()
         X.sin_()
         G.div_(X)                         # sin(N·π·h)/sin(π·h); NaN exactly where π·h == 0
-        signs = {}
-        if reduced:
-            for j, (r, nv) in enumerate(zip(plan.axes_in_rows, plan.Nvals)):
-                if int(nv) % 2 == 0:          # (−1)^((N−1)·h0)
-                    signs[j] = 1.0 - 2.0 * torch.remainder(axis(hkl0, r), 2.0)
-                    axis(G, j).mul_(signs[j])
-        if m.device.type != "cpu":
-            _fix_sincg_zero(plan, G, axis, signs)
+        # (reduced: the sign (−1)^((N−1)·h0) is left out — F_latt only enters squared, and
+        # (−F·F²_cell)·(−F) is (F·F²_cell)·F to the last bit)
+        if m.device.type != "cpu" or reduced:   # (reduced: whole h are common in float32)
+            _fix_sincg_zero(plan, G, axis)
     else:
         F = torch.ones(n, FM, dtype=m.dtype, device=m.device)
 
@@ -594,27 +590,22 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
 
     F_nonsq = F if G is None else None
     out = finish()
-    if G is not None and m.device.type == "cpu" and bool(torch.isnan(out).any()):
+    if G is not None and m.device.type == "cpu" and not reduced and bool(torch.isnan(out).any()):
         # a Miller index exactly 0 (sincg's x == 0 case) somewhere in this block: patch and redo.
         # Checking the block's sums instead of patching every sample saves a full pass; on the
         # CPU reading a flag is no device synchronisation.
-        _fix_sincg_zero(plan, G, axis, signs)
+        _fix_sincg_zero(plan, G, axis)
         out = finish()
     return out
 
 
-def _fix_sincg_zero(plan: "FastPlan", G: torch.Tensor, axis, signs=None):
-    """sincg(0, N) = N: the 0/0 of sin(N·0)/sin(0) is the only NaN the ratio can hold (times the
-    reduced formula's sign, where there is one)."""
-    if plan.same_N and not signs:
+def _fix_sincg_zero(plan: "FastPlan", G: torch.Tensor, axis):
+    """sincg(0, N) = N: the 0/0 of sin(N·0)/sin(0) is the only NaN the ratio can hold."""
+    if plan.same_N:
         G.nan_to_num_(nan=plan.Nvals[0])
-        return
-    for j, nv in enumerate(plan.Nvals):
-        g = axis(G, j)
-        if signs and j in signs:
-            torch.where(torch.isnan(g), nv * signs[j], g, out=g)
-        else:
-            g.nan_to_num_(nan=nv)
+    else:
+        for j, nv in enumerate(plan.Nvals):
+            axis(G, j).nan_to_num_(nan=nv)
 
 
 def _position_components(m: Model, idx: torch.Tensor):
@@ -623,8 +614,9 @@ def _position_components(m: Model, idx: torch.Tensor):
         return _positions(m, idx).unbind(-1)
     os_ = m.oversample
     dt, dev = m.dtype, m.device
-    s = torch.div(idx, m.fpixels, rounding_mode="floor").to(dt)
-    f = (idx % m.fpixels).to(dt)
+    i = idx.to(torch.float64)                  # exact row/column without int64 division
+    s64 = torch.floor(i / m.fpixels)
+    s, f = s64.to(dt), (i - s64 * m.fpixels).to(dt)
     sub = torch.arange(os_, dtype=dt, device=dev)
     subS = sub.repeat_interleave(os_)
     subF = sub.repeat(os_)
@@ -743,17 +735,20 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 # compiled path (device option ``compile``)
 # ---------------------------------------------------------------------------------------------
 #
-# torch.compile (Inductor) fuses the per-sample arithmetic into a few loops, so the CPU no longer
-# streams every intermediate through memory. Layout is pixels-last (…, P), which lets Inductor
-# vectorise across pixels whatever the number of sub-pixels, sources, φ steps and domains. Miller
-# indices are C's own expression a·S = a_x·S_x + a_y·S_y + a_z·S_z (no FMA contraction), so results
-# equal the eager kernels to rounding (~1e-15 relative). In float64 the two sin() calls stay eager:
-# ATen's float64 sin (MKL) is several times faster than the SLEEF sin Inductor emits; in float32
+# torch.compile (Inductor) fuses the per-sub-pixel geometry and per-sample arithmetic into a few
+# loops, so the CPU no longer streams every intermediate through memory; it pays off where the
+# geometry dominates (few φ steps × mosaic domains: Miller mode "c", whose a_x·S_x + a_y·S_y + a_z·S_z
+# Inductor reproduces exactly; BLAS-mode experiments run the eager kernel). Layout is pixels-last
+# (…, P), so Inductor vectorises across pixels whatever the number of sub-pixels and sources. The
+# in-kernel square root is the IEEE one, like ``sqrt_exact``. In float64 the two sin() calls stay
+# eager (MKL, bit-identical to the eager kernels and several times faster than Inductor's SLEEF
+# sin), so compiled float64 equals eager to rounding of the final sums (~1e-15); in float32
 # Inductor's sin is as fast and everything runs in one kernel. Shapes are static: chunks are padded
-# to a fixed size, so each experiment compiles once (Inductor's on-disk cache makes later processes
-# reuse the code).
+# to a fixed size, so each experiment compiles once (Inductor's on-disk cache serves later
+# processes).
 
 _COMPILE_VEC = 16                # pad chunks to a multiple of this many pixels
+_COMPILE_CHUNK_BYTES = 32 << 20  # CPU working set of one compiled chunk
 _compiled = {}
 
 
@@ -780,8 +775,11 @@ def _k_positions(idx, fdet, sdet, odet, pix0, pixel, cfg):
     """Sub-pixel positions (3, T, O, P) and their squared distance (T, O, P)."""
     fpix, os_, T, thickstep = cfg
     dt, dev = fdet.dtype, fdet.device
-    s = torch.div(idx, fpix, rounding_mode="floor").to(dt)
-    f = (idx % fpix).to(dt)
+    # row and column in float64 arithmetic (exact for any detector): vectorises, int64 division
+    # does not
+    i = idx.to(torch.float64)
+    s64 = torch.floor(i / fpix)
+    s, f = s64.to(dt), (i - s64 * fpix).to(dt)
     sub = torch.arange(os_, dtype=dt, device=dev)
     subS = sub.repeat_interleave(os_)[:, None]
     subF = sub.repeat(os_)[:, None]
@@ -816,9 +814,9 @@ def _k_geometry(p, R, odet, incident, wavelength, polar_vector, pixel, close, cf
 
 
 def _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced):
-    """Lists over the sincg axes of π·h and N·π·h (or of the reduced π·(h − h0) and N·π·(h − h0)
-    with the signs (−1)^((N−1)·h0), see ``sincg_reduced``), and F_cell or None. Separate tensors
-    (no stack) keep Inductor's loops fused."""
+    """Lists over the sincg axes of π·h and N·π·h (or of the reduced π·(h − h0) and N·π·(h − h0),
+    see ``sincg_reduced``; its sign is left out as F_latt only enters squared), and F_cell or None.
+    Separate tensors (no stack) keep Inductor's loops fused."""
     F_cell = None
     h0 = [torch.ceil(h - 0.5) for h in hkl] if (tab is not None or reduced) else None
     if tab is not None:
@@ -826,20 +824,18 @@ def _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced):
         ix = [torch.clamp(h0[i] - lo[i], 0.0, hi[i]) for i in range(3)]
         flat = (ix[0] * kl[0] + ix[1]) * kl[1] + ix[2]
         F_cell = table_flat[flat.long()]
-    X, G, sign = [], [], []
+    X, G = [], []
     for i, n in zip(axes, Nvals):
         x = ((hkl[i] - h0[i]) if reduced else hkl[i]) * math.pi
         X.append(x)
         G.append(x * n)
-        sign.append(1.0 - 2.0 * torch.remainder(h0[i], 2.0) if reduced and int(n) % 2 == 0
-                    else None)
-    return X, G, sign, F_cell
+    return X, G, F_cell
 
 
 def _k_front(idx, fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pixel, close,
              lat, table_flat, cfg):
     """Geometry and Miller indices: π·h, N·π·h (each (T, O, S, F, M, P)) for the sincg axes,
-    signs, F_cell (T, O, S, F, M, P) or None, and the per-pixel factors."""
+    F_cell (T, O, S, F, M, P) or None, and the per-pixel factors."""
     pos_cfg, geo_cfg, axes, Nvals, tab, reduced = cfg
     p, R = _k_positions(idx, fdet, sdet, odet, pix0, pixel, pos_cfg)
     sc, cap, pol, om = _k_geometry(p, R, odet, incident, wavelength, polar_vector, pixel, close,
@@ -848,19 +844,17 @@ def _k_front(idx, fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pi
     L = lat[:, :, None]                                                   # (F, M, 1, 3, 3)
     hkl = [sx * L[..., i, 0] + sy * L[..., i, 1] + sz * L[..., i, 2]
            for i in range(3)]                                             # (T, O, S, F, M, P)
-    X, G, sign, F_cell = _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced)
-    return X, G, sign, F_cell, cap, pol, om
+    X, G, F_cell = _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced)
+    return X, G, F_cell, cap, pol, om
 
 
-def _k_finish(X, G, sign, F_cell, cap, pol, om, w, cfg):
+def _k_finish(X, G, F_cell, cap, pol, om, w, cfg):
     """Pixel values from sin(π·h) (X), sin(N·π·h) (G) (or π·h, N·π·h when ``sin_inside``)."""
     Nvals, FF, w_one, I_bg, scale, steps, sin_inside = cfg
     F = None
     for j, n in enumerate(Nvals):
         xs, gs = (torch.sin(X[j]), torch.sin(G[j])) if sin_inside else (X[j], G[j])
         r = torch.where(xs == 0, torch.full_like(xs, n), gs / xs)
-        if sign[j] is not None:
-            r = r * sign[j]
         F = r if F is None else F * r
     term = F * FF * F if F_cell is None else F_cell * F_cell * F * F
     if not w_one:
@@ -895,7 +889,7 @@ class CompiledPlan:
         per_pixel = K * (2 * A + 3) * itemsize + 64 * itemsize
         npix = m.fpixels * m.spixels if m.mask is None else max(1, int(m.mask.sum()))
         if chunk_pixels is None:
-            cap = min(budget_bytes, 4 * _CACHE_BYTES) if m.device.type == "cpu" else budget_bytes
+            cap = min(budget_bytes, _COMPILE_CHUNK_BYTES) if m.device.type == "cpu" else budget_bytes
             chunk_pixels = max(1, int(cap // per_pixel))
         chunk = min(chunk_pixels, npix)
         self.chunk = -(-chunk // _COMPILE_VEC) * _COMPILE_VEC
@@ -921,14 +915,13 @@ def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Te
     P = idx.shape[0]
     if P < plan.chunk:
         idx = torch.cat((idx, idx[-1:].expand(plan.chunk - P)))
-    X, G, sign, F_cell, cap, pol, om = _compiled_fn("_k_front")(
+    X, G, F_cell, cap, pol, om = _compiled_fn("_k_front")(
         idx, m.fdet, m.sdet, m.odet, m.pix0, m.incident, m.wavelength_m, m.polar_vector,
         m.pixel_m, m.close_distance_m, m.lattice, plan.table_flat, plan.front_cfg)
     if not plan.sin_inside:
         for t in X + G:
             t.sin_()
-    val = _compiled_fn("_k_finish")(X, G, sign, F_cell, cap, pol, om, m.source_weight,
-                                    plan.finish_cfg)
+    val = _compiled_fn("_k_finish")(X, G, F_cell, cap, pol, om, m.source_weight, plan.finish_cfg)
     return val[:P]
 
 
@@ -974,9 +967,11 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     only where it pays off within this one call (see ``compile_pays_off``); a process that renders
     many images (a sweep, a refinement loop) should ask for it explicitly.
     ``workers``: CPU threads that render chunks concurrently, each running its ops single-threaded
-    (default 1: one chunk at a time, each op using torch's intra-op threads, which measured faster
-    on a quiet machine; several workers avoid per-op barriers when cores are shared). The image
-    does not depend on ``chunk_pixels`` or ``workers``.
+    (default ``torch.get_num_threads()``). ``workers=1`` renders one chunk at a time with torch's
+    intra-op (OpenMP) threads instead: ~10 % faster on an idle machine, but every op then ends in a
+    thread barrier, and when another process holds a core those barriers stall — measured 40-90×
+    slower on a shared 2-core machine, where worker threads just share the remaining core. The
+    image does not depend on ``chunk_pixels`` or ``workers``.
     """
     dev = m.device
     npix = m.fpixels * m.spixels
@@ -1002,7 +997,11 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
             if progress is not None:
                 progress(min(start + cplan.chunk, n), n)
         return out.reshape(m.spixels, m.fpixels)
-    workers = max(1, int(workers or 1)) if use_fast and dev.type == "cpu" else 1
+    if not (use_fast and dev.type == "cpu"):
+        workers = 1
+    elif workers is None:
+        workers = torch.get_num_threads()
+    workers = max(1, int(workers))
     chunk = chunk_pixels or default_chunk_pixels(m, budget_bytes, plan=plan, workers=workers)
     out = torch.zeros(npix, dtype=m.dtype, device=dev)
     first = m.first_iteration

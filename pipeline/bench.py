@@ -108,6 +108,16 @@ def loadavg() -> float:
         return float("nan")
 
 
+def others_busy(seconds=1.0):
+    """Share of the CPU (0..1) other processes used while this one slept for ``seconds`` (the load
+    average would count the benchmark's own runs)."""
+    try:
+        import psutil
+        return round(psutil.cpu_percent(interval=seconds) / 100.0, 2)
+    except ImportError:
+        return None
+
+
 def case_dir(case: dict) -> Path:
     """A fresh temporary directory holding only the case's inputs."""
     d = Path(tempfile.mkdtemp(prefix="nbsim-bench-"))
@@ -378,6 +388,18 @@ def _add_point(s, case, x, cbin, repeat):
           f"compiled {fmt(k['steady_s'])} s", flush=True)
 
 
+PIX_LABEL = "pixels (cubic cell, N=5, oversample 2; detector 128x128 ... 1024x1024)"
+STEP_LABEL = "steps per pixel (256x256 pixels, oversample 2 x 1 ... 64 mosaic domains)"
+SERIES_LABEL = {"C": "C, whole run (2 threads)", "nbsim": "nbsim steady, eager",
+                "nbsim_compiled": "nbsim steady, compiled"}
+
+
+def _xtick(key, x):
+    if key == "pixels":
+        return f"{int(round(math.sqrt(x)))}^2"
+    return f"{x:g}"
+
+
 def plot_scaling(series, path: Path):
     """Two log-log panels (time vs pixels, time vs steps per pixel) drawn with Pillow."""
     try:
@@ -385,12 +407,12 @@ def plot_scaling(series, path: Path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, (key, xl) in zip(axes, (("pixels", "pixels"), ("steps", "steps per pixel"))):
+        for ax, (key, xl) in zip(axes, (("pixels", PIX_LABEL), ("steps", STEP_LABEL))):
             s = series[key]
             for name, col in (("C", "k"), ("nbsim", "tab:blue"), ("nbsim_compiled", "tab:orange")):
                 pts = [(x, y) for x, y in zip(s["x"], s[name]) if y]
                 if pts:
-                    ax.loglog(*zip(*pts), "o-", color=col, label=name.replace("_", " "))
+                    ax.loglog(*zip(*pts), "o-", color=col, label=SERIES_LABEL[name])
             ax.set_xlabel(xl)
             ax.set_ylabel("wall time (s)")
             ax.grid(True, which="both", alpha=0.3)
@@ -405,7 +427,7 @@ def plot_scaling(series, path: Path):
     img = Image.new("RGB", (W, H), "white")
     dr = ImageDraw.Draw(img)
     colors = {"C": (0, 0, 0), "nbsim": (31, 119, 180), "nbsim_compiled": (255, 127, 14)}
-    for k, (key, xl) in enumerate((("pixels", "pixels"), ("steps", "steps per pixel"))):
+    for k, (key, xl) in enumerate((("pixels", PIX_LABEL), ("steps", STEP_LABEL))):
         s = series[key]
         x0, x1 = k * W // 2 + pad, (k + 1) * W // 2 - 20
         y0, y1 = 30, H - pad
@@ -429,15 +451,15 @@ def plot_scaling(series, path: Path):
             dr.line([x0, yy, x1, yy], fill=(220, 220, 220))
             dr.text((x0 - 45, yy - 6), f"1e{e} s", fill=(0, 0, 0))
         for x in xs:
-            dr.text((px(x) - 12, y1 + 5), f"{x:g}", fill=(0, 0, 0))
-        dr.text(((x0 + x1) // 2 - 40, y1 + 25), xl, fill=(0, 0, 0))
+            dr.text((px(x) - 12, y1 + 5), _xtick(key, x), fill=(0, 0, 0))
+        dr.text((x0 + 10, y1 + 25), xl, fill=(0, 0, 0))
         for j, (name, col) in enumerate(colors.items()):
             pts = [(px(x), py(y)) for x, y in zip(s["x"], s[name]) if y]
             if len(pts) > 1:
                 dr.line(pts, fill=col, width=2)
             for p in pts:
                 dr.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
-            dr.text((x0 + 10, y0 + 8 + 14 * j), name.replace("_", " "), fill=col)
+            dr.text((x0 + 10, y0 + 8 + 14 * j), SERIES_LABEL[name], fill=col)
     img.save(path)
 
 
@@ -517,10 +539,11 @@ def _run_cases(a, cases, repeat, cbin, variants, rec):
     for cid in cases:
         case = SUITE[cid]
         print(f"case {cid}: {case['name']}", flush=True)
-        c = dict(name=case["name"], argv=case["argv"], load_start=loadavg())
-        if c["load_start"] > 0.5:
-            print(f"  note: load average {c['load_start']} — another process is using the CPU; "
-                  "timings (C's and nbsim's) are unreliable", flush=True)
+        c = dict(name=case["name"], argv=case["argv"], load_start=loadavg(),
+                 others_busy=others_busy())
+        if (c["others_busy"] or 0) > 0.15:
+            print(f"  note: other processes used {100 * c['others_busy']:.0f} % of the CPU just "
+                  "before this case; timings (C's and nbsim's) are unreliable", flush=True)
         case_repeat = min(repeat, case.get("max_repeat", repeat))
         cimg = None
         if cbin:
