@@ -78,9 +78,11 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
     """Simulate one image. See the module docstring for the result's contents."""
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
+    from nbsim.spec import compile_mode
     from nbsim.stats import image_stats
 
     tdev, tdtype, device = resolve_device(device)
+    compile_ = compile_mode(device.compile)
     t0 = time.perf_counter()
     # the setup (geometry, lattice, auto oversampling) is always resolved in float64, so a float32
     # run samples exactly what the float64 run samples; only the kernel runs in the chosen dtype
@@ -88,7 +90,8 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
     if tdtype != torch.float64:
         model = model.astype(tdtype)
     budget = memory_budget_bytes(device, tdev)
-    image = simulate_image(model, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress)
+    image = simulate_image(model, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress,
+                          compile=compile_)
     info = model.info
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()

@@ -748,7 +748,7 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 # processes).
 
 _COMPILE_VEC = 16                # pad chunks to a multiple of this many pixels
-_COMPILE_CHUNK_BYTES = 32 << 20  # CPU working set of one compiled chunk
+_COMPILE_CHUNK_BYTES = 64 << 20  # CPU working set of one compiled chunk
 _compiled = {}
 
 
@@ -977,9 +977,21 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     npix = m.fpixels * m.spixels
     if m.mask is not None:
         idx_all = torch.nonzero(m.mask.reshape(-1), as_tuple=False).reshape(-1).to(dev)
-    else:
-        idx_all = torch.arange(npix, device=dev)
-    n = idx_all.shape[0]
+        n = idx_all.shape[0]
+
+        def pixels(start, stop):
+            return idx_all[start:stop]
+
+        def store(out, start, idx, val):
+            out.index_put_((idx,), val)
+    else:                              # every pixel: chunks are contiguous runs of the image
+        n = npix
+
+        def pixels(start, stop):
+            return torch.arange(start, min(stop, n), device=dev)
+
+        def store(out, start, idx, val):
+            out[start:start + val.shape[0]] = val
     use_fast = fast_path_ok(m) if fast is None else (fast and fast_path_ok(m))
     plan = FastPlan(m) if use_fast else None
     if compile is None:
@@ -989,11 +1001,11 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
         out = torch.zeros(npix, dtype=m.dtype, device=dev)
         first = m.first_iteration
         for start in range(0, n, cplan.chunk):
-            idx = idx_all[start:start + cplan.chunk]
+            idx = pixels(start, start + cplan.chunk)
             val = render_compiled(m, idx, cplan)
             if first is not None and start <= first[0] < start + cplan.chunk:
                 val = _with_first_iteration(m, idx, val, (first[0] - start,) + tuple(first[1:]))
-            out.index_put_((idx,), val)
+            store(out, start, idx, val)
             if progress is not None:
                 progress(min(start + cplan.chunk, n), n)
         return out.reshape(m.spixels, m.fpixels)
@@ -1014,15 +1026,15 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     if not use_fast:
         interp_on = torch.tensor(bool(m.interpolate), device=dev)
         for start in range(0, n, chunk):
-            idx = idx_all[start:start + chunk]
+            idx = pixels(start, start + chunk)
             val, interp_on = render(m, idx, interp_on, first_local=first_of(start))
-            out.index_put_((idx,), val)
+            store(out, start, idx, val)
             if progress is not None:
                 progress(min(start + chunk, n), n)
         return out.reshape(m.spixels, m.fpixels)
 
     def job(start):
-        idx = idx_all[start:start + chunk]
+        idx = pixels(start, start + chunk)
         return idx, render_fast(m, idx, plan, first_local=first_of(start))
 
     starts = range(0, n, chunk)
@@ -1032,7 +1044,7 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbsim") as ex:
                 for start, (idx, val) in zip(starts, ex.map(job, starts)):
-                    out.index_put_((idx,), val)
+                    store(out, start, idx, val)
                     if progress is not None:
                         progress(min(start + chunk, n), n)
         finally:
@@ -1040,7 +1052,7 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     else:
         for start in starts:
             idx, val = job(start)
-            out.index_put_((idx,), val)
+            store(out, start, idx, val)
             if progress is not None:
                 progress(min(start + chunk, n), n)
     return out.reshape(m.spixels, m.fpixels)

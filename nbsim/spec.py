@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 CONVENTIONS = ("mosflm", "xds", "dials", "adxv", "denzo", "custom")
 PIVOTS = ("beam", "sample")
@@ -143,7 +143,26 @@ class DeviceSpec:
     device: str = "cpu"
     dtype: str = "float64"
     memory_budget_mb: Optional[float] = None   # None: derived from available memory
-    compile: bool = False
+    compile: Any = "auto"                      # True | False | "auto" (see compile_mode)
+
+
+COMPILE_MODES = ("true", "false", "auto")
+
+
+def compile_mode(value, key: str = "device.compile") -> Optional[bool]:
+    """``device.compile`` as the engine takes it: True (always torch.compile where supported),
+    False (never) or None ("auto": where one image repays the compilation, see
+    ``nbsim.engine.compile_pays_off``). Accepts booleans and the strings true/false/auto/on/off."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower() if isinstance(value, str) else None
+    if v in ("true", "on", "yes", "1"):
+        return True
+    if v in ("false", "off", "no", "0"):
+        return False
+    if v == "auto":
+        return None
+    raise SpecError(key, f"must be true, false or auto; got {value!r}")
 
 
 @dataclass

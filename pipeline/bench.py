@@ -205,46 +205,26 @@ def run_nbsim_whole(case, repeat, extra=()) -> dict:
     return best_of(runs)
 
 
-def _api_forwards_compile() -> bool:
-    import inspect
-    import nbsim.api
-    try:
-        return "compile" in inspect.getsource(nbsim.api.simulate).split("simulate_image(", 1)[1]
-    except (OSError, IndexError):
-        return False
-
-
 def run_steady(case, dtype, compile_, repeat) -> dict:
-    """First and best later in-process call of nbsim.api.simulate (engine call when the API does not
-    yet forward ``device.compile``)."""
+    """First and best later in-process call of ``nbsim.api.simulate`` with
+    ``DeviceSpec(dtype=dtype, compile=compile_)``: what a sweep or refinement loop pays per image."""
     import torch
     from nbsim.api import simulate
+    from nbsim.engine import compile_ok
+    from nbsim.experiment import build_model
     from nbsim.frontend.argv import parse_argv
     from nbsim.spec import DeviceSpec
     d = case_dir(case)
     try:
         spec = parse_argv(case["argv"].split(), cwd=str(d)).spec
         dev = DeviceSpec(dtype=dtype, compile=compile_)
-        from nbsim.engine import compile_ok
-        from nbsim.experiment import build_model as _bm
-        applies = bool(compile_) and compile_ok(_bm(spec, dtype=torch.float64, base_dir=str(d)))
-        if compile_ and not _api_forwards_compile():
-            from nbsim.engine import simulate_image
-            from nbsim.experiment import build_model
-            tdt = torch.float64 if dtype == "float64" else torch.float32
+        applies = bool(compile_) and compile_ok(build_model(spec, dtype=torch.float64,
+                                                            base_dir=str(d)))
 
-            def call():
-                m = build_model(spec, dtype=torch.float64, base_dir=str(d))
-                if tdt != torch.float64:               # float64 setup (see Model.astype)
-                    m = m.astype(tdt)
-                img = simulate_image(m, compile=True)
-                return img, dict(steps=m.info["steps"])
-            how = "engine"
-        else:
-            def call():
-                res = simulate(spec, dev, base_dir=str(d))
-                return res.image, dict(steps=res.info["steps"])
-            how = "api"
+        def call():
+            res = simulate(spec, dev, base_dir=str(d))
+            return res.image, dict(steps=res.info["steps"])
+        how = "api"
         t0 = time.perf_counter()
         img, info = call()
         first = time.perf_counter() - t0

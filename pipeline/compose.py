@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from nbsim.spec import (DTYPES, BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec, ExperimentSpec,
-                        ImageSpec, SpecError, spec_from_dict)
+                        ImageSpec, SpecError, compile_mode, spec_from_dict)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATA_DIR = Path(__file__).resolve().parent.parent / "nbsim" / "data"
@@ -79,6 +79,7 @@ def validate_device(dev: DeviceSpec) -> DeviceSpec:
     mb = dev.memory_budget_mb
     if mb is not None and not mb > 0:
         raise SpecError("device.memory_budget_mb", f"must be > 0 (or null: automatic), got {mb!r}")
+    compile_mode(dev.compile)
     return dev
 
 

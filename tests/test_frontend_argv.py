@@ -402,6 +402,10 @@ def test_double_dash_options():
     assert p.device == DeviceSpec(device="cuda", dtype="float32", memory_budget_mb=512.0, compile=True)
     assert p.spec.quirks == "physical"
     assert P().device == DeviceSpec() and P().spec.quirks == "faithful"
+    assert P().device.compile == "auto"
+    assert P("--no-compile").device.compile is False
+    with pytest.raises(FrontendError, match="^--no-compile: takes no value"):
+        P("--no-compile=1")
 
 
 def test_outputs():
@@ -567,9 +571,10 @@ def test_round_trip_hand_made(spec):
     argv = spec_to_argv(spec)
     p = parse_argv(argv, cwd="/")
     assert p.spec == spec, argv
-    dev = DeviceSpec(device="cuda", dtype="float32", memory_budget_mb=100.0, compile=True)
-    p = parse_argv(spec_to_argv(spec, dev), cwd="/")
-    assert p.spec == spec and p.device == dev
+    for compile_ in (True, False, "auto"):
+        dev = DeviceSpec(device="cuda", dtype="float32", memory_budget_mb=100.0, compile=compile_)
+        p = parse_argv(spec_to_argv(spec, dev), cwd="/")
+        assert p.spec == spec and p.device == dev
 
 
 def test_round_trip_fdump_without_hkl(tmp_path):

@@ -107,6 +107,11 @@ def test_dtype_and_device_overrides():
     assert compose_spec(["device=cuda", "device.dtype=float32"])[1] == DeviceSpec("cuda", "float32")
     with pytest.raises(SpecError, match="^device.dtype: must be one of float64, float32"):
         compose_spec(["device.dtype=float16"])
+    assert compose_spec([])[1].compile == "auto"
+    for v in ("true", "false", "auto"):
+        compose_spec([f"device.compile={v}"])
+    with pytest.raises(SpecError, match="^device.compile: must be true, false or auto; got 'maybe'"):
+        compose_spec(["device.compile=maybe"])
 
 
 def test_compose_works_inside_a_running_hydra(tmp_path):

@@ -306,3 +306,15 @@ def test_read_sourcefile(tmp_path):
     p.write_text("-10 0 0\n# comment\n")
     with pytest.raises(ValueError, match=r"src.txt:2: column 1"):
         tables.read_sourcefile(p)
+
+
+def test_read_hkl_remembers_unchanged_files(tmp_path):
+    p = tmp_path / "x.hkl"
+    p.write_text("1 2 3 10\n-1 0 0 5.5\n")
+    a = tables.read_hkl(p)
+    assert tables.read_hkl(p)[0] is a[0]                   # parsed once
+    with pytest.raises(ValueError):
+        a[1][0] = 1.0                                       # shared arrays are read-only
+    p.write_text("1 2 3 10\n-1 0 0 7.5\n0 0 1 1\n")       # changed file: parsed again
+    hkl, F = tables.read_hkl(p)
+    assert F.tolist() == [10.0, 7.5, 1.0] and hkl.shape == (3, 3)

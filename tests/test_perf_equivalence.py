@@ -191,6 +191,26 @@ def test_compiled_equals_eager(cid, args, inputs):
 
 
 @pytest.mark.slow
+def test_api_forwards_device_compile(inputs, monkeypatch):
+    """``device.compile`` reaches the engine: true runs the compiled kernels (to rounding of the
+    eager image), false never does, auto only where one image repays compiling."""
+    pytest.importorskip("torch._inductor")
+    from nbsim.api import simulate
+    from nbsim.spec import DeviceSpec
+    calls = []
+    real = engine.render_compiled
+    monkeypatch.setattr(engine, "render_compiled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = parse_argv(COMPILE_CASES[0][1].split(), cwd=str(inputs)).spec
+    eager = simulate(spec, DeviceSpec(compile=False), base_dir=str(inputs)).image
+    assert not calls
+    small = simulate(spec, DeviceSpec(compile="auto"), base_dir=str(inputs)).image
+    assert not calls and torch.equal(small, eager)      # a small image does not repay compiling
+    compiled = simulate(spec, DeviceSpec(compile=True), base_dir=str(inputs)).image
+    assert calls
+    assert ((compiled - eager).abs().max() / eager.abs().max()).item() <= 1e-12
+
+
+@pytest.mark.slow
 def test_compiled_float32_close_to_eager(inputs):
     pytest.importorskip("torch._inductor")
     m = model(COMPILE_CASES[0][1], inputs, dtype=torch.float32)

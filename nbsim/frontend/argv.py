@@ -347,7 +347,8 @@ FLAGS: Tuple[Flag, ...] = (
 # nbsim options: --name VALUE or --name=VALUE
 _DOUBLE = {
     "--device": "device", "--dtype": "dtype", "--quirks": "quirks",
-    "--memory-budget-mb": "memory_budget_mb", "--compile": "compile", "--help": "help",
+    "--memory-budget-mb": "memory_budget_mb", "--compile": "compile",
+    "--no-compile": "no_compile", "--help": "help",
 }
 _HELP_WORDS = ("-h", "-help", "--help")
 
@@ -492,7 +493,7 @@ def _split_options(argv: Sequence[str]):
         key = _DOUBLE.get(name)
         if key is None:
             raise FrontendError(f"unknown option {name}{_suggest(name)}")
-        if key in ("compile", "help"):
+        if key in ("compile", "no_compile", "help"):
             if eq:
                 raise FrontendError(f"{name}: takes no value")
             opts[key] = True
@@ -922,6 +923,8 @@ def _device_from(opts) -> Tuple[DeviceSpec, str]:
     for key, v in opts.items():
         if key == "compile":
             dev.compile = True
+        elif key == "no_compile":
+            dev.compile = False
         elif key == "help":
             pass
         else:
@@ -1040,6 +1043,7 @@ def usage(prog: str = "python -m nbsim.nanobragg") -> str:
               "  --dtype float64|float32                  compute precision (default float64)",
               "  --quirks faithful|physical               reproduce nanoBragg's quirks or fix them",
               "  --memory-budget-mb X                     working memory budget",
-              "  --compile                                use torch.compile",
+              "  --compile | --no-compile                 torch.compile always | never (default:",
+              "                                           where one image repays compiling)",
               "  -h, --help                               this text"]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from nbsim.spec import DeviceSpec, ExperimentSpec
+from nbsim.spec import DeviceSpec, ExperimentSpec, compile_mode
 
 from .argv import DEFAULT_DUMP_FILE, FrontendError
 
@@ -48,8 +48,9 @@ def spec_to_argv(spec: ExperimentSpec, device: Optional[DeviceSpec] = None) -> L
             out += ["--dtype", device.dtype]
         if device.memory_budget_mb is not None:
             out += ["--memory-budget-mb", _num(device.memory_budget_mb)]
-        if device.compile:
-            out.append("--compile")
+        mode = compile_mode(device.compile)
+        if mode is not None:
+            out.append("--compile" if mode else "--no-compile")
 
     def add(flag, *vals):
         out.append(flag)

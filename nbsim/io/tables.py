@@ -26,7 +26,9 @@ C behaviour and where this module is stricter (errors name the file and the 1-ba
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +69,33 @@ def _int_index(tok: str) -> int | None:
     return None
 
 
+_HKL_CACHE: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+_HKL_CACHE_SIZE = 4
+
+
 def read_hkl(path) -> tuple[np.ndarray, np.ndarray]:
+    """``parse_hkl``, remembered per file (path, inode, size, modification time) for the last few files,
+    so a process that simulates many images (a sweep, a refinement loop) parses a table once.
+    The arrays returned are read-only."""
+    try:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    except (OSError, TypeError):
+        return parse_hkl(path)
+    hit = _HKL_CACHE.get(key)
+    if hit is None:
+        hkl, F = parse_hkl(path)
+        hkl.flags.writeable = False
+        F.flags.writeable = False
+        hit = _HKL_CACHE[key] = (hkl, F)
+        while len(_HKL_CACHE) > _HKL_CACHE_SIZE:
+            _HKL_CACHE.popitem(last=False)
+    else:
+        _HKL_CACHE.move_to_end(key)
+    return hit
+
+
+def parse_hkl(path) -> tuple[np.ndarray, np.ndarray]:
     """Read a text HKL file of ``h k l F`` lines.
 
     Returns
