@@ -736,9 +736,9 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 # ---------------------------------------------------------------------------------------------
 #
 # torch.compile (Inductor) fuses the per-sub-pixel geometry and per-sample arithmetic into a few
-# loops, so the CPU no longer streams every intermediate through memory; it pays off where the
-# geometry dominates (few φ steps × mosaic domains: Miller mode "c", whose a_x·S_x + a_y·S_y + a_z·S_z
-# Inductor reproduces exactly; BLAS-mode experiments run the eager kernel). Layout is pixels-last
+# loops, so the CPU no longer streams every intermediate through memory. Miller indices are C's
+# a_x·S_x + a_y·S_y + a_z·S_z in every case (in Miller mode "c" the eager kernel's own numbers; where
+# the eager kernel takes the BLAS product, within an ulp of them). Layout is pixels-last
 # (…, P), so Inductor vectorises across pixels whatever the number of sub-pixels and sources. The
 # in-kernel square root is the IEEE one, like ``sqrt_exact``. In float64 the two sin() calls stay
 # eager (MKL, bit-identical to the eager kernels and several times faster than Inductor's SLEEF
@@ -755,20 +755,23 @@ _compiled = {}
 def compile_ok(m: Model) -> bool:
     """True when ``render_compiled`` supports the model (else the eager fast path runs)."""
     return (fast_path_ok(m) and m.faithful and m.dmin_m == 0 and m.shape == "square"
-            and not m.curved and any(n > 1 for n in m.N) and miller_mode(m) == "c")
+            and not m.curved and any(n > 1 for n in m.N))
 
 
-_AUTO_COMPILE_SAMPLES = 1e9    # pixels·samples from which compiling once beats eager (2-core CPU)
+# pixel·samples from which compiling within one process (about 3.5 s with a warm Inductor cache, on
+# the 2-core CPU this was measured on) is repaid by one image: per float64 sample the compiled
+# kernels save ~35 ns·core where Miller mode "c" (few φ·domains: per-sub-pixel geometry dominates)
+# and ~3 ns·core where the eager kernel takes the BLAS product
+_AUTO_COMPILE_SAMPLES = {"c": 2e8, "blas": 3e9}
 
 
 def compile_pays_off(m: Model) -> bool:
-    """Whether compiling (Inductor, a few seconds even with a warm cache) is repaid within a single
-    image: the compiled kernels win where per-sub-pixel geometry dominates (few φ·domains), by
-    roughly 10 ns per sample on a CPU core."""
-    if not compile_ok(m):
+    """Whether compiling is repaid within a single image (``device.compile: auto``). CPU only: the
+    figures behind ``_AUTO_COMPILE_SAMPLES`` were measured there."""
+    if not compile_ok(m) or m.device.type != "cpu":
         return False
     npix = m.fpixels * m.spixels
-    return npix * m.per_pixel_elements() >= _AUTO_COMPILE_SAMPLES
+    return npix * m.per_pixel_elements() >= _AUTO_COMPILE_SAMPLES[miller_mode(m)]
 
 
 def _k_positions(idx, fdet, sdet, odet, pix0, pixel, cfg):

@@ -125,6 +125,7 @@ def test_fast_path_coverage(inputs):
     ms = {cid: model(args, inputs) for cid, args in CASES}
     assert engine.fast_path_ok(ms["cubic"]) and engine.miller_mode(ms["cubic"]) == "c"
     assert engine.miller_mode(ms["triclinic_mosaic_phi"]) == "blas"
+    assert engine.miller_mode(model(dict(COMPILE_CASES)["blas_mosaic_phi"], inputs)) == "blas"
     assert ms["triclinic_mosaic_phi"].lattice_first is not None           # quirk 4 pixel
     assert not engine.fast_path_ok(ms["hkl_interp"])                       # interpolation state
     assert not engine.fast_path_ok(ms["oversample_flags"])                 # C's running products
@@ -171,6 +172,9 @@ COMPILE_CASES = [
                         "-pixel 1.0 -polar 0.8 -detector_thick 100 -thicksteps 2"),
     ("phi_carry_sources", f"{TRICLINIC} -detpixels 30 -pixel 0.8 -phi 0 -osc 0.3 -phisteps 2 "
                           "-dispersion 1 -dispsteps 3 -oversample 2"),
+    # many φ steps × domains: the eager kernel takes the BLAS Miller-index product
+    ("blas_mosaic_phi", f"{TRICLINIC} -detpixels 24 -pixel 1.0 -mosaic 0.5 -mosaic_dom 6 "
+                        "-mosaic_seed 3 -phi 0 -osc 0.3 -phisteps 2 -oversample 2"),
 ]
 
 
