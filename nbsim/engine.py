@@ -891,11 +891,15 @@ class CompiledPlan:
         A = len(fast.axes)
         per_pixel = K * (2 * A + 3) * itemsize + 64 * itemsize
         npix = m.fpixels * m.spixels if m.mask is None else max(1, int(m.mask.sum()))
+        asked = chunk_pixels is not None          # an explicit chunk size is taken as given
         if chunk_pixels is None:
             cap = min(budget_bytes, _COMPILE_CHUNK_BYTES) if m.device.type == "cpu" else budget_bytes
             chunk_pixels = max(1, int(cap // per_pixel))
         chunk = min(chunk_pixels, npix)
         self.chunk = -(-chunk // _COMPILE_VEC) * _COMPILE_VEC
+        # the compiled kernels hold every sample of a chunk at once: where even the smallest
+        # (padded) chunk exceeds the budget, the eager kernel (which also splits samples) runs
+        self.fits = self.chunk * per_pixel <= budget_bytes or asked
         self.sin_inside = m.dtype == torch.float32
         T = m.thicksteps
         use_cap = not (m.thick_m == 0.0 and not m.oversample_thick)
@@ -999,8 +1003,9 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     plan = FastPlan(m) if use_fast else None
     if compile is None:
         compile = use_fast and compile_pays_off(m)
-    if compile and use_fast and compile_ok(m):
-        cplan = CompiledPlan(m, plan, budget_bytes, chunk_pixels)
+    cplan = (CompiledPlan(m, plan, budget_bytes, chunk_pixels)
+             if compile and use_fast and compile_ok(m) else None)
+    if cplan is not None and cplan.fits:
         out = torch.zeros(npix, dtype=m.dtype, device=dev)
         first = m.first_iteration
         for start in range(0, n, cplan.chunk):

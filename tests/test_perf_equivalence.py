@@ -151,6 +151,21 @@ def test_chunk_budget():
     assert same(a, b)
 
 
+def test_compile_respects_budget(monkeypatch):
+    """Where one padded chunk of the compiled kernels would exceed the memory budget, the eager
+    kernel (which also splits the samples of a pixel) runs instead."""
+    args = f"{TRICLINIC} -detpixels 40 -pixel 0.8 -mosaic 0.5 -mosaic_dom 6"
+    m = build_model(parse_argv(args.split()).spec, dtype=torch.float64)
+    assert engine.compile_ok(m)
+    plan = engine.CompiledPlan(m, engine.FastPlan(m), 1e4)
+    assert not plan.fits
+    assert engine.CompiledPlan(m, engine.FastPlan(m), 1e9).fits
+    calls = []
+    monkeypatch.setattr(engine, "render_compiled", lambda *a, **k: calls.append(1))
+    img = engine.simulate_image(m, budget_bytes=1e4, compile=True)
+    assert not calls and same(img, engine.simulate_image(m, compile=False))
+
+
 def test_sqrt_exact_is_correctly_rounded():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(20000, dtype=torch.float64, generator=g) * 0.05
