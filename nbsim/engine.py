@@ -737,8 +737,10 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 #
 # torch.compile (Inductor) fuses the per-sub-pixel geometry and per-sample arithmetic into a few
 # loops, so the CPU no longer streams every intermediate through memory. Miller indices are C's
-# a_x·S_x + a_y·S_y + a_z·S_z in every case (in Miller mode "c" the eager kernel's own numbers; where
-# the eager kernel takes the BLAS product, within an ulp of them). Layout is pixels-last
+# a_x·S_x + a_y·S_y + a_z·S_z, the eager kernel's own numbers in Miller mode "c". Where the eager
+# kernel takes the BLAS product (many φ·domains) its indices differ in the last bit, which the
+# sincg amplifies to ~1e-11 of a pixel: float64 then stays eager (compiled float64 equals eager to
+# 1e-12), float32 (whose own rounding is far larger) compiles. Layout is pixels-last
 # (…, P), so Inductor vectorises across pixels whatever the number of sub-pixels and sources. The
 # in-kernel square root is the IEEE one, like ``sqrt_exact``. In float64 the two sin() calls stay
 # eager (MKL, bit-identical to the eager kernels and several times faster than Inductor's SLEEF
@@ -755,14 +757,16 @@ _compiled = {}
 def compile_ok(m: Model) -> bool:
     """True when ``render_compiled`` supports the model (else the eager fast path runs)."""
     return (fast_path_ok(m) and m.faithful and m.dmin_m == 0 and m.shape == "square"
-            and not m.curved and any(n > 1 for n in m.N))
+            and not m.curved and any(n > 1 for n in m.N)
+            and (miller_mode(m) == "c" or m.dtype != torch.float64))
 
 
 # pixel·samples from which compiling within one process (about 3.5 s with a warm Inductor cache, on
-# the 2-core CPU this was measured on) is repaid by one image: per float64 sample the compiled
-# kernels save ~35 ns·core where Miller mode "c" (few φ·domains: per-sub-pixel geometry dominates)
-# and ~3 ns·core where the eager kernel takes the BLAS product
-_AUTO_COMPILE_SAMPLES = {"c": 2e8, "blas": 3e9}
+# the 2-core CPU this was measured on) is repaid by one image: per sample the compiled kernels save
+# ~35 ns·core (float64) and ~20 ns·core (float32) where Miller mode is "c" (few φ·domains: the
+# per-sub-pixel geometry dominates), ~7 ns·core in float32 where the eager kernel takes the BLAS
+# product
+_AUTO_COMPILE_SAMPLES = {"c": 2e8, "blas": 1e9}
 
 
 def compile_pays_off(m: Model) -> bool:

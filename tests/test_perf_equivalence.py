@@ -125,7 +125,10 @@ def test_fast_path_coverage(inputs):
     ms = {cid: model(args, inputs) for cid, args in CASES}
     assert engine.fast_path_ok(ms["cubic"]) and engine.miller_mode(ms["cubic"]) == "c"
     assert engine.miller_mode(ms["triclinic_mosaic_phi"]) == "blas"
-    assert engine.miller_mode(model(dict(COMPILE_CASES)["blas_mosaic_phi"], inputs)) == "blas"
+    blas = model(BLAS_CASE, inputs)
+    assert engine.miller_mode(blas) == "blas"
+    assert not engine.compile_ok(blas)                      # float64: stays eager
+    assert engine.compile_ok(blas.astype(torch.float32))
     assert ms["triclinic_mosaic_phi"].lattice_first is not None           # quirk 4 pixel
     assert not engine.fast_path_ok(ms["hkl_interp"])                       # interpolation state
     assert not engine.fast_path_ok(ms["oversample_flags"])                 # C's running products
@@ -187,10 +190,10 @@ COMPILE_CASES = [
                         "-pixel 1.0 -polar 0.8 -detector_thick 100 -thicksteps 2"),
     ("phi_carry_sources", f"{TRICLINIC} -detpixels 30 -pixel 0.8 -phi 0 -osc 0.3 -phisteps 2 "
                           "-dispersion 1 -dispsteps 3 -oversample 2"),
-    # many φ steps × domains: the eager kernel takes the BLAS Miller-index product
-    ("blas_mosaic_phi", f"{TRICLINIC} -detpixels 24 -pixel 1.0 -mosaic 0.5 -mosaic_dom 6 "
-                        "-mosaic_seed 3 -phi 0 -osc 0.3 -phisteps 2 -oversample 2"),
 ]
+# many φ steps × domains: the eager kernel takes the BLAS Miller-index product (compiled in float32)
+BLAS_CASE = f"{TRICLINIC} -detpixels 24 -pixel 1.0 -mosaic 0.5 -mosaic_dom 6 -mosaic_seed 3 " \
+            "-phi 0 -osc 0.3 -phisteps 2 -oversample 2"
 
 
 @pytest.mark.slow
@@ -230,9 +233,11 @@ def test_api_forwards_device_compile(inputs, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_float32_close_to_eager(inputs):
+@pytest.mark.parametrize("args", [COMPILE_CASES[0][1], BLAS_CASE], ids=["cubic", "blas"])
+def test_compiled_float32_close_to_eager(args, inputs):
     pytest.importorskip("torch._inductor")
-    m = model(COMPILE_CASES[0][1], inputs, dtype=torch.float32)
+    m = model(args, inputs).astype(torch.float32)            # float64 setup, as the API does
+    assert engine.compile_ok(m)
     eager = engine.simulate_image(m).double().reshape(-1)
     compiled = engine.simulate_image(m, compile=True).double().reshape(-1)
     r = float(np.corrcoef(eager.numpy(), compiled.numpy())[0, 1])
@@ -247,9 +252,12 @@ FLOAT32_GOLDEN = ["G01_cubic", "G03_mat_hkl", "G11_mosaic_phi", "G12_div_disp_po
                   "G16_thick_abs_os3", "G20_hkl_interp", "G24_point_pixel_xtalsize"]
 
 
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
 @pytest.mark.parametrize("gid", FLOAT32_GOLDEN)
-def test_float32_parity_with_golden(gid, tmp_path):
-    """float32 through the public API (what ``device.dtype: float32`` gives a user)."""
+def test_float32_parity_with_golden(gid, compile_, tmp_path):
+    """float32 through the public API (what ``device.dtype: float32`` gives a user), eager and
+    with ``device.compile: true`` (which runs the compiled kernels where ``compile_ok``)."""
     from nbsim.api import simulate
     from nbsim.spec import DeviceSpec
     cases = {c["id"]: c for c in golden_cases()}
@@ -260,7 +268,7 @@ def test_float32_parity_with_golden(gid, tmp_path):
     for f in (g / "inputs").iterdir():
         shutil.copy(f, tmp_path / f.name)
     spec = parse_argv(case["args"], cwd=str(tmp_path)).spec
-    res = simulate(spec, DeviceSpec(dtype="float32"), base_dir=str(tmp_path))
+    res = simulate(spec, DeviceSpec(dtype="float32", compile=compile_), base_dir=str(tmp_path))
     assert res.image.dtype == torch.float32
     img = res.image.reshape(-1).double().numpy()
     ref = np.frombuffer(gzip.decompress((g / case["float"]).read_bytes()), dtype="<f4")
