@@ -218,8 +218,10 @@ def run_steady(case, dtype, compile_, repeat) -> dict:
     try:
         spec = parse_argv(case["argv"].split(), cwd=str(d)).spec
         dev = DeviceSpec(dtype=dtype, compile=compile_)
-        applies = bool(compile_) and compile_ok(build_model(spec, dtype=torch.float64,
-                                                            base_dir=str(d)))
+        m = build_model(spec, dtype=torch.float64, base_dir=str(d))   # the API's float64 setup
+        if dtype != "float64":
+            m = m.astype(getattr(torch, dtype))
+        applies = bool(compile_) and compile_ok(m)
 
         def call():
             res = simulate(spec, dev, base_dir=str(d))

@@ -47,6 +47,7 @@ def test_record_without_c(tmp_path, monkeypatch, capsys):
     for key in ("steady_f64", "steady_f64_compiled", "steady_f32", "steady_f32_compiled"):
         assert c[key]["steady_s"] > 0 and c[key]["via"] == "api"
     assert c["steady_f64_compiled"]["compiled"] is True            # device.compile reached it
+    assert c["steady_f32_compiled"]["compiled"] is True
     assert c["steps"] > 0 and c["samples"] == 32 * 32 * c["steps"]
     assert c["f32_speedup"] > 0 and c["ratio_whole"] is None       # nothing to compare with C
     assert recs[-1]["machine"]["cores"] >= 1 and recs[-1]["git"]["commit"]
