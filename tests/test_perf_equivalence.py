@@ -248,8 +248,7 @@ def test_compiled_float32_close_to_eager(args, inputs):
 # float32 parity against the golden C images
 # ---------------------------------------------------------------------------------------------
 
-FLOAT32_GOLDEN = ["G01_cubic", "G03_mat_hkl", "G11_mosaic_phi", "G12_div_disp_polar",
-                  "G16_thick_abs_os3", "G20_hkl_interp", "G24_point_pixel_xtalsize"]
+FLOAT32_GOLDEN = [c["id"] for c in golden_cases()]          # all of them
 
 
 @pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)],
@@ -260,10 +259,7 @@ def test_float32_parity_with_golden(gid, compile_, tmp_path):
     with ``device.compile: true`` (which runs the compiled kernels where ``compile_ok``)."""
     from nbsim.api import simulate
     from nbsim.spec import DeviceSpec
-    cases = {c["id"]: c for c in golden_cases()}
-    if gid not in cases:
-        pytest.skip(f"{gid} not in the golden manifest")
-    case = cases[gid]
+    case = {c["id"]: c for c in golden_cases()}[gid]
     g = golden_dir()
     for f in (g / "inputs").iterdir():
         shutil.copy(f, tmp_path / f.name)
