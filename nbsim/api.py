@@ -96,11 +96,11 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
     img32 = image.detach().to("cpu", torch.float32).numpy()
-    info.update(image_stats(img32, mask, model))
-    info["wall_s"] = time.perf_counter() - t0
     xmin, xmax, ymin, ymax = info["roi"]
     roi_mask = np.zeros_like(mask)
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+    info.update(image_stats(img32, mask, model, roi=roi_mask))
+    info["wall_s"] = time.perf_counter() - t0
     result = SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=list(info.pop("warnings", [])),
                        log=list(info.pop("log", [])))
     if trace_pixel is not None:

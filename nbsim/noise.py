@@ -105,58 +105,59 @@ def poisson_deviates(values, rng: Ran1) -> np.ndarray:
     buf = src.buf
     nbuf = len(buf)
     p = 0
-    xs = vals.tolist()
-    for i in range(n):
-        xm = xs[i]
-        if xm < 12.0:
-            # direct method (C: em=-1; t=1; do {++em; t*=ran1} while (t>g))
-            if xm != oldm:
-                oldm = xm
-                g = f32(exp(-xm))
-            if p >= nbuf:
-                src.pos = p
-                src.refill(2 * (n - i) + 1024)
-                buf, p, nbuf = src.buf, 0, len(src.buf)
-            t = buf[p]
-            p += 1
-            em = 0.0
-            while t > g:
+    for c0 in range(0, n, _MAX_CHUNK):          # Python floats a chunk at a time (bounded memory)
+        xs = vals[c0:c0 + _MAX_CHUNK].tolist()
+        for j, xm in enumerate(xs):
+            i = c0 + j
+            if xm < 12.0:
+                # direct method (C: em=-1; t=1; do {++em; t*=ran1} while (t>g))
+                if xm != oldm:
+                    oldm = xm
+                    g = f32(exp(-xm))
                 if p >= nbuf:
                     src.pos = p
                     src.refill(2 * (n - i) + 1024)
                     buf, p, nbuf = src.buf, 0, len(src.buf)
-                t = unpack(pack(t * buf[p]))[0]
+                t = buf[p]
                 p += 1
-                em += 1.0
-            out[i] = em
-        elif xm <= 1.0e6:
-            # rejection method with a Lorentzian comparison function (all values finite here)
-            if xm != oldm:
-                oldm = xm
-                sq = unpack(pack(sqrt(2.0 * xm)))[0]
-                alxm = unpack(pack(log(xm)))[0]
-                g = unpack(pack(unpack(pack(xm * alxm))[0] - gl(unpack(pack(xm + 1.0))[0])))[0]
-            src.pos = p
-            while True:
+                em = 0.0
+                while t > g:
+                    if p >= nbuf:
+                        src.pos = p
+                        src.refill(2 * (n - i) + 1024)
+                        buf, p, nbuf = src.buf, 0, len(src.buf)
+                    t = unpack(pack(t * buf[p]))[0]
+                    p += 1
+                    em += 1.0
+                out[i] = em
+            elif xm <= 1.0e6:
+                # rejection method with a Lorentzian comparison function (all values finite here)
+                if xm != oldm:
+                    oldm = xm
+                    sq = unpack(pack(sqrt(2.0 * xm)))[0]
+                    alxm = unpack(pack(log(xm)))[0]
+                    g = unpack(pack(unpack(pack(xm * alxm))[0] - gl(unpack(pack(xm + 1.0))[0])))[0]
+                src.pos = p
                 while True:
-                    y = unpack(pack(tan(pi * src())))[0]
-                    em = unpack(pack(unpack(pack(sq * y))[0] + xm))[0]
-                    if not (em < 0.0):
+                    while True:
+                        y = unpack(pack(tan(pi * src())))[0]
+                        em = unpack(pack(unpack(pack(sq * y))[0] + xm))[0]
+                        if not (em < 0.0):
+                            break
+                    em = float(floor(em))
+                    lt = unpack(pack(unpack(pack(em * alxm))[0] - gl(unpack(pack(em + 1.0))[0])))[0]
+                    t = f32(0.9 * (1.0 + unpack(pack(y * y))[0]) * exp(unpack(pack(lt - g))[0]))
+                    if not (src() > t):
                         break
-                em = float(floor(em))
-                lt = unpack(pack(unpack(pack(em * alxm))[0] - gl(unpack(pack(em + 1.0))[0])))[0]
-                t = f32(0.9 * (1.0 + unpack(pack(y * y))[0]) * exp(unpack(pack(lt - g))[0]))
-                if not (src() > t):
-                    break
-            out[i] = em
-            buf, p, nbuf = src.buf, src.pos, len(src.buf)
-        else:
-            # xm > 1e6 (gaussdev) or NaN: the reference implementation
-            src.pos = p
-            dv.oldm, dv.g, dv.sq, dv.alxm = oldm, g, sq, alxm
-            out[i] = dv.poidev(xm)
-            oldm, g, sq, alxm = dv.oldm, dv.g, dv.sq, dv.alxm
-            buf, p, nbuf = src.buf, src.pos, len(src.buf)
+                out[i] = em
+                buf, p, nbuf = src.buf, src.pos, len(src.buf)
+            else:
+                # xm > 1e6 (gaussdev) or NaN: the reference implementation
+                src.pos = p
+                dv.oldm, dv.g, dv.sq, dv.alxm = oldm, g, sq, alxm
+                out[i] = dv.poidev(xm)
+                oldm, g, sq, alxm = dv.oldm, dv.g, dv.sq, dv.alxm
+                buf, p, nbuf = src.buf, src.pos, len(src.buf)
     src.pos = p
     src.finish()
     return out
@@ -199,11 +200,17 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
             raise ValueError(f"noise_image: mask shape {roi.shape} != image shape {a.shape}")
     rng = _as_stream(seed, table)
     dev = poisson_deviates(a[roi], rng)
-    photons = float(np.add.accumulate(dev)[-1]) if dev.size else 0.0
-    test = dev + float(adc)
-    over = test > 65535.0
-    overloads = int(np.count_nonzero(over))
-    test[over] = 65535.0
+    photons = 0.0
+    overloads = 0
+    vals = np.empty(dev.shape, dtype=np.uint16)
+    for c0 in range(0, dev.size, _MAX_CHUNK):       # bounded temporaries for any detector size
+        d = dev[c0:c0 + _MAX_CHUNK]
+        photons = float(np.add.accumulate(np.concatenate(([photons], d)))[-1])   # C's running sum
+        test = d + float(adc)
+        over = test > 65535.0
+        overloads += int(np.count_nonzero(over))
+        test[over] = 65535.0
+        vals[c0:c0 + _MAX_CHUNK] = c_ushort(test)
     out = np.zeros(a.shape, dtype=np.uint16)
-    out[roi] = c_ushort(test)
+    out[roi] = vals
     return out, photons, overloads

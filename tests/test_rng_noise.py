@@ -176,3 +176,30 @@ def test_noise_negative_adc_wraps_like_c_and_shape_errors():
         noise.noise_image(np.zeros(5, np.float32), -1)
     with pytest.raises(ValueError):
         noise.noise_image(img, -1, 40.0, np.ones((3, 2), bool))
+
+
+def test_poisson_deviates_do_not_depend_on_chunking(monkeypatch):
+    """Means and draws are handled a chunk at a time; the deviates are the same for any chunk size."""
+    from nbsim import noise as noise_mod
+    from nbsim.rng import Ran1
+    g = np.random.default_rng(3)
+    vals = np.concatenate([g.uniform(0, 11, 3000), g.uniform(12, 500, 1500), [0.0, 2e6, 7.5]])
+    ref = noise_mod.poisson_deviates(vals, Ran1(-5))
+    monkeypatch.setattr(noise_mod, "_MAX_CHUNK", 1000)
+    rng = Ran1(-5)
+    got = noise_mod.poisson_deviates(vals, rng)
+    assert np.array_equal(got, ref)
+
+
+def test_noise_image_does_not_depend_on_chunking(monkeypatch):
+    from nbsim import noise as noise_mod
+    img = np.random.default_rng(4).uniform(0, 40, (60, 70)).astype(np.float32)
+    img[3, 4] = 70000.0                                           # an overload
+    roi = np.zeros(img.shape, bool)
+    roi[5:50, 2:66] = True
+    ref = noise_mod.noise_image(img, -9, 40.0, roi)
+    monkeypatch.setattr(noise_mod, "_MAX_CHUNK", 500)
+    got = noise_mod.noise_image(img, -9, 40.0, roi)
+    assert np.array_equal(got[0], ref[0]) and got[1:] == ref[1:]
+    whole = noise_mod.noise_image(img, -9, 40.0)
+    assert whole[2] == 1 and whole[0][3, 4] == 65535

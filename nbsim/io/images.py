@@ -117,6 +117,22 @@ def _roi(img: np.ndarray, mask) -> np.ndarray:
     return m
 
 
+def _roi_blockwise(img, mask, dtype, convert) -> np.ndarray:
+    """(S, F) array of ``dtype``: ``convert(float32 values)`` inside the ROI, 0 outside, computed a
+    block of rows at a time (bounded temporary memory for any detector size)."""
+    a = np.asarray(img, dtype=np.float32)
+    roi = _roi(a, mask)
+    whole = bool(roi.all())
+    out = np.zeros(a.shape, dtype=dtype)
+    for r0, r1 in _row_blocks(a):
+        if whole:
+            out[r0:r1] = convert(a[r0:r1].reshape(-1)).reshape(r1 - r0, a.shape[1])
+        else:
+            m = roi[r0:r1]
+            out[r0:r1][m] = convert(a[r0:r1][m])
+    return out
+
+
 def default_int_scale(max_I: float) -> float:
     """C default ``intfile_scale``: ``55000/max_I`` if ``max_I > 0`` else 1.0."""
     max_I = float(max_I)
@@ -147,26 +163,20 @@ def int_image(img_f32, scale: float, adc: float = 40.0, mask=None) -> np.ndarray
     -------
     uint16 (S, F): ``(uint16) floorf((float)(clip(f*scale + adc, 0, 65535) + 0.5))``.
     """
-    a = np.asarray(img_f32, dtype=np.float32)
-    roi = _roi(a, mask)
-    test = a[roi].astype(np.float64) * float(scale) + float(adc)
-    test = np.where(test > 65535.0, 65535.0, test)
-    test = np.where(test < 0.0, 0.0, test)
-    v = np.floor((test + 0.5).astype(np.float32))
-    out = np.zeros(a.shape, dtype=np.uint16)
-    out[roi] = c_ushort(v)
-    return out
+    def convert(vals):
+        test = vals.astype(np.float64) * float(scale) + float(adc)
+        test = np.where(test > 65535.0, 65535.0, test)
+        test = np.where(test < 0.0, 0.0, test)
+        return c_ushort(np.floor((test + 0.5).astype(np.float32)))
+    return _roi_blockwise(img_f32, mask, np.uint16, convert)
 
 
 def pgm_image(img_f32, scale: float, mask=None) -> np.ndarray:
     """PGM pixels: ``(uint8) min(f*scale, 255)`` inside the ROI, 0 outside.  (S, F) uint8."""
-    a = np.asarray(img_f32, dtype=np.float32)
-    roi = _roi(a, mask)
-    test = a[roi].astype(np.float64) * float(scale)
-    test = np.where(test > 255.0, 255.0, test)
-    out = np.zeros(a.shape, dtype=np.uint8)
-    out[roi] = c_uchar(test)
-    return out
+    def convert(vals):
+        test = vals.astype(np.float64) * float(scale)
+        return c_uchar(np.where(test > 255.0, 255.0, test))
+    return _roi_blockwise(img_f32, mask, np.uint8, convert)
 
 
 def pgm_bytes(img, scale: float, mask=None) -> bytes:
@@ -184,6 +194,22 @@ def pgm_bytes(img, scale: float, mask=None) -> bytes:
 def write_pgm(path, img, scale: float, mask=None) -> Path:
     """Write :func:`pgm_bytes` atomically."""
     return atomic_write_bytes(path, pgm_bytes(img, scale, mask))
+
+
+_STATS_ROWS_BYTES = 8 << 20     # float32 bytes of image rows per statistics block
+
+
+def _row_blocks(a: np.ndarray):
+    rows = max(1, _STATS_ROWS_BYTES // max(1, a.shape[1] * 4))
+    for r0 in range(0, a.shape[0], rows):
+        yield r0, min(a.shape[0], r0 + rows)
+
+
+def _seq_add(carry: float, values: np.ndarray) -> float:
+    """``carry + v0 + v1 + ...`` added one value at a time in double, like C's running sum."""
+    if values.size == 0:
+        return carry
+    return float(np.add.accumulate(np.concatenate(([carry], values.astype(np.float64))))[-1])
 
 
 def image_stats(img, mask=None, *, active=None) -> dict:
@@ -208,32 +234,44 @@ def image_stats(img, mask=None, *, active=None) -> dict:
         ``rms``    sqrt(sumsqr/(n' - 1)) with n' = max(n, 2) (after C's clamps);
         ``rmsd``   sqrt(sum over ROI of (v - mean)^2 / (m' - 1)), m' = max(#ROI, 2);
         ``max_index`` (s, f) of the first maximum in raster order, or None when max_I == 0.
+
+    The sums run in C's order (one running double); the image is read in blocks of rows, so the
+    extra memory is a few MB whatever the detector size.
     """
     a = np.asarray(img, dtype=np.float32)
     roi = _roi(a, mask)
     act = roi if active is None else _roi(a, active)
-    v = a[act]
-    n = int(v.size)
+    all_act, all_roi = bool(act.all()), bool(roi.all())
+    F = a.shape[1]
+    n = 0
+    total = sumsqr = 0.0
     max_I = 0.0
     max_index = None
-    if n:
+    for r0, r1 in _row_blocks(a):
+        blk = a[r0:r1]
+        v = blk.reshape(-1) if all_act else blk[act[r0:r1]]
+        if v.size == 0:
+            continue
+        n += int(v.size)
         i = int(np.argmax(np.where(np.isnan(v), -np.inf, v)))
-        if float(v[i]) > 0.0:
+        if float(v[i]) > max_I:                                 # C: strictly greater, from 0.0
             max_I = float(v[i])
-            s_idx, f_idx = np.nonzero(act)
-            max_index = (int(s_idx[i]), int(f_idx[i]))
-    vd = v.astype(np.float64)
-    total = float(np.add.accumulate(vd)[-1]) if n else 0.0
-    sq = (v * v).astype(np.float64)  # float*float in C: squared in float32
-    sumsqr = float(np.add.accumulate(sq)[-1]) if n else 0.0
+            k = i if all_act else int(np.flatnonzero(act[r0:r1])[i])
+            max_index = (r0 + k // F, k % F)
+        total = _seq_add(total, v)
+        sumsqr = _seq_add(sumsqr, v * v)                       # float*float in C: float32 squares
     sumn = n if n > 0 else 1
     mean = total / sumn
     if sumn <= 1:
         sumn = 2
     rms = float(np.sqrt(sumsqr / (sumn - 1)))
-    d = a[roi].astype(np.float64) - mean
-    m = int(d.size)
-    sumsqr2 = float(np.add.accumulate(d * d)[-1]) if m else 0.0
+    m = 0
+    sumsqr2 = 0.0
+    for r0, r1 in _row_blocks(a):
+        blk = a[r0:r1]
+        d = (blk.reshape(-1) if all_roi else blk[roi[r0:r1]]).astype(np.float64) - mean
+        m += int(d.size)
+        sumsqr2 = _seq_add(sumsqr2, d * d)
     if m <= 1:
         m = 2
     rmsd = float(np.sqrt(sumsqr2 / (m - 1)))
