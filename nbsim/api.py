@@ -12,7 +12,8 @@ SimResult.info    dict of derived values, all plain Python numbers / lists:
     orgx_px, orgy_px, dials_origin_mm [x, y, z], phi_deg, osc_deg, twotheta_deg,
     roi [xmin, xmax, ymin, ymax] (resolved, inclusive), convention, pivot,
     steps, sources, mosaic_domains, phisteps, oversample, thicksteps,
-    max_I, max_I_at_m [Fdet, Sdet], mean, rms, rmsd, sum, omega_sum_sr
+    max_I, max_I_at_m [Fdet, Sdet], mean, rms, rmsd, sum, omega_sum_sr,
+    kernel ("compiled", "fast" or "reference": what rendered the image), wall_s
 SimResult.mask    numpy bool (spixels, fpixels): pixels that were simulated (ROI and mask)
 SimResult.warnings list[str]  (quirk warnings etc.)
 SimResult.log      list[str]  (nanoBragg-style stdout lines describing the setup)
@@ -90,8 +91,9 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
     if tdtype != torch.float64:
         model = model.astype(tdtype)
     budget = memory_budget_bytes(device, tdev)
+    kernel: dict = {}
     image = simulate_image(model, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress,
-                          compile=compile_)
+                           compile=compile_, report=kernel)
     info = model.info
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
@@ -101,6 +103,7 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
     info.update(image_stats(img32, mask, model, roi=roi_mask))
     info["wall_s"] = time.perf_counter() - t0
+    info["kernel"] = kernel.get("kernel")                  # which kernel rendered the image
     result = SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=list(info.pop("warnings", [])),
                        log=list(info.pop("log", [])))
     if trace_pixel is not None:

@@ -969,7 +969,7 @@ def default_chunk_pixels(m: Model, budget_bytes: float, *, plan: Optional[FastPl
 
 def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes: float = 1.0e9,
                    progress=None, workers: Optional[int] = None, fast: Optional[bool] = None,
-                   compile: Optional[bool] = False) -> torch.Tensor:
+                   compile: Optional[bool] = False, report: Optional[dict] = None) -> torch.Tensor:
     """The float image (spixels, fpixels) in the model's dtype; 0 outside the ROI/mask.
 
     ``fast``: use ``render_fast`` (default: whenever ``fast_path_ok``; False forces ``render``).
@@ -983,6 +983,8 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     thread barrier, and when another process holds a core those barriers stall — measured 40-90×
     slower on a shared 2-core machine, where worker threads just share the remaining core. The
     image does not depend on ``chunk_pixels`` or ``workers``.
+    ``report``: a dict that receives ``kernel`` ("compiled", "fast" or "reference": which kernel
+    rendered the image) and ``chunk_pixels``.
     """
     dev = m.device
     npix = m.fpixels * m.spixels
@@ -1009,7 +1011,12 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
         compile = use_fast and compile_pays_off(m)
     cplan = (CompiledPlan(m, plan, budget_bytes, chunk_pixels)
              if compile and use_fast and compile_ok(m) else None)
+    if report is not None:
+        report["kernel"] = ("compiled" if cplan is not None and cplan.fits
+                            else "fast" if use_fast else "reference")
     if cplan is not None and cplan.fits:
+        if report is not None:
+            report["chunk_pixels"] = cplan.chunk
         out = torch.zeros(npix, dtype=m.dtype, device=dev)
         first = m.first_iteration
         for start in range(0, n, cplan.chunk):
@@ -1027,6 +1034,8 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
         workers = torch.get_num_threads()
     workers = max(1, int(workers))
     chunk = chunk_pixels or default_chunk_pixels(m, budget_bytes, plan=plan, workers=workers)
+    if report is not None:
+        report["chunk_pixels"] = chunk
     out = torch.zeros(npix, dtype=m.dtype, device=dev)
     first = m.first_iteration
 

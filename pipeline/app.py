@@ -72,7 +72,8 @@ def _task(cfg: DictConfig) -> str:
         for w in run.get("warnings", []):
             print(f"warning: {w}", file=sys.stderr)
         print(f"computed {_shown(folder)} (config hash {run['hash']}): simulation "
-              f"{run['wall_time_s']:.2f} s on {device.device} ({device.dtype}), total {total:.2f} s")
+              f"{run['wall_time_s']:.2f} s on {device.device} ({device.dtype}, "
+              f"{run.get('info', {}).get('kernel') or 'unknown'} kernel), total {total:.2f} s")
     print(_shown(folder))
     return str(folder)
 

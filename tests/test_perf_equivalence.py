@@ -223,12 +223,14 @@ def test_api_forwards_device_compile(inputs, monkeypatch):
     real = engine.render_compiled
     monkeypatch.setattr(engine, "render_compiled", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = parse_argv(COMPILE_CASES[0][1].split(), cwd=str(inputs)).spec
-    eager = simulate(spec, DeviceSpec(compile=False), base_dir=str(inputs)).image
-    assert not calls
+    res = simulate(spec, DeviceSpec(compile=False), base_dir=str(inputs))
+    eager = res.image
+    assert not calls and res.info["kernel"] == "fast"
     small = simulate(spec, DeviceSpec(compile="auto"), base_dir=str(inputs)).image
     assert not calls and torch.equal(small, eager)      # a small image does not repay compiling
-    compiled = simulate(spec, DeviceSpec(compile=True), base_dir=str(inputs)).image
-    assert calls
+    res = simulate(spec, DeviceSpec(compile=True), base_dir=str(inputs))
+    compiled = res.image
+    assert calls and res.info["kernel"] == "compiled"
     assert ((compiled - eager).abs().max() / eager.abs().max()).item() <= 1e-12
 
 
