@@ -205,11 +205,13 @@ def _row_blocks(a: np.ndarray):
         yield r0, min(a.shape[0], r0 + rows)
 
 
-def _seq_add(carry: float, values: np.ndarray) -> float:
-    """``carry + v0 + v1 + ...`` added one value at a time in double, like C's running sum."""
+def _add(carry: float, values: np.ndarray) -> float:
+    """``carry`` plus the double sum of ``values`` (C's terms; numpy's pairwise order rather than C's
+    running sum: the two differ by ~1e-16 relative, far below the 6 digits nanoBragg prints, and
+    the pairwise sum is several times faster than a running one)."""
     if values.size == 0:
         return carry
-    return float(np.add.accumulate(np.concatenate(([carry], values.astype(np.float64))))[-1])
+    return carry + float(np.add.reduce(values, dtype=np.float64))
 
 
 def image_stats(img, mask=None, *, active=None) -> dict:
@@ -235,8 +237,8 @@ def image_stats(img, mask=None, *, active=None) -> dict:
         ``rmsd``   sqrt(sum over ROI of (v - mean)^2 / (m' - 1)), m' = max(#ROI, 2);
         ``max_index`` (s, f) of the first maximum in raster order, or None when max_I == 0.
 
-    The sums run in C's order (one running double); the image is read in blocks of rows, so the
-    extra memory is a few MB whatever the detector size.
+    The sums add C's terms in double (pairwise, see ``_add``); the image is read in blocks of rows,
+    so the extra memory is a few MB whatever the detector size.
     """
     a = np.asarray(img, dtype=np.float32)
     roi = _roi(a, mask)
@@ -253,13 +255,15 @@ def image_stats(img, mask=None, *, active=None) -> dict:
         if v.size == 0:
             continue
         n += int(v.size)
-        i = int(np.argmax(np.where(np.isnan(v), -np.inf, v)))
+        i = int(np.argmax(v))                                   # (a NaN would win argmax:
+        if np.isnan(v[i]):                                      #  C's '>' never picks one)
+            i = int(np.argmax(np.where(np.isnan(v), -np.inf, v)))
         if float(v[i]) > max_I:                                 # C: strictly greater, from 0.0
             max_I = float(v[i])
             k = i if all_act else int(np.flatnonzero(act[r0:r1])[i])
             max_index = (r0 + k // F, k % F)
-        total = _seq_add(total, v)
-        sumsqr = _seq_add(sumsqr, v * v)                       # float*float in C: float32 squares
+        total = _add(total, v)
+        sumsqr = _add(sumsqr, np.square(v))                    # float*float in C: float32 squares
     sumn = n if n > 0 else 1
     mean = total / sumn
     if sumn <= 1:
@@ -271,7 +275,7 @@ def image_stats(img, mask=None, *, active=None) -> dict:
         blk = a[r0:r1]
         d = (blk.reshape(-1) if all_roi else blk[roi[r0:r1]]).astype(np.float64) - mean
         m += int(d.size)
-        sumsqr2 = _seq_add(sumsqr2, d * d)
+        sumsqr2 = _add(sumsqr2, np.square(d, out=d))
     if m <= 1:
         m = 2
     rmsd = float(np.sqrt(sumsqr2 / (m - 1)))
