@@ -608,15 +608,22 @@ def _fix_sincg_zero(plan: "FastPlan", G: torch.Tensor, axis):
             axis(G, j).nan_to_num_(nan=nv)
 
 
+def _row_col(idx: torch.Tensor, fpixels: int, dtype):
+    """Slow and fast pixel coordinates (row, column) of flat raster indices ``idx``, in ``dtype``.
+    Computed in float64 (exact for any detector size): unlike int64 division it vectorises, also
+    inside the compiled kernels."""
+    i = idx.to(torch.float64)
+    s = torch.floor(i / fpixels)
+    return s.to(dtype), (i - s * fpixels).to(dtype)
+
+
 def _position_components(m: Model, idx: torch.Tensor):
     """x, y, z (P, T, O) of ``_positions(m, idx)``, computed per component (same operations)."""
     if m.curved:
         return _positions(m, idx).unbind(-1)
     os_ = m.oversample
     dt, dev = m.dtype, m.device
-    i = idx.to(torch.float64)                  # exact row/column without int64 division
-    s64 = torch.floor(i / m.fpixels)
-    s, f = s64.to(dt), (i - s64 * m.fpixels).to(dt)
+    s, f = _row_col(idx, m.fpixels, dt)
     sub = torch.arange(os_, dtype=dt, device=dev)
     subS = sub.repeat_interleave(os_)
     subF = sub.repeat(os_)
@@ -782,11 +789,7 @@ def _k_positions(idx, fdet, sdet, odet, pix0, pixel, cfg):
     """Sub-pixel positions (3, T, O, P) and their squared distance (T, O, P)."""
     fpix, os_, T, thickstep = cfg
     dt, dev = fdet.dtype, fdet.device
-    # row and column in float64 arithmetic (exact for any detector): vectorises, int64 division
-    # does not
-    i = idx.to(torch.float64)
-    s64 = torch.floor(i / fpix)
-    s, f = s64.to(dt), (i - s64 * fpix).to(dt)
+    s, f = _row_col(idx, fpix, dt)
     sub = torch.arange(os_, dtype=dt, device=dev)
     subS = sub.repeat_interleave(os_)[:, None]
     subF = sub.repeat(os_)[:, None]

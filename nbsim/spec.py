@@ -146,9 +146,6 @@ class DeviceSpec:
     compile: Any = "auto"                      # True | False | "auto" (see compile_mode)
 
 
-COMPILE_MODES = ("true", "false", "auto")
-
-
 def compile_mode(value, key: str = "device.compile") -> Optional[bool]:
     """``device.compile`` as the engine takes it: True (always torch.compile where supported),
     False (never) or None ("auto": where one image repays the compilation, see
