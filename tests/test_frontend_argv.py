@@ -641,7 +641,7 @@ def test_main_runs_and_writes(monkeypatch, capsys, tmp_path):
         return Result()
 
     def write_products(img, mask, info, image_spec, *, float_path=None, int_path=None,
-                       noise_path=None, pgm_path=None, active=None):
+                       noise_path=None, pgm_path=None, active=None, stats=None):
         calls["write"] = (img.shape, float_path, int_path, noise_path, pgm_path)
         calls["image_spec"] = image_spec
         return {"intfile_scale": 4400.0, "pgm_scale": None, "photons": 123.0, "overloads": 0}

@@ -318,3 +318,16 @@ def test_read_hkl_remembers_unchanged_files(tmp_path):
     p.write_text("1 2 3 10\n-1 0 0 7.5\n0 0 1 1\n")       # changed file: parsed again
     hkl, F = tables.read_hkl(p)
     assert F.tolist() == [10.0, 7.5, 1.0] and hkl.shape == (3, 3)
+
+
+def test_write_result_reuses_the_api_statistics(tmp_path):
+    """write_result hands the API's statistics to the writers: the same numbers they compute."""
+    from nbsim.api import simulate
+    from nbsim.frontend.argv import parse_argv
+    spec = parse_argv("-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 100 "
+                      "-detpixels 40 -pixel 0.4 -roi 3 30 5 25".split()).spec
+    res = simulate(spec)
+    own = products.write_products(res.float32(), res.roi_mask, {}, None, active=res.mask)
+    via = products.write_result(res, spec.image)
+    for k in ("max_I", "mean", "rms", "rmsd", "sum", "intfile_scale", "pgm_scale"):
+        assert via[k] == own[k], k

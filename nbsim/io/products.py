@@ -35,7 +35,7 @@ def _spec(spec, name: str, default=None):
 
 def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, int_path=None,
                    noise_path=None, pgm_path=None, active=None,
-                   table: Ran1Table | None = None) -> dict:
+                   table: Ran1Table | None = None, stats: dict | None = None) -> dict:
     """Write the requested output files and return what nanoBragg prints about them.
 
     Parameters
@@ -60,6 +60,9 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
         ROI and not masked (the pixels the C loop computed) for mean/rms; default ``mask``.
     table : Ran1Table, optional
         Shared ran1 table (only matters for a positive noise seed, see :mod:`nbsim.rng`).
+    stats : dict, optional
+        ``image_stats(img_f32, mask, active=active)`` when the caller already has it (keys
+        ``max_I, mean, rms, rmsd, sum``); computed here otherwise.
 
     Returns
     -------
@@ -76,7 +79,7 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
     adc = _spec(image_spec, "adc")
     adc = 40.0 if adc is None else float(adc)
 
-    st = image_stats(a, roi, active=active)
+    st = stats if stats is not None else image_stats(a, roi, active=active)
     max_I = float(info["max_I"]) if info and info.get("max_I") is not None else st["max_I"]
     int_scale = _spec(image_spec, "int_scale")
     if int_scale is None or float(int_scale) <= 0.0:
@@ -131,4 +134,8 @@ def write_result(result, image_spec, **paths) -> dict:
     at = info.get("max_I_at_m")
     if at is not None:
         info["max_I_x_m"], info["max_I_y_m"] = at
-    return write_products(result.float32(), result.roi_mask, info, args, active=result.mask, **paths)
+    keys = ("max_I", "mean", "rms", "rmsd", "sum")
+    # the API computed them with the same call (nbsim.stats: ROI, active = simulated pixels)
+    stats = {k: info[k] for k in keys} if all(k in info for k in keys) else None
+    return write_products(result.float32(), result.roi_mask, info, args, active=result.mask,
+                          stats=stats, **paths)
