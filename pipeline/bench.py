@@ -207,37 +207,30 @@ def run_nbsim_whole(case, repeat, extra=()) -> dict:
 
 def run_steady(case, dtype, compile_, repeat) -> dict:
     """First and best later in-process call of ``nbsim.api.simulate`` with
-    ``DeviceSpec(dtype=dtype, compile=compile_)``: what a sweep or refinement loop pays per image."""
+    ``DeviceSpec(dtype=dtype, compile=compile_)``: what a sweep or refinement loop pays per image.
+    ``compiled``: whether the compiled kernels rendered it (the result's ``info["kernel"]``)."""
     import torch
     from nbsim.api import simulate
-    from nbsim.engine import compile_ok
-    from nbsim.experiment import build_model
     from nbsim.frontend.argv import parse_argv
     from nbsim.spec import DeviceSpec
     d = case_dir(case)
     try:
         spec = parse_argv(case["argv"].split(), cwd=str(d)).spec
         dev = DeviceSpec(dtype=dtype, compile=compile_)
-        m = build_model(spec, dtype=torch.float64, base_dir=str(d))   # the API's float64 setup
-        if dtype != "float64":
-            m = m.astype(getattr(torch, dtype))
-        applies = bool(compile_) and compile_ok(m)
 
         def call():
-            res = simulate(spec, dev, base_dir=str(d))
-            return res.image, dict(steps=res.info["steps"])
-        how = "api"
+            return simulate(spec, dev, base_dir=str(d))
         t0 = time.perf_counter()
-        img, info = call()
+        res = call()
         first = time.perf_counter() - t0
         times = []
         for _ in range(max(1, repeat)):
             t0 = time.perf_counter()
-            img, info = call()
+            res = call()
             times.append(time.perf_counter() - t0)
         out = dict(first_s=first, steady_s=min(times), times=[round(t, 4) for t in times],
-                   via=how, compiled=applies, **info)
-        out["image"] = img.detach().to("cpu", torch.float64).numpy().reshape(-1)
+                   via="api", compiled=res.info["kernel"] == "compiled", steps=res.info["steps"])
+        out["image"] = res.image.detach().to("cpu", torch.float64).numpy().reshape(-1)
         return out
     finally:
         shutil.rmtree(d, ignore_errors=True)
