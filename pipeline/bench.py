@@ -441,6 +441,12 @@ def plot_scaling(series, path: Path):
 
 # ---------------------------------------------------------------------------------------------
 
+def _fail(msg: str):
+    """One line on stderr, exit status 2, nothing measured or written."""
+    print(f"python -m pipeline.bench: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=None, help="comma-separated case ids (default 1,2,3,4; "
@@ -470,14 +476,14 @@ def main(argv=None):
     except ValueError:
         cases = None
     if not cases or any(c not in SUITE for c in cases):
-        ap.error(f"--cases: expected comma-separated case ids from {', '.join(map(str, SUITE))}; "
+        _fail(f"--cases: expected comma-separated case ids from {', '.join(map(str, SUITE))}; "
                  f"got {spec!r}")
     if a.repeat is not None and a.repeat < 1:
-        ap.error(f"--repeat: must be >= 1, got {a.repeat}")
+        _fail(f"--repeat: must be >= 1, got {a.repeat}")
     repeat = a.repeat or (1 if a.quick else 3)
     cbin = None if a.no_c else os.environ.get("NB_C_BIN")
     if cbin and not (Path(cbin).is_file() and os.access(cbin, os.X_OK)):
-        ap.error(f"NB_C_BIN={cbin}: not an executable file (unset it or pass --no-c to skip the "
+        _fail(f"NB_C_BIN={cbin}: not an executable file (unset it or pass --no-c to skip the "
                  "C runs)")
     if not cbin and not a.no_c:
         print("NB_C_BIN not set: C runs skipped", file=sys.stderr)
