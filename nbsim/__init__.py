@@ -6,9 +6,18 @@ from nbsim.spec import (BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec, Experim
 
 
 def simulate(spec, device=None, **kw):
-    """Simulate ``spec`` (an ``ExperimentSpec``); see ``nbsim.api.simulate``."""
+    """Simulate ``spec`` (an ``ExperimentSpec``); see ``nbsim.api.simulate`` (``params=`` for
+    derivatives by config name)."""
     from nbsim.api import simulate as _simulate
     return _simulate(spec, device, **kw)
 
+
+def compose(overrides=()):
+    """``(ExperimentSpec, DeviceSpec)`` composed from Hydra overrides exactly as ``python -m nbsim``
+    composes them, e.g. ``compose(["crystal=triclinic", "detector.fpixels=64"])``."""
+    from pipeline.compose import compose_spec
+    return compose_spec(list(overrides))
+
+
 __all__ = ["BeamSpec", "CrystalSpec", "DetectorSpec", "DeviceSpec", "ExperimentSpec", "ImageSpec",
-           "SpecError", "simulate"]
+           "SpecError", "compose", "simulate"]

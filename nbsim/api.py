@@ -13,7 +13,8 @@ SimResult.info    dict of derived values, all plain Python numbers / lists:
     roi [xmin, xmax, ymin, ymax] (resolved, inclusive), convention, pivot,
     steps, sources, mosaic_domains, phisteps, oversample, thicksteps,
     max_I, max_I_at_m [Fdet, Sdet], mean, rms, rmsd, sum, omega_sum_sr,
-    kernel ("compiled", "fast" or "reference": what rendered the image), wall_s
+    kernel ("compiled", "fast", "reference" or, with derivatives and device.compile=true,
+    "reference-compiled": what rendered the image), wall_s
 SimResult.mask    numpy bool (spixels, fpixels): pixels that were simulated (ROI and mask)
 SimResult.warnings list[str]  (quirk warnings etc.)
 SimResult.log      list[str]  (nanoBragg-style stdout lines describing the setup)
@@ -27,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from nbsim.params import plain
 from nbsim.spec import DeviceSpec, ExperimentSpec
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -44,7 +46,7 @@ class SimResult:
 
     def float32(self) -> np.ndarray:
         """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
-        return self.image.detach().to("cpu", torch.float32).numpy()
+        return plain(self.image).astype(np.float32)
 
 
 def resolve_device(device: Optional[DeviceSpec]):
@@ -74,9 +76,14 @@ def memory_budget_bytes(device: DeviceSpec, torch_device) -> float:
     return max(64 * 2 ** 20, min(0.25 * avail, 2 * 2 ** 30))
 
 
-def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_dir=".",
+def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, params=None, base_dir=".",
              progress=None, trace_pixel=None, chunk_pixels=None) -> SimResult:
-    """Simulate one image. See the module docstring for the result's contents."""
+    """Simulate one image. See the module docstring for the result's contents.
+
+    ``params``: schema key → tensor (the keys of ``nbsim.params.PARAMS``), each replacing the spec's
+    value. A tensor with ``requires_grad`` makes ``result.image`` differentiable with respect to it
+    (``result.image.sum().backward()``); forward-mode AD and ``torch.func`` work the same way.
+    A key that cannot carry a gradient raises ``SpecError`` naming it."""
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
     from nbsim.spec import compile_mode
@@ -87,17 +94,22 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, base_
     t0 = time.perf_counter()
     # the setup (geometry, lattice, auto oversampling) is always resolved in float64, so a float32
     # run samples exactly what the float64 run samples; only the kernel runs in the chosen dtype
-    model = build_model(spec, dtype=torch.float64, device=tdev, base_dir=base_dir)
+    model = build_model(spec, dtype=torch.float64, device=tdev, base_dir=base_dir, params=params)
     if tdtype != torch.float64:
         model = model.astype(tdtype)
     budget = memory_budget_bytes(device, tdev)
     kernel: dict = {}
     image = simulate_image(model, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress,
                            compile=compile_, report=kernel)
+    if params:
+        # every given tensor reaches the image, with derivative exactly 0 where the experiment does
+        # not depend on it (e.g. xclose_mm under a sample pivot), so backward never meets a
+        # disconnected input
+        image = image + sum(0.0 * t.sum() for t in params.values())
     info = model.info
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
-    img32 = image.detach().to("cpu", torch.float32).numpy()
+    img32 = plain(image).astype(np.float32)
     xmin, xmax, ymin, ymax = info["roi"]
     roi_mask = np.zeros_like(mask)
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nbsim.params import value
 from nbsim.rotation import cross, dot, rotate_xyz
 
 
@@ -33,12 +34,13 @@ def _vrescale(v, new_mag):
 def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
     """Reciprocal vectors (Å⁻¹) of the default orientation and the formula volume (Å³) for a cell.
 
-    cell_A_deg: [a, b, c, alpha, beta, gamma]. ``faithful`` reproduces C's c*_z term (quirk 5).
+    cell_A_deg: [a, b, c, alpha, beta, gamma], numbers or a (6,) tensor (its graph is kept).
+    ``faithful`` reproduces C's c*_z term (quirk 5).
     Returns (a*, b*, c*, V_cell, (a, b, c) lengths) as tensors.
     """
-    t = lambda x: torch.as_tensor(x, dtype=dtype, device=device)  # noqa: E731
-    a, b, c = (t(float(x)) for x in cell_A_deg[:3])
-    al, be, ga = (t(math.radians(float(x))) for x in cell_A_deg[3:])
+    cell = torch.as_tensor(cell_A_deg, dtype=dtype, device=device)
+    a, b, c = cell.unbind(0)[:3]
+    al, be, ga = (x * (math.pi / 180.0) for x in cell.unbind(0)[3:])     # = math.radians
     s = (al + be + ga) / 2
     skew = torch.abs(torch.sin(s) * torch.sin(s - al) * torch.sin(s - be) * torch.sin(s - ga))
     V = 2.0 * a * b * c * torch.sqrt(skew)
@@ -61,9 +63,12 @@ def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
     return a_star, b_star, c_star, V, (a, b, c)
 
 
-def build_lattice(*, cell_A_deg=None, matrix=None, wavelength_A: float = 1.0, misset_rad=None,
+def build_lattice(*, cell_A_deg=None, matrix=None, wavelength_A=1.0, misset_rad=None,
                   faithful: bool = True, dtype=torch.float64, device="cpu") -> Lattice:
     """Lattice from a cell and/or a MOSFLM A matrix (columns a*, b*, c* × λ), then misset (rad, xyz).
+
+    Every continuous input (cell, matrix, wavelength, misset angles) may be a tensor whose graph
+    reaches the lattice vectors.
 
     Mirrors C: with a user cell the cross products are rescaled to the formula volume; with -mat
     alone the volume comes from the matrix.
@@ -96,8 +101,8 @@ def build_lattice(*, cell_A_deg=None, matrix=None, wavelength_A: float = 1.0, mi
 def cell_parameters(lat: Lattice):
     """(a, b, c [Å], α, β, γ [deg]) of the real-space vectors, and the same for the reciprocal ones."""
     def params(x, y, z):
-        lx, ly, lz = (float(torch.sqrt(dot(v, v))) for v in (x, y, z))
-        ang = lambda u, v, lu, lv: math.degrees(math.acos(max(-1.0, min(1.0, float(dot(u, v)) / lu / lv))))  # noqa
+        lx, ly, lz = (value(torch.sqrt(dot(v, v))) for v in (x, y, z))
+        ang = lambda u, v, lu, lv: math.degrees(math.acos(max(-1.0, min(1.0, value(dot(u, v)) / lu / lv))))  # noqa
         return [lx, ly, lz, ang(y, z, ly, lz), ang(x, z, lx, lz), ang(x, y, lx, ly)]
     real = params(lat.a * 1e10, lat.b * 1e10, lat.c * 1e10)
     recip = params(lat.a_star, lat.b_star, lat.c_star)

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
-from nbsim.physics import (HKLTable, capture_fraction, lattice_factor, polarization_factor,
-                           solid_angle)
+from nbsim.params import value
+from nbsim.physics import (HKLTable, capture_fraction, full_like, lattice_factor,
+                           polarization_factor, solid_angle)
 from nbsim.rotation import rotate_axis
 
 
@@ -50,9 +52,9 @@ class Model:
     curved: bool
     point_pixel: bool
     thicksteps: int
-    thickstep_m: float
-    thick_m: float
-    mu_per_m: float
+    thickstep_m: "float | torch.Tensor"   # numbers, or 0-d tensors on a derivative's path
+    thick_m: "float | torch.Tensor"
+    mu_per_m: "float | torch.Tensor"
     incident: torch.Tensor        # (S, 3) unit vectors along the incident beam
     wavelength_m: torch.Tensor    # (S,)
     source_weight: torch.Tensor   # (S,)
@@ -60,18 +62,18 @@ class Model:
     lattice_first: Optional[torch.Tensor]  # (F, M, 3, 3) for the run's first loop iteration (quirk 4)
     first_iteration: Optional[tuple]       # (flat pixel index, T, O, S) of that iteration
     recip: tuple                  # setup a*, b*, c* (Å⁻¹)
-    N: tuple                      # (Na, Nb, Nc) floats
+    N: tuple                      # (Na, Nb, Nc) numbers (0-d tensors on a derivative's path)
     shape: str
     fudge: float
     table: Optional[HKLTable]
-    default_F: float
+    default_F: "float | torch.Tensor"
     interpolate: bool
-    kahn: float
+    kahn: "float | torch.Tensor"
     polar_vector: torch.Tensor
     nopolar: bool
     dmin_m: float
-    I_bg: float                   # background added to every pixel's sum (C units)
-    fluence: float
+    I_bg: "float | torch.Tensor"  # background added to every pixel's sum (C units)
+    fluence: "float | torch.Tensor"
     r_e_sqr: float
     steps: int
     oversample_thick: bool
@@ -79,7 +81,8 @@ class Model:
     oversample_omega: bool
     faithful: bool
     mask: Optional[torch.Tensor] = None   # (spixels, fpixels) bool: pixels to simulate
-    bg_physical: float = 0.0      # physical-mode background per pixel (photons/sr before factors)
+    bg_physical: "float | torch.Tensor" = 0.0   # physical-mode background per pixel (photons/sr)
+    differentiable: bool = False  # some field is a tensor on a derivative's path (nbsim.params)
     info: dict = field(default_factory=dict)
 
     @property
@@ -152,19 +155,35 @@ def _first_along(mask: torch.Tensor, values: torch.Tensor, dims: int, fill: floa
 
 
 class _ExactSqrt(torch.autograd.Function):
+    """IEEE square root through NumPy, with reverse- and forward-mode derivatives and a vmap rule
+    (so ``torch.autograd``, ``torch.autograd.forward_ad`` and ``torch.func`` all see through it)."""
+
     @staticmethod
-    def forward(ctx, x):
+    def forward(x):
         import numpy as np
         xc = x.detach().contiguous()
         out = torch.empty_like(xc)
         np.sqrt(xc.numpy(), out=out.numpy())
-        ctx.save_for_backward(out)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
         return grad / (2 * out)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (out,) = ctx.saved_tensors
+        return tangent / (2 * out)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _ExactSqrt.apply(x), in_dims[0]
 
 
 def sqrt_exact(x: torch.Tensor) -> torch.Tensor:
@@ -243,9 +262,9 @@ def sincg_reduced(h: torch.Tensor, h0: torch.Tensor, n: float) -> torch.Tensor:
     (−1)^((n−1)·h0) · sin(n·π·f)/sin(π·f), and n where f == 0. Same value, well conditioned."""
     x = (h - h0) * math.pi
     sx = torch.sin(x)
-    r = torch.where(sx == 0, torch.full_like(x, n), torch.sin(x * n) / torch.where(
+    r = torch.where(sx == 0, full_like(x, n), torch.sin(x * n) / torch.where(
         sx == 0, torch.ones_like(sx), sx))
-    if int(n) % 2 == 0:
+    if int(value(n)) % 2 == 0:
         r = r * (1.0 - 2.0 * torch.remainder(h0, 2.0))
     return r
 
@@ -262,12 +281,21 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     T, O = m.thicksteps, m.oversample ** 2
     pos = _positions(m, idx)                                   # (P, T, O, 3)
     d, R = unitize_exact(pos)
-    omega = solid_angle(R, m.pixel_m, m.close_distance_m, m.point_pixel)        # (P, T, O)
+    # faithful mode applies the solid angle and polarization of the first sub-pixel and the capture
+    # fraction of the last layer (quirk 6): only those are computed unless oversampled or traced
+    full = not m.faithful or trace is not None
+    full_omega = full or m.oversample_omega
+    full_capture = full or m.oversample_thick
+    sel = (slice(None), slice(None), slice(None)) if full_omega else (slice(None), slice(0, 1), slice(0, 1))
+    omega = solid_angle(R[sel], m.pixel_m, m.close_distance_m, m.point_pixel)   # (P, T, O) or (P, 1, 1)
     layer = torch.arange(T, dtype=dt, device=m.device)[None, :, None]
-    if m.thick_m == 0.0 and not m.oversample_thick:
-        capture = torch.ones_like(omega)
-    else:
+    if value(m.thick_m) == 0.0 and not m.oversample_thick:
+        capture = torch.ones((P, T, O) if full_capture else (P, 1, 1), dtype=dt, device=m.device)
+    elif full_capture:
         capture = capture_fraction(d, m.odet, layer, m.thickstep_m, m.mu_per_m)  # (P, T, O)
+    else:
+        capture = capture_fraction(d[:, -1:, 0:1], m.odet, layer[:, -1:], m.thickstep_m,
+                                   m.mu_per_m)                                   # (P, 1, 1)
 
     inc = m.incident                                            # (S, 3)
     lam = m.wavelength_m                                        # (S,)
@@ -277,11 +305,14 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
         stol = 0.5 * sqrt_exact((scat * scat).sum(-1))
         safe = torch.where(stol > 0, stol, torch.ones_like(stol))
         executed = ~((stol > 0) & (m.dmin_m > 0.5 / safe))     # (P, T, O, S)
+    full_polar = full or m.oversample_polar or executed is not None
+    Tp, Op, Sp = (T, O, inc.shape[0]) if full_polar else (1, 1, 1)
     if m.nopolar and not (m.faithful and m.oversample_polar):   # C recomputes it per sub-pixel anyway
-        polar = torch.ones(P, T, O, inc.shape[0], dtype=dt, device=m.device)
+        polar = torch.ones(P, Tp, Op, Sp, dtype=dt, device=m.device)
     else:
-        polar = polarization_factor(m.kahn, inc.expand(P, T, O, -1, -1), d[..., None, :].expand(
-            P, T, O, inc.shape[0], 3), m.polar_vector)         # (P, T, O, S)
+        polar = polarization_factor(m.kahn, inc[:Sp].expand(P, Tp, Op, -1, -1),
+                                    d[:, :Tp, :Op, None, :].expand(P, Tp, Op, Sp, 3),
+                                    m.polar_vector)             # (P, T, O, S) or (P, 1, 1, 1)
 
     # Miller indices for every φ step and mosaic domain: h = a·S
     mode = miller_mode(m)
@@ -294,7 +325,7 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     if m.shape == "square" and reduced_sincg(m):
         F_latt = torch.ones_like(hkl[..., 0])
         for i, n in enumerate(m.N):
-            if n > 1:
+            if value(n) > 1:
                 F_latt = F_latt * sincg_reduced(hkl[..., i], hkl0[..., i], n)
     else:
         F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)    # (P,T,O,S,F,M)
@@ -303,12 +334,12 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     live = torch.ones_like(F_latt, dtype=torch.bool)
     if executed is not None:
         live = live & executed[..., None, None]
-    if m.I_bg == 0.0 and m.bg_physical == 0.0:
+    if value(m.I_bg) == 0.0 and value(m.bg_physical) == 0.0:
         live = live & (F_latt != 0)
 
     new_state = interp_on
     if m.table is None:
-        F_cell = torch.full_like(F_latt, m.default_F)
+        F_cell = full_like(F_latt, m.default_F)
     elif m.interpolate:
         oor = m.table.interp_out_of_range(hkl) & live
         F_near = m.table.nearest(hkl0)
@@ -399,6 +430,8 @@ def _requires_grad(m: Model) -> bool:
 
 def fast_path_ok(m: Model) -> bool:
     """True when ``render_fast`` reproduces ``render`` (no loop-order state, no autograd)."""
+    if m.differentiable:
+        return False
     if m.faithful and (m.oversample_thick or m.oversample_polar or m.oversample_omega):
         return False
     if m.table is not None and m.interpolate:
@@ -970,6 +1003,40 @@ def default_chunk_pixels(m: Model, budget_bytes: float, *, plan: Optional[FastPl
     return int(max(1, min(npix, chunk)))
 
 
+def _compiled_reference():
+    """``render`` through torch.compile (forward and, via AOTAutograd, backward), built once."""
+    fn = _compiled.get("render")
+    if fn is None:
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        fn = _compiled["render"] = torch.compile(render, dynamic=False)
+    return fn
+
+
+def _reverse_mode(m: Model) -> bool:
+    """True when some model tensor takes part in reverse-mode autograd (not forward-mode duals
+    or ``torch.func`` wrappers, which keep no graph to recompute)."""
+    def tensors(v):
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                yield from tensors(x)
+    vals = list(vars(m).values()) + ([m.table.table, m.table.default_F] if m.table is not None else [])
+    return any(t.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+               for v in vals for t in tensors(v))
+
+
+def _assemble(m: Model, vals: list, idx_all: Optional[torch.Tensor]) -> torch.Tensor:
+    """The (spixels, fpixels) image from per-chunk values in raster order (out of place, so
+    autograd and ``torch.func`` see one differentiable op); 0 outside the mask."""
+    flat = torch.cat(vals) if len(vals) > 1 else vals[0]
+    if idx_all is not None:
+        flat = torch.zeros(m.fpixels * m.spixels, dtype=flat.dtype, device=flat.device).index_put(
+            (idx_all,), flat)
+    return flat.reshape(m.spixels, m.fpixels)
+
+
 def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes: float = 1.0e9,
                    progress=None, workers: Optional[int] = None, fast: Optional[bool] = None,
                    compile: Optional[bool] = False, report: Optional[dict] = None) -> torch.Tensor:
@@ -1014,9 +1081,11 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
         compile = use_fast and compile_pays_off(m)
     cplan = (CompiledPlan(m, plan, budget_bytes, chunk_pixels)
              if compile and use_fast and compile_ok(m) else None)
+    compile_reference = bool(compile) and m.differentiable and not use_fast
     if report is not None:
         report["kernel"] = ("compiled" if cplan is not None and cplan.fits
-                            else "fast" if use_fast else "reference")
+                            else "fast" if use_fast
+                            else "reference-compiled" if compile_reference else "reference")
     if cplan is not None and cplan.fits:
         if report is not None:
             report["chunk_pixels"] = cplan.chunk
@@ -1049,13 +1118,26 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
 
     if not use_fast:
         interp_on = torch.tensor(bool(m.interpolate), device=dev)
+        # reverse mode: each chunk keeps only its inputs and is re-rendered during backward, so a
+        # whole image's backward needs one chunk's graph at a time (the memory budget holds)
+        recompute = (n > chunk and m.differentiable and torch.is_grad_enabled()
+                     and _reverse_mode(m))
+        # with gradients, device.compile compiles the reference kernel's forward and backward
+        kernel = _compiled_reference() if compile_reference else render
+        vals = []
         for start in range(0, n, chunk):
             idx = pixels(start, start + chunk)
-            val, interp_on = render(m, idx, interp_on, first_local=first_of(start))
-            store(out, start, idx, val)
+            first_local = first_of(start)
+            if recompute:
+                val, interp_on = torch.utils.checkpoint.checkpoint(
+                    lambda i, s, fl=first_local: kernel(m, i, s, first_local=fl), idx, interp_on,
+                    use_reentrant=False)
+            else:
+                val, interp_on = kernel(m, idx, interp_on, first_local=first_local)
+            vals.append(val)
             if progress is not None:
                 progress(min(start + chunk, n), n)
-        return out.reshape(m.spixels, m.fpixels)
+        return _assemble(m, vals, idx_all if m.mask is not None else None)
 
     def job(start):
         idx = pixels(start, start + chunk)

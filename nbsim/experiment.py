@@ -13,7 +13,8 @@ import torch
 
 from nbsim.crystal import build_lattice, cell_parameters
 from nbsim.engine import Model
-from nbsim.geometry import detector_geometry
+from nbsim.geometry import detector_geometry, radians
+from nbsim.params import param_tree, value
 from nbsim.physics import AVOGADRO, R_E_SQR, HKLTable
 from nbsim.rotation import rotate_axis, rotate_umat
 from nbsim.sampling import (make_sources, resolve_dispersion, resolve_divergence, resolve_mosaic,
@@ -38,6 +39,7 @@ def effective_phi(phi0, phistep, phisteps, faithful):
 
     Faithful mode (quirk 4): a step whose φ is exactly 0.0 keeps the previous loop iteration's
     orientation; at the very first iteration of the run "previous" is the unrotated crystal.
+    ``phi0``/``phistep`` may be 0-d tensors (the choice "exactly 0" is taken at their values).
     Returns (steady list, first list or None when identical).
     """
     phis = [phi0 + phistep * i for i in range(phisteps)]
@@ -47,28 +49,62 @@ def effective_phi(phi0, phistep, phisteps, faithful):
     def walk(prev):
         out = []
         for p in phis:
-            prev = p if p != 0.0 else prev
+            prev = p if value(p) != 0.0 else prev
             out.append(prev)
         return out
     first = walk(0.0)
     steady = walk(first[-1])
-    return steady, (first if first != steady else None)
+    same = all(x is y for x, y in zip(first, steady))
+    return steady, (None if same else first)
+
+
+def _carries_derivative(t: torch.Tensor) -> bool:
+    """True for a tensor on the path of a derivative: ``requires_grad``, a forward-mode dual, or a
+    ``torch.func`` transform's wrapper."""
+    if t.requires_grad:
+        return True
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return True
+    from torch.autograd import forward_ad
+    try:
+        return forward_ad.unpack_dual(t).tangent is not None
+    except RuntimeError:
+        return False
+
+
+def setup_values(tree: dict) -> dict:
+    """The parameter tree as the setup reads it: tensors that carry a derivative stay tensors (their
+    graph reaches the pixels); the others become plain numbers (lists for vectors), so a run without
+    gradients does exactly the arithmetic it always did."""
+    out = {}
+    for k, t in tree.items():
+        if _carries_derivative(t):
+            out[k] = t
+        else:
+            out[k] = float(t) if t.dim() == 0 else t.tolist()
+    return out
 
 
 def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base_dir=".",
-                write_fdump=True) -> Model:
+                write_fdump=True, params=None) -> Model:
     """Resolve ``spec`` into a ``Model``. ``model.info`` carries the numbers nanoBragg prints;
-    ``model.info['log']`` the nanoBragg-style setup lines and ``['warnings']`` quirk warnings."""
+    ``model.info['log']`` the nanoBragg-style setup lines and ``['warnings']`` quirk warnings.
+
+    ``params``: schema key → tensor (``nbsim.params.PARAMS``), taking the place of the spec's value;
+    a tensor with ``requires_grad`` (or a forward-mode dual) passes its graph on to the model."""
     spec.validate()
     d, b, c = spec.detector, spec.beam, spec.crystal
     faithful = spec.quirks == "faithful"
     warnings, log = [], []
     tkw = dict(dtype=dtype, device=device)
+    p = setup_values(param_tree(spec, params, device=device))
+    differentiable = any(isinstance(v, torch.Tensor) for v in p.values())
 
-    geo = detector_geometry(d, b, c, quirks=spec.quirks, **tkw)
+    geo = detector_geometry(d, b, c, quirks=spec.quirks, p=p, **tkw)
     warnings += geo.warnings
     info = dict(geo.info)
-    lambda0 = b.wavelength_A * 1e-10
+    wavelength_A = p["beam.wavelength_A"]
+    lambda0 = wavelength_A * 1e-10
 
     # ---- crystal
     matrix = None
@@ -84,25 +120,24 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
                             "(the C program would use the clock)")
         misset = tuple(random_misset(c_seed(seed)))
         log.append("random orientation misset angles: %g %g %g deg" % tuple(x * RTD for x in misset))
-    elif c.misset_deg is not None:
-        misset = tuple(math.radians(x) for x in c.misset_deg)
-    lat = build_lattice(cell_A_deg=c.cell_A_deg, matrix=matrix, wavelength_A=b.wavelength_A,
-                        misset_rad=misset, faithful=faithful, **tkw)
+    elif "crystal.misset_deg" in p:
+        misset = tuple(radians(p["crystal.misset_deg"][i]) for i in range(3))
+    if "crystal.matrix" in p:
+        matrix = p["crystal.matrix"]
+    lat = build_lattice(cell_A_deg=p.get("crystal.cell_A_deg"), matrix=matrix,
+                        wavelength_A=wavelength_A, misset_rad=misset, faithful=faithful, **tkw)
     real, recip = cell_parameters(lat)
     if faithful and c.cell_A_deg is not None and max(abs(x - y) for x, y in zip(real, c.cell_A_deg)) > 1e-3:
         warnings.append("quirk: -cell c* construction changes the triclinic cell to "
                         + " ".join(f"{x:g}" for x in real) + " (quirks=physical uses the textbook c*)")
     log.append("Unit Cell: " + " ".join(f"{x:g}" for x in real))
     log.append("Recp Cell: " + " ".join(f"{x:g}" for x in recip))
-    log.append(f"volume = {float(lat.V_cell_A3):g} A^3")
+    log.append(f"volume = {value(lat.V_cell_A3):g} A^3")
 
     # crystal size
-    la, lb, lc = (float(torch.linalg.vector_norm(v)) for v in (lat.a, lat.b, lat.c))
-    Nbase = c.N
-    Na = float(c.Na if c.Na is not None else Nbase)
-    Nb = float(c.Nb if c.Nb is not None else Nbase)
-    Nc = float(c.Nc if c.Nc is not None else Nbase)
-    N_before_size = (Na, Nb, Nc)
+    la, lb, lc = (value(torch.linalg.vector_norm(v)) for v in (lat.a, lat.b, lat.c))
+    Na, Nb, Nc = (p.get(f"crystal.{k}", p["crystal.N"]) for k in ("Na", "Nb", "Nc"))
+    N_before_size = tuple(value(x) for x in (Na, Nb, Nc))
     size_y = c.size_y_mm * 1e-3 if c.size_y_mm else 0.0
     size_z = c.size_z_mm * 1e-3 if c.size_z_mm else 0.0
     beamsize = b.beamsize_mm * 1e-3
@@ -118,25 +153,28 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         Nb = float(math.ceil(size_y / lb))
     if size_z > 0:
         Nc = float(math.ceil(size_z / lc))
-    Na, Nb, Nc = (max(1.0, x) for x in (Na, Nb, Nc))
-    xtal_max = max(la * Na, lb * Nb, lc * Nc)
-    distance = float(geo.distance_m)
-    px = float(geo.pixel_m)
-    recommended = int(math.ceil(3.0 * xtal_max / (lambda0 * distance / px)))
+    Na, Nb, Nc = (x if value(x) >= 1.0 else 1.0 for x in (Na, Nb, Nc))
+    Nv = tuple(value(x) for x in (Na, Nb, Nc))                 # discrete choices: at the values
+    xtal_max = max(la * Nv[0], lb * Nv[1], lc * Nv[2])
+    distance = value(geo.distance_m)
+    px = value(geo.pixel_m)
+    recommended = int(math.ceil(3.0 * xtal_max / (value(lambda0) * distance / px)))
     recommended = max(recommended, 1)
     oversample = d.oversample if d.oversample and d.oversample > 0 else recommended
-    log.append(f"crystal is {la * Na * 1e6:g} x {lb * Nb * 1e6:g} x {lc * Nc * 1e6:g} microns")
+    log.append(f"crystal is {la * Nv[0] * 1e6:g} x {lb * Nv[1] * 1e6:g} x {lc * Nv[2] * 1e6:g} microns")
     if not d.oversample:
         log.append(f"auto-selected {oversample}-fold oversampling")
 
     # ---- structure factors
+    default_F = p["crystal.default_F"]
     table = None
     fdump = c.fdump_file
     if c.hkl_file is not None:
         from nbsim.io.tables import hkl_table, read_hkl
         hkl, F = read_hkl(_path(base_dir, c.hkl_file, "crystal.hkl_file"))
-        ranges, dense = hkl_table(hkl, F, c.default_F)
+        ranges, dense = hkl_table(hkl, F, value(default_F))
         count = len(F)
+        listed = hkl_table(hkl, np.ones(len(F)), 0.0)[1] != 0     # entries the file gives
         if fdump and write_fdump:
             from nbsim.io.tables import write_fdump as _wf
             _wf(Path(base_dir) / fdump, ranges, dense)
@@ -150,13 +188,23 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     else:
         ranges = None
         count = 0
-        if c.default_F == 0.0:
+        if value(default_F) == 0.0:
             raise SpecError("crystal.default_F", "no structure factors: give crystal.hkl_file, a "
                             "Fdump file, or a non-zero crystal.default_F")
     if ranges is not None:
         hr, kr, lr = ranges[1] - ranges[0] + 1, ranges[3] - ranges[2] + 1, ranges[5] - ranges[4] + 1
-        table = HKLTable(ranges, torch.as_tensor(np.asarray(dense)[:hr, :kr, :lr], **tkw),
-                         c.default_F, count)
+        F_table = torch.as_tensor(np.asarray(dense)[:hr, :kr, :lr], **tkw)
+        if isinstance(default_F, torch.Tensor) and c.hkl_file is not None:
+            # entries the file does not list are default_F: keep its derivative there
+            F_table = torch.where(torch.as_tensor(listed, device=device), F_table, default_F.to(dtype))
+        if "crystal.F_table" in p:
+            given = torch.as_tensor(p["crystal.F_table"], **tkw)
+            if tuple(given.shape) != tuple(F_table.shape):
+                raise SpecError("crystal.F_table", f"must have the table's shape {tuple(F_table.shape)} "
+                                f"(h {ranges[0]}..{ranges[1]}, k {ranges[2]}..{ranges[3]}, "
+                                f"l {ranges[4]}..{ranges[5]}), got {tuple(given.shape)}")
+            F_table = given
+        table = HKLTable(ranges, F_table, default_F, count)
     if c.interpolate is None:
         interpolate = any(x <= 2 for x in N_before_size)
         log.append("auto-selected " + ("tricubic interpolation of structure factors" if interpolate
@@ -165,29 +213,30 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         interpolate = bool(c.interpolate)
     if count == 0:
         interpolate = False
-    log.append(f"  {count} initialized hkls (all others ={c.default_F:g})")
+    log.append(f"  {count} initialized hkls (all others ={value(default_F):g})")
 
     # ---- sampling
-    phisteps, osc, phistep = resolve_phi(math.radians(c.phi_deg),
-                                         None if c.osc_deg is None else math.radians(c.osc_deg),
+    phi0 = radians(p["crystal.phi_deg"])
+    phisteps, osc, phistep = resolve_phi(phi0,
+                                         radians(p["crystal.osc_deg"]) if "crystal.osc_deg" in p else None,
                                          None if c.phistep_deg is None else math.radians(c.phistep_deg),
                                          c.phisteps)
-    phi0 = math.radians(c.phi_deg)
     steady, first = effective_phi(phi0, phistep, phisteps, faithful)
-    if first is not None or (faithful and steady != [phi0 + phistep * i for i in range(phisteps)]):
+    if first is not None or (faithful and [value(x) for x in steady]
+                             != [value(phi0 + phistep * i) for i in range(phisteps)]):
         warnings.append("quirk: phi step(s) at exactly 0 deg keep the previous orientation "
                         "(C phi carry-over); quirks=physical rotates every step")
-    mosaic_domains, spread, mwarn = resolve_mosaic(math.radians(c.mosaic_deg), c.mosaic_domains)
+    mosaic_domains, spread, mwarn = resolve_mosaic(radians(p["crystal.mosaic_deg"]), c.mosaic_domains)
     if mwarn:
         warnings.append(mwarn)
-    if spread > 0:
-        from nbsim.rng import c_seed, mosaic_umats
-        umats = torch.as_tensor(np.asarray(mosaic_umats(spread, mosaic_domains, c_seed(c.mosaic_seed))), **tkw)
+    if value(spread) > 0:
+        from nbsim.rng import c_seed, mosaic_umats_tensor
+        umats = mosaic_umats_tensor(spread, mosaic_domains, c_seed(c.mosaic_seed), **tkw)
     else:
         umats = None
 
     def orient(angles):
-        phi_t = torch.tensor(angles, **tkw)                              # (F,)
+        phi_t = torch.stack([torch.as_tensor(x, **tkw) for x in angles])   # (F,)
         base = torch.stack((lat.a, lat.b, lat.c))                        # (3 vectors, 3)
         ap = rotate_axis(base[None].expand(len(angles), 3, 3), geo.spindle, phi_t[:, None])  # (F,3,3)
         if umats is None:
@@ -197,11 +246,11 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     lattice = orient(steady)
     lattice_first = orient(first) if first is not None else None
 
-    hdiv = resolve_divergence(None if b.hdivrange_mrad is None else b.hdivrange_mrad * 1e-3,
+    hdiv = resolve_divergence(p["beam.hdivrange_mrad"] * 1e-3 if "beam.hdivrange_mrad" in p else None,
                               None if b.hdivstep_mrad is None else b.hdivstep_mrad * 1e-3, b.hdivsteps)
-    vdiv = resolve_divergence(None if b.vdivrange_mrad is None else b.vdivrange_mrad * 1e-3,
+    vdiv = resolve_divergence(p["beam.vdivrange_mrad"] * 1e-3 if "beam.vdivrange_mrad" in p else None,
                               None if b.vdivstep_mrad is None else b.vdivstep_mrad * 1e-3, b.vdivsteps)
-    disp = resolve_dispersion(b.dispersion_pct / 100.0, b.dispsteps)
+    disp = resolve_dispersion(p["beam.dispersion_pct"] / 100.0, b.dispsteps)
     table_src = None
     if b.source_file is not None:
         from nbsim.io.tables import read_sourcefile
@@ -215,23 +264,25 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     if nsrc == 0:
         raise SpecError("beam.hdivrange_mrad", "the divergence grid selects no source")
 
-    thicksteps, thick, thickstep = resolve_thickness(d.thick_um * 1e-6, d.thicksteps, faithful=faithful)
-    if d.attenuation_um is not None:
-        if d.attenuation_um == 0 or math.isinf(d.attenuation_um):
+    thicksteps, thick, thickstep = resolve_thickness(p["detector.thick_um"] * 1e-6, d.thicksteps,
+                                                     faithful=faithful)
+    if "detector.attenuation_um" in p:
+        att = p["detector.attenuation_um"]
+        if value(att) == 0 or math.isinf(value(att)):
             thicksteps, thick, thickstep, mu = 1, 0.0, 0.0, 0.0
         else:
-            mu = 1.0 / (d.attenuation_um * 1e-6)
+            mu = 1.0 / (att * 1e-6)
     else:
         mu = -1.0
-        if thick > 0.0:
+        if value(thick) > 0.0:
             mu = 1.0 / thick
             warnings.append(f"no sensor attenuation given: using attenuation length = thickness "
-                            f"(mu = {mu:g} /m)")
+                            f"(mu = {value(mu):g} /m)")
 
     steps = nsrc * mosaic_domains * phisteps * oversample * oversample
 
     # ---- beam intensity
-    fluence = b.fluence_ph_per_m2 if b.fluence_ph_per_m2 is not None else DEFAULT_FLUENCE
+    fluence = p.get("beam.fluence_ph_per_m2", DEFAULT_FLUENCE)
     if b.flux_ph_per_s != 0.0 and b.exposure_s > 0:
         fluence = b.flux_ph_per_s * b.exposure_s / beamsize / beamsize
     water = c.water_um * 1e-6
@@ -244,7 +295,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         if d.twotheta_deg != 0.0:
             warnings.append("quirk: the beam/detector-normal ratio ignores two-theta, so the recomputed "
                             f"distance is {info['distance_mm']:g} mm (quirks=physical includes it)")
-        if water > 0 and abs(R_E_SQR * fluence - 1.0) > 1e-12:
+        if water > 0 and abs(R_E_SQR * value(fluence) - 1.0) > 1e-12:
             warnings.append("quirk: the water background scales with fluence squared (quirks=physical: "
                             "linear in fluence)")
         if table_src is not None and len(table_src):
@@ -256,9 +307,10 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         if d.oversample_thick or d.oversample_polar or d.oversample_omega:
             warnings.append("quirk: -oversample_thick/_polar/_omega multiply the running sum (compounding); "
                             "quirks=physical applies the factors per sub-pixel")
-        if thick > 0 and thicksteps > 1:
-            warnings.append(f"quirk: {thicksteps} sensor layers {thickstep * 1e6:g} um apart cover "
-                            f"{thicksteps * thickstep * 1e6:g} um of a {thick * 1e6:g} um sensor, each adds its "
+        if value(thick) > 0 and thicksteps > 1:
+            tstep, tthick = value(thickstep), value(thick)
+            warnings.append(f"quirk: {thicksteps} sensor layers {tstep * 1e6:g} um apart cover "
+                            f"{thicksteps * tstep * 1e6:g} um of a {tthick * 1e6:g} um sensor, each adds its "
                             "full intensity and only the last layer's capture fraction is applied "
                             "(quirks=physical: N layers of T/N, each weighted by its capture fraction)")
 
@@ -283,17 +335,20 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         warnings.append("quirk: with dmin the first rotated iteration is taken at the first simulated pixel")
 
     info.update(
-        wavelength_A=b.wavelength_A, phi_deg=c.phi_deg, osc_deg=osc * RTD, phistep_deg=phistep * RTD,
-        phisteps=phisteps, mosaic_domains=mosaic_domains, mosaic_deg=spread * RTD,
+        wavelength_A=value(wavelength_A), phi_deg=value(p["crystal.phi_deg"]), osc_deg=value(osc) * RTD,
+        phistep_deg=value(phistep) * RTD,
+        phisteps=phisteps, mosaic_domains=mosaic_domains, mosaic_deg=value(spread) * RTD,
         sources=nsrc, divsteps=src.divsteps, dispsteps=src.dispsteps, oversample=oversample,
-        recommended_oversample=recommended, thicksteps=thicksteps, thick_m=thick, mu_per_m=mu,
-        steps=steps, Na=Na, Nb=Nb, Nc=Nc, fluence=fluence, interpolate=interpolate, hkls=count,
-        roi=roi, unit_cell=real, recp_cell=recip, V_cell_A3=float(lat.V_cell_A3),
-        a_A=[float(x) * 1e10 for x in lat.a], b_A=[float(x) * 1e10 for x in lat.b],
-        c_A=[float(x) * 1e10 for x in lat.c],
-        a_star=[float(x) for x in lat.a_star], b_star=[float(x) for x in lat.b_star],
-        c_star=[float(x) for x in lat.c_star], source_listing=src.listing,
-        hdiv=list(hdiv), vdiv=list(vdiv), dispersion=list(disp), quirks=spec.quirks,
+        recommended_oversample=recommended, thicksteps=thicksteps, thick_m=value(thick),
+        mu_per_m=value(mu), steps=steps, Na=Nv[0], Nb=Nv[1], Nc=Nv[2], fluence=value(fluence),
+        interpolate=interpolate, hkls=count,
+        roi=roi, unit_cell=real, recp_cell=recip, V_cell_A3=value(lat.V_cell_A3),
+        a_A=[value(x) * 1e10 for x in lat.a], b_A=[value(x) * 1e10 for x in lat.b],
+        c_A=[value(x) * 1e10 for x in lat.c],
+        a_star=[value(x) for x in lat.a_star], b_star=[value(x) for x in lat.b_star],
+        c_star=[value(x) for x in lat.c_star], source_listing=src.listing,
+        hdiv=[value(x) for x in hdiv], vdiv=[value(x) for x in vdiv],
+        dispersion=[value(x) for x in disp], quirks=spec.quirks, differentiable=differentiable,
         log=log, warnings=warnings,
     )
     return Model(
@@ -304,9 +359,9 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         mu_per_m=mu, incident=-src.direction, wavelength_m=src.wavelength_m,
         source_weight=src.weight, lattice=lattice, lattice_first=lattice_first,
         first_iteration=first_iteration, recip=(lat.a_star, lat.b_star, lat.c_star), N=(Na, Nb, Nc),
-        shape=c.shape, fudge=c.fudge, table=table, default_F=c.default_F, interpolate=interpolate,
-        kahn=b.kahn_factor, polar_vector=geo.polar, nopolar=b.nopolar, dmin_m=b.dmin_A * 1e-10,
+        shape=c.shape, fudge=c.fudge, table=table, default_F=default_F, interpolate=interpolate,
+        kahn=p["beam.kahn_factor"], polar_vector=geo.polar, nopolar=b.nopolar, dmin_m=b.dmin_A * 1e-10,
         I_bg=I_bg, fluence=fluence, r_e_sqr=R_E_SQR, steps=steps,
         oversample_thick=d.oversample_thick, oversample_polar=d.oversample_polar,
         oversample_omega=d.oversample_omega, faithful=faithful, mask=mask_t,
-        bg_physical=bg_physical, info=info)
+        bg_physical=bg_physical, differentiable=differentiable, info=info)

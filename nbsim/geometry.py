@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nbsim.rotation import dot, rotate_axis, rotate_xyz, unitize, cross
+from nbsim.params import value
+from nbsim.rotation import cross, dot, rotate_axis, rotate_xyz, unitize
 from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec
 
 DBL_MIN = 2.2250738585072014e-308
@@ -56,32 +57,55 @@ class DetectorGeometry:
     warnings: list = field(default_factory=list)
 
 
+def radians(x):
+    """Degrees to radians as Python's ``math.radians`` rounds it (x · (π/180)), for numbers and
+    tensors alike."""
+    return x * (math.pi / 180.0)
+
+
+def _t(x, dtype, device):
+    """A number or tensor as a tensor of ``dtype`` on ``device`` (a tensor keeps its graph)."""
+    return torch.as_tensor(x, dtype=dtype, device=device)
+
+
 def _vec(v, dtype, device):
     return torch.tensor([float(x) for x in v], dtype=dtype, device=device)
 
 
-def resolve_pixels(d: DetectorSpec):
-    """(fpixels, spixels, detsize_f_m, detsize_s_m) with C's rules."""
-    px = d.pixel_mm * 1e-3
+def resolve_pixels(d: DetectorSpec, px=None):
+    """(fpixels, spixels, detsize_f_m, detsize_s_m) with C's rules. ``px``: pixel size (m), a
+    number or 0-d tensor (default from the spec); a size given as a pixel count follows it."""
+    px = d.pixel_mm * 1e-3 if px is None else px
     out = []
     for npix, size_mm in ((d.fpixels, d.detsize_f_mm), (d.spixels, d.detsize_s_mm)):
         if npix is not None:
             size = px * npix
         else:
             size = (size_mm if size_mm is not None else 102.4) * 1e-3
-            npix = int(math.ceil(size / px - 0.5))
+            npix = int(math.ceil(size / value(px) - 0.5))
         out += [npix, size]
     return out[0], out[2], out[1], out[3]
 
 
+def _spec_values(d: DetectorSpec) -> dict:
+    """The continuous detector keys of a spec as plain numbers (what ``param_tree`` holds)."""
+    keys = ("distance_mm", "close_distance_mm", "pixel_mm", "xbeam_mm", "ybeam_mm", "xclose_mm",
+            "yclose_mm", "orgx_px", "orgy_px", "rotx_deg", "roty_deg", "rotz_deg", "twotheta_deg")
+    return {f"detector.{k}": getattr(d, k) for k in keys if getattr(d, k) is not None}
+
+
 def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: str = "faithful",
-                      dtype=torch.float64, device="cpu") -> DetectorGeometry:
+                      p=None, dtype=torch.float64, device="cpu") -> DetectorGeometry:
+    """Resolve the detector. ``p``: the continuous keys (``detector.distance_mm`` ...) as numbers or
+    0-d tensors (``nbsim.params``); a key absent from ``p`` takes nanoBragg's default. Default:
+    the spec's values."""
     faithful = quirks == "faithful"
+    p = _spec_values(d) if p is None else p
     warnings = []
     conv = d.convention
     tv = lambda v: _vec(v, dtype, device)  # noqa: E731
-    px = d.pixel_mm * 1e-3
-    fpixels, spixels, detsize_f, detsize_s = resolve_pixels(d)
+    px = p["detector.pixel_mm"] * 1e-3
+    fpixels, spixels, detsize_f, detsize_s = resolve_pixels(d, px)
     if fpixels < 1 or spixels < 1:
         from nbsim.spec import SpecError
         raise SpecError("detector.fpixels", f"detector has {fpixels}x{spixels} pixels; need >= 1 each")
@@ -116,30 +140,32 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: s
             odet_v = d.odet_vector or odet_v
             tth_v = d.twotheta_axis or tth_v
 
-    # beam centre defaults (metres)
-    nan = float("nan")
-    Xbeam = d.xbeam_mm * 1e-3 if d.xbeam_mm is not None else nan
-    Ybeam = d.ybeam_mm * 1e-3 if d.ybeam_mm is not None else nan
-    Xclose = d.xclose_mm * 1e-3 if d.xclose_mm is not None else nan
-    Yclose = d.yclose_mm * 1e-3 if d.yclose_mm is not None else nan
-    Fclose = (d.orgx_px - 0.5) * px if d.orgx_px is not None else detsize_f / 2.0
-    Sclose = (d.orgy_px - 0.5) * px if d.orgy_px is not None else detsize_s / 2.0
-    if math.isnan(Xclose):
+    # beam centre defaults (metres); None = not given
+    def given(key, scale):
+        v = p.get(f"detector.{key}")
+        return None if v is None else v * scale
+
+    Xbeam, Ybeam = given("xbeam_mm", 1e-3), given("ybeam_mm", 1e-3)
+    Xclose, Yclose = given("xclose_mm", 1e-3), given("yclose_mm", 1e-3)
+    orgx, orgy = p.get("detector.orgx_px"), p.get("detector.orgy_px")
+    Fclose = (orgx - 0.5) * px if orgx is not None else detsize_f / 2.0
+    Sclose = (orgy - 0.5) * px if orgy is not None else detsize_s / 2.0
+    if Xclose is None:
         Xclose = Fclose
-    if math.isnan(Yclose):
+    if Yclose is None:
         Yclose = Sclose
     if conv == "adxv":
-        Xbeam = (detsize_f + px) / 2.0 if math.isnan(Xbeam) else Xbeam
-        Ybeam = (detsize_s - px) / 2.0 if math.isnan(Ybeam) else Ybeam
+        Xbeam = (detsize_f + px) / 2.0 if Xbeam is None else Xbeam
+        Ybeam = (detsize_s - px) / 2.0 if Ybeam is None else Ybeam
         Fbeam, Sbeam = Xbeam, detsize_s - Ybeam
     elif conv in ("mosflm", "denzo"):
-        Xbeam = (detsize_s + px) / 2.0 if math.isnan(Xbeam) else Xbeam
-        Ybeam = (detsize_f + px) / 2.0 if math.isnan(Ybeam) else Ybeam
+        Xbeam = (detsize_s + px) / 2.0 if Xbeam is None else Xbeam
+        Ybeam = (detsize_f + px) / 2.0 if Ybeam is None else Ybeam
         shift = 0.5 * px if conv == "mosflm" else 0.0
         Fbeam, Sbeam = Ybeam + shift, Xbeam + shift
     else:  # xds, dials, custom
-        Xbeam = Xclose if math.isnan(Xbeam) else Xbeam
-        Ybeam = Yclose if math.isnan(Ybeam) else Ybeam
+        Xbeam = Xclose if Xbeam is None else Xbeam
+        Ybeam = Yclose if Ybeam is None else Ybeam
         Fbeam, Sbeam = Xbeam, Ybeam
         if conv == "custom":
             Fclose, Sclose = Xbeam, Ybeam
@@ -157,9 +183,10 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: s
     tth_axis = tv(tth_v)   # C does not unitize the two-theta axis
     vert, _ = unitize(cross(beam, polar))
 
-    rx, ry, rz = (math.radians(d.rotx_deg), math.radians(d.roty_deg), math.radians(d.rotz_deg))
-    tth = math.radians(d.twotheta_deg)
-    distance = torch.tensor(d.distance_mm * 1e-3, dtype=dtype, device=device)
+    rx, ry, rz = (radians(p["detector.rotx_deg"]), radians(p["detector.roty_deg"]),
+                  radians(p["detector.rotz_deg"]))
+    tth = radians(p["detector.twotheta_deg"])
+    distance = _t(p["detector.distance_mm"] * 1e-3, dtype, device)
 
     def place(v):
         return rotate_axis(rotate_xyz(v, rx, ry, rz), tth_axis, tth)
@@ -169,8 +196,8 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: s
     else:
         ratio = dot(beam, place(odet))
     ratio = torch.where(ratio == 0, torch.full_like(ratio, DBL_MIN), ratio)
-    if d.close_distance_mm is not None:
-        close_distance = torch.tensor(d.close_distance_mm * 1e-3, dtype=dtype, device=device)
+    if p.get("detector.close_distance_mm") is not None:
+        close_distance = _t(p["detector.close_distance_mm"] * 1e-3, dtype, device)
     else:
         close_distance = torch.abs(ratio * distance)
     distance = close_distance / ratio
@@ -200,23 +227,24 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: s
     orgy = Sclose_t / px + 0.5
     dials = 1000.0 * torch.stack((pix0[2], pix0[1], -pix0[0]))
 
-    g = lambda t: float(t.detach())  # noqa: E731  (report only)
+    g = value  # (report only)
     info = dict(
         convention=conv, pivot=pivot, fpixels=fpixels, spixels=spixels,
-        pixel_mm=px * 1e3, detsize_f_mm=detsize_f * 1e3, detsize_s_mm=detsize_s * 1e3,
+        pixel_mm=g(px) * 1e3, detsize_f_mm=g(detsize_f) * 1e3, detsize_s_mm=g(detsize_s) * 1e3,
         distance_mm=g(distance) * 1e3, close_distance_mm=g(close_distance) * 1e3,
-        xbeam_mm=Xbeam * 1e3, ybeam_mm=Ybeam * 1e3, xclose_mm=Xclose * 1e3, yclose_mm=Yclose * 1e3,
+        xbeam_mm=g(Xbeam) * 1e3, ybeam_mm=g(Ybeam) * 1e3, xclose_mm=g(Xclose) * 1e3,
+        yclose_mm=g(Yclose) * 1e3,
         fbeam_mm=g(Fbeam_t) * 1e3, sbeam_mm=g(Sbeam_t) * 1e3,
         fclose_mm=g(Fclose_t) * 1e3, sclose_mm=g(Sclose_t) * 1e3,
         orgx_px=g(orgx), orgy_px=g(orgy), dials_origin_mm=[g(x) for x in dials],
-        twotheta_deg=d.twotheta_deg, ratio=g(ratio),
+        twotheta_deg=g(p["detector.twotheta_deg"]), ratio=g(ratio),
         fdet=[g(x) for x in fdet], sdet=[g(x) for x in sdet], odet=[g(x) for x in odet],
         pix0_m=[g(x) for x in pix0], beam=[g(x) for x in beam], spindle=[g(x) for x in spindle],
         polar_vector=[g(x) for x in polar], twotheta_axis=[g(x) for x in tth_axis],
         polarization_plane_normal=[g(x) for x in cross(beam, polar)],
     )
     return DetectorGeometry(
-        fpixels=fpixels, spixels=spixels, pixel_m=torch.tensor(px, dtype=dtype, device=device),
+        fpixels=fpixels, spixels=spixels, pixel_m=_t(px, dtype, device),
         fdet=fdet, sdet=sdet, odet=odet, pix0=pix0, beam=beam, polar=polar, vert=vert, spindle=spindle,
         twotheta_axis=tth_axis, distance_m=distance, close_distance_m=close_distance, ratio=ratio,
         convention=conv, pivot=pivot, point_pixel=d.point_pixel, curved=d.curved, info=info,

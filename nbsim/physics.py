@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from nbsim.params import value
 from nbsim.rotation import cross, dot, unitize
 
 R_E_SQR = 7.94079248018965e-30          # classical electron radius squared, m²
@@ -17,11 +18,19 @@ AVOGADRO = 6.02214179e23
 ROUND_NORM = 0.723601254558268          # sqrt of the cube/sphere volume ratio
 
 
-def sincg(x: torch.Tensor, n: float) -> torch.Tensor:
-    """sin(n·x)/sin(x), n at x == 0 (the 1-D lattice interference function)."""
+def full_like(x: torch.Tensor, v) -> torch.Tensor:
+    """``x``'s shape filled with ``v``, a number or a 0-d tensor (whose graph is kept)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(x.dtype).expand_as(x)
+    return torch.full_like(x, v)
+
+
+def sincg(x: torch.Tensor, n) -> torch.Tensor:
+    """sin(n·x)/sin(x), n at x == 0 (the 1-D lattice interference function); ``n`` a number or a
+    0-d tensor."""
     zero = x == 0
     xs = torch.where(zero, torch.ones_like(x), x)
-    return torch.where(zero, torch.full_like(x, n), torch.sin(n * xs) / torch.sin(xs))
+    return torch.where(zero, full_like(x, n), torch.sin(n * xs) / torch.sin(xs))
 
 
 def sinc3(x: torch.Tensor) -> torch.Tensor:
@@ -35,18 +44,16 @@ def lattice_factor(hkl: torch.Tensor, hkl0: torch.Tensor, shape: str, N, fudge: 
                    recip=None) -> torch.Tensor:
     """F_latt for fractional (..., 3) ``hkl`` and rounded ``hkl0``.
 
-    N: (Na, Nb, Nc) floats. recip: (a*, b*, c*) (3,) Å⁻¹ setup vectors, needed by gauss/tophat.
+    N: (Na, Nb, Nc) numbers or 0-d tensors (an axis with N ≤ 1 is skipped, decided at its value).
+    recip: (a*, b*, c*) (3,) Å⁻¹ setup vectors, needed by gauss/tophat.
     """
     Na, Nb, Nc = N
     h, k, l = hkl.unbind(-1)
     if shape == "square":
         f = torch.ones_like(h)
-        if Na > 1:
-            f = f * sincg(math.pi * h, Na)
-        if Nb > 1:
-            f = f * sincg(math.pi * k, Nb)
-        if Nc > 1:
-            f = f * sincg(math.pi * l, Nc)
+        for n, x in ((Na, h), (Nb, k), (Nc, l)):
+            if value(n) > 1:
+                f = f * sincg(math.pi * x, n)
         return f
     d = hkl - hkl0
     dh, dk, dl = d.unbind(-1)
@@ -86,7 +93,7 @@ def solid_angle(R: torch.Tensor, pixel_m, close_distance_m, point_pixel: bool) -
 
 
 def capture_fraction(diffracted: torch.Tensor, odet: torch.Tensor, layer: torch.Tensor,
-                     thickstep_m: float, mu_per_m: float) -> torch.Tensor:
+                     thickstep_m, mu_per_m) -> torch.Tensor:
     """Fraction of photons absorbed in sensor layer ``layer`` (broadcastable index) along ``diffracted``."""
     parallax = dot(diffracted, odet)
     return (torch.exp(-layer * thickstep_m * mu_per_m / parallax)
@@ -119,7 +126,7 @@ class HKLTable:
         ki = (k0 - self.kmin).clamp(0, self.kr - 1).long()
         li = (l0 - self.lmin).clamp(0, self.lr - 1).long()
         F = self.flat[(hi * self.kr + ki) * self.lr + li]
-        return torch.where(inside, F, torch.full_like(F, self.default_F))
+        return torch.where(inside, F, full_like(F, self.default_F))
 
     def interp_out_of_range(self, hkl: torch.Tensor) -> torch.Tensor:
         """True where C's tricubic interpolation would leave the table (bool, hkl.shape[:-1])."""

@@ -351,23 +351,30 @@ def mosaic_rotation_umat(mosaicity: float, rng: Ran1) -> np.ndarray:
         Row-major ``umat`` (``umat[0] = uxx uxy uxz``); rotate a vector with ``umat @ v``
         (C ``rotate_umat``: ``new_i = sum_j U[3i+j] v_j``).
     """
-    mos = f32(mosaicity)
+    v1, v2, v3, p = _cap_draw(rng)
+    rot = f32(f32(mosaicity) * p)
+    return np.array(_cap_umat(rot, v1, v2, v3, math.cos, math.sin), dtype=np.float64)
+
+
+def _cap_draw(rng: Ran1):
+    """The 3 draws of C ``mosaic_rotation_umat``: the rotation axis (v1, v2, v3) and the float32
+    factor ``p`` (powf((float)(1 - r3²), 1/3)); the angle is (float)(mosaicity · p)."""
     r1 = 2.0 * rng() - 1.0
     r2 = 2.0 * rng() - 1.0
     r3 = 2.0 * rng() - 1.0
     xyrad = math.sqrt(1.0 - r2 * r2)
-    # powf((float)(1-r3^2), (float)(1/3)) then float*float
     p = f32(math.pow(f32(1.0 - r3 * r3), f32(1.0 / 3.0)))
-    rot = f32(mos * p)
-    v1 = xyrad * math.sin(math.pi * r1)
-    v2 = xyrad * math.cos(math.pi * r1)
-    v3 = r2
-    t1 = math.cos(rot)
+    return xyrad * math.sin(math.pi * r1), xyrad * math.cos(math.pi * r1), r2, p
+
+
+def _cap_umat(rot, v1, v2, v3, cos, sin):
+    """Rows of the rotation by ``rot`` about (v1, v2, v3), C's term order (numbers or tensors)."""
+    t1 = cos(rot)
     t2 = 1.0 - t1
     t3 = v1 * v1
     t6 = t2 * v1
     t7 = t6 * v2
-    t8 = math.sin(rot)
+    t8 = sin(rot)
     t9 = t8 * v3
     t11 = t6 * v3
     t12 = t8 * v2
@@ -375,11 +382,11 @@ def mosaic_rotation_umat(mosaicity: float, rng: Ran1) -> np.ndarray:
     t19 = t2 * v2 * v3
     t20 = t8 * v1
     t24 = v3 * v3
-    return np.array([
+    return [
         [t1 + t2 * t3, t7 - t9, t11 + t12],
         [t7 + t9, t1 + t2 * t15, t19 - t20],
         [t11 - t12, t19 + t20, t1 + t2 * t24],
-    ], dtype=np.float64)
+    ]
 
 
 def umat2misset(umat) -> tuple[float, float, float]:
@@ -482,6 +489,29 @@ def mosaic_umats(mosaic_spread_rad: float, n_domains: int, seed=-12345678,
         out[m] = mosaic_rotation_umat(mosaic_spread_rad, rng)
     out[0] = np.eye(3)
     return out
+
+
+def mosaic_umats_tensor(spread_rad, n_domains: int, seed, *, dtype, device):
+    """``mosaic_umats`` as a (n, 3, 3) tensor; ``spread_rad`` may be a 0-d tensor with a derivative.
+
+    The values are exactly ``mosaic_umats``' (C's float32 angle, libm's sin/cos); the derivative
+    with respect to the spread is that of the same rotations at the unrounded angle spread·p
+    (value + (surrogate − surrogate.detach())), so forward values never change."""
+    import torch
+    exact = torch.as_tensor(mosaic_umats(float(spread_rad.detach()) if isinstance(spread_rad, torch.Tensor)
+                                         else spread_rad, n_domains, seed), dtype=dtype, device=device)
+    if not isinstance(spread_rad, torch.Tensor):
+        return exact
+    rng = _as_stream(seed, None)
+    rows = []
+    for m in range(int(n_domains)):
+        v1, v2, v3, p = _cap_draw(rng)
+        u = _cap_umat(spread_rad.to(dtype) * p, v1, v2, v3, torch.cos, torch.sin)
+        rows.append(torch.stack([torch.stack([torch.as_tensor(x, dtype=dtype, device=device)
+                                              for x in r]) for r in u]))
+    sur = torch.stack(rows)
+    sur = torch.cat((torch.eye(3, dtype=dtype, device=device)[None], sur[1:]))
+    return exact + (sur - sur.detach())
 
 
 def random_misset(misset_seed, table: Ran1Table | None = None) -> tuple[float, float, float]:

@@ -2,7 +2,9 @@
 sensor layers, with nanoBragg's auto-selection rules (§4.2 items 6-8, §4.4).
 
 Each ``resolve_*`` takes plain numbers (None = "not given") and returns plain numbers, so the rules
-are testable without torch; ``make_sources`` builds the tensors.
+are testable without torch; a range or angle may also be a 0-d tensor (a parameter of
+``nbsim.params``): the rules then decide at its value and the returned range and step are tensors
+that keep its graph. ``make_sources`` builds the tensors.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nbsim.params import value
 from nbsim.rotation import rotate_axis, unitize
 
 
@@ -20,29 +23,29 @@ def _auto_steps(steps, rng, step, *, none_range=0.0, steps_only_range=1.0):
     rng = -1.0 if rng is None else rng
     step = -1.0 if step is None else step
     if steps <= 0:
-        if rng < 0.0:
-            if step <= 0.0:
+        if value(rng) < 0.0:
+            if value(step) <= 0.0:
                 steps, rng, step = 1, 0.0, 0.0
             else:
                 rng, steps = step, 2
         else:
-            if step <= 0.0:
+            if value(step) <= 0.0:
                 step, steps = rng, 2
             else:
-                steps = int(math.ceil(rng / step))
+                steps = int(math.ceil(value(rng) / value(step)))
     else:
-        if rng < 0.0:
-            if step <= 0.0:
+        if value(rng) < 0.0:
+            if value(step) <= 0.0:
                 rng = steps_only_range
                 step = rng / steps
             else:
                 rng, steps = step, 2
         else:
-            if step <= 0.0:
+            if value(step) <= 0.0:
                 if steps <= 1:
                     steps = 2
                 step = rng / (steps - 1)
-    if rng <= 0.0 or step <= 0.0 or steps <= 0:
+    if value(rng) <= 0.0 or value(step) <= 0.0 or steps <= 0:
         steps, rng, step = 1, 0.0, 0.0
     return steps, rng, step
 
@@ -63,27 +66,27 @@ def resolve_phi(phi0_rad, osc_rad, phistep_rad, phisteps):
     osc = -1.0 if osc_rad is None else osc_rad
     step = -1.0 if phistep_rad is None else phistep_rad
     if steps < 0:
-        if osc < 0.0:
-            if step <= 0.0:
+        if value(osc) < 0.0:
+            if value(step) <= 0.0:
                 steps, osc, step = 1, 0.0, 0.0
             else:
                 osc, steps = step, 2
         else:
-            if step <= 0.0:
+            if value(step) <= 0.0:
                 steps, step = 2, osc / 2.0
             else:
-                steps = int(math.ceil(osc / step))
+                steps = int(math.ceil(value(osc) / value(step)))
     else:
         if steps == 0:
             steps = 1
-        if osc < 0.0:
-            if step <= 0.0:
+        if value(osc) < 0.0:
+            if value(step) <= 0.0:
                 osc = 1.0 / (180.0 / math.pi)
                 step = osc / steps
             else:
                 osc, steps = step, 2
         else:
-            if step < 0.0:
+            if value(step) < 0.0:
                 step = osc / steps
     return steps, osc, step
 
@@ -94,25 +97,25 @@ def resolve_thickness(thick_m, thicksteps, *, faithful=True):
     steps = -1 if thicksteps is None else thicksteps
     thick = thick_m
     if not faithful:
-        if thick <= 0:
+        if value(thick) <= 0:
             return 1, 0.0, 0.0
         n = steps if steps > 0 else 2
         return n, thick, thick / n
     step = -1.0
     if steps <= 0:
-        if thick < 0.0:
+        if value(thick) < 0.0:
             steps, thick, step = 1, 0.0, 0.0
         else:
             steps, step = 2, thick / 2
     else:
-        if thick < 0.0:
+        if value(thick) < 0.0:
             thick = 0.5e-6
             step = thick / steps
         else:
             if steps <= 1:
                 steps = 2
             step = thick / (steps - 1)
-    if thick <= 0.0 or step <= 0.0 or steps <= 0:
+    if value(thick) <= 0.0 or value(step) <= 0.0 or steps <= 0:
         steps, thick, step = 1, 0.0, 0.0
     return steps, thick, step
 
@@ -121,10 +124,10 @@ def resolve_mosaic(spread_rad, domains):
     """(domains, spread, warning or None)."""
     d = -1 if domains is None else domains
     if d <= 0:
-        if spread_rad <= 0.0:
+        if value(spread_rad) <= 0.0:
             return 1, 0.0, None
         return 10, spread_rad, "finite mosaicity with only one domain! upping to 10 mosaic domains"
-    if spread_rad <= 0.0:
+    if value(spread_rad) <= 0.0:
         return 1, 0.0, ("zero mosaic spread specified.  setting mosaic_domains = 1" if d > 1 else None)
     return d, spread_rad, None
 
@@ -134,6 +137,11 @@ def _div2(num, den):
     if den != 0:
         return num / den / den
     return float("nan") if num == 0 else math.copysign(float("inf"), num)
+
+
+def _stack(values, dtype, device) -> torch.Tensor:
+    """(n,) tensor of numbers or 0-d tensors (their graphs kept)."""
+    return torch.stack([torch.as_tensor(v, dtype=dtype, device=device) for v in values])
 
 
 @dataclass
@@ -165,10 +173,10 @@ def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div
             lam = wavelength_m if math.isnan(lam) else lam
             rows.append((X, Y, Z, I, lam))
         pos = torch.tensor([r[:3] for r in rows], dtype=dtype, device=device)
-        lams = torch.tensor([r[4] for r in rows], dtype=dtype, device=device)
+        lams = _stack([r[4] for r in rows], dtype, device)
         w = torch.tensor([r[3] for r in rows], dtype=dtype, device=device)
         weight = torch.ones_like(w) if faithful else w / w.mean()
-        listing = [f"{r[0]:g} {r[1]:g} {r[2]:g}   {r[3]:g} {r[4]:g}" for r in rows]
+        listing = [f"{r[0]:g} {r[1]:g} {r[2]:g}   {r[3]:g} {value(r[4]):g}" for r in rows]
         direction, _ = unitize(pos)
         return Sources(direction, lams, weight, len(rows), 1, (1, 0.0, 0.0), (1, 0.0, 0.0), (1, 0.0, 0.0),
                        listing)
@@ -180,8 +188,9 @@ def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div
         for j in range(vsteps):
             h = hstep * i - hrange / 2.0
             v = vstep * j - vrange / 2.0
-            test = _div2(h * h - hstep * hstep / 4.0 * (1 - hsteps % 2), hrange)
-            test += _div2(v * v - vstep * vstep / 4.0 * (1 - vsteps % 2), vrange)
+            hv, vv, hs, vs = value(h), value(v), value(hstep), value(vstep)
+            test = _div2(hv * hv - hs * hs / 4.0 * (1 - hsteps % 2), value(hrange))
+            test += _div2(vv * vv - vs * vs / 4.0 * (1 - vsteps % 2), value(vrange))
             if round_div and test * 4.0 > 1.1:
                 continue
             angles.append((h, v))
@@ -194,8 +203,9 @@ def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div
         for lam in lam_list:
             dirs.append(vec)
             lams.append(lam)
-            listing.append(f"{float(vec[0]):g} {float(vec[1]):g} {float(vec[2]):g}   {weight_val:g} {lam:g}")
+            listing.append(f"{value(vec[0]):g} {value(vec[1]):g} {value(vec[2]):g}   {weight_val:g} "
+                           f"{value(lam):g}")
     pos = torch.stack(dirs)
     direction, _ = unitize(pos)
-    lam_t = torch.tensor(lams, dtype=dtype, device=device)
+    lam_t = _stack(lams, dtype, device)
     return Sources(direction, lam_t, torch.ones_like(lam_t), len(angles), dsteps, hdiv, vdiv, disp, listing)
