@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbsim import quirks
 from nbsim.crystal import build_lattice, cell_parameters
 from nbsim.engine import Model
 from nbsim.geometry import detector_geometry
@@ -36,8 +37,8 @@ def _path(base_dir, name, key):
 def effective_phi(phi0, phistep, phisteps, faithful):
     """Per-step rotation angles (rad) actually applied, and the first iteration's angles.
 
-    Faithful mode (quirk 4): a step whose φ is exactly 0.0 keeps the previous loop iteration's
-    orientation; at the very first iteration of the run "previous" is the unrotated crystal.
+    ``faithful`` (quirk phi0_carryover not fixed): a step whose φ is exactly 0.0 keeps the previous
+    loop iteration's orientation; at the very first iteration of the run "previous" is the unrotated crystal.
     Returns (steady list, first list or None when identical).
     """
     phis = [phi0 + phistep * i for i in range(phisteps)]
@@ -61,11 +62,11 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     ``model.info['log']`` the nanoBragg-style setup lines and ``['warnings']`` quirk warnings."""
     spec.validate()
     d, b, c = spec.detector, spec.beam, spec.crystal
-    faithful = spec.quirks == "faithful"
+    q = quirks.of(spec)
     warnings, log = [], []
     tkw = dict(dtype=dtype, device=device)
 
-    geo = detector_geometry(d, b, c, quirks=spec.quirks, **tkw)
+    geo = detector_geometry(d, b, c, quirks=q, **tkw)
     warnings += geo.warnings
     info = dict(geo.info)
     lambda0 = b.wavelength_A * 1e-10
@@ -87,11 +88,12 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     elif c.misset_deg is not None:
         misset = tuple(math.radians(x) for x in c.misset_deg)
     lat = build_lattice(cell_A_deg=c.cell_A_deg, matrix=matrix, wavelength_A=b.wavelength_A,
-                        misset_rad=misset, faithful=faithful, **tkw)
+                        misset_rad=misset, faithful=not q.fixed("triclinic_cstar"), **tkw)
     real, recip = cell_parameters(lat)
-    if faithful and c.cell_A_deg is not None and max(abs(x - y) for x, y in zip(real, c.cell_A_deg)) > 1e-3:
-        warnings.append("quirk: -cell c* construction changes the triclinic cell to "
-                        + " ".join(f"{x:g}" for x in real) + " (quirks=physical uses the textbook c*)")
+    if (not q.fixed("triclinic_cstar") and c.cell_A_deg is not None
+            and max(abs(x - y) for x, y in zip(real, c.cell_A_deg)) > 1e-3):
+        warnings.append("quirk triclinic_cstar: -cell c* construction changes the triclinic cell to "
+                        + " ".join(f"{x:g}" for x in real) + " (fixed: the textbook c*)")
     log.append("Unit Cell: " + " ".join(f"{x:g}" for x in real))
     log.append("Recp Cell: " + " ".join(f"{x:g}" for x in recip))
     log.append(f"volume = {float(lat.V_cell_A3):g} A^3")
@@ -173,10 +175,11 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
                                          None if c.phistep_deg is None else math.radians(c.phistep_deg),
                                          c.phisteps)
     phi0 = math.radians(c.phi_deg)
-    steady, first = effective_phi(phi0, phistep, phisteps, faithful)
-    if first is not None or (faithful and steady != [phi0 + phistep * i for i in range(phisteps)]):
-        warnings.append("quirk: phi step(s) at exactly 0 deg keep the previous orientation "
-                        "(C phi carry-over); quirks=physical rotates every step")
+    carry = not q.fixed("phi0_carryover")
+    steady, first = effective_phi(phi0, phistep, phisteps, carry)
+    if first is not None or (carry and steady != [phi0 + phistep * i for i in range(phisteps)]):
+        warnings.append("quirk phi0_carryover: phi step(s) at exactly 0 deg keep the previous "
+                        "orientation (C phi carry-over); fixed: such steps use the unrotated crystal")
     mosaic_domains, spread, mwarn = resolve_mosaic(math.radians(c.mosaic_deg), c.mosaic_domains)
     if mwarn:
         warnings.append(mwarn)
@@ -210,12 +213,13 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
             raise SpecError("beam.source_file", f"no sources in {b.source_file}")
     src = make_sources(beam=geo.beam, polar=geo.polar, vert=geo.vert, wavelength_m=lambda0,
                        hdiv=hdiv, vdiv=vdiv, disp=disp, round_div=b.round_div, table=table_src,
-                       faithful=faithful, **tkw)
+                       faithful=not q.fixed("source_intensity_ignored"), **tkw)
     nsrc = src.direction.shape[0]
     if nsrc == 0:
         raise SpecError("beam.hdivrange_mrad", "the divergence grid selects no source")
 
-    thicksteps, thick, thickstep = resolve_thickness(d.thick_um * 1e-6, d.thicksteps, faithful=faithful)
+    thicksteps, thick, thickstep = resolve_thickness(d.thick_um * 1e-6, d.thicksteps,
+                                                  faithful=not q.fixed("thickness_layers"))
     if d.attenuation_um is not None:
         if d.attenuation_um == 0 or math.isinf(d.attenuation_um):
             thicksteps, thick, thickstep, mu = 1, 0.0, 0.0, 0.0
@@ -236,31 +240,37 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         fluence = b.flux_ph_per_s * b.exposure_s / beamsize / beamsize
     water = c.water_um * 1e-6
     bg_core = 2.57 * 2.57 * water ** 3 * 1e6 * AVOGADRO / 18.0
-    I_bg = bg_core * R_E_SQR * fluence if faithful else 0.0      # quirk 7: fluence applied twice
-    bg_physical = R_E_SQR * fluence * bg_core if not faithful else 0.0
+    water_sq = not q.fixed("water_fluence_squared")
+    I_bg = bg_core * R_E_SQR * fluence if water_sq else 0.0      # fluence applied twice
+    bg_physical = R_E_SQR * fluence * bg_core if not water_sq else 0.0
 
-    # quirks that change this run's result (one line each)
-    if faithful:
-        if d.twotheta_deg != 0.0:
-            warnings.append("quirk: the beam/detector-normal ratio ignores two-theta, so the recomputed "
-                            f"distance is {info['distance_mm']:g} mm (quirks=physical includes it)")
-        if water > 0 and abs(R_E_SQR * fluence - 1.0) > 1e-12:
-            warnings.append("quirk: the water background scales with fluence squared (quirks=physical: "
-                            "linear in fluence)")
-        if table_src is not None and len(table_src):
-            col = table_src[:, 3]
-            col = col[~np.isnan(col)]
-            if col.size and np.ptp(col) > 0:
-                warnings.append("quirk: the source file's intensity column is ignored (quirks=physical "
-                                "uses it as weights)")
-        if d.oversample_thick or d.oversample_polar or d.oversample_omega:
-            warnings.append("quirk: -oversample_thick/_polar/_omega multiply the running sum (compounding); "
-                            "quirks=physical applies the factors per sub-pixel")
-        if thick > 0 and thicksteps > 1:
-            warnings.append(f"quirk: {thicksteps} sensor layers {thickstep * 1e6:g} um apart cover "
-                            f"{thicksteps * thickstep * 1e6:g} um of a {thick * 1e6:g} um sensor, each adds its "
-                            "full intensity and only the last layer's capture fraction is applied "
-                            "(quirks=physical: N layers of T/N, each weighted by its capture fraction)")
+    # quirks that change this run's result (one line each; none for a fixed quirk)
+    if d.twotheta_deg != 0.0 and not q.fixed("ratio_ignores_twotheta"):
+        warnings.append("quirk ratio_ignores_twotheta: the beam/detector-normal ratio ignores two-theta, so "
+                        f"the recomputed distance is {info['distance_mm']:g} mm (fixed: includes it)")
+    if water > 0 and abs(R_E_SQR * fluence - 1.0) > 1e-12 and water_sq:
+        warnings.append("quirk water_fluence_squared: the water background scales with fluence squared "
+                        "(fixed: linear in fluence)")
+    if table_src is not None and len(table_src) and not q.fixed("source_intensity_ignored"):
+        col = table_src[:, 3]
+        col = col[~np.isnan(col)]
+        if col.size and np.ptp(col) > 0:
+            warnings.append("quirk source_intensity_ignored: the source file's intensity column is "
+                            "ignored (fixed: used as weights)")
+    if ((d.oversample_thick or d.oversample_polar or d.oversample_omega)
+            and not q.fixed("oversample_compounding")):
+        warnings.append("quirk oversample_compounding: -oversample_thick/_polar/_omega multiply the "
+                        "running sum (fixed: each contribution by its own factor)")
+    if b.nopolar and d.oversample_polar and not q.fixed("nopolar_oversample_polar"):
+        warnings.append("quirk nopolar_oversample_polar: -nopolar has no effect with -oversample_polar "
+                        "(fixed: -nopolar wins)")
+    if thick > 0 and thicksteps > 1 and not q.fixed("thickness_layers"):
+        warnings.append(f"quirk thickness_layers: {thicksteps} sensor layers {thickstep * 1e6:g} um apart "
+                        f"cover {thicksteps * thickstep * 1e6:g} um of a {thick * 1e6:g} um sensor, each "
+                        "adds its full intensity (fixed: N layers of T/N)")
+    if thick > 0 and thicksteps > 1 and not (q.fixed("last_layer_capture") or d.oversample_thick):
+        warnings.append("quirk last_layer_capture: only the last sensor layer's capture fraction is "
+                        "applied (fixed: each layer weighted by its own)")
 
     # ---- ROI and mask
     fpix, spix = geo.fpixels, geo.spixels
@@ -293,7 +303,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         c_A=[float(x) * 1e10 for x in lat.c],
         a_star=[float(x) for x in lat.a_star], b_star=[float(x) for x in lat.b_star],
         c_star=[float(x) for x in lat.c_star], source_listing=src.listing,
-        hdiv=list(hdiv), vdiv=list(vdiv), dispersion=list(disp), quirks=spec.quirks,
+        hdiv=list(hdiv), vdiv=list(vdiv), dispersion=list(disp), quirks=q.label(),
         log=log, warnings=warnings,
     )
     return Model(
@@ -308,5 +318,5 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         kahn=b.kahn_factor, polar_vector=geo.polar, nopolar=b.nopolar, dmin_m=b.dmin_A * 1e-10,
         I_bg=I_bg, fluence=fluence, r_e_sqr=R_E_SQR, steps=steps,
         oversample_thick=d.oversample_thick, oversample_polar=d.oversample_polar,
-        oversample_omega=d.oversample_omega, faithful=faithful, mask=mask_t,
+        oversample_omega=d.oversample_omega, quirks=q, mask=mask_t,
         bg_physical=bg_physical, info=info)
