@@ -34,15 +34,15 @@ def _path(base_dir, name, key):
     return p
 
 
-def effective_phi(phi0, phistep, phisteps, faithful):
+def effective_phi(phi0, phistep, phisteps, carryover):
     """Per-step rotation angles (rad) actually applied, and the first iteration's angles.
 
-    ``faithful`` (quirk phi0_carryover not fixed): a step whose φ is exactly 0.0 keeps the previous
+    ``carryover`` (quirk phi0_carryover not fixed): a step whose φ is exactly 0.0 keeps the previous
     loop iteration's orientation; at the very first iteration of the run "previous" is the unrotated crystal.
     Returns (steady list, first list or None when identical).
     """
     phis = [phi0 + phistep * i for i in range(phisteps)]
-    if not faithful:
+    if not carryover:
         return phis, None
 
     def walk(prev):
@@ -213,13 +213,13 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
             raise SpecError("beam.source_file", f"no sources in {b.source_file}")
     src = make_sources(beam=geo.beam, polar=geo.polar, vert=geo.vert, wavelength_m=lambda0,
                        hdiv=hdiv, vdiv=vdiv, disp=disp, round_div=b.round_div, table=table_src,
-                       faithful=not q.fixed("source_intensity_ignored"), **tkw)
+                       ignore_intensity=not q.fixed("source_intensity_ignored"), **tkw)
     nsrc = src.direction.shape[0]
     if nsrc == 0:
         raise SpecError("beam.hdivrange_mrad", "the divergence grid selects no source")
 
     thicksteps, thick, thickstep = resolve_thickness(d.thick_um * 1e-6, d.thicksteps,
-                                                  faithful=not q.fixed("thickness_layers"))
+                                                  c_layers=not q.fixed("thickness_layers"))
     if d.attenuation_um is not None:
         if d.attenuation_um == 0 or math.isinf(d.attenuation_um):
             thicksteps, thick, thickstep, mu = 1, 0.0, 0.0, 0.0
