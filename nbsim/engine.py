@@ -5,12 +5,14 @@ one tensor program over pixels × layers (T) × sub-pixels (O = os²) × sources
 mosaic domains (M), and ``simulate_image`` runs the chunks. There is no Python loop over pixels or
 any of those dimensions, and no host synchronisation inside the chunk loop.
 
-Faithful mode reproduces the C program's loop-order-dependent behaviour with tensor ops:
+Unless fixed (``Model.quirks``, see ``nbsim.quirks``), the C program's loop-order-dependent quirks
+are reproduced with tensor ops:
 * solid angle and polarization from the first sub-pixel / first executed source of a pixel, capture
-  fraction of the last layer (quirk 6); ``-oversample_*`` compounding via a reverse cumulative product;
-* the φ = 0 carry-over (quirk 4): steady-state orientations plus the very first loop iteration;
-* the global switch-off of tricubic interpolation at the first out-of-range lookup (quirk 10), carried
-  across chunks as a tensor state.
+  fraction of the last layer (first_subpixel_factors, last_layer_capture); ``-oversample_*``
+  compounding via a reverse cumulative product (oversample_compounding) — see ``factor_layout``;
+* the φ = 0 carry-over (phi0_carryover): steady-state orientations plus the very first loop iteration;
+* the global switch-off of tricubic interpolation at the first out-of-range lookup
+  (tricubic_global_off), carried across chunks as a tensor state.
 
 Speed (issue 5): ``render_fast`` computes the same float64 numbers as ``render`` (bit for bit) for
 everything but the loop-order quirks, in cache-sized blocks; ``render_compiled`` fuses it with
@@ -32,6 +34,7 @@ import torch.utils.checkpoint
 from nbsim.params import value
 from nbsim.physics import (HKLTable, capture_fraction, full_like, lattice_factor,
                            polarization_factor, solid_angle)
+from nbsim.quirks import QuirkSet
 from nbsim.rotation import rotate_axis
 
 
@@ -79,9 +82,9 @@ class Model:
     oversample_thick: bool
     oversample_polar: bool
     oversample_omega: bool
-    faithful: bool
+    quirks: QuirkSet              # effective set of fixed quirks
     mask: Optional[torch.Tensor] = None   # (spixels, fpixels) bool: pixels to simulate
-    bg_physical: "float | torch.Tensor" = 0.0   # physical-mode background per pixel (photons/sr)
+    bg_physical: "float | torch.Tensor" = 0.0   # water background per pixel when water_fluence_squared is fixed
     differentiable: bool = False  # some field is a tensor on a derivative's path (nbsim.params)
     info: dict = field(default_factory=dict)
 
@@ -269,6 +272,39 @@ def sincg_reduced(h: torch.Tensor, h0: torch.Tensor, n: float) -> torch.Tensor:
     return r
 
 
+def factor_layout(m: Model):
+    """Where capture fraction, polarization and solid angle enter a pixel, as (flags, inside, compounding).
+
+    flags[k]: the ``-oversample_thick/_polar/_omega`` flag of factor k ("capture", "polar", "omega");
+    inside[k]: k multiplies each contribution (per layer, sub-pixel, source) instead of the pixel's
+    sum once (C: capture of the last layer, polarization and solid angle of the first sub-pixel,
+    unless last_layer_capture / first_subpixel_factors is fixed); compounding: the flagged factors
+    multiply the running sum (oversample_compounding not fixed)."""
+    q = m.quirks
+    flags = {"capture": m.oversample_thick, "polar": m.oversample_polar, "omega": m.oversample_omega}
+    inside = {"capture": flags["capture"] or q.fixed("last_layer_capture"),
+              "polar": flags["polar"] or q.fixed("first_subpixel_factors"),
+              "omega": flags["omega"] or q.fixed("first_subpixel_factors")}
+    return flags, inside, any(flags.values()) and not q.fixed("oversample_compounding")
+
+
+def _polar_off(m: Model) -> bool:
+    """-nopolar in effect (C recomputes polarization per sub-pixel under -oversample_polar anyway)."""
+    return m.nopolar and not (m.oversample_polar and not m.quirks.fixed("nopolar_oversample_polar"))
+
+
+def layout_kind(m: Model) -> str:
+    """"outer": every factor once per pixel (C without -oversample_*), "inner": every factor per
+    contribution, no compounding (all quirks fixed), "mixed": anything else (reference kernel only)."""
+    flags, inside, comp = factor_layout(m)
+    if not any(inside.values()) and value(m.bg_physical) == 0.0:
+        return "outer"
+    if (all(inside.values()) and not comp and value(m.I_bg) == 0.0
+            and (_polar_off(m) or not m.nopolar)):
+        return "inner"
+    return "mixed"
+
+
 def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=None, trace=None):
     """Pixel values (P,) for flat indices ``idx`` (P,) in raster order, and the new interpolation state.
 
@@ -281,11 +317,14 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     T, O = m.thicksteps, m.oversample ** 2
     pos = _positions(m, idx)                                   # (P, T, O, 3)
     d, R = unitize_exact(pos)
-    # faithful mode applies the solid angle and polarization of the first sub-pixel and the capture
-    # fraction of the last layer (quirk 6): only those are computed unless oversampled or traced
-    full = not m.faithful or trace is not None
-    full_omega = full or m.oversample_omega
-    full_capture = full or m.oversample_thick
+    # C applies the solid angle and polarization of the first sub-pixel and the capture fraction of
+    # the last layer once per pixel (first_subpixel_factors, last_layer_capture): only those values
+    # are computed unless a factor enters each contribution, the water background needs them all,
+    # or the pixel is traced
+    flags, inside, comp = factor_layout(m)
+    full = trace is not None or layout_kind(m) == "inner" or value(m.bg_physical) != 0.0
+    full_omega = full or inside["omega"]
+    full_capture = full or inside["capture"]
     sel = (slice(None), slice(None), slice(None)) if full_omega else (slice(None), slice(0, 1), slice(0, 1))
     omega = solid_angle(R[sel], m.pixel_m, m.close_distance_m, m.point_pixel)   # (P, T, O) or (P, 1, 1)
     layer = torch.arange(T, dtype=dt, device=m.device)[None, :, None]
@@ -305,9 +344,9 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
         stol = 0.5 * sqrt_exact((scat * scat).sum(-1))
         safe = torch.where(stol > 0, stol, torch.ones_like(stol))
         executed = ~((stol > 0) & (m.dmin_m > 0.5 / safe))     # (P, T, O, S)
-    full_polar = full or m.oversample_polar or executed is not None
+    full_polar = full or inside["polar"] or executed is not None
     Tp, Op, Sp = (T, O, inc.shape[0]) if full_polar else (1, 1, 1)
-    if m.nopolar and not (m.faithful and m.oversample_polar):   # C recomputes it per sub-pixel anyway
+    if _polar_off(m):
         polar = torch.ones(P, Tp, Op, Sp, dtype=dt, device=m.device)
     else:
         polar = polarization_factor(m.kahn, inc[:Sp].expand(P, Tp, Op, -1, -1),
@@ -344,7 +383,7 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
         oor = m.table.interp_out_of_range(hkl) & live
         F_near = m.table.nearest(hkl0)
         F_int = m.table.tricubic(hkl)
-        if m.faithful:
+        if not m.quirks.fixed("tricubic_global_off"):
             # the first out-of-range lookup switches interpolation off for the rest of the run
             seen = torch.cumsum(oor.reshape(-1).to(torch.int32), 0).reshape(oor.shape) > 0
             use_int = interp_on & ~seen
@@ -359,31 +398,41 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     term = torch.where(live, term, torch.zeros_like(term))
     w = m.source_weight[:, None, None]                          # (S,1,1)
 
-    if m.faithful:
-        over = m.oversample_thick or m.oversample_polar or m.oversample_omega
-        if not over:
-            I = m.I_bg + (term * w).sum(dim=(1, 2, 3, 4, 5))
+    if layout_kind(m) != "inner":
+        # C's running sum: flagged factors multiply it (compounding) or each contribution (fixed);
+        # fixed first_subpixel_factors / last_layer_capture put the factor on each contribution too
+        t, compound = term * w, []
+        for k, f in (("capture", capture[..., None, None, None]), ("polar", polar[..., None, None]),
+                     ("omega", omega[..., None, None, None])):
+            if inside[k]:
+                if comp and flags[k]:
+                    compound.append(f)
+                else:
+                    t = t * f
+        if not compound:
+            I = m.I_bg + t.sum(dim=(1, 2, 3, 4, 5))
         else:
             fac = torch.ones_like(term)
-            if m.oversample_thick:
-                fac = fac * capture[..., None, None, None]
-            if m.oversample_polar:
-                fac = fac * polar[..., None, None]
-            if m.oversample_omega:
-                fac = fac * omega[..., None, None, None]
+            for f in compound:
+                fac = fac * f
             fac = torch.where(live, fac, torch.ones_like(fac)).reshape(P, -1)
             # running-sum compounding: I = I_bg·Πf + Σ_k t_k Π_{j>=k} f_j
             suffix = torch.flip(torch.cumprod(torch.flip(fac, [1]), 1), [1])
-            I = m.I_bg * suffix[:, 0] + ((term * w).reshape(P, -1) * suffix).sum(1)
+            I = m.I_bg * suffix[:, 0] + (t.reshape(P, -1) * suffix).sum(1)
         val = m.r_e_sqr * m.fluence * I / m.steps
-        if not m.oversample_thick:
+        if value(m.bg_physical) != 0.0:     # water_fluence_squared fixed: per-contribution factors averaged
+            one = torch.ones_like(omega)
+            inner = ((capture if inside["capture"] else one) * (polar.mean(-1) if inside["polar"] else one)
+                     * (omega if inside["omega"] else one))
+            val = val + m.bg_physical * inner.mean(dim=2).sum(1)
+        if not inside["capture"]:
             val = val * capture[:, -1, 0]
-        if not m.oversample_polar:
+        if not inside["polar"]:
             if executed is None:
                 val = val * polar[:, 0, 0, 0]
             else:
                 val = val * _first_along(executed, polar, 3, 1.0 if m.nopolar else 0.0)
-        if not m.oversample_omega:
+        if not inside["omega"]:
             val = val * omega[:, 0, 0]
     else:
         fac = capture[..., None] * polar * omega[..., None]        # (P, T, O, S)
@@ -404,8 +453,8 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
 #
 # ``render`` is the reference: one broadcast expression over (P, T, O, S, F, M) that covers every
 # quirk. ``render_fast`` evaluates the same IEEE operations in the same order wherever ``fast_path_ok``
-# holds (everything except faithful -oversample_thick/polar/omega compounding and tricubic
-# interpolation, which keep C's loop-order state), but
+# holds (the "outer" and "inner" ``layout_kind``s, without tricubic interpolation, which keeps C's
+# loop-order state), but
 # * computes the geometry component by component on contiguous (P, T, O) tensors, once per
 #   (pixel, layer, sub-pixel, source), and the per-pixel factors (solid angle, polarization,
 #   capture) only where C uses them;
@@ -432,7 +481,7 @@ def fast_path_ok(m: Model) -> bool:
     """True when ``render_fast`` reproduces ``render`` (no loop-order state, no autograd)."""
     if m.differentiable:
         return False
-    if m.faithful and (m.oversample_thick or m.oversample_polar or m.oversample_omega):
+    if layout_kind(m) == "mixed":
         return False
     if m.table is not None and m.interpolate:
         return False
@@ -445,6 +494,7 @@ class FastPlan:
     def __init__(self, m: Model, block_pixels: Optional[int] = None):
         Fn, Mn = m.lattice.shape[:2]
         self.FM = Fn * Mn
+        self.outer = layout_kind(m) == "outer"    # else "inner" (see fast_path_ok)
         self.S = m.incident.shape[0]
         self.axes = [i for i in range(3) if m.N[i] > 1] if m.shape == "square" else []
         need_all = m.table is not None or m.shape != "square"
@@ -524,9 +574,9 @@ class _Workspace:
 
 def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch.Tensor],
                 npx: int) -> torch.Tensor:
-    """Σ over φ·domains (and, in faithful mode, over layers·sub-pixels·sources) of
+    """Σ over φ·domains (and, for the "outer" layout, over layers·sub-pixels·sources) of
     F_cell²·F_latt² for the scattering vectors ``sc`` (n, 3) of ``npx`` whole pixels, rows in C loop
-    order. Returns (npx,) in faithful mode, (n,) per-row sums in physical mode.
+    order. Returns (npx,) for the "outer" layout, (n,) per-row sums for "inner".
 
     Miller indices are laid out (n, R, FM) in "blas" mode (the matmul's output) and (R, n, FM) in
     "c" mode; every per-sample operation runs on whole contiguous buffers, only the product over
@@ -615,11 +665,11 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
         term.mul_(F)
         if ex is not None:
             term.masked_fill_(~ex[:, None], 0.0)
-        if m.faithful:
+        if plan.outer:
             if not plan.w_one:
                 term.view(-1, plan.S, FM).mul_(m.source_weight[:, None])
             return term.view(npx, -1).sum(1)
-        return term.sum(1)                    # physical mode weighs after the φ·domain sum
+        return term.sum(1)                    # "inner" weighs after the φ·domain sum
 
     F_nonsq = F if G is None else None
     out = finish()
@@ -725,7 +775,7 @@ def render_fast(m: Model, idx: torch.Tensor, plan: FastPlan, *, first_local=None
         parts.append(_block_sums(m, plan, scat[b * rows:e * rows],
                                  None if ex is None else ex[b * rows:e * rows], e - b))
     I = parts[0] if len(parts) == 1 else torch.cat(parts)
-    if m.faithful:
+    if plan.outer:
         I = m.I_bg + I
         val = m.r_e_sqr * m.fluence * I / m.steps
         if not (m.thick_m == 0.0 and not m.oversample_thick):
@@ -796,7 +846,7 @@ _compiled = {}
 
 def compile_ok(m: Model) -> bool:
     """True when ``render_compiled`` supports the model (else the eager fast path runs)."""
-    return (fast_path_ok(m) and m.faithful and m.dmin_m == 0 and m.shape == "square"
+    return (fast_path_ok(m) and layout_kind(m) == "outer" and m.dmin_m == 0 and m.shape == "square"
             and not m.curved and any(n > 1 for n in m.N)
             and (miller_mode(m) == "c" or m.dtype != torch.float64))
 

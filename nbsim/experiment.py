@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbsim import quirks
 from nbsim.crystal import build_lattice, cell_parameters
 from nbsim.engine import Model
 from nbsim.geometry import detector_geometry, radians
@@ -34,16 +35,16 @@ def _path(base_dir, name, key):
     return p
 
 
-def effective_phi(phi0, phistep, phisteps, faithful):
+def effective_phi(phi0, phistep, phisteps, carryover):
     """Per-step rotation angles (rad) actually applied, and the first iteration's angles.
 
-    Faithful mode (quirk 4): a step whose φ is exactly 0.0 keeps the previous loop iteration's
-    orientation; at the very first iteration of the run "previous" is the unrotated crystal.
+    ``carryover`` (quirk phi0_carryover not fixed): a step whose φ is exactly 0.0 keeps the previous
+    loop iteration's orientation; at the very first iteration of the run "previous" is the unrotated crystal.
     ``phi0``/``phistep`` may be 0-d tensors (the choice "exactly 0" is taken at their values).
     Returns (steady list, first list or None when identical).
     """
     phis = [phi0 + phistep * i for i in range(phisteps)]
-    if not faithful:
+    if not carryover:
         return phis, None
 
     def walk(prev):
@@ -94,13 +95,13 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     a tensor with ``requires_grad`` (or a forward-mode dual) passes its graph on to the model."""
     spec.validate()
     d, b, c = spec.detector, spec.beam, spec.crystal
-    faithful = spec.quirks == "faithful"
+    q = quirks.of(spec)
     warnings, log = [], []
     tkw = dict(dtype=dtype, device=device)
     p = setup_values(param_tree(spec, params, device=device))
     differentiable = any(isinstance(v, torch.Tensor) for v in p.values())
 
-    geo = detector_geometry(d, b, c, quirks=spec.quirks, p=p, **tkw)
+    geo = detector_geometry(d, b, c, quirks=q, p=p, **tkw)
     warnings += geo.warnings
     info = dict(geo.info)
     wavelength_A = p["beam.wavelength_A"]
@@ -125,11 +126,13 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     if "crystal.matrix" in p:
         matrix = p["crystal.matrix"]
     lat = build_lattice(cell_A_deg=p.get("crystal.cell_A_deg"), matrix=matrix,
-                        wavelength_A=wavelength_A, misset_rad=misset, faithful=faithful, **tkw)
+                        wavelength_A=wavelength_A, misset_rad=misset,
+                        faithful=not q.fixed("triclinic_cstar"), **tkw)
     real, recip = cell_parameters(lat)
-    if faithful and c.cell_A_deg is not None and max(abs(x - y) for x, y in zip(real, c.cell_A_deg)) > 1e-3:
-        warnings.append("quirk: -cell c* construction changes the triclinic cell to "
-                        + " ".join(f"{x:g}" for x in real) + " (quirks=physical uses the textbook c*)")
+    if (not q.fixed("triclinic_cstar") and c.cell_A_deg is not None
+            and max(abs(x - y) for x, y in zip(real, c.cell_A_deg)) > 1e-3):
+        warnings.append("quirk triclinic_cstar: -cell c* construction changes the triclinic cell to "
+                        + " ".join(f"{x:g}" for x in real) + " (fixed: the textbook c*)")
     log.append("Unit Cell: " + " ".join(f"{x:g}" for x in real))
     log.append("Recp Cell: " + " ".join(f"{x:g}" for x in recip))
     log.append(f"volume = {value(lat.V_cell_A3):g} A^3")
@@ -221,11 +224,12 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
                                          radians(p["crystal.osc_deg"]) if "crystal.osc_deg" in p else None,
                                          None if c.phistep_deg is None else math.radians(c.phistep_deg),
                                          c.phisteps)
-    steady, first = effective_phi(phi0, phistep, phisteps, faithful)
-    if first is not None or (faithful and [value(x) for x in steady]
+    carry = not q.fixed("phi0_carryover")
+    steady, first = effective_phi(phi0, phistep, phisteps, carry)
+    if first is not None or (carry and [value(x) for x in steady]
                              != [value(phi0 + phistep * i) for i in range(phisteps)]):
-        warnings.append("quirk: phi step(s) at exactly 0 deg keep the previous orientation "
-                        "(C phi carry-over); quirks=physical rotates every step")
+        warnings.append("quirk phi0_carryover: phi step(s) at exactly 0 deg keep the previous "
+                        "orientation (C phi carry-over); fixed: such steps use the unrotated crystal")
     mosaic_domains, spread, mwarn = resolve_mosaic(radians(p["crystal.mosaic_deg"]), c.mosaic_domains)
     if mwarn:
         warnings.append(mwarn)
@@ -259,13 +263,13 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
             raise SpecError("beam.source_file", f"no sources in {b.source_file}")
     src = make_sources(beam=geo.beam, polar=geo.polar, vert=geo.vert, wavelength_m=lambda0,
                        hdiv=hdiv, vdiv=vdiv, disp=disp, round_div=b.round_div, table=table_src,
-                       faithful=faithful, **tkw)
+                       ignore_intensity=not q.fixed("source_intensity_ignored"), **tkw)
     nsrc = src.direction.shape[0]
     if nsrc == 0:
         raise SpecError("beam.hdivrange_mrad", "the divergence grid selects no source")
 
     thicksteps, thick, thickstep = resolve_thickness(p["detector.thick_um"] * 1e-6, d.thicksteps,
-                                                     faithful=faithful)
+                                                     c_layers=not q.fixed("thickness_layers"))
     if "detector.attenuation_um" in p:
         att = p["detector.attenuation_um"]
         if value(att) == 0 or math.isinf(value(att)):
@@ -287,32 +291,38 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         fluence = b.flux_ph_per_s * b.exposure_s / beamsize / beamsize
     water = c.water_um * 1e-6
     bg_core = 2.57 * 2.57 * water ** 3 * 1e6 * AVOGADRO / 18.0
-    I_bg = bg_core * R_E_SQR * fluence if faithful else 0.0      # quirk 7: fluence applied twice
-    bg_physical = R_E_SQR * fluence * bg_core if not faithful else 0.0
+    water_sq = not q.fixed("water_fluence_squared")
+    I_bg = bg_core * R_E_SQR * fluence if water_sq else 0.0      # fluence applied twice
+    bg_physical = R_E_SQR * fluence * bg_core if not water_sq else 0.0
 
-    # quirks that change this run's result (one line each)
-    if faithful:
-        if d.twotheta_deg != 0.0:
-            warnings.append("quirk: the beam/detector-normal ratio ignores two-theta, so the recomputed "
-                            f"distance is {info['distance_mm']:g} mm (quirks=physical includes it)")
-        if water > 0 and abs(R_E_SQR * value(fluence) - 1.0) > 1e-12:
-            warnings.append("quirk: the water background scales with fluence squared (quirks=physical: "
-                            "linear in fluence)")
-        if table_src is not None and len(table_src):
-            col = table_src[:, 3]
-            col = col[~np.isnan(col)]
-            if col.size and np.ptp(col) > 0:
-                warnings.append("quirk: the source file's intensity column is ignored (quirks=physical "
-                                "uses it as weights)")
-        if d.oversample_thick or d.oversample_polar or d.oversample_omega:
-            warnings.append("quirk: -oversample_thick/_polar/_omega multiply the running sum (compounding); "
-                            "quirks=physical applies the factors per sub-pixel")
-        if value(thick) > 0 and thicksteps > 1:
-            tstep, tthick = value(thickstep), value(thick)
-            warnings.append(f"quirk: {thicksteps} sensor layers {tstep * 1e6:g} um apart cover "
-                            f"{thicksteps * tstep * 1e6:g} um of a {tthick * 1e6:g} um sensor, each adds its "
-                            "full intensity and only the last layer's capture fraction is applied "
-                            "(quirks=physical: N layers of T/N, each weighted by its capture fraction)")
+    # quirks that change this run's result (one line each; none for a fixed quirk)
+    if d.twotheta_deg != 0.0 and not q.fixed("ratio_ignores_twotheta"):
+        warnings.append("quirk ratio_ignores_twotheta: the beam/detector-normal ratio ignores two-theta, so "
+                        f"the recomputed distance is {info['distance_mm']:g} mm (fixed: includes it)")
+    if water > 0 and abs(R_E_SQR * value(fluence) - 1.0) > 1e-12 and water_sq:
+        warnings.append("quirk water_fluence_squared: the water background scales with fluence squared "
+                        "(fixed: linear in fluence)")
+    if table_src is not None and len(table_src) and not q.fixed("source_intensity_ignored"):
+        col = table_src[:, 3]
+        col = col[~np.isnan(col)]
+        if col.size and np.ptp(col) > 0:
+            warnings.append("quirk source_intensity_ignored: the source file's intensity column is "
+                            "ignored (fixed: used as weights)")
+    if ((d.oversample_thick or d.oversample_polar or d.oversample_omega)
+            and not q.fixed("oversample_compounding")):
+        warnings.append("quirk oversample_compounding: -oversample_thick/_polar/_omega multiply the "
+                        "running sum (fixed: each contribution by its own factor)")
+    if b.nopolar and d.oversample_polar and not q.fixed("nopolar_oversample_polar"):
+        warnings.append("quirk nopolar_oversample_polar: -nopolar has no effect with -oversample_polar "
+                        "(fixed: -nopolar wins)")
+    tstep, tthick = value(thickstep), value(thick)
+    if tthick > 0 and thicksteps > 1 and not q.fixed("thickness_layers"):
+        warnings.append(f"quirk thickness_layers: {thicksteps} sensor layers {tstep * 1e6:g} um apart "
+                        f"cover {thicksteps * tstep * 1e6:g} um of a {tthick * 1e6:g} um sensor, each "
+                        "adds its full intensity (fixed: N layers of T/N)")
+    if tthick > 0 and thicksteps > 1 and not (q.fixed("last_layer_capture") or d.oversample_thick):
+        warnings.append("quirk last_layer_capture: only the last sensor layer's capture fraction is "
+                        "applied (fixed: each layer weighted by its own)")
 
     # ---- ROI and mask
     fpix, spix = geo.fpixels, geo.spixels
@@ -348,7 +358,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         a_star=[value(x) for x in lat.a_star], b_star=[value(x) for x in lat.b_star],
         c_star=[value(x) for x in lat.c_star], source_listing=src.listing,
         hdiv=[value(x) for x in hdiv], vdiv=[value(x) for x in vdiv],
-        dispersion=[value(x) for x in disp], quirks=spec.quirks, differentiable=differentiable,
+        dispersion=[value(x) for x in disp], quirks=q.label(), differentiable=differentiable,
         log=log, warnings=warnings,
     )
     return Model(
@@ -363,5 +373,5 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         kahn=p["beam.kahn_factor"], polar_vector=geo.polar, nopolar=b.nopolar, dmin_m=b.dmin_A * 1e-10,
         I_bg=I_bg, fluence=fluence, r_e_sqr=R_E_SQR, steps=steps,
         oversample_thick=d.oversample_thick, oversample_polar=d.oversample_polar,
-        oversample_omega=d.oversample_omega, faithful=faithful, mask=mask_t,
+        oversample_omega=d.oversample_omega, quirks=q, mask=mask_t,
         bg_physical=bg_physical, differentiable=differentiable, info=info)

@@ -17,6 +17,7 @@ import torch
 from nbsim.params import value
 from nbsim.rotation import cross, dot, rotate_axis, rotate_xyz, unitize
 from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec
+from nbsim.quirks import QuirkSet
 
 DBL_MIN = 2.2250738585072014e-308
 
@@ -94,12 +95,11 @@ def _spec_values(d: DetectorSpec) -> dict:
     return {f"detector.{k}": getattr(d, k) for k in keys if getattr(d, k) is not None}
 
 
-def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: str = "faithful",
+def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: QuirkSet = QuirkSet(),
                       p=None, dtype=torch.float64, device="cpu") -> DetectorGeometry:
     """Resolve the detector. ``p``: the continuous keys (``detector.distance_mm`` ...) as numbers or
     0-d tensors (``nbsim.params``); a key absent from ``p`` takes nanoBragg's default. Default:
     the spec's values."""
-    faithful = quirks == "faithful"
     p = _spec_values(d) if p is None else p
     warnings = []
     conv = d.convention
@@ -122,16 +122,24 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: s
         spindle_v = c.spindle_axis or spindle_d
     else:
         # non-custom conventions set every vector; the C program switches to custom when a vector is given
-        if faithful or d.pivot is None:
+        if not quirks.fixed("convention_pivot") or d.pivot is None:
             if d.pivot is not None and d.pivot != forced:
-                warnings.append(f"quirk: {conv} convention forces pivot={forced} (detector.pivot={d.pivot} "
-                                "ignored; quirks=physical honours it)")
+                warnings.append(f"quirk convention_pivot: {conv} convention forces pivot={forced} "
+                                f"(detector.pivot={d.pivot} ignored; fixing the quirk honours it)")
             pivot = forced
         else:
             pivot = d.pivot
         beam_v, fdet_v, sdet_v, odet_v, tth_v, polar_v, spindle_v = (
             beam_d, fdet_d, sdet_d, odet_d, tth_d, polar_d, spindle_d)
-        if not faithful:
+        given = [k for k, v in (
+            ("beam.beam_vector", b.beam_vector), ("beam.polar_vector", b.polar_vector),
+            ("crystal.spindle_axis", c.spindle_axis), ("detector.fdet_vector", d.fdet_vector),
+            ("detector.sdet_vector", d.sdet_vector), ("detector.odet_vector", d.odet_vector),
+            ("detector.twotheta_axis", d.twotheta_axis)) if v is not None]
+        if given and not quirks.fixed("convention_vectors"):
+            warnings.append(f"quirk convention_vectors: the {conv} convention ignores {', '.join(given)} "
+                            "(fixing the quirk honours them)")
+        if quirks.fixed("convention_vectors"):
             beam_v = b.beam_vector or beam_v
             polar_v = b.polar_vector or polar_v
             spindle_v = c.spindle_axis or spindle_v
@@ -191,8 +199,8 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: s
     def place(v):
         return rotate_axis(rotate_xyz(v, rx, ry, rz), tth_axis, tth)
 
-    if faithful:
-        ratio = dot(beam, rotate_xyz(odet, rx, ry, rz))     # quirk 3: two-theta not included
+    if not quirks.fixed("ratio_ignores_twotheta"):
+        ratio = dot(beam, rotate_xyz(odet, rx, ry, rz))     # two-theta not included
     else:
         ratio = dot(beam, place(odet))
     ratio = torch.where(ratio == 0, torch.full_like(ratio, DBL_MIN), ratio)
@@ -210,9 +218,9 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: s
     if pivot == "beam":
         pix0 = -Fbeam * fdet - Sbeam * sdet + distance * beam
     if d.pix0_vector_mm is not None:
-        if faithful:
-            warnings.append("quirk: pix0_vector is overwritten by the pivot formula (C behaviour); "
-                            "quirks=physical honours it")
+        if not quirks.fixed("pix0_overwritten"):
+            warnings.append("quirk pix0_overwritten: pix0_vector is overwritten by the pivot formula "
+                            "(C behaviour); fixing the quirk honours it")
         else:
             pix0 = tv([x * 1e-3 for x in d.pix0_vector_mm])
 

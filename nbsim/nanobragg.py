@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for line in result.log:
         print(line)
-    said_fdump = any("quirk 12" in w for w in parsed.warnings)
+    said_fdump = any("quirk fdump_from_cwd" in w for w in parsed.warnings)
     for w in result.warnings:
         if said_fdump and w.startswith("reading structure factors from"):
             continue                       # the front end already explained it

@@ -91,12 +91,12 @@ def resolve_phi(phi0_rad, osc_rad, phistep_rad, phisteps):
     return steps, osc, step
 
 
-def resolve_thickness(thick_m, thicksteps, *, faithful=True):
-    """(thicksteps, thick, thickstep) in m. Faithful: layers at 0, Δ, ..., T with Δ = T/(N-1)
-    (or T/2 with N=2 when only T is given); physical: N layers of T/N."""
+def resolve_thickness(thick_m, thicksteps, *, c_layers=True):
+    """(thicksteps, thick, thickstep) in m. ``c_layers`` (quirk thickness_layers not fixed): layers
+    at 0, Δ, ..., T with Δ = T/(N-1) (or T/2 with N=2 when only T is given); else N layers of T/N."""
     steps = -1 if thicksteps is None else thicksteps
     thick = thick_m
-    if not faithful:
+    if not c_layers:
         if value(thick) <= 0:
             return 1, 0.0, 0.0
         n = steps if steps > 0 else 2
@@ -148,7 +148,7 @@ def _stack(values, dtype, device) -> torch.Tensor:
 class Sources:
     direction: torch.Tensor   # (S, 3) unit vectors from the sample towards each source
     wavelength_m: torch.Tensor  # (S,)
-    weight: torch.Tensor      # (S,) relative weights (all 1 in faithful mode)
+    weight: torch.Tensor      # (S,) relative weights (all 1 unless source_intensity_ignored is fixed)
     divsteps: int
     dispsteps: int
     hdiv: tuple
@@ -158,7 +158,7 @@ class Sources:
 
 
 def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div=True, table=None,
-                 faithful=True, dtype=torch.float64, device="cpu") -> Sources:
+                 ignore_intensity=True, dtype=torch.float64, device="cpu") -> Sources:
     """Sources from divergence (steps, range, step) × dispersion (steps, frac, step), or a table
     (n, 5) of X Y Z I λ (m) with NaN for missing values. beam/polar/vert: (3,) unit vectors."""
     source_distance = 10.0
@@ -175,7 +175,7 @@ def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div
         pos = torch.tensor([r[:3] for r in rows], dtype=dtype, device=device)
         lams = _stack([r[4] for r in rows], dtype, device)
         w = torch.tensor([r[3] for r in rows], dtype=dtype, device=device)
-        weight = torch.ones_like(w) if faithful else w / w.mean()
+        weight = torch.ones_like(w) if ignore_intensity else w / w.mean()
         listing = [f"{r[0]:g} {r[1]:g} {r[2]:g}   {r[3]:g} {value(r[4]):g}" for r in rows]
         direction, _ = unitize(pos)
         return Sources(direction, lams, weight, len(rows), 1, (1, 0.0, 0.0), (1, 0.0, 0.0), (1, 0.0, 0.0),

@@ -11,7 +11,8 @@ Conventions
   other keys (e.g. the beam centre on the detector convention).
 * Vectors are lab-frame ``[x, y, z]`` lists; they are unitized by the engine.
 * ``quirks`` is ``"faithful"`` (reproduce the C program bit for bit, quirks included) or
-  ``"physical"`` (fix the quirks listed in ``nbsim.quirks``).
+  ``"physical"`` (fix every quirk listed in ``nbsim.quirks``); ``fix`` names quirks to fix on top
+  of that preset (``nbsim.quirks.of(spec)`` is the effective set).
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional
 
+from nbsim import quirks as _quirks
+
 CONVENTIONS = ("mosflm", "xds", "dials", "adxv", "denzo", "custom")
 PIVOTS = ("beam", "sample")
 SHAPES = ("square", "round", "gauss", "tophat")
-QUIRK_MODES = ("faithful", "physical")
+QUIRK_MODES = _quirks.PRESET_NAMES
 DTYPES = ("float64", "float32")
 
 
@@ -169,6 +172,7 @@ class ExperimentSpec:
     crystal: CrystalSpec = field(default_factory=CrystalSpec)
     image: ImageSpec = field(default_factory=ImageSpec)
     quirks: str = "faithful"
+    fix: List[str] = field(default_factory=list)   # quirk names fixed on top of the preset
 
     def validate(self) -> "ExperimentSpec":
         validate(self)
@@ -229,10 +233,19 @@ def _int_ge(key, v, lo, allow_none=True):
         raise SpecError(key, f"must be an integer >= {lo}, got {v!r}")
 
 
+def _fix_names(key, v):
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise SpecError(key, f"must be a list of quirk names; got {v!r}")
+    bad = _quirks.unknown(v)
+    if bad is not None:
+        raise SpecError(key, f"unknown quirk {bad!r}; accepted: {_quirks.accepted_text()}")
+
+
 def validate(spec: ExperimentSpec) -> None:
     """Raise ``SpecError`` for the first non-physical value found."""
     d, b, c, im = spec.detector, spec.beam, spec.crystal, spec.image
     _choice("quirks", spec.quirks, QUIRK_MODES)
+    _fix_names("fix", spec.fix)
     # detector
     _choice("detector.convention", d.convention, CONVENTIONS)
     _choice("detector.pivot", d.pivot, PIVOTS, allow_none=True)
@@ -346,6 +359,8 @@ def spec_from_dict(d: dict) -> ExperimentSpec:
             kw[k] = cls(**{kk: (list(vv) if isinstance(vv, (list, tuple)) else vv) for kk, vv in v.items()})
         elif k == "quirks":
             kw[k] = v
+        elif k == "fix":
+            kw[k] = list(v) if isinstance(v, (list, tuple)) else v
         else:
-            raise SpecError(k, "unknown key; accepted: detector, beam, crystal, image, quirks")
+            raise SpecError(k, "unknown key; accepted: detector, beam, crystal, image, quirks, fix")
     return ExperimentSpec(**kw)

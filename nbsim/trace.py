@@ -32,13 +32,13 @@ Known textual difference: where C skips the φ rotation (φ == 0) its ``rot_*_an
 ``-0``; the engine's lattice is rotated by 0 (Rodrigues), which gives ``+0``. The values are equal, so
 ``trace_diff`` (numeric comparison) reports them as agreeing.
 
-Interpolation state: with tricubic interpolation in faithful mode, C switches interpolation off
+Interpolation state: with tricubic interpolation (quirk tricubic_global_off), C switches interpolation off
 globally at the first out-of-range lookup of the run, so the traced pixel's F_cell depends on every
 earlier pixel. By default (``interp_on="exact"``) the earlier pixels are rendered first, in chunks,
 stopping at the first out-of-range lookup (usually within the first rows; at worst one image); only
 then is the state exact. ``interp_on="initial"`` skips that and uses the run's initial state (cheap,
 but wrong for pixels after an out-of-range lookup); a bool sets the state explicitly. Without a table,
-without interpolation or in physical mode nothing is rendered.
+without interpolation or with tricubic_global_off fixed nothing is rendered.
 """
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def interp_state_before(model, pixel, chunk_pixels: Optional[int] = None,
     """
     from nbsim.engine import default_chunk_pixels, render
     state = torch.tensor(bool(model.interpolate), device=model.device)
-    if not (model.table is not None and model.interpolate and model.faithful):
+    if not (model.table is not None and model.interpolate
+            and not model.quirks.fixed("tricubic_global_off")):
         return bool(state)
     s, f = int(pixel[0]), int(pixel[1])
     flat = s * model.fpixels + f

@@ -16,7 +16,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +45,7 @@ class NbsimConfig:
     crystal: CrystalSpec = field(default_factory=CrystalSpec)
     image: ImageSpec = field(default_factory=ImageSpec)
     quirks: str = "faithful"
+    fix: List[str] = field(default_factory=list)
     device: DeviceSpec = field(default_factory=DeviceSpec)
     store: StoreConfig = field(default_factory=StoreConfig)
 
@@ -99,7 +100,7 @@ def cfg_to_spec(cfg: DictConfig) -> Tuple[ExperimentSpec, DeviceSpec]:
     for key in data:
         if key not in allowed:
             raise SpecError(key, f"unknown key; accepted top-level keys: {', '.join(allowed)}")
-    spec = spec_from_dict({k: data[k] for k in ("detector", "beam", "crystal", "image", "quirks")})
+    spec = spec_from_dict({k: data[k] for k in ("detector", "beam", "crystal", "image", "quirks", "fix")})
     spec.validate()
     dev_keys = {f.name for f in fields(DeviceSpec)}
     device = DeviceSpec(**{k: v for k, v in data.get("device", {}).items() if k in dev_keys})
@@ -159,11 +160,14 @@ def _field_type(full_key: str) -> Optional[str]:
                 return m.group(1) if (indexed and m) else t
     if full_key == "quirks":
         return "str"
+    if full_key == "fix" or full_key.startswith("fix["):
+        return "List[str]" if full_key == "fix" else "str"
     return None
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "List[float]": "a list of numbers like [1, 2, 3]", "List[int]": "a list of integers"}
+               "List[float]": "a list of numbers like [1, 2, 3]", "List[int]": "a list of integers",
+               "List[str]": "a list of quirk names like [phi0_carryover]"}
 
 
 def _expected(type_str: str) -> str:

@@ -1,9 +1,11 @@
 """Configuration hash: names the folder ``outputs/<hash>/`` of a stored result.
 
 The hash covers everything that changes the pixels: the whole ExperimentSpec (detector, beam, crystal,
-image, quirks), ``device.dtype``, and the *contents* of the input files the spec names (not their
-paths: moving an HKL file keeps the hash, editing it changes it). It does not cover where results are
-stored, the compute device (cpu/cuda), the memory budget or the compile flag.
+image, and the effective set of fixed quirks: ``quirks`` + ``fix`` hash as "faithful", "physical" or
+the sorted list of fixed names, so ``fix=[every name]`` hashes like ``quirks=physical``),
+``device.dtype``, and the *contents* of the input files the spec names (not their paths: moving an HKL
+file keeps the hash, editing it changes it). It does not cover where results are stored, the compute
+device (cpu/cuda), the memory budget or the compile flag.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
 
+from nbsim import quirks
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError
 
 HASH_SCHEMA = 1          # bump when the meaning of a stored result changes for the same spec
@@ -20,7 +23,7 @@ HASH_CHARS = 16
 # spec keys that name input files: hashed by content
 INPUT_FILES = ("crystal.hkl_file", "crystal.matrix_file", "crystal.fdump_file", "beam.source_file",
                "detector.mask_file")
-DEFAULT_FDUMP = "Fdump.bin"   # nanoBragg reads ./Fdump.bin when no HKL table is given (quirk 12)
+DEFAULT_FDUMP = "Fdump.bin"   # nanoBragg reads ./Fdump.bin when no HKL table is given (quirk fdump_from_cwd)
 
 
 def file_sha256(path: Union[str, Path]) -> str:
@@ -83,6 +86,8 @@ def hash_payload(spec: ExperimentSpec, device: Optional[DeviceSpec] = None,
     """The exact document that is hashed (also stored in run.json for inspection)."""
     device = device or DeviceSpec()
     spec_doc = _canonical(spec)
+    spec_doc.pop("fix", None)
+    spec_doc["quirks"] = quirks.of(spec).label()
     digests = input_digests(spec, base_dir)
     for key in INPUT_FILES:                       # paths out, contents in
         section, name = key.split(".")

@@ -237,7 +237,7 @@ def test_misset_seed_quirk_faithful_only():
     p = P("-misset random -misset_seed 31 -N 5")
     assert p.spec.crystal.misset_random is False
     assert p.spec.crystal.misset_deg == [31.0, 0.0, 5.0]
-    assert any("quirk 11" in w for w in p.warnings)
+    assert any("quirk misset_seed_reads_misset" in w for w in p.warnings)
     p = P("-misset random -misset_seed 31 -N 5 --quirks physical")
     assert p.spec.crystal.misset_random is True and p.spec.crystal.misset_deg is None
     # at the end of argv (fewer than 3 words follow) nothing happens

@@ -19,7 +19,8 @@ Structure
 Quirks (``--quirks faithful``, the default) reproduce the C parser's cross-matches that change the
 result: ``-twotheta_axis`` also sets ``-twotheta`` to its first component (and pivot SAMPLE) and
 ``-misset_seed N`` also reads a misset from the three following argv words.  ``--quirks physical``
-does not apply them and does not silently reuse a stale ``Fdump.bin``.
+does not apply them and does not silently reuse a stale ``Fdump.bin``; ``--fix NAME,NAME`` fixes
+just the named quirks (``nbsim.quirks``; the "command line" ones are applied here).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from nbsim import quirks as _quirks
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError
 
 __all__ = ["FrontendError", "Flag", "FLAGS", "OutputFiles", "Parsed", "parse_argv", "usage",
@@ -346,7 +348,7 @@ FLAGS: Tuple[Flag, ...] = (
 
 # nbsim options: --name VALUE or --name=VALUE
 _DOUBLE = {
-    "--device": "device", "--dtype": "dtype", "--quirks": "quirks",
+    "--device": "device", "--dtype": "dtype", "--quirks": "quirks", "--fix": "fix",
     "--memory-budget-mb": "memory_budget_mb", "--compile": "compile",
     "--no-compile": "no_compile", "--help": "help",
 }
@@ -504,6 +506,9 @@ def _split_options(argv: Sequence[str]):
                 raise FrontendError(f"{name}: missing value")
             val = argv[i]
             i += 1
+        if key == "fix":                       # repeatable: the names add up
+            opts.setdefault(key, []).append((name, val))
+            continue
         opts[key] = (name, val)
     return c_argv, opts, want_help
 
@@ -581,13 +586,14 @@ def _read_values(flag: Flag, word: str, argv: Sequence[str], i: int):
 class _Builder:
     """Applies events to a spec, tracking what C tracks (argv order rules)."""
 
-    def __init__(self, argv, quirks, cwd, check_files):
+    def __init__(self, argv, quirks, cwd, check_files, fix=()):
         self.argv = list(argv)
-        self.quirks = quirks
+        self.q = _quirks.resolve(quirks, fix)
         self.cwd = cwd
         self.check_files = check_files
         self.spec = ExperimentSpec()
         self.spec.quirks = quirks
+        self.spec.fix = list(fix)
         self.out = OutputFiles()
         self.origins: Dict[str, str] = {}
         self.warnings: List[str] = []
@@ -707,7 +713,7 @@ class _Builder:
     def _act_misset_seed(self, ev):
         self.set("crystal.misset_seed", ev.values[0], ev.word)
         # upstream strstr("-misset") also matches: reads a misset from the next three argv words
-        if self.quirks == "faithful" and len(self.argv) > ev.pos + 3:
+        if not self.q.fixed("misset_seed_reads_misset") and len(self.argv) > ev.pos + 3:
             words = self.argv[ev.pos + 1:ev.pos + 4]
             angles = [_c_atof(w) for w in words]
             self.misset_mode = "angles"
@@ -744,24 +750,25 @@ class _Builder:
 
     def _act_twotheta_axis(self, ev):
         self._set_value("detector.twotheta_axis", ev.values, ev.word, ev.flag)
-        if self.quirks == "faithful":
+        if not self.q.fixed("twotheta_axis_sets_twotheta"):
             # upstream strstr("-twotheta") also matches -twotheta_axis: twotheta = first component
             self.set("detector.twotheta_deg", ev.values[0], ev.word)
             self.pivot_events.append(("sample", ev.word))
             if ev.values[0] != 0:
-                self.warn(f"{ev.word}: upstream also reads it as -twotheta {ev.values[0]:g} (quirk); "
+                self.warn(f"{ev.word}: upstream also reads it as -twotheta {ev.values[0]:g} "
+                          f"(quirk twotheta_axis_sets_twotheta); "
                           f"give -twotheta after it to set the angle")
 
     def _act_pix0(self, ev):
         self._set_value("detector.pix0_vector_mm", ev.values, ev.word, ev.flag)
-        if self.quirks == "faithful":
-            self.warn(f"{ev.word}: the value has no effect in faithful mode (quirk 2: the pivot "
+        if not self.q.fixed("pix0_overwritten"):
+            self.warn(f"{ev.word}: the value has no effect (quirk pix0_overwritten: the pivot "
                       f"formula overwrites pix0); it only switches the convention to CUSTOM")
 
     def _act_curved(self, ev):
-        if ev.pos == len(self.argv) - 1 and self.quirks == "faithful":
-            self.warn(f"{ev.word}: has no effect as the last argument (upstream needs a following "
-                      f"word); give it as '-curved_det 1'")
+        if ev.pos == len(self.argv) - 1 and not self.q.fixed("curved_det_needs_value"):
+            self.warn(f"{ev.word}: has no effect as the last argument (quirk curved_det_needs_value: "
+                      f"upstream needs a following word); give it as '-curved_det 1'")
             return
         self.set("detector.curved", True, ev.word)
 
@@ -824,7 +831,7 @@ class _Builder:
     # -- after all flags: the argv-order rules of the C program
     def finish(self):
         d, c = self.spec.detector, self.spec.crystal
-        # convention and pivot (quirks 1 and 2)
+        # convention and pivot (quirk convention_pivot)
         d.convention = self.convention
         self.origins["detector.convention"] = self.convention_flag or "(default)"
         forced = {"mosflm": "beam", "adxv": "beam", "denzo": "beam", "xds": "sample",
@@ -843,11 +850,12 @@ class _Builder:
                           f"{self.convention.upper()} vectors")
             if self.explicit_pivot is not None:
                 self.set("detector.pivot", self.explicit_pivot, "-pivot")
-                if self.quirks == "faithful" and self.explicit_pivot != forced[self.convention]:
+                if (not self.q.fixed("convention_pivot")
+                        and self.explicit_pivot != forced[self.convention]):
                     self.warn(f"-pivot {self.explicit_pivot}: has no effect: the "
                               f"{self.convention.upper()} convention forces pivot "
-                              f"{forced[self.convention]} (quirk 1)")
-            if self.quirks == "faithful":
+                              f"{forced[self.convention]} (quirk convention_pivot)")
+            if not self.q.fixed("convention_pivot"):
                 if self.convention in ("xds", "dials"):
                     for k, fl in (("detector.xbeam_mm", "-Xbeam"), ("detector.ybeam_mm", "-Ybeam")):
                         if self.origins.get(k) == fl:
@@ -868,7 +876,8 @@ class _Builder:
             if self.misset_flag == "-misset_seed":
                 a, w = self.misset_angles, self.misset_seed_words
                 self.warn(f"-misset_seed: upstream also reads it as -misset {' '.join(w)}, a misset "
-                          f"of {a[0]:g} {a[1]:g} {a[2]:g} deg (quirk 11); give -misset after it")
+                          f"of {a[0]:g} {a[1]:g} {a[2]:g} deg (quirk misset_seed_reads_misset); "
+                          f"give -misset after it")
             self.set("crystal.misset_deg", list(self.misset_angles), self.misset_flag)
             self.set("crystal.misset_random", False, self.misset_flag)
         if (self.header_close and self.origins.get("detector.close_distance_mm", "").endswith("header")
@@ -880,18 +889,18 @@ class _Builder:
             self.warn("-detector_abs inf/0 before -detector_thick: upstream then uses attenuation "
                       "mu = 0 (capture fraction 0, a blank image); nbsim uses attenuation length = "
                       "thickness instead. Give -detector_abs after -detector_thick")
-        # Fdump cache (quirk 12)
+        # Fdump cache (quirk fdump_from_cwd)
         if c.hkl_file is not None:
             self.set("crystal.fdump_file", self.dump_file, "-dump" if self.dump_given else "-hkl")
         else:
             exists = os.path.exists(self._path(self.dump_file))
-            if exists and (self.quirks == "faithful" or self.dump_given):
+            if exists and (not self.q.fixed("fdump_from_cwd") or self.dump_given):
                 self.set("crystal.fdump_file", self.dump_file, "-dump" if self.dump_given else "(cwd)")
                 if not self.dump_given:
                     self.warn(f"no -hkl: reading structure factors from {self.dump_file} in the "
-                              f"working directory (left by an earlier run; quirk 12)")
+                              f"working directory (left by an earlier run; quirk fdump_from_cwd)")
             elif exists:
-                self.warn(f"physical mode: ignoring {self.dump_file} in the working directory "
+                self.warn(f"fdump_from_cwd fixed: ignoring {self.dump_file} in the working directory "
                           f"(pass -dump {self.dump_file} to use it)")
             elif self.dump_given:
                 self.warn(f"-dump {self.dump_file}: file not found; no structure factor cache read")
@@ -917,6 +926,23 @@ _CUSTOM_ONLY_KEYS = {"detector.fdet_vector", "detector.sdet_vector", "detector.o
                      "beam.polar_vector", "crystal.spindle_axis"}
 
 
+def _fix_from(values) -> List[str]:
+    """Quirk names of the ``--fix a,b`` options (in order, duplicates dropped)."""
+    names: List[str] = []
+    for name, val in values:
+        for word in val.split(","):
+            word = word.strip()
+            if not word:
+                raise FrontendError(f"{name}: empty quirk name in {val!r}; accepted: "
+                                    f"{_quirks.accepted_text()}")
+            if word not in _quirks.BY_NAME:
+                raise FrontendError(f"{name}: unknown quirk {word!r}; accepted: "
+                                    f"{_quirks.accepted_text()}")
+            if word not in names:
+                names.append(word)
+    return names
+
+
 def _device_from(opts) -> Tuple[DeviceSpec, str]:
     dev = DeviceSpec()
     quirks = "faithful"
@@ -925,7 +951,7 @@ def _device_from(opts) -> Tuple[DeviceSpec, str]:
             dev.compile = True
         elif key == "no_compile":
             dev.compile = False
-        elif key == "help":
+        elif key in ("help", "fix"):
             pass
         else:
             name, val = v
@@ -938,8 +964,9 @@ def _device_from(opts) -> Tuple[DeviceSpec, str]:
                     raise FrontendError(f"{name}: expected float64 or float32, got {val!r}")
                 dev.dtype = val
             elif key == "quirks":
-                if val not in ("faithful", "physical"):
-                    raise FrontendError(f"{name}: expected faithful or physical, got {val!r}")
+                if val not in _quirks.PRESET_NAMES:
+                    raise FrontendError(f"{name}: expected {' or '.join(_quirks.PRESET_NAMES)}, "
+                                        f"got {val!r}")
                 quirks = val
             elif key == "memory_budget_mb":
                 x = _to_float(name, val)
@@ -990,7 +1017,7 @@ def parse_argv(argv: Sequence[str], *, cwd: Optional[str] = None, check_files: b
     cwd = os.getcwd() if cwd is None else cwd
     c_argv, opts, want_help = _split_options(argv)
     device, quirks = _device_from(opts)
-    b = _Builder(c_argv, quirks, cwd, check_files)
+    b = _Builder(c_argv, quirks, cwd, check_files, _fix_from(opts.get("fix", [])))
     if want_help:
         return Parsed(spec=b.spec, device=device, outputs=b.out, help=True, argv=argv)
     events = _tokenize(c_argv)
@@ -1041,7 +1068,9 @@ def usage(prog: str = "python -m nbsim.nanobragg") -> str:
     lines += ["nbsim options:",
               "  --device cpu|cuda[:N]                    compute device (default cpu)",
               "  --dtype float64|float32                  compute precision (default float64)",
-              "  --quirks faithful|physical               reproduce nanoBragg's quirks or fix them",
+              "  --quirks faithful|physical               reproduce nanoBragg's quirks or fix them all",
+              "  --fix NAME[,NAME...]                     fix just these quirks (repeatable):",
+              *("      " + line for line in _quirks.help_text(94).splitlines()),
               "  --memory-budget-mb X                     working memory budget",
               "  --compile | --no-compile                 torch.compile always | never (default:",
               "                                           where one image repays compiling)",

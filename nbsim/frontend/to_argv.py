@@ -40,6 +40,8 @@ def spec_to_argv(spec: ExperimentSpec, device: Optional[DeviceSpec] = None) -> L
     out: List[str] = []
     if spec.quirks != "faithful":
         out += ["--quirks", spec.quirks]
+    if spec.fix:
+        out += ["--fix", ",".join(spec.fix)]
     if device is not None:
         dd = DeviceSpec()
         if device.device != dd.device:
