@@ -216,9 +216,14 @@ def miller_mode(m: Model) -> str:
     ``"c"``: a_x·S_x + a_y·S_y + a_z·S_z, C's order without fused multiply-add: the C program's
     indices to the last bit (and what the compiled kernels fuse);
     ``"blas"``: one (n, 3) × (3, F·M·3) product, which BLAS evaluates as
-    fma(a_z, S_z, fma(a_y, S_y, a_x·S_x)) — within an ulp of C's, and several times cheaper when
-    many φ steps × mosaic domains share each scattering vector.
+    fma(a_z, S_z, fma(a_y, S_y, a_x·S_x)) — within an ulp of C's, and cheaper when many φ steps ×
+    mosaic domains share each scattering vector. Below float64 only: which kernel BLAS picks (and
+    so the last bit) depends on the matrix shape and the processor (measured: the blocked and the
+    reference kernels disagreed in the last bit on an AMD EPYC, not on an Intel Xeon), and float64
+    promises the same image from every strategy and C's indices to the last bit.
     """
+    if m.dtype == torch.float64:
+        return "c"
     return "blas" if m.lattice.shape[0] * m.lattice.shape[1] >= _BLAS_MIN_FM else "c"
 
 

@@ -308,9 +308,11 @@ def compare_previous(rec, history: Path):
             line = line.strip()
             if line:
                 try:
-                    prev = json.loads(line)
+                    r = json.loads(line)
                 except json.JSONDecodeError:
-                    pass
+                    continue
+                if "cases" in r:          # (other kinds of record, e.g. pipeline.bench_grad's)
+                    prev = r
     if prev is None:
         print("(no previous record to compare with)")
         return
