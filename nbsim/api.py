@@ -76,14 +76,16 @@ def memory_budget_bytes(device: DeviceSpec, torch_device) -> float:
     return max(64 * 2 ** 20, min(0.25 * avail, 2 * 2 ** 30))
 
 
-def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, params=None, base_dir=".",
-             progress=None, trace_pixel=None, chunk_pixels=None) -> SimResult:
+def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, params=None, inputs=None,
+             base_dir=".", progress=None, trace_pixel=None, chunk_pixels=None) -> SimResult:
     """Simulate one image. See the module docstring for the result's contents.
 
     ``params``: schema key → tensor (the keys of ``nbsim.params.PARAMS``), each replacing the spec's
     value. A tensor with ``requires_grad`` makes ``result.image`` differentiable with respect to it
     (``result.image.sum().backward()``); forward-mode AD and ``torch.func`` work the same way.
-    A key that cannot carry a gradient raises ``SpecError`` naming it."""
+    A key that cannot carry a gradient raises ``SpecError`` naming it.
+    ``inputs``: the files the spec names, already read (``nbsim.inputs.load_inputs(spec, base_dir)``),
+    e.g. once for many calls of a fitting loop; read from ``base_dir`` when not given."""
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
     from nbsim.spec import compile_mode
@@ -94,7 +96,8 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     t0 = time.perf_counter()
     # the setup (geometry, lattice, auto oversampling) is always resolved in float64, so a float32
     # run samples exactly what the float64 run samples; only the kernel runs in the chosen dtype
-    model = build_model(spec, dtype=torch.float64, device=tdev, base_dir=base_dir, params=params)
+    model = build_model(spec, dtype=torch.float64, device=tdev, base_dir=base_dir, params=params,
+                        inputs=inputs)
     if tdtype != torch.float64:
         model = model.astype(tdtype)
     budget = memory_budget_bytes(device, tdev)

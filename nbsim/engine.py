@@ -354,9 +354,8 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     if _polar_off(m):
         polar = torch.ones(P, Tp, Op, Sp, dtype=dt, device=m.device)
     else:
-        polar = polarization_factor(m.kahn, inc[:Sp].expand(P, Tp, Op, -1, -1),
-                                    d[:, :Tp, :Op, None, :].expand(P, Tp, Op, Sp, 3),
-                                    m.polar_vector)             # (P, T, O, S) or (P, 1, 1, 1)
+        polar = _polar_exact(m, inc[:Sp], d[:, :Tp, :Op, None, :].expand(P, Tp, Op, Sp, 3))
+        #                                                       (P, T, O, S) or (P, 1, 1, 1)
 
     # Miller indices for every φ step and mosaic domain: h = a·S
     mode = miller_mode(m)

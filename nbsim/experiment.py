@@ -6,7 +6,6 @@ nothing of Hydra or of the nanoBragg command line.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ from nbsim import quirks
 from nbsim.crystal import build_lattice, cell_parameters
 from nbsim.engine import Model
 from nbsim.geometry import detector_geometry, radians
+from nbsim.inputs import load_inputs
 from nbsim.params import param_tree, value
 from nbsim.physics import AVOGADRO, R_E_SQR, HKLTable
 from nbsim.rotation import rotate_axis, rotate_umat
@@ -24,15 +24,6 @@ from nbsim.spec import ExperimentSpec, SpecError
 
 DEFAULT_FLUENCE = 125932015286227086360700780544.0
 RTD = 180.0 / math.pi
-
-
-def _path(base_dir, name, key):
-    p = Path(name)
-    if not p.is_absolute():
-        p = Path(base_dir) / p
-    if not p.exists():
-        raise SpecError(key, f"file not found: {p}")
-    return p
 
 
 def effective_phi(phi0, phistep, phisteps, carryover):
@@ -87,13 +78,17 @@ def setup_values(tree: dict) -> dict:
 
 
 def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base_dir=".",
-                write_fdump=True, params=None) -> Model:
+                params=None, inputs=None) -> Model:
     """Resolve ``spec`` into a ``Model``. ``model.info`` carries the numbers nanoBragg prints;
     ``model.info['log']`` the nanoBragg-style setup lines and ``['warnings']`` quirk warnings.
 
     ``params``: schema key → tensor (``nbsim.params.PARAMS``), taking the place of the spec's value;
-    a tensor with ``requires_grad`` (or a forward-mode dual) passes its graph on to the model."""
+    a tensor with ``requires_grad`` (or a forward-mode dual) passes its graph on to the model.
+    ``inputs``: the files the spec names, already read (``nbsim.inputs.load_inputs``; read here
+    from ``base_dir`` when not given). Nothing is written."""
     spec.validate()
+    if inputs is None:
+        inputs = load_inputs(spec, base_dir)
     d, b, c = spec.detector, spec.beam, spec.crystal
     q = quirks.of(spec)
     warnings, log = [], []
@@ -110,8 +105,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     # ---- crystal
     matrix = None
     if c.matrix_file is not None:
-        from nbsim.io.tables import read_matrix
-        matrix = read_matrix(_path(base_dir, c.matrix_file, "crystal.matrix_file"))
+        matrix = inputs.matrix
     misset = None
     if c.misset_random:
         from nbsim.rng import c_seed, random_misset
@@ -171,23 +165,11 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     # ---- structure factors
     default_F = p["crystal.default_F"]
     table = None
-    fdump = c.fdump_file
-    if c.hkl_file is not None:
-        from nbsim.io.tables import hkl_table, read_hkl
-        hkl, F = read_hkl(_path(base_dir, c.hkl_file, "crystal.hkl_file"))
-        ranges, dense = hkl_table(hkl, F, value(default_F))
-        count = len(F)
-        listed = hkl_table(hkl, np.ones(len(F)), 0.0)[1] != 0     # entries the file gives
-        if fdump and write_fdump:
-            from nbsim.io.tables import write_fdump as _wf
-            _wf(Path(base_dir) / fdump, ranges, dense)
-    elif fdump is not None and (Path(base_dir) / fdump).exists():
-        from nbsim.io.tables import read_fdump
-        ranges, dense = read_fdump(Path(base_dir) / fdump)
-        hr, kr, lr = ranges[1] - ranges[0] + 1, ranges[3] - ranges[2] + 1, ranges[5] - ranges[4] + 1
-        dense = np.asarray(dense)[:hr, :kr, :lr]
-        count = hr * kr * lr
-        warnings.append(f"reading structure factors from {fdump} (no hkl file given)")
+    sf = inputs.structure_factors
+    warnings += list(inputs.notes)
+    if sf is not None:
+        ranges, count = sf.ranges, sf.count
+        dense = sf.filled(value(default_F))
     else:
         ranges = None
         count = 0
@@ -197,9 +179,9 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     if ranges is not None:
         hr, kr, lr = ranges[1] - ranges[0] + 1, ranges[3] - ranges[2] + 1, ranges[5] - ranges[4] + 1
         F_table = torch.as_tensor(np.asarray(dense)[:hr, :kr, :lr], **tkw)
-        if isinstance(default_F, torch.Tensor) and c.hkl_file is not None:
+        if isinstance(default_F, torch.Tensor) and sf.listed is not None:
             # entries the file does not list are default_F: keep its derivative there
-            F_table = torch.where(torch.as_tensor(listed, device=device), F_table, default_F.to(dtype))
+            F_table = torch.where(torch.as_tensor(sf.listed, device=device), F_table, default_F.to(dtype))
         if "crystal.F_table" in p:
             given = torch.as_tensor(p["crystal.F_table"], **tkw)
             if tuple(given.shape) != tuple(F_table.shape):
@@ -255,12 +237,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     vdiv = resolve_divergence(p["beam.vdivrange_mrad"] * 1e-3 if "beam.vdivrange_mrad" in p else None,
                               None if b.vdivstep_mrad is None else b.vdivstep_mrad * 1e-3, b.vdivsteps)
     disp = resolve_dispersion(p["beam.dispersion_pct"] / 100.0, b.dispsteps)
-    table_src = None
-    if b.source_file is not None:
-        from nbsim.io.tables import read_sourcefile
-        table_src = np.asarray(read_sourcefile(_path(base_dir, b.source_file, "beam.source_file")), float)
-        if len(table_src) == 0:
-            raise SpecError("beam.source_file", f"no sources in {b.source_file}")
+    table_src = inputs.sources
     src = make_sources(beam=geo.beam, polar=geo.polar, vert=geo.vert, wavelength_m=lambda0,
                        hdiv=hdiv, vdiv=vdiv, disp=disp, round_div=b.round_div, table=table_src,
                        ignore_intensity=not q.fixed("source_intensity_ignored"), **tkw)
@@ -329,9 +306,8 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     roi = list(d.roi) if d.roi is not None else [0, fpix, 0, spix]
     mask_np = np.zeros((spix, fpix), dtype=bool)
     mask_np[max(roi[2], 0):roi[3] + 1, max(roi[0], 0):roi[1] + 1] = True
-    if d.mask_file is not None:
-        from nbsim.io.smv import read_smv
-        _, mdata = read_smv(_path(base_dir, d.mask_file, "detector.mask_file"))
+    if inputs.mask is not None:
+        mdata = inputs.mask
         if mdata.shape != (spix, fpix):
             raise SpecError("detector.mask_file", f"mask is {mdata.shape[1]}x{mdata.shape[0]} pixels, "
                             f"detector is {fpix}x{spix}")

@@ -35,12 +35,17 @@ def _progress_printer():
 
 
 def _call_simulate(simulate, spec, device, parsed, warn):
+    from nbsim.inputs import load_inputs, write_fdump_cache
+    inputs = load_inputs(spec, os.getcwd())
+    write_fdump_cache(spec, inputs, os.getcwd())          # as C does, before it simulates
     kw = {"base_dir": os.getcwd()}
     try:
         params = inspect.signature(simulate).parameters
         has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
     except (TypeError, ValueError):
         params, has_var_kw = {}, True
+    if "inputs" in params or has_var_kw:
+        kw["inputs"] = inputs                              # the files are read once
     if parsed.progress and ("progress" in params or has_var_kw):
         kw["progress"] = _progress_printer()
     if parsed.trace_pixel is not None:

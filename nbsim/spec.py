@@ -118,7 +118,7 @@ class CrystalSpec:
     fudge: float = 1.0
     default_F: float = 0.0
     hkl_file: Optional[str] = None
-    fdump_file: Optional[str] = None           # binary F cache: read when hkl_file is absent, written otherwise
+    fdump_file: Optional[str] = None           # binary F cache: read when hkl_file is absent (the front end writes it)
     interpolate: Optional[bool] = None         # None: auto (on when any N <= 2 and a table is loaded)
     mosaic_deg: float = 0.0
     mosaic_domains: Optional[int] = None

@@ -312,7 +312,7 @@ def nbsim_trace(args: List[str], pixel: Tuple[int, int], base: Path, timeout: fl
     from nbsim.trace import trace_lines
     parsed = parse_argv(args, cwd=str(base))
     tdev, tdtype, _ = resolve_device(parsed.device)
-    model = build_model(parsed.spec, dtype=tdtype, device=tdev, base_dir=str(base), write_fdump=False)
+    model = build_model(parsed.spec, dtype=tdtype, device=tdev, base_dir=str(base))
     return trace_lines(model, pixel, spec=parsed.spec)
 
 

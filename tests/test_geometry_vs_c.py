@@ -62,7 +62,7 @@ def test_geometry_matches_golden_stdout(case):
     gd = golden_dir()
     c = parse_stdout((gd / case["stdout"]).read_text())
     spec = parse_argv(case["args"], cwd=str(gd / "inputs")).spec
-    m = build_model(spec, base_dir=gd / "inputs", write_fdump=False)
+    m = build_model(spec, base_dir=gd / "inputs")
     check(m.info, c)
 
 

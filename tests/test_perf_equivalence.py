@@ -75,7 +75,7 @@ def inputs(tmp_path_factory):
 
 def model(args: str, inputs, dtype=torch.float64):
     parsed = parse_argv(args.split(), cwd=str(inputs))
-    return build_model(parsed.spec, dtype=dtype, base_dir=str(inputs), write_fdump=False)
+    return build_model(parsed.spec, dtype=dtype, base_dir=str(inputs))
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -84,7 +84,7 @@ def _model_and_trace(cid, spec_source="auto"):
     g, c = _case(cid)
     inputs = _inputs(g)
     spec = _hand_spec(cid) if spec_source == "hand" else _spec(cid, c, inputs)
-    model = build_model(spec, dtype=torch.float64, base_dir=str(inputs), write_fdump=False)
+    model = build_model(spec, dtype=torch.float64, base_dir=str(inputs))
     tp = c["trace_pixel"]
     lines = trace_lines(model, (tp["slow"], tp["fast"]), spec=spec)
     ref = (g / c["trace"]).read_text().splitlines()
@@ -209,7 +209,7 @@ def test_interpolation_state_exact():
         detector=DetectorSpec(distance_mm=90, fpixels=100, spixels=100, pixel_mm=0.5),
         beam=BeamSpec(wavelength_A=1.0),
         crystal=CrystalSpec(matrix_file="A.mat", hkl_file="P1.hkl", N=2))
-    model = build_model(spec, base_dir=str(_inputs(g)), write_fdump=False)
+    model = build_model(spec, base_dir=str(_inputs(g)))
     assert model.interpolate
     img = simulate_image(model)
     pix = (50, 50)
