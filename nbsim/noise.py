@@ -17,7 +17,8 @@ Two implementations of the same sequential loop, equal bit for bit:
   disk; a 1024x1024 image takes a few tens of milliseconds.
 * ``"python"``: the reference, built on :mod:`nbsim.rng` (bit-exact ``ran1``/``poidev``); the uniform
   stream is generated in vectorised chunks, only the per-pixel consumption loop runs in Python.  Used
-  when numba is missing, or for a stream state outside the compiled kernel's int64 range.
+  when numba is missing, or for a stream state outside the compiled kernel's range (a seed beyond
+  +-(2**31 - 2)).
 
 ``backend="auto"`` picks the first that applies; :data:`last_backend` names the one the latest call
 used.
@@ -33,7 +34,8 @@ import numpy as np
 from .io.images import c_ushort
 from .rng import Deviates, Ran1, Ran1Table, _as_stream, f32, gammln
 
-__all__ = ["BACKENDS", "c_ushort", "last_backend", "noise_image", "numba_available", "poisson_deviates"]
+__all__ = ["BACKENDS", "c_ushort", "last_backend", "noise_image", "numba_available",
+           "numba_unavailable_reason", "poisson_deviates"]
 
 _F32 = struct.Struct("f")
 _MAX_CHUNK = 1 << 20  # draws generated ahead at a time (a Python list: ~32 MB)
@@ -41,18 +43,22 @@ BACKENDS = ("auto", "numba", "python")
 #: the implementation the latest ``poisson_deviates``/``noise_image`` call ran ("numba" or "python")
 last_backend: str | None = None
 _kernels_mod = None          # nbsim.noise_numba once imported; False when numba is unavailable
+#: why the compiled kernels are unavailable (None while they are, or before the first use)
+numba_unavailable_reason: str | None = None
 
 
 def _kernels():
-    """The compiled kernels module, imported on first use (numba costs ~0.2 s to import); None when
-    numba cannot be imported."""
-    global _kernels_mod
+    """The compiled kernels module, imported on first use (importing numba costs ~0.15 s, loading
+    the cached machine code on the first call ~0.3 s more); None when numba cannot be imported or
+    cannot set up its cache (numba raises RuntimeError when no cache directory is writable)."""
+    global _kernels_mod, numba_unavailable_reason
     if _kernels_mod is None:
         try:
             from . import noise_numba
             _kernels_mod = noise_numba
-        except ImportError:
+        except (ImportError, RuntimeError) as e:
             _kernels_mod = False
+            numba_unavailable_reason = f"{type(e).__name__}: {e}"
     return _kernels_mod or None
 
 
@@ -64,8 +70,8 @@ def numba_available() -> bool:
 def _kernel_state(rng: Ran1):
     """(st, iv) int64 arrays for the compiled kernels, or None when the stream's state is not one they
     take (see :mod:`nbsim.noise_numba`): seed in (-IM, IM), ``iy`` in [0, IM), and, unless the next
-    draw reloads the table, every table entry in [1, IM).  Every state a nanoBragg run reaches from a
-    command-line seed other than +-2**31 (and -(2**31-1)) is one of these."""
+    draw reloads the table, every table entry in [1, IM).  Every state a nanoBragg run reaches from
+    command-line seeds ``|N| < 2**31 - 1`` is one of these (C's seed is ``-N``)."""
     from .rng import IM
     tab = rng.table
     seed, iy = rng.seed, tab.iy
@@ -98,7 +104,8 @@ def _choose(backend: str, rng: Ran1):
             return k, state
         if backend == "numba":
             raise RuntimeError("noise backend 'numba': " + (
-                "numba is not installed" if k is None else "stream state outside the kernel's range"))
+                f"numba is unavailable ({numba_unavailable_reason})" if k is None
+                else "stream state outside the kernel's range"))
     last_backend = "python"
     return None
 

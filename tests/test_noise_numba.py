@@ -115,6 +115,10 @@ def test_auto_falls_back_to_python(monkeypatch):
     assert noise.last_backend == "python"
     with pytest.raises(RuntimeError, match="range"):
         noise.poisson_deviates(vals, rng.Ran1(-(2 ** 40)), backend="numba")
+    # -IM (command-line seed 2**31 - 1) loads an all-zero table: C reloads again on the next draw
+    ref = noise.poisson_deviates(vals, rng.Ran1(-rng.IM), backend="python")
+    assert np.array_equal(noise.poisson_deviates(vals, rng.Ran1(-rng.IM)), ref, equal_nan=True)
+    assert noise.last_backend == "python"
     # numba missing
     monkeypatch.setattr(noise, "_kernels_mod", False)
     assert not noise.numba_available()
