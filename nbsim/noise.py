@@ -20,8 +20,10 @@ Two implementations of the same sequential loop, equal bit for bit:
   when numba is missing, or for a stream state outside the compiled kernel's range (a seed beyond
   +-(2**31 - 2)).
 
-``backend="auto"`` picks the first that applies; :data:`last_backend` names the one the latest call
-used.
+``backend="auto"`` picks the first that applies, except that a process which has not loaded the
+compiled loop yet runs images under :data:`NUMBA_MIN_PIXELS` pixels in Python: importing numba and
+loading the cached machine code costs ~0.4 s once per process, more than the Python loop takes for
+such an image (~0.7 us per pixel).  :data:`last_backend` names the implementation the latest call used.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = ["BACKENDS", "c_ushort", "last_backend", "noise_image", "numba_availab
 _F32 = struct.Struct("f")
 _MAX_CHUNK = 1 << 20  # draws generated ahead at a time (a Python list: ~32 MB)
 BACKENDS = ("auto", "numba", "python")
+#: "auto" in a process without the compiled loop loaded: smaller images run in Python (see above)
+NUMBA_MIN_PIXELS = 1 << 19
 #: the implementation the latest ``poisson_deviates``/``noise_image`` call ran ("numba" or "python")
 last_backend: str | None = None
 _kernels_mod = None          # nbsim.noise_numba once imported; False when numba is unavailable
@@ -60,6 +64,11 @@ def _kernels():
             _kernels_mod = False
             numba_unavailable_reason = f"{type(e).__name__}: {e}"
     return _kernels_mod or None
+
+
+def _kernels_loaded() -> bool:
+    """Whether this process has the compiled loop ready (numba imported and the code loaded)."""
+    return bool(_kernels_mod) and bool(_kernels_mod._noise_loop.signatures)
 
 
 def numba_available() -> bool:
@@ -91,12 +100,13 @@ def _store_state(rng: Ran1, st: np.ndarray, iv: np.ndarray) -> None:
     rng.ndraws += int(st[2])
 
 
-def _choose(backend: str, rng: Ran1):
-    """(kernels module, state) for the numba path, or None for the Python path."""
+def _choose(backend: str, rng: Ran1, n: int):
+    """(kernels module, state) for the numba path, or None for the Python path (``n`` pixels)."""
     global last_backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend != "python":
+    small = backend == "auto" and n < NUMBA_MIN_PIXELS and not _kernels_loaded()
+    if backend != "python" and not small:
         k = _kernels()
         state = _kernel_state(rng) if k is not None else None
         if state is not None:
@@ -165,7 +175,7 @@ def poisson_deviates(values, rng: Ran1, *, backend: str = "auto") -> np.ndarray:
     ndarray, shape (n,), float64 — the float32 deviates (integers, except for means > 1e6).
     """
     vals = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))
-    chosen = _choose(backend, rng)
+    chosen = _choose(backend, rng, vals.size)
     if chosen is not None:
         k, (st, iv) = chosen
         out = np.empty(vals.size, dtype=np.float64)
@@ -296,7 +306,7 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
     rng = _as_stream(seed, table)
     whole = mask is None or bool(roi.all())
     vals = np.ascontiguousarray(a.reshape(-1) if whole else a[roi])
-    chosen = _choose(backend, rng)
+    chosen = _choose(backend, rng, vals.size)
     if chosen is not None:
         k, (st, iv) = chosen
         counts = np.empty(vals.size, dtype=np.uint16)

@@ -131,6 +131,20 @@ def test_auto_falls_back_to_python(monkeypatch):
         noise.noise_image(img, -3, backend="fast")
 
 
+def test_auto_runs_small_images_in_python_until_the_loop_is_loaded(monkeypatch):
+    img = np.random.default_rng(2).exponential(1.0, (50, 60)).astype(np.float32)
+    ref = noise.noise_image(img, -3, backend="python")
+    noise.noise_image(img, -3, backend="numba")                       # loaded in this process
+    got = noise.noise_image(img, -3)
+    assert noise.last_backend == "numba" and np.array_equal(got[0], ref[0])
+    monkeypatch.setattr(noise, "_kernels_loaded", lambda: False)      # as in a new process
+    got = noise.noise_image(img, -3)
+    assert noise.last_backend == "python" and np.array_equal(got[0], ref[0])
+    monkeypatch.setattr(noise, "NUMBA_MIN_PIXELS", img.size)           # large enough: compiled
+    got = noise.noise_image(img, -3)
+    assert noise.last_backend == "numba" and np.array_equal(got[0], ref[0])
+
+
 def test_a_new_process_loads_the_compiled_loop_from_the_disk_cache():
     """cache=True: after one process compiled (or loaded) the loop, the next one loads it, no compile."""
     noise.poisson_deviates(np.ones(2, np.float32), rng.Ran1(-1), backend="numba")   # cache filled
