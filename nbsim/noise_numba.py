@@ -116,11 +116,12 @@ def _refill(xs, mult):
 @njit(cache=True)
 def _ran1(p, iy, xs, iv):
     """One ``ran1`` draw from a regular state: ``(u, p + 1, iy)`` with u the float32 value in (0, 1) as
-    a double.  ``p`` (position in the Lehmer block ``xs``, < BLOCK: callers refill first, see
-    ``_draw``) and ``iy`` are carried by the caller, the table ``iv`` is updated in place.
+    a double.  ``p`` (position in the Lehmer block ``xs``, < BLOCK) and ``iy`` are carried by the
+    caller, the table ``iv`` is updated in place.
 
-    Every call site reads ``if p == BLOCK: p = _refill(xs, mult)`` first; keeping that branch out of
-    this small function lets LLVM inline it without numba's reference counting in the hot loop."""
+    Every call site reads ``if p == BLOCK: p = _refill(xs, mult)`` first: with that branch (a call
+    taking arrays) inside this function, numba's reference counting stays in the hot loop and a draw
+    costs several times more."""
     idum = xs[p]
     j = iy >> NDIV_SHIFT
     iy = iv[j]
