@@ -9,7 +9,9 @@ as upstream builds it with OpenMP) and against nbsim, and reports per case
 * C whole-process wall time and peak resident memory (each run in a fresh temporary directory
   holding only the inputs it needs, so a stray ``Fdump.bin`` cannot change the experiment);
 * nbsim whole-process wall time and peak memory of ``python -m nbsim.nanobragg`` with the same
-  arguments and output files (Python start, imports, setup, writing the files);
+  arguments and output files (Python start, imports, setup, writing the files), and the same minus
+  the wall time of ``python -c "import torch"`` (measured the same way, best of the same number of
+  runs): the fixed costs that are nbsim's own, apart from Python's and torch's start-up;
 * nbsim in-process steady state: ``nbsim.api.simulate`` called again in a process that already
   ran it once (what a sweep or refinement loop pays per image), float64 eager, float64 compiled
   (``device.compile``), float32 eager and float32 compiled;
@@ -205,6 +207,17 @@ def run_nbsim_whole(case, repeat, extra=()) -> dict:
     return best_of(runs)
 
 
+def run_torch_import(repeat) -> dict:
+    """Whole-process wall time and peak memory of ``python -c "import torch"``, timed like the nbsim
+    runs (fresh temporary directory, same interpreter and environment), best of ``repeat``."""
+    runs = []
+    for _ in range(repeat):
+        d = Path(tempfile.mkdtemp(prefix="nbsim-bench-"))
+        runs.append(timed_run([sys.executable, "-c", "import torch"], d))
+        shutil.rmtree(d, ignore_errors=True)
+    return best_of(runs)
+
+
 def run_steady(case, dtype, compile_, repeat) -> dict:
     """First and best later in-process call of ``nbsim.api.simulate`` with
     ``DeviceSpec(dtype=dtype, compile=compile_)``: what a sweep or refinement loop pays per image.
@@ -269,7 +282,7 @@ def print_table(rec):
     """One row per case; "+c" columns are the compiled path (blank where it does not apply, the
     eager kernel then runs); C/best and f64/f32 use the faster of eager and compiled."""
     rows = []
-    head = ["case", "Msamples", "C s", "nb whole s", "C/whole", "f64 s", "f64+c s", "C/best",
+    head = ["case", "Msamples", "C s", "nb whole s", "C/whole", "whole-torch s", "f64 s", "f64+c s", "C/best",
             "f32 s", "f32+c s", "f64/f32", "Msamples/s", "C MB", "nb MB", "parity f64 vs C"]
     for cid, c in rec["cases"].items():
         cw = c.get("c", {}).get("wall_s")
@@ -284,7 +297,8 @@ def print_table(rec):
         par = c.get("parity_f64", {})
         rows.append([
             str(cid), fmt(c["samples"] / 1e6, 1), fmt(cw), fmt(c.get("nbsim_whole", {}).get("wall_s")),
-            fmt(c.get("ratio_whole"), 2), fmt(st("steady_f64")), fmt(st("steady_f64_compiled")),
+            fmt(c.get("ratio_whole"), 2), fmt(c.get("nbsim_whole", {}).get("minus_torch_import_s")),
+            fmt(st("steady_f64")), fmt(st("steady_f64_compiled")),
             fmt(ratio(cw, best64), 2), fmt(st("steady_f32")), fmt(st("steady_f32_compiled")),
             fmt(ratio(best64, best32), 2),
             fmt(c["samples"] / best64 / 1e6 if best64 else None, 0),
@@ -499,6 +513,10 @@ def main(argv=None):
           f"{rec['machine']['mem_gb']} GB; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); commit {rec['git']['commit'][:10]}"
           f"{' (dirty)' if rec['git']['dirty'] else ''}; load {rec['load_before']}")
+    if not a.no_whole:
+        rec["torch_import"] = run_torch_import(repeat)
+        print(f"python -c 'import torch': {fmt(rec['torch_import']['wall_s'])} s "
+              f"(subtracted from nbsim's whole-process times)", flush=True)
     variants = [("steady_f64", "float64", False), ("steady_f64_compiled", "float64", True)]
     if not a.quick:
         variants += [("steady_f32", "float32", False), ("steady_f32_compiled", "float32", True)]
@@ -571,6 +589,7 @@ def _run_cases(a, cases, repeat, cbin, variants, rec):
         c["pixels"], c["steps"], c["samples"] = npix, steps, npix * steps
         cw = c.get("c", {}).get("wall_s")
         c["ratio_whole"] = ratio(cw, c.get("nbsim_whole", {}).get("wall_s"))
+        _minus_torch(c, rec)
         for key, _, _ in variants:
             if key in c:
                 c[key]["ratio_c"] = ratio(cw, c[key]["steady_s"])
@@ -588,6 +607,16 @@ def _run_cases(a, cases, repeat, cbin, variants, rec):
             c["nbsim_whole"]["samples_per_s"] = c["samples"] / c["nbsim_whole"]["wall_s"]
         c["load_end"] = loadavg()
         rec["cases"][str(cid)] = c
+
+
+def _minus_torch(c: dict, rec: dict) -> None:
+    """``nbsim_whole.minus_torch_import_s`` (whole process minus ``import torch``) and
+    ``ratio_whole_minus_torch`` (C's whole process / that) of one case record."""
+    whole = c.get("nbsim_whole", {}).get("wall_s")
+    torch_s = rec.get("torch_import", {}).get("wall_s")
+    if whole and torch_s:
+        c["nbsim_whole"]["minus_torch_import_s"] = whole - torch_s
+        c["ratio_whole_minus_torch"] = ratio(c.get("c", {}).get("wall_s"), whole - torch_s)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,22 @@ def test_record_without_c(tmp_path, monkeypatch, capsys):
     assert c["steady_f64_compiled"]["compiled"] is True            # device.compile reached it
     assert c["steady_f32_compiled"]["compiled"] is True
     assert c["steps"] > 0 and c["samples"] == 32 * 32 * c["steps"]
+    assert "torch_import" not in recs[-1] and "minus_torch_import_s" not in c   # no whole runs
     assert c["f32_speedup"] > 0 and c["ratio_whole"] is None       # nothing to compare with C
     assert recs[-1]["machine"]["cores"] >= 1 and recs[-1]["git"]["commit"]
     recs = _run(tmp_path, monkeypatch, ["--no-whole", "--quick"])
     assert len(recs) == 2 and "steady_f32" not in recs[-1]["cases"]["1"]
     assert "vs previous record" in capsys.readouterr().out
+
+
+def test_whole_process_minus_torch_import(tmp_path, monkeypatch):
+    monkeypatch.delenv("NB_C_BIN", raising=False)
+    rec = _run(tmp_path, monkeypatch, ["--quick", "--no-steady"])[-1]
+    c, t = rec["cases"]["1"], rec["torch_import"]
+    assert t["rc"] == 0 and t["wall_s"] > 0
+    assert c["nbsim_whole"]["rc"] == 0
+    assert c["nbsim_whole"]["minus_torch_import_s"] == c["nbsim_whole"]["wall_s"] - t["wall_s"]
+    assert c["ratio_whole_minus_torch"] is None                       # no C run to compare with
 
 
 @pytest.mark.needs_c
@@ -62,4 +73,5 @@ def test_record_with_c(tmp_path, monkeypatch, c_binary):
     c = _run(tmp_path, monkeypatch, ["--quick"])[-1]["cases"]["1"]
     assert c["c"]["rc"] == 0 and c["c"]["wall_s"] > 0 and c["c"]["rss_mb"] > 0
     assert c["nbsim_whole"]["rc"] == 0 and c["ratio_whole"] > 0
+    assert c["ratio_whole_minus_torch"] == c["c"]["wall_s"] / c["nbsim_whole"]["minus_torch_import_s"]
     assert c["parity_f64"]["pearson_r"] > 0.99999 and c["parity_f64"]["ndiff"] == 0

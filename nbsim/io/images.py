@@ -88,24 +88,33 @@ def read_float(path, fpixels: int, spixels: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(int(spixels), int(fpixels))
 
 
-def _c_int_convert(values, bits: int) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64)
+def _c_int_convert(values, bits: int, dtype) -> np.ndarray:
+    """C ``(unsigned <bits>) x`` of floating ``x`` on x86-64, as ``dtype`` (same shape).
+
+    Fast path: every value in [0, 2**bits) (NaN fails the test), where the conversion is a plain
+    truncation.  Otherwise: truncate to int32 (NaN / out of range -> INT_MIN), keep the low bits."""
+    v = np.asarray(values)
+    if v.dtype.kind != "f":
+        v = v.astype(np.float64)
+    if v.size == 0 or (v.min() >= 0.0 and v.max() < float(1 << bits)):
+        return v.astype(dtype)
+    v = v.astype(np.float64)
     t = np.trunc(v)
     ok = np.isfinite(t) & (t > -2147483649.0) & (t < 2147483648.0)
     out = np.zeros(v.shape, dtype=np.int64)
     out[ok] = t[ok].astype(np.int64)
-    return out & ((1 << bits) - 1)
+    return (out & ((1 << bits) - 1)).astype(dtype)
 
 
 def c_ushort(values) -> np.ndarray:
     """C ``(unsigned short) x`` for floating ``x`` as gcc/x86-64 does it: truncate to int32
     (NaN / out of range -> INT_MIN), keep the low 16 bits.  Same shape, uint16."""
-    return _c_int_convert(values, 16).astype(np.uint16)
+    return _c_int_convert(values, 16, np.uint16)
 
 
 def c_uchar(values) -> np.ndarray:
     """C ``(unsigned char) x`` for floating ``x`` (x86-64): like :func:`c_ushort`, low 8 bits, uint8."""
-    return _c_int_convert(values, 8).astype(np.uint8)
+    return _c_int_convert(values, 8, np.uint8)
 
 
 def _roi(img: np.ndarray, mask) -> np.ndarray:
@@ -164,18 +173,23 @@ def int_image(img_f32, scale: float, adc: float = 40.0, mask=None) -> np.ndarray
     uint16 (S, F): ``(uint16) floorf((float)(clip(f*scale + adc, 0, 65535) + 0.5))``.
     """
     def convert(vals):
-        test = vals.astype(np.float64) * float(scale) + float(adc)
-        test = np.where(test > 65535.0, 65535.0, test)
-        test = np.where(test < 0.0, 0.0, test)
-        return c_ushort(np.floor((test + 0.5).astype(np.float32)))
+        test = vals.astype(np.float64)
+        test *= float(scale)
+        test += float(adc)
+        np.minimum(test, 65535.0, out=test)      # C: test > 65535 -> 65535; NaN stays NaN
+        np.maximum(test, 0.0, out=test)          # C: test < 0 -> 0
+        test += 0.5
+        t32 = test.astype(np.float32)            # floorf's float argument
+        return c_ushort(np.floor(t32, out=t32))
     return _roi_blockwise(img_f32, mask, np.uint16, convert)
 
 
 def pgm_image(img_f32, scale: float, mask=None) -> np.ndarray:
     """PGM pixels: ``(uint8) min(f*scale, 255)`` inside the ROI, 0 outside.  (S, F) uint8."""
     def convert(vals):
-        test = vals.astype(np.float64) * float(scale)
-        return c_uchar(np.where(test > 255.0, 255.0, test))
+        test = vals.astype(np.float64)
+        test *= float(scale)
+        return c_uchar(np.minimum(test, 255.0, out=test))   # C: test > 255 -> 255; NaN stays NaN
     return _roi_blockwise(img_f32, mask, np.uint8, convert)
 
 

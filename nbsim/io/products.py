@@ -1,12 +1,15 @@
 """Write nanoBragg's output files (float, int SMV, PGM, noise SMV) from a finished float image.
 
 Mirrors the C output section: statistics -> float file -> int file -> pgm -> noise, with the same
-default scales and the same numbers printed.  Every file is written atomically.
+default scales and the same numbers printed.  Every file is written atomically
+(:func:`nbsim.io.atomic.atomic_write_bytes`); each one is handed to a background thread as soon as
+its bytes are ready, so its fsync overlaps the next product's computation and the other files' fsyncs.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,8 @@ import numpy as np
 from ..noise import noise_image
 from ..rng import Ran1Table
 from .atomic import atomic_write_bytes
-from .images import default_int_scale, default_pgm_scale, image_stats, int_image, pgm_bytes, write_float
-from .smv import c_g, write_smv
+from .images import default_int_scale, default_pgm_scale, float_bytes, image_stats, int_image, pgm_bytes
+from .smv import c_g, smv_bytes
 
 __all__ = ["clock_seed", "write_products"]
 
@@ -23,6 +26,38 @@ __all__ = ["clock_seed", "write_products"]
 def clock_seed() -> int:
     """nanoBragg's default noise (and misset) seed: ``-time(NULL)``."""
     return -int(time.time())
+
+
+class _BackgroundWriter:
+    """Atomic file writes in worker threads, in submission order of the returned paths.
+
+    ``submit`` raises at once if an earlier write has already failed (no further file is started);
+    leaving the ``with`` block waits for every started write, and :meth:`paths` raises the first
+    failure.  Every file is atomic on its own: it is complete or absent, never partial."""
+
+    def __init__(self, workers: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbsim-write")
+        self._futures: list[Future] = []
+
+    def __enter__(self) -> "_BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _raise_failed(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+
+    def submit(self, path, data: bytes) -> None:
+        """Start writing ``data`` to ``path`` (atomically)."""
+        self._raise_failed()
+        self._futures.append(self._pool.submit(atomic_write_bytes, path, data))
+
+    def paths(self) -> list[Path]:
+        """Wait for every write; the written paths in submission order (the first failure raises)."""
+        return [f.result() for f in self._futures]
 
 
 def _spec(spec, name: str, default=None):
@@ -91,27 +126,27 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
     pgm_scale = float(pgm_scale)
 
     lines: list[str] = []
-    written: list[Path] = []
     if info and "max_I_x_m" in info and "max_I_y_m" in info:
         lines.append(f"max_I = {c_g(max_I)}  at {c_g(info['max_I_x_m'])} {c_g(info['max_I_y_m'])}")
     lines.append(f"mean= {c_g(st['mean'])} rms= {c_g(st['rms'])} rmsd= {c_g(st['rmsd'])}")
     lines.append(f"intfile_scale = {c_g(int_scale)}")
 
-    if float_path is not None:
-        written.append(write_float(float_path, a))
-    if int_path is not None:
-        written.append(write_smv(int_path, int_image(a, int_scale, adc, roi), info))
-    if pgm_path is not None:
-        lines.append(f"pgm_scale = {c_g(pgm_scale)}")
-        written.append(atomic_write_bytes(pgm_path, pgm_bytes(a, pgm_scale, roi)))
-
     photons = overloads = seed = None
-    if noise_path is not None:
-        seed = _spec(image_spec, "noise_seed")
-        seed = clock_seed() if seed is None else int(seed)
-        noise, photons, overloads = noise_image(a, seed, adc, roi, table=table)
-        lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
-        written.append(write_smv(noise_path, noise, info))
+    with _BackgroundWriter() as writer:
+        if float_path is not None:
+            writer.submit(float_path, float_bytes(a))
+        if int_path is not None:
+            writer.submit(int_path, smv_bytes(int_image(a, int_scale, adc, roi), info))
+        if pgm_path is not None:
+            lines.append(f"pgm_scale = {c_g(pgm_scale)}")
+            writer.submit(pgm_path, pgm_bytes(a, pgm_scale, roi))
+        if noise_path is not None:
+            seed = _spec(image_spec, "noise_seed")
+            seed = clock_seed() if seed is None else int(seed)
+            noise, photons, overloads = noise_image(a, seed, adc, roi, table=table)
+            lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
+            writer.submit(noise_path, smv_bytes(noise, info))
+    written = writer.paths()
 
     return {
         "max_I": max_I, "mean": st["mean"], "rms": st["rms"], "rmsd": st["rmsd"], "sum": st["sum"],
