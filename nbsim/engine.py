@@ -128,19 +128,7 @@ class Model:
 
 def _positions(m: Model, idx: torch.Tensor):
     """Sub-pixel positions (P, T, O, 3) in metres for flat pixel indices ``idx`` (P,)."""
-    os_ = m.oversample
-    dt, dev = m.dtype, m.device
-    s = torch.div(idx, m.fpixels, rounding_mode="floor").to(dt)
-    f = (idx % m.fpixels).to(dt)
-    sub = torch.arange(os_, dtype=dt, device=dev)
-    subS = sub.repeat_interleave(os_)          # O = os*os, subS outer, subF inner (C loop order)
-    subF = sub.repeat(os_)
-    subpix = m.pixel_m / os_
-    Fdet = subpix * (f[:, None] * os_ + subF) + subpix / 2.0      # (P, O)
-    Sdet = subpix * (s[:, None] * os_ + subS) + subpix / 2.0
-    Odet = torch.arange(m.thicksteps, dtype=dt, device=dev) * m.thickstep_m   # (T,)
-    pos = (Fdet[:, None, :, None] * m.fdet + Sdet[:, None, :, None] * m.sdet
-           + Odet[None, :, None, None] * m.odet + m.pix0)            # (P, T, O, 3)
+    pos = torch.stack(_flat_position_components(m, idx), -1)          # (P, T, O, 3)
     if m.curved:
         vec = (m.distance_m * m.beam).expand_as(pos)
         vec = rotate_axis(vec, m.sdet.expand_as(pos), pos[..., 1] / m.distance_m)
@@ -373,12 +361,18 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     else:
         F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)    # (P,T,O,S,F,M)
 
-    # which loop iterations actually run (dmin skip; C also skips F_latt == 0 without water)
-    live = torch.ones_like(F_latt, dtype=torch.bool)
-    if executed is not None:
-        live = live & executed[..., None, None]
-    if value(m.I_bg) == 0.0 and value(m.bg_physical) == 0.0:
-        live = live & (F_latt != 0)
+    # which loop iterations actually run (dmin skip; C also skips F_latt == 0 without water).
+    # Needed where a skipped iteration would change the sum: dmin, interpolation state, the
+    # compounding running product; otherwise a skipped term (F_latt == 0) is 0 anyway
+    need_live = (executed is not None or (m.table is not None and m.interpolate)
+                 or any(flags.values()) or trace is not None)
+    live = None
+    if need_live:
+        live = torch.ones_like(F_latt, dtype=torch.bool)
+        if executed is not None:
+            live = live & executed[..., None, None]
+        if value(m.I_bg) == 0.0 and value(m.bg_physical) == 0.0:
+            live = live & (F_latt != 0)
 
     new_state = interp_on
     if m.table is None:
@@ -399,7 +393,8 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
         F_cell = m.table.nearest(hkl0)
 
     term = F_cell * F_cell * F_latt * F_latt                    # (P,T,O,S,F,M)
-    term = torch.where(live, term, torch.zeros_like(term))
+    if live is not None:
+        term = torch.where(live, term, torch.zeros_like(term))
     w = m.source_weight[:, None, None]                          # (S,1,1)
 
     if layout_kind(m) != "inner":
@@ -705,9 +700,16 @@ def _row_col(idx: torch.Tensor, fpixels: int, dtype):
 
 
 def _position_components(m: Model, idx: torch.Tensor):
-    """x, y, z (P, T, O) of ``_positions(m, idx)``, computed per component (same operations)."""
+    """x, y, z (P, T, O) of ``_positions(m, idx)``."""
     if m.curved:
         return _positions(m, idx).unbind(-1)
+    return _flat_position_components(m, idx)
+
+
+def _flat_position_components(m: Model, idx: torch.Tensor):
+    """x, y, z (P, T, O) in metres of the flat detector's sub-pixel centres
+    pix0 + Fdet·f̂ + Sdet·ŝ + Odet·ô (C's sub-pixel loop order: slow outer, fast inner; layers at
+    Odet = t·thickstep) for flat raster pixel indices ``idx`` (P,)."""
     os_ = m.oversample
     dt, dev = m.dtype, m.device
     s, f = _row_col(idx, m.fpixels, dt)
