@@ -1,25 +1,28 @@
 """Shared test fixtures: where the golden C reference data lives."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
+import golden_data
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def golden_dir() -> Path:
-    """tests/golden (committed copy) or ../shared/golden beside the checkout."""
-    for p in (ROOT / "tests" / "golden", ROOT.parent / "shared" / "golden"):
-        if (p / "manifest.json").exists():
-            return p
-    pytest.skip("golden data not found (tests/golden or ../shared/golden)")
+    """tests/golden (the committed copy; see golden_data.py, the one loader of the golden set)."""
+    try:
+        return golden_data.golden_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 def golden_cases() -> list:
-    return json.loads((golden_dir() / "manifest.json").read_text())["cases"]
+    """The manifest entries of the golden cases (``golden_data.cases``)."""
+    golden_dir()
+    return golden_data.cases()
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import functools
 import gzip
 import json
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,67 @@ def case(case_id: str) -> dict:
 def case_ids(with_key: str | None = None) -> list[str]:
     """All case ids, or those whose manifest entry has ``with_key`` (e.g. 'int', 'noise')."""
     return [c["id"] for c in manifest()["cases"] if with_key is None or c.get(with_key)]
+
+
+def cases() -> list[dict]:
+    """The manifest entries of all golden cases, in manifest order."""
+    return manifest()["cases"]
+
+
+def copy_inputs(dest: Path) -> Path:
+    """Copy the golden input files (A.mat, P1.hkl, sources.txt, ...) into ``dest``; returns ``dest``.
+
+    The cases' arguments name these files relative to the working directory."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (golden_dir() / "inputs").iterdir():
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """How a float image differs from a golden float image (both float32, compared in float64).
+
+    ``max_abs``: max |Δ| (0.0 when bit-identical); ``n_diff``: pixels whose float32 values differ
+    (bitwise, so -0.0 vs 0.0 and NaNs count); ``first``: (slow, fast) of the largest |Δ| or None."""
+    case_id: str
+    max_abs: float
+    n_diff: int
+    first: tuple | None
+
+    @property
+    def identical(self) -> bool:
+        return self.n_diff == 0
+
+    def __str__(self) -> str:
+        if self.identical:
+            return f"{self.case_id}: bit-identical"
+        return (f"{self.case_id}: not bit-identical: max |Δ| = {self.max_abs:.6g} at (slow, fast) = "
+                f"{self.first}, {self.n_diff} pixel(s) differ")
+
+
+def exactness(image, case_id: str) -> Exactness:
+    """Compare a float image (anything ``np.asarray`` takes: (spixels, fpixels) or flat, any float
+    dtype; written files are float32) with the golden C float image of ``case_id``.
+
+    The image is rounded to float32 first, as ``-floatfile`` writes it; the comparison is bitwise."""
+    ref = load_float(case_id)
+    img = np.asarray(image, dtype=np.float32).reshape(ref.shape)
+    differ = img.view(np.uint32) != ref.view(np.uint32)
+    n = int(differ.sum())
+    if n == 0:
+        return Exactness(case_id, 0.0, 0, None)
+    d = np.abs(img.astype(np.float64) - ref.astype(np.float64))
+    d = np.where(differ & ~np.isfinite(d), np.inf, d)
+    at = np.unravel_index(int(np.argmax(d)), d.shape)
+    return Exactness(case_id, float(d.max()), n, (int(at[0]), int(at[1])))
+
+
+def assert_bit_identical(image, case_id: str, what: str = "") -> None:
+    """Fail unless ``image`` equals the golden float image bit for bit (max |Δ| == 0)."""
+    e = exactness(image, case_id)
+    assert e.identical and e.max_abs == 0.0, f"{what + ': ' if what else ''}{e}"
 
 
 def _read(path: Path) -> bytes:
