@@ -27,7 +27,7 @@ from nbsim.frontend.argv import parse_argv
 
 import golden_data as gd
 from conftest import golden_cases, golden_dir
-from strategies import blas_miller_orders_differ, not_applicable
+from strategies import not_applicable
 
 CUBIC = "-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 100"
 TRICLINIC = "-cell 70 80 90 75 85 95 -misset 10 20 30 -default_F 100 -N 4 -lambda 1.2 -distance 80"
@@ -127,12 +127,6 @@ def test_fast_kernel_equals_reference(cid, args, inputs):
     require(m, "fast", cid)
     fast = run(m, "fast", fast=True)
     ref = run(m, "reference", fast=False)
-    if not same(fast, ref) and blas_miller_orders_differ(m):
-        # a known engine bug on some BLAS builds, diagnosed for this model: see the helper
-        pytest.xfail(f"{cid}: fast != reference in float64 (max |Δ|/max "
-                     f"{((fast - ref).abs().max() / ref.abs().max()).item():.1e}): the kernels' "
-                     "BLAS Miller-index products order their columns differently and this BLAS "
-                     "rounds by column position (strategies.blas_miller_orders_differ)")
     assert same(fast, ref)
 
 
@@ -295,8 +289,7 @@ def test_float32_parity_with_golden(gid, compile_, tmp_path):
     from nbsim.spec import DeviceSpec
     gd.copy_inputs(tmp_path)
     spec = parse_argv(gd.case(gid)["args"], cwd=str(tmp_path)).spec
-    m32 = build_model(spec, dtype=torch.float64, base_dir=str(tmp_path),
-                      write_fdump=False).astype(torch.float32)
+    m32 = build_model(spec, dtype=torch.float64, base_dir=str(tmp_path)).astype(torch.float32)
     if compile_:
         require(m32, "compiled", f"{gid} float32")
         want = "compiled"
