@@ -84,10 +84,9 @@ def _dot(a, b) -> float:
 
 def _simulated_indices(model) -> torch.Tensor:
     """Flat indices of the simulated pixels in raster (C loop) order, as ``simulate_image``."""
-    npix = model.fpixels * model.spixels
-    if model.mask is not None:
-        return torch.nonzero(model.mask.reshape(-1), as_tuple=False).reshape(-1).to(model.device)
-    return torch.arange(npix, device=model.device)
+    from nbsim.engine import simulated_indices
+    idx = simulated_indices(model)
+    return torch.arange(model.fpixels * model.spixels, device=model.device) if idx is None else idx
 
 
 def interp_state_before(model, pixel, chunk_pixels: Optional[int] = None,
@@ -96,7 +95,7 @@ def interp_state_before(model, pixel, chunk_pixels: Optional[int] = None,
 
     Renders every simulated pixel before it (in chunks), exactly as ``simulate_image`` does.
     """
-    from nbsim.engine import default_chunk_pixels, render
+    from nbsim.engine import Chunks, default_chunk_pixels, render_reference_chunks
     state = torch.tensor(bool(model.interpolate), device=model.device)
     if not (model.table is not None and model.interpolate
             and not model.quirks.fixed("tricubic_global_off")):
@@ -105,17 +104,13 @@ def interp_state_before(model, pixel, chunk_pixels: Optional[int] = None,
     flat = s * model.fpixels + f
     idx_all = _simulated_indices(model)
     before = idx_all[idx_all < flat]
-    chunk = chunk_pixels or default_chunk_pixels(model, budget_bytes)
-    first = model.first_iteration
-    for start in range(0, before.shape[0], chunk):
-        idx = before[start:start + chunk]
-        first_local = None
-        if first is not None and start <= first[0] < start + chunk:
-            first_local = (first[0] - start,) + tuple(first[1:])
-        _, state = render(model, idx, state, first_local=first_local)
-        if not bool(state):
+    if before.shape[0] == 0:
+        return bool(state)
+    chunks = Chunks(model, chunk_pixels or default_chunk_pixels(model, budget_bytes), before)
+    for _ in render_reference_chunks(model, chunks):
+        if not bool(chunks.interp_on):
             break
-    return bool(state)
+    return bool(chunks.interp_on)
 
 
 # ---------------------------------------------------------------------------------------------
