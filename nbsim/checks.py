@@ -173,11 +173,11 @@ def normalize_roi(spec: ExperimentSpec) -> None:
     xmin, ymin = max(xmin, 0), max(ymin, 0)
     xmax = fpix if xmax < 0 else xmax
     ymax = spix if ymax < 0 else ymax
-    if xmin > xmax or ymin > ymax:
-        raise SpecError("detector.roi", f"needs xmin <= xmax and ymin <= ymax, got {list(d.roi)}")
     if xmin > fpix - 1 or ymin > spix - 1:
         raise SpecError("detector.roi", f"{list(d.roi)} selects no pixel of the {fpix}x{spix} detector "
                         f"(fast 0..{fpix - 1}, slow 0..{spix - 1})")
+    if xmin > xmax or ymin > ymax:
+        raise SpecError("detector.roi", f"needs xmin <= xmax and ymin <= ymax, got {list(d.roi)}")
     d.roi = [xmin, xmax, ymin, ymax]
 
 
@@ -414,10 +414,16 @@ def _size_key(est: Estimate, spec: Optional[ExperimentSpec]) -> str:
     if spec is None:
         return "detector.fpixels"
     d, c, b = spec.detector, spec.crystal, spec.beam
+    if b.source_file:
+        src_key = "beam.source_file"
+    else:
+        hdiv, vdiv, disp = _sampling(spec)
+        src_key = max([(hdiv[0], "beam.hdivsteps"), (vdiv[0], "beam.vdivsteps"), (disp[0], "beam.dispsteps")],
+                      key=lambda f: f[0])[1]
     factors = [(est.fpixels * est.spixels, "detector.fpixels" if d.fpixels else "detector.detsize_f_mm"),
                (est.oversample ** 2, "detector.oversample" if d.oversample else "detector.distance_mm"),
                (est.thicksteps, "detector.thicksteps"),
-               (est.sources, "beam.source_file" if b.source_file else "beam.hdivsteps"),
+               (est.sources, src_key),
                (est.phisteps, "crystal.phisteps"), (est.mosaic_domains, "crystal.mosaic_domains")]
     return max(factors, key=lambda f: f[0])[1]
 

@@ -982,6 +982,8 @@ _KEY_FLAG["crystal.misset_random"] = "-misset"
 _KEY_FLAG["crystal.misset_deg"] = "-misset"
 _KEY_FLAG["detector.attenuation_um"] = "-detector_abs"
 _KEY_FLAG["crystal.fdump_file"] = "-dump"
+_KEY_FLAG["device.memory_budget_mb"] = "--memory-budget-mb"
+_KEY_FLAG["device.time_limit_s"] = "--time-limit-s"
 
 
 def spec_error_message(e: SpecError, origins: Optional[Dict[str, str]] = None) -> str:

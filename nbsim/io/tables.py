@@ -225,7 +225,7 @@ def read_fdump(path):
     bad = ~np.isfinite(table)
     if bad.any():
         h, k, l = (int(v) for v in np.argwhere(bad)[0])
-        raise InputFileError(f"{path}: F({h + hmin} {k + kmin} {l + lmin}) = {table[h, k, l]!r}: every "
+        raise InputFileError(f"{path}: F({h + hmin} {k + kmin} {l + lmin}) = {float(table[h, k, l])!r}: every "
                              "structure factor must be a finite number")
     return ranges, table
 
