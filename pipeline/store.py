@@ -138,7 +138,8 @@ def verify_entry(folder: Path, h: str, want=()) -> Tuple[Optional[dict], str]:
         if size is None:
             return None, f"{name} is missing"
         if not isinstance(rec, dict) or size != rec.get("bytes"):
-            return None, f"{name} has {size} bytes, run.json recorded {rec.get('bytes') if isinstance(rec, dict) else '?'}"
+            recorded = rec.get("bytes") if isinstance(rec, dict) else "?"
+            return None, f"{name} has {size} bytes, run.json recorded {recorded} bytes"
         try:
             digest = _file_sha256(p)
         except OSError as e:
