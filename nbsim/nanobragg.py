@@ -154,9 +154,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nbsim.io.products import write_result
     paths = parsed.outputs.paths()
     at = info.get("max_I_at_m")
+    new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
         res = write_result(result, parsed.spec.image, **paths) or {}
     except OSError as e:
+        for p in new_files:                  # no half set of outputs: remove what this run created
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
         named = [f"{f} {paths[k]}" for k, f in _OUTPUT_FLAGS.items() if paths.get(k)]
         return _error(f"cannot write output ({', '.join(named)}): {e.strerror or e}")
 

@@ -435,18 +435,23 @@ def test_app_full_disk_names_store_root(tmp_path, monkeypatch, capsys):
 def test_frontend_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     import errno
 
-    from nbsim.io import products
+    from nbsim.io import atomic, images, smv
     from nbsim.nanobragg import main
     monkeypatch.chdir(tmp_path)
+    real = atomic.atomic_write_bytes
 
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(products, "write_result", full)
+    def full(path, data):                    # the float file is written, the disk is full for the int file
+        if str(path).endswith(".img"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(images, "atomic_write_bytes", full)
+    monkeypatch.setattr(smv, "atomic_write_bytes", full)
     rc = main(FE_BASE + FE_CELL)
     line = _one_line(capsys.readouterr().err)
     assert rc == 2
     assert line == ("nbsim.nanobragg: error: cannot write output (-floatfile floatimage.bin, -intfile "
                     "intimage.img): No space left on device")
+    assert os.listdir(tmp_path) == []        # the float file written before the failure is removed
 
 
 def test_input_readers_never_open_a_fifo(tmp_path):
