@@ -272,8 +272,8 @@ SIZES = [
 ]
 for id_, fe, app, flag, key, msg in SIZES:
     add(f"size_{id_}", {}, fe, app, "^" + re.escape(flag) + ": .*" + msg, "^" + re.escape(key) + ": .*" + msg)
-add("size_time_limit_mosaic", {}, ["-mosaic", "1", "-mosaic_dom", "10000000"],
-    ["crystal.mosaic_deg=1", "crystal.mosaic_domains=10000000", "device.time_limit_s=10"],
+add("size_time_limit_mosaic", {}, ["-mosaic", "1", "-mosaic_dom", "1000000"],
+    ["crystal.mosaic_deg=1", "crystal.mosaic_domains=1000000", "device.time_limit_s=10"],
     r"^--time-limit-s: estimated .* over the limit of 10 s", r"^device\.time_limit_s: estimated .*over the limit",
     fe_opts=["--time-limit-s", "10"])
 add("size_time_limit_tiny", {}, [], ["device.time_limit_s=1e-9"], r"^--time-limit-s: estimated",
