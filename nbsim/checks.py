@@ -97,7 +97,7 @@ def _read(key: str, reader, base_dir, name: str):
 def fdump_is_read(spec: ExperimentSpec, base_dir=".") -> bool:
     """Whether the model builder will read ``crystal.fdump_file`` (no HKL table and the file exists)."""
     c = spec.crystal
-    return c.hkl_file is None and c.fdump_file is not None and os.path.lexists(_resolve(base_dir, c.fdump_file))
+    return c.hkl_file is None and c.fdump_file is not None and _resolve(base_dir, c.fdump_file).exists()
 
 
 def _check_hkl_ranges(key: str, name: str, hkl: np.ndarray) -> None:

@@ -34,6 +34,25 @@ WORDS = st.sampled_from(["beam", "sample", "random", "x.hkl", "m.mat", "s.txt", 
 FLAG_NAMES = st.sampled_from(sorted({n for f in FLAGS for n in f.names} | {
     "--device", "--dtype", "--quirks", "--memory-budget-mb", "--time-limit-s", "--compile", "--no-compile"}))
 TOKENS = st.one_of(FLAG_NAMES, NUMBERS, WORDS, st.text(max_size=6))
+_NVALUES = {"": 0, "f": 1, "i": 1, "s": 1, "f3": 3, "i2": 2, "i4": 4, "misset": 3, "pivot": 1, "abs": 1,
+            "cell": 6, "dummy": 1}
+_INTS = st.sampled_from(["0", "1", "2", "3", "-1", "10", "100000", "1000000000", "-5"])
+
+
+@st.composite
+def flag_with_values(draw):
+    """A flag followed by values of the kind it takes (mostly well-formed, so that the checks after
+    the parser are reached), sometimes a stray token."""
+    if draw(st.integers(0, 9)) == 0:
+        return [draw(TOKENS)]
+    f = draw(st.sampled_from(FLAGS))
+    n = _NVALUES.get(f.kind, 1)
+    pool = {"i": _INTS, "i2": _INTS, "i4": _INTS, "s": WORDS, "pivot": st.sampled_from(["beam", "sample", "x"]),
+            "misset": NUMBERS}.get(f.kind, NUMBERS)
+    return [draw(st.sampled_from(f.names))] + draw(st.lists(pool, min_size=n, max_size=n))
+
+
+ARGV = st.lists(flag_with_values(), max_size=5).map(lambda parts: [w for part in parts for w in part])
 
 VALID_FILES = {"x.hkl": "1 2 3 100\n-1 0 2 50\n", "m.mat": "0.01 0 0\n0 0.01 0\n0 0 0.01\n",
                "s.txt": "-10 0 0 1 1e-10\n", "F.bin": None}
@@ -64,7 +83,7 @@ def _no_traceback(fn):
 
 
 @FAST
-@given(argv=st.lists(TOKENS, max_size=12))
+@given(argv=ARGV)
 def test_fuzz_argv_parser_and_preflight(argv, fuzz_dir):
     """Random nanoBragg command lines: parse, then the full pre-simulation check."""
     base = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "10", "-detpixels", "16"]
