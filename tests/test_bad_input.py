@@ -486,6 +486,7 @@ def _env():
 SUBPROCESS_ROWS = ["hkl_nan_F", "overflow_fluence_1e300"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", SUBPROCESS_ROWS)
 def test_subprocess_frontend(row, tmp_path):
     case = next(c for c in FE_CASES if c.id == row)
@@ -497,6 +498,7 @@ def test_subprocess_frontend(row, tmp_path):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", ["dev_zero_mask"])
 def test_subprocess_app(row, tmp_path):
     case = next(c for c in APP_CASES if c.id == row)

@@ -24,7 +24,7 @@ from nbsim.spec import SpecError  # noqa: E402
 N = int(os.environ.get("NBSIM_FUZZ_EXAMPLES", "0")) or None
 FAST = settings(max_examples=N or 120, deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
-SLOWER = settings(max_examples=N or 25, deadline=None, derandomize=True,
+SLOWER = settings(max_examples=N or 15, deadline=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
 
 NUMBERS = st.sampled_from(["0", "-0", "1", "-1", "2", "90", "180", "1e-300", "1e300", "-1e300", "nan", "inf",
@@ -109,6 +109,7 @@ VALUES = st.one_of(NUMBERS, WORDS, st.sampled_from([
     "[100,100,100,90,90,90]", "[1,1,1,179,179,179]", "1,2", "{a:1}"]))
 
 
+@pytest.mark.slow
 @SLOWER
 @given(pairs=st.lists(st.tuples(SCHEMA_KEYS, VALUES), min_size=1, max_size=3))
 def test_fuzz_hydra_overrides(pairs, fuzz_dir):
