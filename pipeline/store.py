@@ -21,6 +21,7 @@ final name only by a rename, so ``<root>/<hash>/run.json`` exists exactly when t
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -168,6 +169,32 @@ def _prepare_root(root_abs: Path, shown: Path) -> bool:
     return created
 
 
+@contextlib.contextmanager
+def entry_lock(root_abs: Path, h: str):
+    """Exclusive lock of one entry among processes (``flock`` on ``<root>/.<hash>.lock``): concurrent
+    runs of one configuration compute it once, the others wait and then reuse it. The lock file is
+    removed by its holder; a waiter that wakes up on a removed file takes the lock again."""
+    import fcntl
+    path = root_abs / f".{h}.lock"
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)                         # closing releases the lock
+
+
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
@@ -198,18 +225,21 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
         log(f"stored result {shown}: {why}; recomputing")
 
     created = _prepare_root(root_abs, root)
-    if est.seconds > 60:
-        import sys
-        print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)", file=sys.stderr)
     try:
-        run = _compute(final, spec, device, want, preview, base_dir)
+        with entry_lock(root_abs, h):
+            if not force and (final / "run.json").is_file():
+                doc = verify_entry(final, h, want)[0]
+                if doc is not None:              # computed by another process while we waited
+                    log(f"reusing stored result {shown} (config hash {h}), computed meanwhile")
+                    return final, True, doc
+            if est.seconds > 60:
+                import sys
+                print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)",
+                      file=sys.stderr)
+            run = _compute(final, spec, device, want, preview, base_dir)
     except OSError as e:
-        doc = verify_entry(final, h, want)[0] if not force else None
-        if doc is None:
-            _remove_if_empty(root_abs, created)
-            raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
-        # another process published the same hash while we computed: its entry is as good as ours
-        run = doc
+        _remove_if_empty(root_abs, created)
+        raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
     except BaseException:
         _remove_if_empty(root_abs, created)
         raise

@@ -4,8 +4,10 @@ later run (``pipeline.store.verify_entry``)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +120,38 @@ def test_app_recomputes_a_damaged_entry(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert f"stored result outputs/{entry.name}: float.bin has 8 bytes, run.json recorded 1024 bytes; recomputing" in out
     assert (entry / "float.bin").stat().st_size == 1024
+
+
+def _run_in_child(args):
+    import time
+
+    from nbsim import api
+    root, base = args
+    real = api.simulate
+
+    def slow_simulate(*a, **k):              # a 1 s computation: the other processes arrive meanwhile
+        time.sleep(1.0)
+        return real(*a, **k)
+    api.simulate = slow_simulate
+    spec = ExperimentSpec(detector=DetectorSpec(fpixels=64, spixels=64),
+                          crystal=CrystalSpec(cell_A_deg=[100, 100, 100, 90, 90, 90], N=3, default_F=100))
+    logs = []
+    folder, reused, run = store.run_or_reuse(spec, DEV, root=root, base_dir=base, log=logs.append)
+    return str(folder), reused, logs
+
+
+def test_concurrent_runs_compute_once(tmp_path):
+    """Six processes ask for one configuration at once: one computes, the others wait and reuse its
+    entry; nothing hidden (lock, temporary or old folders) is left in the store."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    with ctx.Pool(6) as pool:
+        results = pool.map(_run_in_child, [(str(tmp_path / "out"), str(tmp_path))] * 6)
+    folders = {f for f, _, _ in results}
+    assert len(folders) == 1
+    assert sorted(r for _, r, _ in results) == [False] + [True] * 5
+    waited = [lg for _, r, lg in results if r and lg and lg[-1].endswith("computed meanwhile")]
+    assert waited, [lg for _, _, lg in results]                        # they did run concurrently
+    folder = Path(folders.pop())
+    assert store.verify_entry(folder, folder.name)[0] is not None
+    assert os.listdir(tmp_path / "out") == [folder.name]
