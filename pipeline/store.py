@@ -301,3 +301,79 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         run[CHECKSUM_KEY] = _doc_checksum(run)
         _write_json(tmp / "run.json", run)
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m pipeline.store list | verify | gc
+# ---------------------------------------------------------------------------------------------
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def entry_overrides(folder: Path) -> str:
+    """The keys of an entry's ``config.yaml`` that differ from the schema defaults, ``key=value ...``."""
+    from nbsim.spec import ExperimentSpec
+    try:
+        doc = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+    except Exception as e:                       # noqa: BLE001 - a damaged entry is listed, not fatal
+        return f"(config.yaml unreadable: {type(e).__name__})"
+    default = _flat({**spec_to_dict(ExperimentSpec()), "device": spec_to_dict(DeviceSpec())})
+    got = _flat(doc if isinstance(doc, dict) else {})
+    return " ".join(f"{k}={v}" for k, v in got.items() if default.get(k, object()) != v) or "(defaults)"
+
+
+def entries(root: Path):
+    """Entry folders (named by a hash) under ``root``, sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.store list|verify|gc [--root outputs]``: a table of the entries with their
+    key overrides, a check of every entry (exit 1 if any is damaged), removal of damaged entries and
+    of temporary folders left by killed runs (older than ``--min-age-h`` hours)."""
+    import argparse
+    import shutil
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m pipeline.store")
+    ap.add_argument("command", choices=("list", "verify", "gc"))
+    ap.add_argument("--root", default="outputs")
+    ap.add_argument("--min-age-h", type=float, default=1.0, help="gc: age of temporary folders to remove")
+    a = ap.parse_args(argv)
+    root = Path(a.root)
+    if not root.is_dir():
+        print(f"pipeline.store: error: --root: {root} is not a directory", file=sys.stderr)
+        return 2
+    bad = 0
+    for e in entries(root):
+        doc, why = verify_entry(e, e.name)
+        if a.command == "list":
+            state = "ok" if doc else f"DAMAGED ({why})"
+            when = (doc or {}).get("created_utc", "?")
+            print(f"{e.name}  {when}  {state}  {entry_overrides(e)}")
+        elif a.command == "verify":
+            print(f"{e.name}  {'ok' if doc else 'DAMAGED: ' + why}")
+            bad += doc is None
+        elif doc is None:
+            shutil.rmtree(e, ignore_errors=True)
+            print(f"removed {e} ({why})")
+    if a.command == "gc":
+        now = time.time()
+        for p in root.iterdir():
+            if p.name.startswith(".") and p.name.endswith((".tmp", ".old")) and p.is_dir() \
+                    and now - p.stat().st_mtime > a.min_age_h * 3600:
+                shutil.rmtree(p, ignore_errors=True)
+                print(f"removed {p} (left by an interrupted run)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

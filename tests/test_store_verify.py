@@ -155,3 +155,24 @@ def test_concurrent_runs_compute_once(tmp_path):
     folder = Path(folders.pop())
     assert store.verify_entry(folder, folder.name)[0] is not None
     assert os.listdir(tmp_path / "out") == [folder.name]
+
+
+def test_store_cli_list_verify_gc(tmp_path, spec, capsys):
+    folder, _, _ = store.run_or_reuse(spec, DEV, root=tmp_path / "out", base_dir=tmp_path, log=lambda m: None)
+    spec.crystal.N = 3
+    other, _, _ = store.run_or_reuse(spec, DEV, root=tmp_path / "out", base_dir=tmp_path, log=lambda m: None)
+    stale = tmp_path / "out" / ".abc.123.tmp"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    root = str(tmp_path / "out")
+    assert store.main(["list", "--root", root]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(" ok " in line for line in out)
+    assert any("crystal.N=3" in line for line in out) and any("crystal.N=2" in line for line in out)
+    (other / "float.bin").write_bytes(b"")
+    assert store.main(["verify", "--root", root]) == 1
+    out = capsys.readouterr().out
+    assert f"{other.name}  DAMAGED: float.bin has 0 bytes" in out and f"{folder.name}  ok" in out
+    assert store.main(["gc", "--root", root]) == 0
+    assert sorted(os.listdir(root)) == [folder.name]
+    assert store.main(["verify", "--root", str(tmp_path / "nope")]) == 2
