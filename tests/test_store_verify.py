@@ -176,3 +176,14 @@ def test_store_cli_list_verify_gc(tmp_path, spec, capsys):
     assert store.main(["gc", "--root", root]) == 0
     assert sorted(os.listdir(root)) == [folder.name]
     assert store.main(["verify", "--root", str(tmp_path / "nope")]) == 2
+
+
+def test_unavailable_device_is_refused_even_when_stored(tmp_path, spec):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    store.run_or_reuse(spec, DEV, root=tmp_path / "out", base_dir=tmp_path, log=lambda m: None)
+    from nbsim.spec import SpecError
+    with pytest.raises(SpecError, match="^device.device: cuda requested but torch finds no CUDA device"):
+        store.run_or_reuse(spec, DeviceSpec(device="cuda"), root=tmp_path / "out", base_dir=tmp_path,
+                           log=lambda m: None)
