@@ -126,10 +126,15 @@ def _run_in_child(args):
     import time
 
     from nbsim import api
-    root, base = args
+    root, base, n = args
     real = api.simulate
+    arrived = Path(base) / "arrived"
+    (arrived / str(os.getpid())).touch()
 
-    def slow_simulate(*a, **k):              # a 1 s computation: the other processes arrive meanwhile
+    def slow_simulate(*a, **k):              # the computation starts once every process has arrived
+        deadline = time.time() + 120
+        while len(os.listdir(arrived)) < n and time.time() < deadline:
+            time.sleep(0.05)
         time.sleep(1.0)
         return real(*a, **k)
     api.simulate = slow_simulate
@@ -141,15 +146,16 @@ def _run_in_child(args):
 
 
 def test_concurrent_runs_compute_once(tmp_path):
-    """Six processes ask for one configuration at once: one computes, the others wait and reuse its
+    """Four processes ask for one configuration at once: one computes, the others wait and reuse its
     entry; nothing hidden (lock, temporary or old folders) is left in the store."""
     import multiprocessing as mp
-    ctx = mp.get_context("fork")
-    with ctx.Pool(6) as pool:
-        results = pool.map(_run_in_child, [(str(tmp_path / "out"), str(tmp_path))] * 6)
+    ctx = mp.get_context("spawn")            # fork after torch's thread pools ran can deadlock
+    (tmp_path / "arrived").mkdir()
+    with ctx.Pool(4) as pool:
+        results = pool.map(_run_in_child, [(str(tmp_path / "out"), str(tmp_path), 4)] * 4, chunksize=1)
     folders = {f for f, _, _ in results}
     assert len(folders) == 1
-    assert sorted(r for _, r, _ in results) == [False] + [True] * 5
+    assert sorted(r for _, r, _ in results) == [False] + [True] * 3
     waited = [lg for _, r, lg in results if r and lg and lg[-1].endswith("computed meanwhile")]
     assert waited, [lg for _, _, lg in results]                        # they did run concurrently
     folder = Path(folders.pop())
