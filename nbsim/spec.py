@@ -147,6 +147,7 @@ class DeviceSpec:
     dtype: str = "float64"
     memory_budget_mb: Optional[float] = None   # None: derived from available memory
     compile: Any = "auto"                      # True | False | "auto" (see compile_mode)
+    time_limit_s: Optional[float] = None       # refuse a run whose estimated time exceeds this (None: no limit)
 
 
 def compile_mode(value, key: str = "device.compile") -> Optional[bool]:
@@ -270,7 +271,9 @@ def validate(spec: ExperimentSpec) -> None:
         if not isinstance(d.roi, (list, tuple)) or len(d.roi) != 4 or not all(
                 isinstance(x, int) and not isinstance(x, bool) for x in d.roi):
             raise SpecError("detector.roi", f"must be 4 integers [xmin, xmax, ymin, ymax], got {d.roi!r}")
-        if d.roi[0] > d.roi[1] or d.roi[2] > d.roi[3]:
+        # a negative bound means "not given" (C: min -> 0, max -> the detector edge; see
+        # nbsim.checks.normalize_roi), so only two given bounds can be out of order
+        if (0 <= d.roi[1] < d.roi[0]) or (0 <= d.roi[3] < d.roi[2]):
             raise SpecError("detector.roi", f"needs xmin <= xmax and ymin <= ymax, got {list(d.roi)}")
     # beam
     _positive("beam.wavelength_A", b.wavelength_A, allow_none=False)
@@ -310,9 +313,10 @@ def validate(spec: ExperimentSpec) -> None:
                             f"degenerate cell: angles {list(cell[3:])} enclose no volume "
                             "(need each angle < sum of the other two and the sum < 360)")
     _vector("crystal.misset_deg", c.misset_deg, nonzero=False)
-    _int_ge("crystal.N", c.N, 0, allow_none=False)
+    # C clamps N <= 1 to 1 silently; a crystal of 0 cells is refused here instead
+    _int_ge("crystal.N", c.N, 1, allow_none=False)
     for k in ("Na", "Nb", "Nc"):
-        _int_ge(f"crystal.{k}", getattr(c, k), 0)
+        _int_ge(f"crystal.{k}", getattr(c, k), 1)
     for k in ("size_x_mm", "size_y_mm", "size_z_mm"):
         _nonneg(f"crystal.{k}", getattr(c, k))
     _choice("crystal.shape", c.shape, SHAPES)

@@ -80,6 +80,9 @@ def validate_device(dev: DeviceSpec) -> DeviceSpec:
     mb = dev.memory_budget_mb
     if mb is not None and not mb > 0:
         raise SpecError("device.memory_budget_mb", f"must be > 0 (or null: automatic), got {mb!r}")
+    t = dev.time_limit_s
+    if t is not None and not t > 0:
+        raise SpecError("device.time_limit_s", f"must be > 0 (or null: no limit), got {t!r}")
     compile_mode(dev.compile)
     return dev
 
@@ -205,7 +208,8 @@ def format_error(exc: BaseException, fallback: bool = False) -> Optional[str]:
     from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
                                   ValidationError)
 
-    if isinstance(exc, SpecError):
+    from nbsim.io.inputs import InputFileError
+    if isinstance(exc, (SpecError, InputFileError)):
         return str(exc)
     if isinstance(exc, MissingConfigException):
         m = re.search(r"Could not find '([^']*)'", str(exc))

@@ -11,18 +11,25 @@ A complete entry holds::
     log.txt       the engine's nanoBragg-style setup lines
     run.json      hash, versions, device, wall time, image statistics, scales   (written last)
 
+``run.json`` also records the size and sha256 of every other file (``files_sha256``) and a checksum
+of itself (``run_json_sha256``); an entry is verified (``verify_entry``) before it is reused, and a
+damaged one is reported in one line and recomputed.
+
 The entry is built in a hidden sibling folder (``nbsim.io.atomic.atomic_dir``) and appears under its
 final name only by a rename, so ``<root>/<hash>/run.json`` exists exactly when the entry is complete.
 (A process killed with SIGKILL may leave a hidden ``.<hash>.*.tmp`` folder behind; it is never read.)
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 from omegaconf import OmegaConf
 
@@ -79,54 +86,192 @@ def _versions() -> dict:
             "python_version": platform.python_version()}
 
 
+MANIFEST_KEY = "files_sha256"      # run.json: {file name: {"bytes": n, "sha256": hex}} of every other file
+CHECKSUM_KEY = "run_json_sha256"   # run.json: sha256 of its own canonical text without this key
+
+
+def _doc_checksum(doc: dict) -> str:
+    body = {k: v for k, v in doc.items() if k != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, default=_jsonable, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(folder: Path, names) -> dict:
+    """``{name: {"bytes": size, "sha256": hex}}`` of the files ``names`` in ``folder``."""
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": _file_sha256(folder / n)} for n in sorted(names)}
+
+
+def verify_entry(folder: Path, h: str, want=()) -> Tuple[Optional[dict], str]:
+    """Check a stored entry before it is reused: ``(run_json, "")`` when it is complete and intact,
+    else ``(None, reason)`` (one line). ``run.json`` must parse, carry this hash and its own checksum;
+    every file of its manifest must have the recorded size and sha256; ``want`` files must exist."""
+    rj = folder / "run.json"
+    try:
+        doc = json.loads(rj.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"run.json is unreadable ({type(e).__name__})"
+    if not isinstance(doc, dict):
+        return None, "run.json is not a JSON object"
+    if doc.get("hash") != h:
+        return None, f"run.json names hash {doc.get('hash')!r}, not {h}"
+    files = doc.get(MANIFEST_KEY)
+    if not isinstance(files, dict) or CHECKSUM_KEY not in doc:
+        return None, "run.json has no checksums (written by an older nbsim)"
+    if doc[CHECKSUM_KEY] != _doc_checksum(doc):
+        return None, "run.json was edited (its checksum does not match)"
+    missing = [n for n in want if n != "run.json" and n not in files]
+    if missing:
+        return None, f"it lacks {', '.join(missing)}"
+    for name, rec in files.items():
+        p = folder / name
+        try:
+            size = p.stat().st_size if p.is_file() else None
+        except OSError:
+            size = None
+        if size is None:
+            return None, f"{name} is missing"
+        if not isinstance(rec, dict) or size != rec.get("bytes"):
+            recorded = rec.get("bytes") if isinstance(rec, dict) else "?"
+            return None, f"{name} has {size} bytes, run.json recorded {recorded} bytes"
+        try:
+            digest = _file_sha256(p)
+        except OSError as e:
+            return None, f"{name} is unreadable ({e.strerror or e})"
+        if digest != rec.get("sha256"):
+            return None, f"{name} does not match its checksum (edited or corrupted)"
+    return doc, ""
+
+
+def _prepare_root(root_abs: Path, shown: Path) -> bool:
+    """Create the store root if needed; ``SpecError('store.root', ...)`` naming the path the user gave
+    when it cannot be used. Returns whether it was created (to remove it again if the run fails)."""
+    created = False
+    if not root_abs.exists():
+        try:
+            root_abs.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise SpecError("store.root", f"cannot create {shown}: {e.strerror or e}") from None
+    if not root_abs.is_dir():
+        raise SpecError("store.root", f"{shown} is not a directory")
+    if not os.access(root_abs, os.W_OK | os.X_OK):
+        raise SpecError("store.root", f"{shown} is not writable")
+    return created
+
+
+@contextlib.contextmanager
+def entry_lock(root_abs: Path, h: str):
+    """Exclusive lock of one entry among processes (``flock`` on ``<root>/.<hash>.lock``): concurrent
+    runs of one configuration compute it once, the others wait and then reuse it. The lock file is
+    removed by its holder; a waiter that wakes up on a removed file takes the lock again."""
+    import fcntl
+    path = root_abs / f".{h}.lock"
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)                         # closing releases the lock
+
+
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
                  log: Callable[[str], None] = print) -> Tuple[Path, bool, dict]:
     """Return ``(folder, reused, run_json)`` for ``spec`` simulated on ``device``.
 
-    If ``<root>/<hash>/run.json`` exists (and holds the requested files) nothing is simulated;
-    ``force=True`` recomputes and replaces the entry. Relative input paths in ``spec`` and a relative
-    ``root`` are taken from ``base_dir``.
+    The spec is checked first (``nbsim.checks.preflight``: input files, geometry, size), and the
+    device must exist, whether or not the result is stored. If ``<root>/<hash>/`` holds a complete
+    entry that passes ``verify_entry`` nothing is simulated; a damaged entry is reported in one line
+    and recomputed; ``force=True`` recomputes and replaces the entry. Relative input paths in
+    ``spec`` and a relative ``root`` are taken from ``base_dir``.
     """
+    from nbsim.checks import preflight
     base_dir = Path(base_dir)
     root = Path(root)
     root_abs = root if root.is_absolute() else base_dir / root
+    check_device(device)
+    est = preflight(spec, device, base_dir)
     h = config_hash(spec, device, base_dir)
     final, shown = root_abs / h, root / h
     want = wanted_files(spec, write_noise, write_pgm)
 
     if (final / "run.json").is_file() and not force:
-        missing = [n for n in want if not (final / n).is_file()]
-        if not missing:
+        doc, why = verify_entry(final, h, want)
+        if doc is not None:
             log(f"reusing stored result {shown} (config hash {h})")
-            return final, True, json.loads((final / "run.json").read_text())
-        log(f"stored result {shown} lacks {', '.join(missing)}: recomputing")
+            return final, True, doc
+        log(f"stored result {shown}: {why}; recomputing")
 
-    check_device(device)
+    created = _prepare_root(root_abs, root)
     try:
-        run = _compute(final, spec, device, want, preview, base_dir)
-    except OSError:
-        if force or not (final / "run.json").is_file():
-            raise
-        # another process published the same hash while we computed: its entry is as good as ours
-        run = json.loads((final / "run.json").read_text())
+        with entry_lock(root_abs, h):
+            if not force and (final / "run.json").is_file():
+                doc = verify_entry(final, h, want)[0]
+                if doc is not None:              # computed by another process while we waited
+                    log(f"reusing stored result {shown} (config hash {h}), computed meanwhile")
+                    return final, True, doc
+            if est.seconds > 60:
+                import sys
+                print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)",
+                      file=sys.stderr)
+            run = _compute(final, spec, device, want, preview, base_dir)
+    except OSError as e:
+        _remove_if_empty(root_abs, created)
+        raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
+    except BaseException:
+        _remove_if_empty(root_abs, created)
+        raise
     return final, False, run
+
+
+def _remove_if_empty(root_abs: Path, created: bool) -> None:
+    if created:
+        try:
+            root_abs.rmdir()
+        except OSError:
+            pass
 
 
 def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, preview: str,
              base_dir: Path) -> dict:
     """Simulate, write every file of the entry into a temp folder, rename it to ``final``."""
+    import numpy as np
+
     from nbsim import api                        # looked up at call time (tests monkeypatch it)
+    from nbsim.checks import check_image
     from nbsim.io import products
 
     h = final.name
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
-        result = api.simulate(spec, device, base_dir=str(base_dir))
+        with np.errstate(all="ignore"):          # an overflow is reported once, by check_image
+            result = api.simulate(spec, device, base_dir=str(base_dir))
         wall = time.perf_counter() - t0
         img = result.float32()
+        check_image(img, spec)
         info = dict(result.info)
         prod = products.write_result(
             result, spec.image, float_path=str(tmp / "float.bin"), int_path=str(tmp / "int.img"),
@@ -151,5 +296,84 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,
         }
+        run[MANIFEST_KEY] = manifest(tmp, [p.name for p in tmp.iterdir() if p.name != "run.json"])
+        run = json.loads(json.dumps(run, default=_jsonable, allow_nan=True))   # as it will be read back
+        run[CHECKSUM_KEY] = _doc_checksum(run)
         _write_json(tmp / "run.json", run)
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m pipeline.store list | verify | gc
+# ---------------------------------------------------------------------------------------------
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def entry_overrides(folder: Path) -> str:
+    """The keys of an entry's ``config.yaml`` that differ from the schema defaults, ``key=value ...``."""
+    from nbsim.spec import ExperimentSpec
+    try:
+        doc = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+    except Exception as e:                       # noqa: BLE001 - a damaged entry is listed, not fatal
+        return f"(config.yaml unreadable: {type(e).__name__})"
+    default = _flat({**spec_to_dict(ExperimentSpec()), "device": spec_to_dict(DeviceSpec())})
+    got = _flat(doc if isinstance(doc, dict) else {})
+    return " ".join(f"{k}={v}" for k, v in got.items() if default.get(k, object()) != v) or "(defaults)"
+
+
+def entries(root: Path):
+    """Entry folders (named by a hash) under ``root``, sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.store list|verify|gc [--root outputs]``: a table of the entries with their
+    key overrides, a check of every entry (exit 1 if any is damaged), removal of damaged entries and
+    of temporary folders left by killed runs (older than ``--min-age-h`` hours)."""
+    import argparse
+    import shutil
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m pipeline.store")
+    ap.add_argument("command", choices=("list", "verify", "gc"))
+    ap.add_argument("--root", default="outputs")
+    ap.add_argument("--min-age-h", type=float, default=1.0, help="gc: age of temporary folders to remove")
+    a = ap.parse_args(argv)
+    root = Path(a.root)
+    if not root.is_dir():
+        print(f"pipeline.store: error: --root: {root} is not a directory", file=sys.stderr)
+        return 2
+    bad = 0
+    for e in entries(root):
+        doc, why = verify_entry(e, e.name)
+        if a.command == "list":
+            state = "ok" if doc else f"DAMAGED ({why})"
+            when = (doc or {}).get("created_utc", "?")
+            print(f"{e.name}  {when}  {state}  {entry_overrides(e)}")
+        elif a.command == "verify":
+            print(f"{e.name}  {'ok' if doc else 'DAMAGED: ' + why}")
+            bad += doc is None
+        elif doc is None:
+            shutil.rmtree(e, ignore_errors=True)
+            print(f"removed {e} ({why})")
+    if a.command == "gc":
+        now = time.time()
+        for p in root.iterdir():
+            if p.name.startswith(".") and p.name.endswith((".tmp", ".old")) and p.is_dir() \
+                    and now - p.stat().st_mtime > a.min_age_h * 3600:
+                shutil.rmtree(p, ignore_errors=True)
+                print(f"removed {p} (left by an interrupted run)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

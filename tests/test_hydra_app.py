@@ -275,4 +275,5 @@ def test_cli_killed_mid_run_stores_nothing(tmp_path, sig):
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0
     assert "Traceback" not in err, err
-    assert list(out.iterdir()) == []                          # neither a final nor a temp folder
+    # neither a final nor a temp folder, and the store root this run created is removed again
+    assert not out.exists()
