@@ -169,12 +169,12 @@ def check_inputs(spec: ExperimentSpec, base_dir=".", beam_dir=None) -> dict:
 # geometry
 # ---------------------------------------------------------------------------------------------
 
-def normalize_roi(spec: ExperimentSpec) -> None:
-    """C's ROI rule, in place: a negative bound means "not given" (xmin, ymin -> 0; xmax -> fpixels,
-    ymax -> spixels, as C sets them). Then refuse an ROI that selects no pixel of the detector."""
-    d = spec.detector
+def resolve_roi(d) -> Optional[list]:
+    """C's ROI rule for ``DetectorSpec`` ``d``: a negative bound means "not given" (xmin, ymin -> 0;
+    xmax -> fpixels, ymax -> spixels, as C sets them); None without an ROI. Refuses an ROI that
+    selects no pixel of the detector."""
     if d.roi is None:
-        return
+        return None
     from nbsim.geometry import resolve_pixels
     fpix, spix = resolve_pixels(d)[:2]
     xmin, xmax, ymin, ymax = (int(v) for v in d.roi)
@@ -186,7 +186,12 @@ def normalize_roi(spec: ExperimentSpec) -> None:
                         f"(fast 0..{fpix - 1}, slow 0..{spix - 1})")
     if xmin > xmax or ymin > ymax:
         raise SpecError("detector.roi", f"needs xmin <= xmax and ymin <= ymax, got {list(d.roi)}")
-    d.roi = [xmin, xmax, ymin, ymax]
+    return [xmin, xmax, ymin, ymax]
+
+
+def normalize_roi(spec: ExperimentSpec) -> None:
+    """``resolve_roi`` in place (the entry points store the resolved ROI in the spec they hash)."""
+    spec.detector.roi = resolve_roi(spec.detector)
 
 
 def _count_divergence(hdiv, vdiv, round_div: bool) -> int:
