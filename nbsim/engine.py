@@ -190,7 +190,7 @@ def sqrt_exact(x: torch.Tensor) -> torch.Tensor:
 def unitize_exact(v: torch.Tensor):
     """``rotation.unitize`` with ``sqrt_exact``: (unit vector, magnitude) of (..., 3) vectors."""
     mag = sqrt_exact((v * v).sum(-1))
-    safe = torch.where(mag == 0, torch.ones_like(mag), mag)
+    safe = torch.where(mag == 0, 1.0, mag)
     return v / safe.unsqueeze(-1), mag
 
 
@@ -258,8 +258,7 @@ def sincg_reduced(h: torch.Tensor, h0: torch.Tensor, n: float) -> torch.Tensor:
     (−1)^((n−1)·h0) · sin(n·π·f)/sin(π·f), and n where f == 0. Same value, well conditioned."""
     x = (h - h0) * math.pi
     sx = torch.sin(x)
-    r = torch.where(sx == 0, full_like(x, n), torch.sin(x * n) / torch.where(
-        sx == 0, torch.ones_like(sx), sx))
+    r = torch.where(sx == 0, n, torch.sin(x * n) / torch.where(sx == 0, 1.0, sx))
     if int(value(n)) % 2 == 0:
         r = r * (1.0 - 2.0 * torch.remainder(h0, 2.0))
     return r
@@ -354,10 +353,13 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
         hkl[p, t, o, s] = miller(scat[p, t, o, s], m.lattice_first, mode)
     hkl0 = torch.ceil(hkl - 0.5)
     if m.shape == "square" and reduced_sincg(m):
-        F_latt = torch.ones_like(hkl[..., 0])
+        F_latt = None
         for i, n in enumerate(m.N):
             if value(n) > 1:
-                F_latt = F_latt * sincg_reduced(hkl[..., i], hkl0[..., i], n)
+                s = sincg_reduced(hkl[..., i], hkl0[..., i], n)
+                F_latt = s if F_latt is None else F_latt * s
+        if F_latt is None:
+            F_latt = torch.ones_like(hkl[..., 0])
     else:
         F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)    # (P,T,O,S,F,M)
 
