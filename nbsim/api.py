@@ -46,7 +46,7 @@ class SimResult:
 
     def float32(self) -> np.ndarray:
         """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
-        return plain(self.image).astype(np.float32)
+        return torch.from_numpy(plain(self.image)).to(torch.float32).numpy()   # as C casts: inf past 3.4e38
 
 
 def resolve_device(device: Optional[DeviceSpec]):
@@ -112,7 +112,7 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     info = model.info
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
-    img32 = plain(image).astype(np.float32)
+    img32 = torch.from_numpy(plain(image)).to(torch.float32).numpy()
     xmin, xmax, ymin, ymax = info["roi"]
     roi_mask = np.zeros_like(mask)
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
