@@ -46,7 +46,14 @@ class SimResult:
 
     def float32(self) -> np.ndarray:
         """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
-        return torch.from_numpy(plain(self.image)).to(torch.float32).numpy()   # as C casts: inf past 3.4e38
+        return _float32(plain(self.image))
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    """float64 → float32 as C casts (round to nearest, inf past 3.4e38), without NumPy's overflow
+    warning: an image that overflows is reported once, by ``nbsim.checks.check_image``."""
+    with np.errstate(over="ignore"):
+        return a.astype(np.float32)
 
 
 def resolve_device(device: Optional[DeviceSpec]):
@@ -112,7 +119,7 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     info = model.info
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
-    img32 = torch.from_numpy(plain(image)).to(torch.float32).numpy()
+    img32 = _float32(plain(image))
     xmin, xmax, ymin, ymax = info["roi"]
     roi_mask = np.zeros_like(mask)
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
