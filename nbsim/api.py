@@ -126,6 +126,7 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     info.update(image_stats(img32, mask, model, roi=roi_mask))
     info["wall_s"] = time.perf_counter() - t0
     info["kernel"] = kernel.get("kernel")                  # which kernel rendered the image
+    info["kernel_cache"] = bool(kernel.get("kernel_cache"))  # compiled kernels loaded from the cache
     result = SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=list(info.pop("warnings", [])),
                        log=list(info.pop("log", [])))
     if trace_pixel is not None:

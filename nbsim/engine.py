@@ -1020,20 +1020,57 @@ class CompiledPlan:
                           fast.reduced)
         self.finish_cfg = (tuple(fast.Nvals), fast.FF, fast.w_one, float(m.I_bg),
                            float(m.r_e_sqr * m.fluence), float(m.steps), self.sin_inside)
+        self.aot = None                    # (front, finish) from nbsim.kernel_cache, when used
+
+
+def _front_inputs(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> tuple:
+    return (idx, m.fdet, m.sdet, m.odet, m.pix0, m.incident, m.wavelength_m, m.polar_vector,
+            m.pixel_m, m.close_distance_m, m.lattice, plan.table_flat)
+
+
+def cached_kernels(m: Model, plan: CompiledPlan, *, build: bool = False):
+    """The AOT-compiled (``_k_front``, ``_k_finish``) of this plan from ``nbsim.kernel_cache``, or
+    None where the cache has none (``build``: compile them ahead of time into it first)."""
+    from nbsim import kernel_cache
+    if kernel_cache.disabled():
+        return None
+    key_in = _front_inputs(m, torch.zeros(plan.chunk, dtype=torch.int64, device=m.device), plan)
+    front = kernel_cache.load("_k_front", plan.front_cfg, key_in)
+    finish = kernel_cache.load("_k_finish", plan.finish_cfg, key_in)
+    if (front is None or finish is None) and build:
+        idx = torch.arange(plan.chunk, device=m.device) % (m.fpixels * m.spixels)
+        if front is None:
+            front = kernel_cache.build("_k_front", _k_front, plan.front_cfg, key_in,
+                                       _front_inputs(m, idx, plan))
+        X, G, F_cell, cap, pol, om = front(*_front_inputs(m, idx, plan))
+        if finish is None:
+            finish = kernel_cache.build("_k_finish", _k_finish, plan.finish_cfg, key_in,
+                                        (X, G, F_cell, cap, pol, om, m.source_weight))
+    if front is None or finish is None:
+        return None
+    return front, finish
 
 
 def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Tensor:
-    """``render_fast`` through Inductor for ``plan.chunk`` pixels (``idx`` is padded to that size)."""
+    """``render_fast`` through Inductor for ``plan.chunk`` pixels (``idx`` is padded to that size):
+    the kernels of the cache (``plan.aot``) or compiled in this process."""
     P = idx.shape[0]
     if P < plan.chunk:
         idx = torch.cat((idx, idx[-1:].expand(plan.chunk - P)))
-    X, G, F_cell, cap, pol, om = _compiled_fn("_k_front")(
-        idx, m.fdet, m.sdet, m.odet, m.pix0, m.incident, m.wavelength_m, m.polar_vector,
-        m.pixel_m, m.close_distance_m, m.lattice, plan.table_flat, plan.front_cfg)
+    if plan.aot is not None:
+        front, finish = plan.aot
+        X, G, F_cell, cap, pol, om = front(*_front_inputs(m, idx, plan))
+    else:
+        X, G, F_cell, cap, pol, om = _compiled_fn("_k_front")(*_front_inputs(m, idx, plan),
+                                                             plan.front_cfg)
+    X, G = list(X), list(G)
     if not plan.sin_inside:
         for t in X + G:
             t.sin_()
-    val = _compiled_fn("_k_finish")(X, G, F_cell, cap, pol, om, m.source_weight, plan.finish_cfg)
+    if plan.aot is not None:
+        val = finish(X, G, F_cell, cap, pol, om, m.source_weight)
+    else:
+        val = _compiled_fn("_k_finish")(X, G, F_cell, cap, pol, om, m.source_weight, plan.finish_cfg)
     return val[:P]
 
 
@@ -1217,15 +1254,21 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     idx_all = simulated_indices(m)
     use_fast = fast_path_ok(m) if fast is None else (fast and fast_path_ok(m))
     plan = FastPlan(m) if use_fast else None
-    if compile is None:
-        compile = use_fast and compile_pays_off(m)
-    cplan = (CompiledPlan(m, plan, budget_bytes, chunk_pixels)
-             if compile and use_fast and compile_ok(m) else None)
+    cplan = None
+    if compile is not False and use_fast and compile_ok(m):
+        # kernels compiled ahead of time by an earlier process (nbsim.kernel_cache): used under
+        # compile=true and auto; compile=true builds them on first use
+        cplan = CompiledPlan(m, plan, budget_bytes, chunk_pixels)
+        cplan.aot = cached_kernels(m, cplan, build=bool(compile)) if cplan.fits else None
+        if compile is None and cplan.aot is None and not compile_pays_off(m):
+            cplan = None
+    compile = bool(compile) or cplan is not None
     compile_reference = bool(compile) and m.differentiable and not use_fast
     if report is not None:
         report["kernel"] = ("compiled" if cplan is not None and cplan.fits
                             else "fast" if use_fast
                             else "reference-compiled" if compile_reference else "reference")
+        report["kernel_cache"] = cplan is not None and cplan.aot is not None
     if cplan is not None and cplan.fits:
         chunks = Chunks(m, cplan.chunk, idx_all)
 
