@@ -24,8 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 from nbsim.spec import (DTYPES, BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec, ExperimentSpec,
                         ImageSpec, SpecError, compile_mode, spec_from_dict)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-DATA_DIR = Path(__file__).resolve().parent.parent / "nbsim" / "data"
+
+
+def _conf_dir() -> Path:
+    """The Hydra app's config folder: ``nbsim/conf/`` in an installed wheel (pyproject.toml ships the
+    top-level ``conf/`` there), else ``conf/`` of the checkout this module lies in."""
+    import nbsim
+    packaged = Path(nbsim.__file__).resolve().parent / "conf"
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+DATA_DIR = Path(__import__("nbsim").__file__).resolve().parent / "data"
 PREVIEW_MODES = ("log", "percentile")
 
 
