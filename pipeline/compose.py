@@ -60,6 +60,7 @@ class NbsimConfig:
     fix: List[str] = field(default_factory=list)
     device: DeviceSpec = field(default_factory=DeviceSpec)
     store: StoreConfig = field(default_factory=StoreConfig)
+    quiet: bool = False
 
 
 def _nbsim_data(name: str) -> str:
@@ -175,6 +176,8 @@ def _field_type(full_key: str) -> Optional[str]:
                 return m.group(1) if (indexed and m) else t
     if full_key == "quirks":
         return "str"
+    if full_key == "quiet":
+        return "bool"
     if full_key == "fix" or full_key.startswith("fix["):
         return "List[str]" if full_key == "fix" else "str"
     return None

@@ -268,14 +268,17 @@ def entry_lock(root_abs: Path, h: str):
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
-                 log: Callable[[str], None] = print) -> Tuple[Path, bool, dict]:
+                 log: Callable[[str], None] = print,
+                 progress: Optional[bool] = None) -> Tuple[Path, bool, dict]:
     """Return ``(folder, reused, run_json)`` for ``spec`` simulated on ``device``.
 
     The spec is checked first (``nbsim.checks.preflight``: input files, geometry, size), and the
     device must exist, whether or not the result is stored. If ``<root>/<hash>/`` holds a complete
     entry that passes ``verify_entry`` nothing is simulated; a damaged entry is reported in one line
     and recomputed; ``force=True`` recomputes and replaces the entry. Relative input paths in
-    ``spec`` and a relative ``root`` are taken from ``base_dir``.
+    ``spec`` and a relative ``root`` are taken from ``base_dir``. ``progress``: a progress bar on
+    stderr while simulating (True/False; None: on a terminal, or when the run is estimated to take
+    more than a few seconds, see ``nbsim.progress``).
     """
     from nbsim.checks import preflight
     base_dir = Path(base_dir)
@@ -309,11 +312,11 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                     else:
                         log(f"reusing stored result {shown} (config hash {h}), computed meanwhile")
                     return final, True, doc
-            if est.seconds > 60:
+            if est.seconds > 60 and progress is not False:
                 import sys
                 print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)",
                       file=sys.stderr)
-            run = _compute(final, spec, device, want, preview, base_dir)
+            run = _compute(final, spec, device, want, preview, base_dir, est, progress)
     except OSError as e:
         _remove_if_empty(root_abs, created)
         raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
@@ -332,7 +335,7 @@ def _remove_if_empty(root_abs: Path, created: bool) -> None:
 
 
 def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, preview: str,
-             base_dir: Path) -> dict:
+             base_dir: Path, est=None, progress: Optional[bool] = None) -> dict:
     """Simulate, write every file of the entry into a temp folder, rename it to ``final``."""
     import numpy as np
 
@@ -344,8 +347,11 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
-        with np.errstate(all="ignore"):          # an overflow is reported once, by check_image
-            result = api.simulate(spec, device, base_dir=str(base_dir))
+        from nbsim.progress import progress_bar
+        spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
+        with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
+            # an overflow is reported once, by check_image
+            result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar)
         wall = time.perf_counter() - t0
         img = result.float32()
         check_image(img, spec)
