@@ -25,6 +25,7 @@ from pipeline.compose import CONF_DIR, cfg_to_spec, format_error  # also registe
 from pipeline.store import run_or_reuse
 
 log = logging.getLogger("nbsim")
+_state: dict = {}
 
 
 def _shown(path: Path) -> str:
@@ -69,7 +70,14 @@ def _task(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     spec, device = cfg_to_spec(cfg)
     quiet = bool(cfg.get("quiet", False))
-    log.setLevel(logging.WARNING if quiet else logging.NOTSET)
+    if quiet:
+        log.setLevel(logging.WARNING)
+        _state["quieted"] = True
+    elif _state.pop("quieted", False):              # an earlier in-process run was quiet
+        log.setLevel(logging.NOTSET)
+    if log.isEnabledFor(logging.DEBUG):             # hydra.verbose=nbsim
+        from nbsim.spec import spec_to_dict
+        log.debug(f"resolved experiment: {spec_to_dict(spec)}; device: {spec_to_dict(device)}")
     base_dir = HydraConfig.get().runtime.cwd        # where nbsim was started, even if Hydra chdir'ed
     folder, reused, run = run_or_reuse(
         spec, device, root=cfg.store.root, force=cfg.store.force, write_noise=cfg.store.write_noise,
