@@ -117,8 +117,9 @@ def test_app_recomputes_a_damaged_entry(tmp_path, monkeypatch, capsys):
     (entry / "float.bin").write_bytes(b"\0" * 8)
     capsys.readouterr()
     app.main()
-    out = capsys.readouterr().out
-    assert f"stored result outputs/{entry.name}: float.bin has 8 bytes, run.json recorded 1024 bytes; recomputing" in out
+    cap = capsys.readouterr()
+    assert f"stored result outputs/{entry.name}: float.bin has 8 bytes, run.json recorded 1024 bytes; recomputing" in cap.err
+    assert cap.out == f"outputs/{entry.name}\n"
     assert (entry / "float.bin").stat().st_size == 1024
 
 
