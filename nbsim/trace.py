@@ -48,7 +48,25 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["trace_lines", "interp_state_before", "fmt"]
+__all__ = ["trace_lines", "interp_state_before", "fmt", "PIXEL_NAMES_ALWAYS", "PIXEL_NAMES_CONDITIONAL"]
+
+#: pixel-level names (``TRACE_C: name ...``) that the full instrumented (-DTRACING) C build, and
+#: ``trace_lines``, print for every traced pixel inside the ROI and mask, whatever the case
+#: (``pipeline.trace_diff`` uses them to recognise a partly instrumented build)
+PIXEL_NAMES_ALWAYS = (
+    "pix0_vector_meters", "fdet_vec", "sdet_vec", "pixel_pos_meters", "R_distance_meters",
+    "omega_pixel_sr", "close_distance_meters", "obliquity_factor", "diffracted_vec", "incident_vec",
+    "lambda_meters", "lambda_angstroms", "scattering_vec_A_inv",
+    "I_before_scaling", "r_e_meters", "r_e_sqr", "fluence_photons_per_m2", "steps", "oversample_thick",
+    "oversample_polar", "oversample_omega", "capture_fraction", "polar", "omega_pixel", "cos_2theta",
+    "I_pixel_final", "floatimage_accumulated",
+)
+#: names printed only in some cases: not when source 0 is cut by dmin, F_latt_* only for the SQUARE
+#: shape, F_cell not when F_latt == 0 without background
+PIXEL_NAMES_CONDITIONAL = (
+    "rot_a_angstroms", "rot_b_angstroms", "rot_c_angstroms", "rot_a_star_A_inv", "rot_b_star_A_inv",
+    "rot_c_star_A_inv", "hkl_frac", "hkl_rounded", "F_latt_a", "F_latt_b", "F_latt_c", "F_latt", "F_cell",
+)
 
 
 def fmt(x) -> str:

@@ -187,8 +187,9 @@ def test_hydra_app_bit_identical(cid, strategy, shared_inputs, tmp_path, monkeyp
     monkeypatch.chdir(work)
     monkeypatch.setattr(sys, "argv", ["nbsim", *overrides, f"store.root={tmp_path / 'store'}"])
     app.main()
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("computed "), out
+    cap = capsys.readouterr()
+    out = cap.out.strip().splitlines()
+    assert len(out) == 1 and cap.err.splitlines()[-1].startswith("computed "), cap   # stdout: the folder
     folder = Path(out[-1])
     folder = folder if folder.is_absolute() else work / folder
     run = json.loads((folder / "run.json").read_text())

@@ -117,8 +117,9 @@ def test_app_recomputes_a_damaged_entry(tmp_path, monkeypatch, capsys):
     (entry / "float.bin").write_bytes(b"\0" * 8)
     capsys.readouterr()
     app.main()
-    out = capsys.readouterr().out
-    assert f"stored result outputs/{entry.name}: float.bin has 8 bytes, run.json recorded 1024 bytes; recomputing" in out
+    cap = capsys.readouterr()
+    assert f"stored result outputs/{entry.name}: float.bin has 8 bytes, run.json recorded 1024 bytes; recomputing" in cap.err
+    assert cap.out == f"outputs/{entry.name}\n"
     assert (entry / "float.bin").stat().st_size == 1024
 
 
@@ -179,6 +180,18 @@ def test_store_cli_list_verify_gc(tmp_path, spec, capsys):
     assert store.main(["verify", "--root", root]) == 1
     out = capsys.readouterr().out
     assert f"{other.name}  DAMAGED: float.bin has 0 bytes" in out and f"{folder.name}  ok" in out
+    assert store.main(["show", other.name[:6], "--root", root]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("state         DAMAGED: float.bin has 0 bytes") and "crystal.N=3" in out[2]
+    assert any(line.startswith("file          float.bin") and line.endswith("0 bytes  CHANGED") for line in out)
+    assert store.main(["show", str(folder)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"entry         {folder}" and out[1] == "state         ok"
+    assert any(line.startswith("stats         max_I=") for line in out)
+    assert sum(line.startswith("file ") for line in out) == len(os.listdir(folder))
+    assert store.main(["show", "zzzz", "--root", root]) == 2
+    assert "no entry under" in capsys.readouterr().err
+    assert store.main(["show", "--root", root]) == 2
     assert store.main(["gc", "--root", root]) == 0
     assert sorted(os.listdir(root)) == [folder.name]
     assert store.main(["verify", "--root", str(tmp_path / "nope")]) == 2
@@ -193,3 +206,48 @@ def test_unavailable_device_is_refused_even_when_stored(tmp_path, spec):
     with pytest.raises(SpecError, match="^device.device: cuda requested but torch finds no CUDA device"):
         store.run_or_reuse(spec, DeviceSpec(device="cuda"), root=tmp_path / "out", base_dir=tmp_path,
                            log=lambda m: None)
+
+
+def test_asking_for_more_products_adds_them_without_simulating(tmp_path, spec, monkeypatch):
+    """write_pgm / write_noise / another preview mode on a stored entry add the files, bit-identical
+    to a fresh run's, without simulating and without touching the files already there."""
+    import nbsim.api
+    from pipeline.preview import preview_png
+    spec.image.noise_seed = 7
+    quiet = dict(base_dir=tmp_path, log=lambda m: None)
+    fresh, _, fresh_run = store.run_or_reuse(spec, DEV, root=tmp_path / "a", write_noise=True,
+                                             write_pgm=True, **quiet)
+    folder, reused, _ = store.run_or_reuse(spec, DEV, root=tmp_path / "b", **quiet)
+    assert not reused and not (folder / "noise.img").exists() and not (folder / "image.pgm").exists()
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in ("run.json", "log.txt")}
+    calls = []
+    real = nbsim.api.simulate
+    monkeypatch.setattr(nbsim.api, "simulate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logs = []
+    folder2, reused, run = store.run_or_reuse(spec, DEV, root=tmp_path / "b", write_noise=True,
+                                              write_pgm=True, preview="percentile", base_dir=tmp_path,
+                                              log=logs.append)
+    assert folder2 == folder and reused and calls == []
+    assert logs and logs[0].startswith("added noise.img, image.pgm, preview_percentile.png to stored result")
+    for name, data in before.items():                                 # nothing dropped or changed
+        assert (folder / name).read_bytes() == data, name
+    for name in ("noise.img", "image.pgm"):
+        assert (folder / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert run["photons"] == fresh_run["photons"] and run["overloads"] == fresh_run["overloads"]
+    img = __import__("numpy").fromfile(folder / "float.bin", dtype="float32").reshape(16, 16)
+    expect = preview_png(img, tmp_path / "p.png", "percentile").read_bytes()
+    assert (folder / "preview_percentile.png").read_bytes() == expect != before["preview.png"]
+    assert run["previews"] == {"log": "preview.png", "percentile": "preview_percentile.png"}
+    doc, why = store.verify_entry(folder, folder.name)
+    assert doc == run and why == ""
+    assert {"noise.img", "image.pgm", "preview_percentile.png"} <= set(doc[store.MANIFEST_KEY])
+    assert "photons on noise image" in (folder / "log.txt").read_text()
+    # asked again (or with fewer products): reused as it is
+    logs.clear()
+    for kw in (dict(write_noise=True, write_pgm=True, preview="percentile"), {}):
+        assert store.run_or_reuse(spec, DEV, root=tmp_path / "b", base_dir=tmp_path, log=logs.append,
+                                  **kw)[1]
+    assert calls == [] and all(m.startswith("reusing stored result") for m in logs)
+    # a later edit of an added file is caught like any other
+    _flip_byte(folder / "noise.img", 600)
+    assert "noise.img does not match its checksum" in store.verify_entry(folder, folder.name)[1]
