@@ -1263,7 +1263,9 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
         if compile is None and cplan.aot is None and not compile_pays_off(m):
             cplan = None
     compile = bool(compile) or cplan is not None
-    compile_reference = bool(compile) and m.differentiable and not use_fast
+    # compiled forward+backward serves reverse mode (AOTAutograd); forward-mode duals and
+    # torch.func transforms run the eager reference kernel (a compiled graph drops their tangents)
+    compile_reference = bool(compile) and m.differentiable and not use_fast and _reverse_mode(m)
     if report is not None:
         report["kernel"] = ("compiled" if cplan is not None and cplan.fits
                             else "fast" if use_fast

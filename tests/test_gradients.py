@@ -333,6 +333,22 @@ def test_compile_with_gradients_compiles_forward_and_backward():
     assert torch.allclose(grads["reference-compiled"], grads["reference"], rtol=1e-12, atol=0)
 
 
+def test_forward_mode_with_compile_runs_eager_and_keeps_the_tangent():
+    """device.compile=true compiles reverse mode only; a forward-mode dual gets the eager kernel
+    and the same tangent (a compiled graph would drop it: an all-zero tangent, found by refine)."""
+    import torch.autograd.forward_ad as fwAD
+    spec = base()
+    tangents = {}
+    for compile_ in (False, True):
+        with fwAD.dual_level():
+            d = fwAD.make_dual(torch.tensor(80.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+            r = nbsim.simulate(spec, DeviceSpec(compile=compile_), params={"detector.distance_mm": d})
+            tangents[compile_] = fwAD.unpack_dual(r.image).tangent.clone()
+            assert r.info["kernel"] == "reference"
+    assert tangents[True].abs().sum() > 0
+    assert torch.equal(tangents[True], tangents[False])
+
+
 def test_chunked_backward_equals_one_chunk():
     """The backward recomputes chunk by chunk; the chunking changes nothing."""
     spec = base()
