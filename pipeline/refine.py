@@ -67,6 +67,7 @@ class FitConfig:
     scales: Dict[str, Any] = field(default_factory=dict)
     bounds: Dict[str, Any] = field(default_factory=dict)
     per_image: List[str] = field(default_factory=list)
+    blur_px: List[float] = field(default_factory=lambda: [2.0, 0.0])
 
 
 @dataclass
@@ -153,6 +154,10 @@ def refine_settings(cfg: DictConfig) -> dict:
         raise SpecError("fit.background", f"must be >= 0, got {fit['background']!r}")
     if fit["loss"] == "poisson" and not fit["background"] > 0:
         raise SpecError("fit.background", "must be > 0 with fit.loss=poisson (log of the model)")
+    blur = fit["blur_px"]
+    if not blur or any(not b >= 0 for b in blur) or blur[-1] != 0:
+        raise SpecError("fit.blur_px", f"must be a list of blur widths >= 0 (pixels) ending with 0 (the "
+                        f"loss itself, which the sigmas come from), got {blur!r}")
     for group in ("scales", "bounds"):
         for key in fit[group]:
             if key not in keys:
@@ -314,13 +319,14 @@ def residual_png(rows: Sequence[tuple], out: Path, title: str = "") -> Path:
 # run
 # ---------------------------------------------------------------------------------------------
 
-def _progress(max_iter: int):
+def _progress(max_iter: int, stage: str = ""):
+    """A progress line on stderr (redrawn in place on a terminal, one line per iteration otherwise)."""
     tty = sys.stderr.isatty()
 
     def show(it: int, loss: float, step: float) -> None:
         n = 20
         filled = int(round(n * it / max_iter))
-        line = (f"refine [{'#' * filled}{'.' * (n - filled)}] {it}/{max_iter} loss {loss:.6g} "
+        line = (f"refine {stage} [{'#' * filled}{'.' * (n - filled)}] {it}/{max_iter} loss {loss:.6g} "
                 f"step {step:.2g}")
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
     show.finish = (lambda: print("", file=sys.stderr) if tty else None)
@@ -381,20 +387,26 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
                             f"{'it' if len(dead) == 1 else 'them'} here (derivative 0 at the start)")
 
     fit = settings["fit"]
-    show = _progress(fit["max_iter"])
-    u0 = torch.zeros(problem.n, dtype=torch.float64)
+    u = torch.zeros(problem.n, dtype=torch.float64)
     t_fit = time.perf_counter()
-    try:
-        trace = minimise(lambda u: total_loss(problem, u), u0, method=fit["optimizer"],
-                         max_iter=fit["max_iter"], lr=fit["lr"], tol_step=fit["tol_step"],
-                         tol_loss=fit["tol_loss"], progress=show, on_start=refuse_dead)
-    except FloatingPointError as e:
-        raise SpecError("observed", f"{e}: check observed.adc/observed.scale, the mask, and that the "
-                        "model and image overlap") from None
-    finally:
-        show.finish()
+    losses, stages, n_iter, n_eval = [], [], 0, 0
+    for k, blur in enumerate(fit["blur_px"]):
+        show = _progress(fit["max_iter"], f"stage {k + 1}/{len(fit['blur_px'])}, blur {blur:g} px")
+        try:
+            trace = minimise(lambda v: total_loss(problem, v, blur), u, method=fit["optimizer"],
+                             max_iter=fit["max_iter"], lr=fit["lr"], tol_step=fit["tol_step"],
+                             tol_loss=fit["tol_loss"], progress=show, on_start=refuse_dead if k == 0 else None)
+        except FloatingPointError as e:
+            raise SpecError("observed", f"{e}: check observed.adc/observed.scale, the mask, and that the "
+                            "model and image overlap") from None
+        finally:
+            show.finish()
+        u = trace.u
+        stages.append({"blur_px": blur, "n_iter": trace.n_iter, "converged": trace.converged,
+                       "stop_reason": trace.reason, "loss": trace.loss})
+        n_iter += trace.n_iter
+        n_eval += trace.n_eval
     fit_s = time.perf_counter() - t_fit
-    u = trace.u
     xs = [physical(part, p) for part, p in zip(split(u, problem.fparams), problem.fparams)]
     with torch.no_grad():
         mus = [mu.detach().to(torch.float64) for mu in model_images(problem, xs)]
@@ -411,8 +423,9 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
         "loss_kind": problem.loss,
         "converged": trace.converged,
         "stop_reason": trace.reason,
-        "n_iter": trace.n_iter,
-        "n_eval": trace.n_eval,
+        "n_iter": n_iter,
+        "n_eval": n_eval,
+        "stages": stages,
         "wall_s": round(wall, 3),
         "fit_s": round(fit_s, 3),
         "uncertainty_s": round(unc_s, 3),
@@ -436,7 +449,7 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
         (tmp / "config.yaml").write_text(f"# nbsim.refine configuration, hash {h}\n"
                                          + OmegaConf.to_yaml(OmegaConf.masked_copy(
                                              cfg, _MODEL_KEYS + ["observed", "refine", "fit"])))
-        loss_png(trace.loss, tmp / "loss.png", f"{problem.loss} loss, {trace.n_iter} iterations")
+        loss_png(trace.loss, tmp / "loss.png", f"{problem.loss} loss (unblurred stage), {trace.n_iter} iterations")
         residual_png([(im.obs.numpy(), mu.numpy(), im.weight.numpy()) for im, mu in zip(problem.images, mus)],
                      tmp / "residual.png", title=f"refine {h}")
         (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -231,13 +231,37 @@ def model_images(problem: Problem, xs: Sequence[torch.Tensor], device: Optional[
             for i, im in enumerate(problem.images)]
 
 
-def total_loss(problem: Problem, u: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """``img`` (slow, fast) convolved with a normalised Gaussian of ``sigma_px`` pixels (zero
+    padding; separable; differentiable). ``sigma_px`` = 0 returns ``img``."""
+    if sigma_px <= 0:
+        return img
+    r = max(1, int(math.ceil(3 * sigma_px)))
+    x = torch.arange(-r, r + 1, dtype=img.dtype, device=img.device)
+    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    k = k / k.sum()
+    a = img[None, None]
+    a = torch.nn.functional.conv2d(a, k.view(1, 1, 1, -1), padding=(0, r))
+    a = torch.nn.functional.conv2d(a, k.view(1, 1, -1, 1), padding=(r, 0))
+    return a[0, 0]
+
+
+def image_loss(problem: Problem, mu: torch.Tensor, im: "ObservedImage", blur_px: float = 0.0) -> torch.Tensor:
+    """The loss of one image. With ``blur_px`` > 0 the masked model and observed images are both
+    blurred first (a smoother surrogate with a wider basin, for the first stages of a fit)."""
+    fn = LOSS_FUNCTIONS[problem.loss]
+    mu = mu.to(torch.float64)
+    if blur_px > 0:
+        return fn(gaussian_blur(mu * im.weight, blur_px), gaussian_blur(im.obs * im.weight, blur_px),
+                  torch.ones_like(im.weight), problem.background)
+    return fn(mu, im.obs, im.weight, problem.background)
+
+
+def total_loss(problem: Problem, u: torch.Tensor, blur_px: float = 0.0) -> torch.Tensor:
     """The loss summed over all images at scaled vector ``u`` (scalar tensor, differentiable)."""
     xs = [physical(part, p) for part, p in zip(split(u, problem.fparams), problem.fparams)]
-    fn = LOSS_FUNCTIONS[problem.loss]
     mus = model_images(problem, xs)
-    return sum(fn(mu.to(torch.float64), im.obs, im.weight, problem.background)
-               for mu, im in zip(mus, problem.images))
+    return sum(image_loss(problem, mu, im, blur_px) for mu, im in zip(mus, problem.images))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +285,9 @@ def minimise(fun: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, *, m
     """Minimise ``fun(u)`` (a scalar tensor) from ``u0`` with ``torch.optim`` L-BFGS (strong Wolfe
     line search) or Adam.
 
-    Converged when an iteration moves no scaled component by more than ``tol_step`` or changes the
-    loss by less than ``tol_loss``·max(1, |loss|). ``progress(iteration, loss, step)`` is called after
+    Converged when an iteration moves no scaled component by more than ``tol_step`` and changes the
+    loss by less than ``tol_loss``·max(1, |loss|); an iteration that does not move at all (the line
+    search found no lower loss) ends the fit as not converged. ``progress(iteration, loss, step)`` is called after
     every iteration; ``on_start(loss, gradient)`` once at ``u0`` (it may raise to refuse the start).
     Raises ``FloatingPointError`` when the loss or its gradient is not finite at ``u0``."""
     if method not in OPTIMIZERS:
@@ -294,7 +319,7 @@ def minimise(fun: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, *, m
         on_start(float(L0), u.grad.detach().clone())
     losses = [float(L0)]
     if method == "lbfgs":
-        opt = torch.optim.LBFGS([u], lr=1.0 if lr is None else lr, max_iter=1, history_size=20,
+        opt = torch.optim.LBFGS([u], lr=1.0 if lr is None else lr, max_iter=1, max_eval=26, history_size=20,
                                 tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
     else:
         opt = torch.optim.Adam([u], lr=0.05 if lr is None else lr)
@@ -302,7 +327,7 @@ def minimise(fun: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, *, m
     for it in range(1, max_iter + 1):
         before = u.detach().clone()
         if method == "lbfgs":
-            opt.step(evaluate)
+            opt.step(evaluate)  # one iteration per call (max_eval: its line search may evaluate 25 times)
         else:
             evaluate()
             opt.step()
@@ -314,11 +339,13 @@ def minimise(fun: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, *, m
         if not math.isfinite(losses[-1]):
             reason = f"the loss became {losses[-1]} at iteration {it}"
             break
-        if step <= tol_step:
-            converged, reason = True, f"step below fit.tol_step={tol_step:g}"
+        small_change = abs(losses[-2] - losses[-1]) <= tol_loss * max(1.0, abs(losses[-1]))
+        if step == 0.0:
+            g = float(cache["g"].abs().max())
+            reason = f"the line search found no lower loss (largest scaled gradient {g:.3g})"
             break
-        if abs(losses[-2] - losses[-1]) <= tol_loss * max(1.0, abs(losses[-1])) and method == "lbfgs":
-            converged, reason = True, f"loss change below fit.tol_loss={tol_loss:g}"
+        if step <= tol_step and small_change:
+            converged, reason = True, f"step below fit.tol_step={tol_step:g} and loss change below fit.tol_loss={tol_loss:g}"
             break
     return FitTrace(u.detach(), losses, it, n_eval[0], converged, reason)
 

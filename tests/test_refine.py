@@ -1,0 +1,253 @@
+"""Refinement (``python -m nbsim.refine``, ``nbsim.refine``): fits on tiny detectors in-process, the
+stored result, its error paths (one line, exit 2, nothing written), and the 256² demo (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nbsim.params import PARAMS
+from nbsim.refine.core import (check_refine_keys, curvature, lsq_loss, make_param, minimise, physical,
+                               poisson_loss)
+from nbsim.spec import SpecError
+from pipeline.compose import compose_spec
+from pipeline.refine import compose_refine, run_refine
+from pipeline.store import run_or_reuse
+
+ROOT = Path(__file__).resolve().parent.parent
+# a tiny triclinic experiment: 32x32 pixels of 0.8 mm at 60 mm (many spots on few pixels)
+TINY = ["crystal=triclinic", "detector.fpixels=32", "detector.spixels=32", "detector.pixel_mm=0.8",
+        "detector.oversample=1", "device.compile=false"]
+TRUE_DISTANCE = 60.0
+TRUE_MISSET = [10.0, 20.0, 30.0]
+
+
+def truth_image(root: Path, overrides, noise=True) -> Path:
+    """Simulate the true model into ``root`` (nbsim's store, with its Poisson noise image)."""
+    spec, device = compose_spec(overrides)
+    folder, _, _ = run_or_reuse(spec, device, root=root, write_noise=noise, log=lambda s: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_truth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("truth")
+    return truth_image(root, TINY + [f"detector.distance_mm={TRUE_DISTANCE}"])
+
+
+def refine(tmp_path, *overrides):
+    """Run the app's refinement in-process; returns (folder, reused, result)."""
+    cfg = compose_refine(list(overrides) + [f"store.root={tmp_path / 'store'}"])
+    return run_refine(cfg, tmp_path)
+
+
+START = TINY + ["detector.distance_mm=61", "crystal.misset_deg=[10.2,19.8,30.1]"]
+KEYS = "refine=[detector.distance_mm,crystal.misset_deg]"
+
+
+# ---------------------------------------------------------------------------------------------
+# a fit, its files, reuse
+# ---------------------------------------------------------------------------------------------
+
+def test_tiny_fit_recovers_distance_and_misset(tmp_path, tiny_truth):
+    folder, reused, res = refine(tmp_path, f"observed={tiny_truth / 'noise.img'}", KEYS, *START)
+    assert not reused and res["converged"], res["stop_reason"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "fitted.yaml", "loss.png",
+                                                      "residual.png", "result.json"]
+    on_disk = json.loads((folder / "result.json").read_text())
+    assert on_disk["params"] == res["params"]
+    d = res["params"]["detector.distance_mm"]
+    m = res["params"]["crystal.misset_deg"]
+    assert d["start"] == 61.0 and m["start"] == [10.2, 19.8, 30.1]
+    assert 0 < d["sigma"] < 0.05 and all(0 < s < 0.05 for s in m["sigma"])
+    # the truth within 4 sigma (a noise image: the fit is not exact)
+    assert abs(d["value"] - TRUE_DISTANCE) < 4 * d["sigma"]
+    for v, t, s in zip(m["value"], TRUE_MISSET, m["sigma"]):
+        assert abs(v - t) < 4 * s
+    c = np.array(res["correlation"]["matrix"], float)
+    assert c.shape == (4, 4) and np.allclose(np.diag(c), 1) and np.allclose(c, c.T)
+    assert res["correlation"]["labels"][0] == "detector.distance_mm"
+    assert res["loss"][-1] < res["loss"][0] and len(res["loss"]) == res["stages"][-1]["n_iter"] + 1
+    assert [s["blur_px"] for s in res["stages"]] == [2.0, 0.0]
+    # reused on rerun
+    folder2, reused2, res2 = refine(tmp_path, f"observed={tiny_truth / 'noise.img'}", KEYS, *START)
+    assert reused2 and folder2 == folder and res2 == on_disk
+
+
+def test_fitted_yaml_reruns_the_fitted_model(tmp_path, tiny_truth):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from pipeline.compose import cfg_to_spec
+    folder, _, res = refine(tmp_path, f"observed={tiny_truth / 'noise.img'}", KEYS, *START)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+        spec, _ = cfg_to_spec(compose(config_name="fitted"))
+    assert spec.detector.distance_mm == res["params"]["detector.distance_mm"]["value"]
+    assert spec.crystal.misset_deg == res["params"]["crystal.misset_deg"]["value"]
+    assert spec.detector.fpixels == 32 and spec.crystal.cell_A_deg == [70.0, 80.0, 90.0, 75.0, 85.0, 95.0]
+
+
+def test_least_squares_and_adam_and_bounds(tmp_path, tiny_truth):
+    # distance only, from 60.6 mm: least squares with L-BFGS, and Poisson with Adam inside bounds
+    base = [f"observed={tiny_truth / 'noise.img'}", "refine=[detector.distance_mm]"] + TINY + \
+        ["detector.distance_mm=60.6"]
+    _, _, lsq = refine(tmp_path, *base, "fit.loss=lsq")
+    d = lsq["params"]["detector.distance_mm"]
+    assert lsq["converged"] and abs(d["value"] - TRUE_DISTANCE) < 4 * d["sigma"]
+    assert "Gauss-Newton" in lsq["uncertainty"]
+    _, _, adam = refine(tmp_path, *base, "fit.optimizer=adam", "fit.max_iter=150", "fit.lr=0.1",
+                        "+fit.bounds={detector.distance_mm:[59.5,60.9]}")
+    d = adam["params"]["detector.distance_mm"]
+    assert 59.5 < d["value"] < 60.9
+    assert abs(d["value"] - TRUE_DISTANCE) < 0.05
+
+
+def test_float_observed_image_and_roi(tmp_path, tiny_truth):
+    """A raw float32 image (the noiseless truth) is fitted to ~exactly; an ROI leaves pixels out."""
+    _, _, res = refine(tmp_path, f"observed={tiny_truth / 'float.bin'}", "refine=[detector.distance_mm]",
+                       *TINY, "detector.distance_mm=60.5", "observed.roi=[0,31,0,15]")
+    d = res["params"]["detector.distance_mm"]
+    assert abs(d["value"] - TRUE_DISTANCE) < 1e-4
+    assert res["pixels"] == [32 * 16]
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------
+
+def test_bounded_parameter_map_stays_inside_and_starts_at_start():
+    p = make_param("detector.distance_mm", 100.0, bounds=[90.0, 120.0])
+    assert float(physical(torch.zeros(1, dtype=torch.float64), p)) == pytest.approx(100.0, abs=1e-12)
+    for u in (-1e6, -3.0, 3.0, 1e6):
+        x = float(physical(torch.tensor([u], dtype=torch.float64), p))
+        assert 90.0 <= x <= 120.0
+    q = make_param("crystal.cell_A_deg", [70, 80, 90, 75, 85, 95])
+    x = physical(torch.ones(6, dtype=torch.float64), q)
+    assert torch.allclose(x, torch.tensor([70.1, 80.1, 90.1, 75.1, 85.1, 95.1], dtype=torch.float64))
+    with pytest.raises(SpecError, match="strictly inside"):
+        make_param("detector.distance_mm", 100.0, bounds=[100.0, 120.0])
+
+
+def test_losses_and_their_gradients():
+    g = torch.Generator().manual_seed(3)
+    mu = (torch.rand(5, 7, generator=g, dtype=torch.float64) * 20).requires_grad_(True)
+    y = torch.poisson(mu.detach(), generator=g)
+    w = torch.ones_like(y)
+    L = poisson_loss(mu, y, w, 1e-3)
+    L.backward()
+    m = mu.detach() + 1e-3
+    assert torch.allclose(mu.grad, 1 - y / m)                       # d NLL / d mu
+    assert float(poisson_loss(y, y, w, 0.0)) == pytest.approx(0.0, abs=1e-12)
+    assert float(lsq_loss(mu.detach(), y, w)) == pytest.approx(0.5 * float(((m - 1e-3 - y) ** 2).sum()))
+
+
+def test_minimise_recovers_a_quadratic_and_refuses_nan():
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    b = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    tr = minimise(lambda u: 0.5 * u @ A @ u - b @ u, torch.zeros(2, dtype=torch.float64))
+    assert tr.converged and torch.allclose(tr.u, torch.linalg.solve(A, b), atol=1e-6)
+    with pytest.raises(FloatingPointError, match="nan at the start"):
+        minimise(lambda u: (u * float("nan")).sum(), torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("keys, phrase", [
+    ([], "lists no key"),
+    (["crystal.cel_A_deg"], "unknown key (did you mean crystal.cell_A_deg?)"),
+    (["detector.fpixels"], "cannot carry a gradient"),
+    (["detector.distance_mm", "detector.distance_mm"], "listed twice"),
+])
+def test_refine_key_checks(keys, phrase):
+    with pytest.raises(SpecError) as e:
+        check_refine_keys(keys)
+    assert phrase in str(e.value) and str(e.value).startswith("refine:")
+
+
+def test_every_param_key_is_refinable():
+    check_refine_keys(list(PARAMS))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line naming the problem, nothing written
+# ---------------------------------------------------------------------------------------------
+
+def _bad(tmp_path, tiny_truth, tmp_files):
+    """name -> (overrides, phrase of the message)"""
+    return {
+        "shape": ([f"observed={tmp_files['big']}", KEYS] + START,
+                  "image is 48x48 pixels (fast x slow), the model is 32x32"),
+        "float_shape": ([f"observed={tmp_files['short_float']}", KEYS] + START,
+                        "is not a float32 image of the model's shape 32x32"),
+        "missing": ([f"observed={tmp_path / 'nope.img'}", KEYS] + START, "file not found"),
+        "truncated": ([f"observed={tmp_files['truncated']}", KEYS] + START, "truncated SMV data"),
+        "unknown_key": ([f"observed={tiny_truth / 'noise.img'}", "refine=[detector.distanse_mm]"] + START,
+                        "unknown key (did you mean detector.distance_mm?)"),
+        "discrete_key": ([f"observed={tiny_truth / 'noise.img'}", "refine=[crystal.mosaic_domains]"] + START,
+                         "crystal.mosaic_domains cannot carry a gradient"),
+        "no_effect": ([f"observed={tiny_truth / 'noise.img'}", "refine=[detector.xclose_mm]",
+                       "detector.xclose_mm=5"] + START, "does not depend on it (derivative 0 at the start)"),
+        "nan_start": ([f"observed={tiny_truth / 'float.bin'}", "refine=[detector.distance_mm]",
+                       "observed.scale=1e-300", "fit.loss=lsq"] + START, "the loss is inf at the start"),
+        "negative": ([f"observed={tiny_truth / 'noise.img'}", KEYS, "observed.adc=1000"] + START,
+                     "negative after subtracting observed.adc=1000"),
+        "no_refine": ([f"observed={tiny_truth / 'noise.img'}"] + START, "refine: is required"),
+        "bounds": ([f"observed={tiny_truth / 'noise.img'}", KEYS, "+fit.bounds={detector.distance_mm:[50,55]}"]
+                   + START, "fit.bounds.detector.distance_mm: the start [61.0] must lie strictly inside"),
+    }
+
+
+@pytest.fixture(scope="module")
+def tmp_files(tmp_path_factory, tiny_truth):
+    d = tmp_path_factory.mktemp("bad")
+    big = truth_image(d / "big", ["crystal=triclinic", "detector.fpixels=48", "detector.spixels=48",
+                                  "detector.oversample=1", "device.compile=false"])
+    raw = (tiny_truth / "noise.img").read_bytes()
+    (d / "truncated.img").write_bytes(raw[:len(raw) - 100])
+    (d / "short.bin").write_bytes((tiny_truth / "float.bin").read_bytes()[:-4])
+    return {"big": big / "noise.img", "truncated": d / "truncated.img", "short_float": d / "short.bin"}
+
+
+@pytest.mark.parametrize("case", ["shape", "float_shape", "missing", "truncated", "unknown_key", "discrete_key",
+                                  "no_effect", "nan_start", "negative", "no_refine", "bounds"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_truth, tmp_files, case):
+    from pipeline.compose import format_error
+    overrides, phrase = _bad(tmp_path, tiny_truth, tmp_files)[case]
+    with pytest.raises(Exception) as e:
+        refine(tmp_path, *overrides)
+    msg = format_error(e.value)
+    assert msg is not None, f"not a configuration error: {e.value!r}"
+    assert phrase in msg and "\n" not in msg, msg
+    assert not (tmp_path / "store" / "refine").exists() or not any((tmp_path / "store" / "refine").iterdir())
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "nbsim.refine", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_fit_prints_folder_last_and_errors_exit_2(tmp_path, tiny_truth):
+    p = _cli(f"observed={tiny_truth / 'noise.img'}", "refine=[detector.distance_mm]", *TINY,
+             "detector.distance_mm=60.5", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert (tmp_path / last / "result.json").is_file() and last.startswith("outputs/refine/")
+    assert "refine [" in p.stderr                                      # the progress line
+    for args, phrase in [((f"observed={tiny_truth / 'noise.img'}", "refine=[detector.spixels]", *TINY),
+                          "detector.spixels cannot carry a gradient"),
+                         ((f"observed={tmp_path / 'missing.img'}", "refine=[detector.distance_mm]", *TINY),
+                          "file not found")]:
+        q = _cli(*args, "store.root=other", cwd=tmp_path)
+        assert q.returncode == 2 and q.stdout == ""
+        lines = q.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("nbsim.refine: error: refine:" if "spixels" in phrase
+                                                       else "nbsim.refine: error: observed:")
+        assert phrase in lines[0]
+        assert not (tmp_path / "other").exists()
