@@ -191,14 +191,14 @@ def _bad(tmp_path, tiny_truth, tmp_files):
         "discrete_key": ([f"observed={tiny_truth / 'noise.img'}", "refine=[crystal.mosaic_domains]"] + START,
                          "crystal.mosaic_domains cannot carry a gradient"),
         "no_effect": ([f"observed={tiny_truth / 'noise.img'}", "refine=[detector.xclose_mm]",
-                       "detector.xclose_mm=5"] + START, "does not depend on it (derivative 0 at the start)"),
+                       "detector.xclose_mm=5"] + START, "the model image does not depend on it here (derivative 0 at the start)"),
         "nan_start": ([f"observed={tiny_truth / 'float.bin'}", "refine=[detector.distance_mm]",
                        "observed.scale=1e-300", "fit.loss=lsq"] + START, "the loss is inf at the start"),
         "negative": ([f"observed={tiny_truth / 'noise.img'}", KEYS, "observed.adc=1000"] + START,
                      "negative after subtracting observed.adc=1000"),
         "no_refine": ([f"observed={tiny_truth / 'noise.img'}"] + START, "refine: is required"),
         "bounds": ([f"observed={tiny_truth / 'noise.img'}", KEYS, "+fit.bounds={detector.distance_mm:[50,55]}"]
-                   + START, "fit.bounds.detector.distance_mm: the start [61.0] must lie strictly inside"),
+                   + START, "fit.bounds.detector.distance_mm: the start 61.0 must lie strictly inside [50.0, 55.0]"),
     }
 
 
@@ -239,7 +239,7 @@ def test_cli_fit_prints_folder_last_and_errors_exit_2(tmp_path, tiny_truth):
     assert p.returncode == 0, p.stderr
     last = p.stdout.strip().splitlines()[-1]
     assert (tmp_path / last / "result.json").is_file() and last.startswith("outputs/refine/")
-    assert "refine [" in p.stderr                                      # the progress line
+    assert "refine stage 2/2, blur 0 px [" in p.stderr                 # the progress line
     for args, phrase in [((f"observed={tiny_truth / 'noise.img'}", "refine=[detector.spixels]", *TINY),
                           "detector.spixels cannot carry a gradient"),
                          ((f"observed={tmp_path / 'missing.img'}", "refine=[detector.distance_mm]", *TINY),

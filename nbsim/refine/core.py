@@ -100,7 +100,7 @@ def check_refine_keys(keys: Sequence[str]) -> None:
         if known:
             raise SpecError("refine", f"{key} cannot carry a gradient (counts, files, switches and "
                             f"conventions are discrete); keys that can: {', '.join(PARAMS)}")
-        close = difflib.get_close_matches(key, list(PARAMS), n=2)
+        close = difflib.get_close_matches(key, list(PARAMS), n=1)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise SpecError("refine", f"{key}: unknown key{hint}; keys that can be refined: {', '.join(PARAMS)}")
 
@@ -180,7 +180,7 @@ def poisson_loss(mu: torch.Tensor, obs: torch.Tensor, weight: torch.Tensor, back
     (photons; ≥ 0, 0 for a perfect fit; its gradient is that of the negative log-likelihood).
     ``mu``, ``obs``, ``weight``: same shape; ``obs`` ≥ 0."""
     m = mu + background
-    return (weight * (m - obs + torch.special.xlogy(obs, obs) - obs * torch.log(m))).sum()
+    return (weight * (m - obs + torch.special.xlogy(obs, obs) - torch.special.xlogy(obs, m))).sum()
 
 
 def lsq_loss(mu: torch.Tensor, obs: torch.Tensor, weight: torch.Tensor, background: float = 0.0) -> torch.Tensor:
@@ -285,9 +285,10 @@ def minimise(fun: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, *, m
     """Minimise ``fun(u)`` (a scalar tensor) from ``u0`` with ``torch.optim`` L-BFGS (strong Wolfe
     line search) or Adam.
 
-    Converged when an iteration moves no scaled component by more than ``tol_step`` and changes the
-    loss by less than ``tol_loss``·max(1, |loss|); an iteration that does not move at all (the line
-    search found no lower loss) ends the fit as not converged. ``progress(iteration, loss, step)`` is called after
+    Converged (from the second iteration on) when an iteration moves no scaled component by more than
+    ``tol_step``, or (L-BFGS) changes the loss by less than ``tol_loss``·max(1, |loss|); an iteration
+    whose line search finds no lower loss ends the fit, converged if the step before was below
+    10·``tol_step``. ``progress(iteration, loss, step)`` is called after
     every iteration; ``on_start(loss, gradient)`` once at ``u0`` (it may raise to refuse the start).
     Raises ``FloatingPointError`` when the loss or its gradient is not finite at ``u0``."""
     if method not in OPTIMIZERS:
@@ -323,7 +324,7 @@ def minimise(fun: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, *, m
                                 tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
     else:
         opt = torch.optim.Adam([u], lr=0.05 if lr is None else lr)
-    converged, reason, it = False, f"stopped after max_iter={max_iter} iterations", 0
+    converged, reason, it, prev_step = False, f"stopped after max_iter={max_iter} iterations", 0, math.inf
     for it in range(1, max_iter + 1):
         before = u.detach().clone()
         if method == "lbfgs":
@@ -341,12 +342,20 @@ def minimise(fun: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, *, m
             break
         small_change = abs(losses[-2] - losses[-1]) <= tol_loss * max(1.0, abs(losses[-1]))
         if step == 0.0:
-            g = float(cache["g"].abs().max())
-            reason = f"the line search found no lower loss (largest scaled gradient {g:.3g})"
+            # the line search found no lower loss: at the minimum to the precision of the loss, if the
+            # iteration before had already nearly stopped moving
+            converged = it >= 2 and prev_step <= 10 * tol_step
+            reason = (f"the line search found no lower loss after a step of {prev_step:.2g} (largest "
+                      f"scaled gradient {float(cache['g'].abs().max()):.3g})")
             break
-        if step <= tol_step and small_change:
-            converged, reason = True, f"step below fit.tol_step={tol_step:g} and loss change below fit.tol_loss={tol_loss:g}"
+        # (the first L-BFGS step is a short gradient step: it says nothing about convergence)
+        if it >= 2 and step <= tol_step:
+            converged, reason = True, f"step below fit.tol_step={tol_step:g}"
             break
+        if it >= 2 and small_change and method == "lbfgs":
+            converged, reason = True, f"loss change below fit.tol_loss={tol_loss:g} (relative)"
+            break
+        prev_step = step
     return FitTrace(u.detach(), losses, it, n_eval[0], converged, reason)
 
 
