@@ -53,6 +53,7 @@ class ObservedConfig:
     format: str = "auto"
     mask: Optional[str] = None
     roi: Optional[List[int]] = None
+    start: List[Dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +166,16 @@ def refine_settings(cfg: DictConfig) -> dict:
     for key in fit["per_image"]:
         if key not in keys:
             raise SpecError("fit.per_image", f"{key} is not in refine ({', '.join(keys)})")
+    if obs["start"]:
+        if len(obs["start"]) != len(paths):
+            raise SpecError("observed.start", f"must have one entry per image ({len(paths)}), "
+                            f"got {len(obs['start'])}")
+        for entry in obs["start"]:
+            for key in entry or {}:
+                if key not in fit["per_image"]:
+                    raise SpecError("observed.start", f"{key} is not in fit.per_image "
+                                    f"({', '.join(fit['per_image']) or 'empty'}): only per-image keys "
+                                    "have per-image starts")
     return {"observed": obs, "refine": keys, "fit": fit}
 
 
@@ -239,11 +250,16 @@ def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, starts
                                     source=str(path)))
     starts = start_values(spec, starts_info, keys)
     per_image = set(fit["per_image"]) if len(images) > 1 else set()
+    own = obs_cfg["start"] or [{} for _ in images]
     fparams = []
     for key in keys:
         owners = range(len(images)) if key in per_image else [None]
         for i in owners:
-            fparams.append(make_param(key, starts[key], scale=fit["scales"].get(key),
+            x0 = starts[key] if i is None or key not in (own[i] or {}) else np.asarray(own[i][key], np.float64)
+            if x0.shape != starts[key].shape:
+                raise SpecError("observed.start", f"image {i}: {key} must have shape {list(starts[key].shape)}, "
+                                f"got {list(x0.shape)}")
+            fparams.append(make_param(key, x0, scale=fit["scales"].get(key),
                                       bounds=fit["bounds"].get(key), image=i))
     problem = Problem(images=images, fparams=fparams, loss=fit["loss"], background=fit["background"],
                       device=device, base_dir=str(base_dir))

@@ -251,3 +251,53 @@ def test_cli_fit_prints_folder_last_and_errors_exit_2(tmp_path, tiny_truth):
                                                        else "nbsim.refine: error: observed:")
         assert phrase in lines[0]
         assert not (tmp_path / "other").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# several images: shared cell and distance, misset per image
+# ---------------------------------------------------------------------------------------------
+
+MISSETS = [[10.0, 20.0, 30.0], [17.0, 31.0, 43.0], [24.0, 42.0, 56.0], [31.0, 53.0, 69.0], [38.0, 64.0, 82.0]]
+
+
+def _fmt(v):
+    return "[" + ",".join(f"{x:g}" for x in v) + "]"
+
+
+@pytest.mark.slow
+def test_several_images_share_cell_and_distance_more_precisely(tmp_path):
+    """5 images at different orientations: cell and distance shared, misset per image. The shared
+    values come out more precisely than from any single image, and near the truth."""
+    truths = [truth_image(tmp_path / "truth", TINY + [f"detector.distance_mm={TRUE_DISTANCE}",
+                                                      f"crystal.misset_deg={_fmt(m)}", f"image.noise_seed={k + 3}"])
+              for k, m in enumerate(MISSETS)]
+    starts = [[x + 0.2 for x in m] for m in MISSETS]
+    common = TINY + ["detector.distance_mm=61", "crystal.cell_A_deg=[70.2,80.2,90.3,75,85,95]",
+                     "refine=[crystal.cell_A_deg,detector.distance_mm,crystal.misset_deg]"]
+    singles = []
+    for t, s in zip(truths, starts):
+        _, _, r = refine(tmp_path, f"observed={t / 'noise.img'}", *common, f"crystal.misset_deg={_fmt(s)}")
+        assert r["converged"], r["stop_reason"]
+        singles.append(r)
+    start_list = "[" + ",".join("{crystal.misset_deg:" + _fmt(s) + "}" for s in starts) + "]"
+    folder, _, joint = refine(tmp_path, "observed=[" + ",".join(str(t / "noise.img") for t in truths) + "]",
+                              *common, "fit.per_image=[crystal.misset_deg]", f"observed.start={start_list}")
+    assert joint["converged"], joint["stop_reason"]
+    assert sorted(joint["params"]) == sorted(["crystal.cell_A_deg", "detector.distance_mm"]
+                                             + [f"crystal.misset_deg@{i}" for i in range(5)])
+    for i, m in enumerate(MISSETS):
+        p = joint["params"][f"crystal.misset_deg@{i}"]
+        assert p["start"] == starts[i]
+        assert all(abs(v - t) < 4 * s for v, t, s in zip(p["value"], m, p["sigma"]))
+    d = joint["params"]["detector.distance_mm"]
+    print(f"\ndistance sigma: joint {d['sigma']:.3g}, single images "
+          + ", ".join(f"{r['params']['detector.distance_mm']['sigma']:.3g}" for r in singles)
+          + f"; cell a sigma: joint {joint['params']['crystal.cell_A_deg']['sigma'][0]:.3g}, single "
+          + ", ".join(f"{r['params']['crystal.cell_A_deg']['sigma'][0]:.3g}" for r in singles))
+    assert abs(d["value"] - TRUE_DISTANCE) < 4 * d["sigma"]
+    assert d["sigma"] < min(r["params"]["detector.distance_mm"]["sigma"] for r in singles)
+    cell = joint["params"]["crystal.cell_A_deg"]
+    for j in range(6):
+        assert cell["sigma"][j] < min(r["params"]["crystal.cell_A_deg"]["sigma"][j] for r in singles)
+        assert abs(cell["value"][j] - [70, 80, 90, 75, 85, 95][j]) < 4 * cell["sigma"][j]
+    assert (folder / "fitted_4.yaml").is_file() and joint["pixels"] == [1024] * 5
