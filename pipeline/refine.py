@@ -570,3 +570,58 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries of many refinements (workflows/rules/refine.smk)
+# ---------------------------------------------------------------------------------------------
+
+def summary_row(result: dict) -> dict:
+    """One CSV row of a result: outcome, then ``<key>``, ``<key>_sigma``, ``<key>_start`` per scalar
+    component (``key[j]`` for list keys)."""
+    row = {"observed": " ".join(result.get("observed", [])), "converged": result["converged"],
+           "n_iter": result["n_iter"], "loss": result["loss"][-1], "wall_s": result["wall_s"],
+           "hash": result.get("hash")}
+    for name, p in result["params"].items():
+        v = np.atleast_1d(np.asarray(p["value"], float))
+        s = np.atleast_1d(np.asarray(p["sigma"], float))
+        x0 = np.atleast_1d(np.asarray(p["start"], float))
+        for j in range(v.size):
+            lab = name if np.ndim(p["value"]) == 0 else f"{name}[{j}]"
+            row[lab] = repr(float(v[j]))
+            row[f"{lab}_sigma"] = repr(float(s[j]))
+            row[f"{lab}_start"] = repr(float(x0[j]))
+    return row
+
+
+def write_refine_summary(items: Sequence[str], folders: Sequence[Path], csv_path) -> List[dict]:
+    """The CSV (one row per refined image: ``item``, folder, outcome, values, sigmas, starts),
+    written atomically."""
+    import csv
+    rows = []
+    for item, folder in zip(items, folders):
+        res = json.loads((Path(folder) / "result.json").read_text())
+        rows.append({"item": item, "folder": str(folder), **summary_row(res)})
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    os.replace(tmp, csv_path)
+    return rows
+
+
+def merge_overrides(*groups: Sequence[str]) -> List[str]:
+    """Override lists joined with one entry per key, a later group winning (start offsets on top
+    of a sweep point's model)."""
+    last: Dict[str, str] = {}
+    for g in groups:
+        for o in g:
+            last[o.split("=", 1)[0].lstrip("+~")] = o
+    return list(last.values())

@@ -301,3 +301,36 @@ def test_several_images_share_cell_and_distance_more_precisely(tmp_path):
         assert cell["sigma"][j] < min(r["params"]["crystal.cell_A_deg"]["sigma"][j] for r in singles)
         assert abs(cell["value"][j] - [70, 80, 90, 75, 85, 95][j]) < 4 * cell["sigma"][j]
     assert (folder / "fitted_4.yaml").is_file() and joint["pixels"] == [1024] * 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Snakemake: refine every noise image of a sweep, summary CSV
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_snakemake_refines_a_sweep_and_writes_the_summary(tmp_path):
+    import csv
+    import yaml
+    from tests.test_workflows import job_counts, snakemake
+    cfg = {"name": "tiny", "store_root": "store",
+           "base": ["crystal=triclinic", "detector.fpixels=32", "detector.spixels=32", "detector.pixel_mm=0.8",
+                    "detector.oversample=1", "detector.distance_mm=60", "store.write_noise=true",
+                    "device.compile=false"],
+           "grid": {"image.noise_seed": [1, 2]},
+           "refine": {"name": "tiny", "from_sweep": True, "overrides": ["detector.distance_mm=60.5"],
+                      "keys": ["detector.distance_mm"], "fit": ["device.compile=false"]}}
+    path = tmp_path / "refine.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    snakemake(tmp_path, path)
+    rows = list(csv.DictReader(open(tmp_path / "store/refine_runs/tiny/summary.csv")))
+    assert len(rows) == 2 and len({r["observed"] for r in rows}) == 2
+    for r in rows:
+        assert r["converged"] == "True" and float(r["detector.distance_mm_start"]) == 60.5
+        assert abs(float(r["detector.distance_mm"]) - 60.0) < 4 * float(r["detector.distance_mm_sigma"])
+        assert (tmp_path / r["folder"] / "result.json").is_file()
+    again = snakemake(tmp_path, path, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    more = dict(cfg, grid={"image.noise_seed": [1, 2, 3]})
+    path.write_text(yaml.safe_dump(more, sort_keys=False))
+    counts = job_counts(snakemake(tmp_path, path, "-n").stdout)
+    assert counts.get("run_point") == 1 and counts.get("refine_image") == 1 and counts.get("refine_summary") == 1
