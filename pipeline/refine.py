@@ -72,14 +72,21 @@ class FitConfig:
 
 
 @dataclass
+class RefineStoreConfig:
+    root: str = "outputs"
+    force: bool = False
+
+
+@dataclass
 class RefineConfig(NbsimConfig):
+    store: RefineStoreConfig = field(default_factory=RefineStoreConfig)
     observed: ObservedConfig = field(default_factory=ObservedConfig)
     refine: List[str] = MISSING
     fit: FitConfig = field(default_factory=FitConfig)
 
 
 ConfigStore.instance().store(name="nbsim_refine_schema", node=RefineConfig)
-_MODEL_KEYS = [f.name for f in fields(NbsimConfig)]
+_MODEL_KEYS = [f.name for f in fields(NbsimConfig) if f.name != "store"]
 
 
 def observed_shorthand(args: Sequence[str]) -> List[str]:
@@ -388,6 +395,8 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
     mask_digest = file_sha256(_resolve(settings["observed"]["mask"], base_dir)) \
         if settings["observed"]["mask"] else None
     h = refine_hash(config_hash(spec, device, base_dir), digests, mask_digest, settings)
+    if not str(cfg.store.root):
+        raise SpecError("store.root", "must be a folder path, got ''")
     root = Path(cfg.store.root)
     root_abs = root if root.is_absolute() else base_dir / root
     final = root_abs / "refine" / h
@@ -464,7 +473,7 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
                 (tmp / f"fitted_{i}.yaml").write_text(fitted_yaml(with_values(spec, vi), device, h))
         (tmp / "config.yaml").write_text(f"# nbsim.refine configuration, hash {h}\n"
                                          + OmegaConf.to_yaml(OmegaConf.masked_copy(
-                                             cfg, _MODEL_KEYS + ["observed", "refine", "fit"])))
+                                             cfg, _MODEL_KEYS + ["observed", "refine", "fit", "store"])))
         loss_png(trace.loss, tmp / "loss.png", f"{problem.loss} loss (unblurred stage), {trace.n_iter} iterations")
         residual_png([(im.obs.numpy(), mu.numpy(), im.weight.numpy()) for im, mu in zip(problem.images, mus)],
                      tmp / "residual.png", title=f"refine {h}")

@@ -334,3 +334,19 @@ def test_snakemake_refines_a_sweep_and_writes_the_summary(tmp_path):
     path.write_text(yaml.safe_dump(more, sort_keys=False))
     counts = job_counts(snakemake(tmp_path, path, "-n").stdout)
     assert counts.get("run_point") == 1 and counts.get("refine_image") == 1 and counts.get("refine_summary") == 1
+
+
+def test_int_image_with_its_scale_and_least_squares(tmp_path, tiny_truth):
+    """nanoBragg's int image is photons x intfile_scale + adc: observed.scale undoes the scale."""
+    scale = json.loads((tiny_truth / "run.json").read_text())["intfile_scale"]
+    _, _, res = refine(tmp_path, f"observed={tiny_truth / 'int.img'}", "refine=[detector.distance_mm]", *TINY,
+                       "detector.distance_mm=60.5", f"observed.scale={scale!r}", "fit.loss=lsq")
+    d = res["params"]["detector.distance_mm"]
+    assert res["converged"] and abs(d["value"] - TRUE_DISTANCE) < 4 * d["sigma"] and d["sigma"] < 0.01
+
+
+def test_store_options_of_nbsim_are_refused(tmp_path, tiny_truth):
+    with pytest.raises(Exception) as e:
+        refine(tmp_path, f"observed={tiny_truth / 'noise.img'}", KEYS, *START, "store.write_noise=true")
+    from pipeline.compose import format_error
+    assert "store.write_noise" in format_error(e.value)
