@@ -53,6 +53,7 @@ class ObservedConfig:
     format: str = "auto"
     mask: Optional[str] = None
     roi: Optional[List[int]] = None
+    near_spots_px: Optional[int] = None
     start: List[Dict[str, Any]] = field(default_factory=list)
 
 
@@ -145,6 +146,8 @@ def refine_settings(cfg: DictConfig) -> dict:
     obs["paths"] = paths
     if obs["format"] not in FORMATS:
         raise SpecError("observed.format", f"must be one of {', '.join(FORMATS)}; got {obs['format']!r}")
+    if obs["near_spots_px"] is not None and not obs["near_spots_px"] >= 0:
+        raise SpecError("observed.near_spots_px", f"must be >= 0 pixels (or null), got {obs['near_spots_px']!r}")
     if not obs["scale"] > 0:
         raise SpecError("observed.scale", f"must be > 0, got {obs['scale']!r}")
     if fit["loss"] not in LOSSES:
@@ -236,6 +239,9 @@ def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, starts
     shape = (int(starts_info["spixels"]), int(starts_info["fpixels"]))
     inputs = load_inputs(spec, base_dir)
     common = roi_mask(shape, obs_cfg["roi"]) & starts_info["_simulated"]
+    if obs_cfg["near_spots_px"] is not None:
+        from nbsim.refine.core import near_spots
+        common &= near_spots(starts_info["_start_image"], obs_cfg["near_spots_px"])
     if obs_cfg["mask"] is not None:
         common &= read_mask(_resolve(obs_cfg["mask"], base_dir), shape)
     images = []
@@ -390,6 +396,7 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
     r0 = nbsim.simulate(spec, dataclasses.replace(device, compile=False), base_dir=str(base_dir))
     info = dict(r0.info)
     info["_simulated"] = np.asarray(r0.mask, bool)
+    info["_start_image"] = r0.float32()
     problem, starts = build_problem(spec, device, settings, base_dir, info)
     digests = [file_sha256(_resolve(p, base_dir)) for p in settings["observed"]["paths"]]
     mask_digest = file_sha256(_resolve(settings["observed"]["mask"], base_dir)) \

@@ -350,3 +350,16 @@ def test_store_options_of_nbsim_are_refused(tmp_path, tiny_truth):
         refine(tmp_path, f"observed={tiny_truth / 'noise.img'}", KEYS, *START, "store.write_noise=true")
     from pipeline.compose import format_error
     assert "store.write_noise" in format_error(e.value)
+
+
+def test_near_spots_keeps_the_pixels_around_predicted_spots(tmp_path, tiny_truth):
+    from nbsim.refine.core import near_spots
+    img = np.zeros((9, 9))
+    img[4, 4] = 10.0
+    img[0, 8] = 0.05                                     # below 1 % of the maximum
+    m = near_spots(img, 1)
+    assert m.sum() == 9 and m[3:6, 3:6].all() and not m[0, 8]
+    _, _, res = refine(tmp_path, f"observed={tiny_truth / 'noise.img'}", "refine=[detector.distance_mm]", *TINY,
+                       "detector.distance_mm=60.5", "observed.near_spots_px=1")
+    d = res["params"]["detector.distance_mm"]
+    assert 0 < res["pixels"][0] < 32 * 32 and abs(d["value"] - TRUE_DISTANCE) < 4 * d["sigma"]

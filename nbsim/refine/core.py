@@ -246,6 +246,16 @@ def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
     return a[0, 0]
 
 
+def near_spots(model: np.ndarray, radius_px: int, level: float = 0.01) -> np.ndarray:
+    """Bool (slow, fast): pixels within ``radius_px`` (a square) of a pixel where ``model`` exceeds
+    ``level`` × its maximum — the pixels near predicted spots."""
+    m = torch.as_tensor(np.asarray(model, np.float64))
+    hot = (m > level * float(m.max())).to(torch.float64)[None, None]
+    k = 2 * int(radius_px) + 1
+    grown = torch.nn.functional.max_pool2d(hot, k, stride=1, padding=int(radius_px))
+    return grown[0, 0].numpy() > 0
+
+
 def image_loss(problem: Problem, mu: torch.Tensor, im: "ObservedImage", blur_px: float = 0.0) -> torch.Tensor:
     """The loss of one image. With ``blur_px`` > 0 the masked model and observed images are both
     blurred first (a smoother surrogate with a wider basin, for the first stages of a fit)."""
