@@ -189,15 +189,19 @@ def refine_settings(cfg: DictConfig) -> dict:
     return {"observed": obs, "refine": keys, "fit": fit}
 
 
+# keys whose derived value the setup reports under another name in ``SimResult.info``
+INFO_NAMES = {"beam.fluence_ph_per_m2": "fluence"}
+
+
 def start_values(spec: ExperimentSpec, info: dict, keys: Sequence[str]) -> Dict[str, np.ndarray]:
     """The starting value of every refined key: the spec's, else the value the setup derived
-    (``info``, e.g. the beam centre nanoBragg puts at the detector centre)."""
+    (``info``, e.g. the beam centre nanoBragg puts at the detector centre, the default fluence)."""
     out = {}
     for key in keys:
         group, name = key.split(".", 1)
         v = getattr(getattr(spec, group), name, None)
         if v is None:
-            v = info.get(name)
+            v = info.get(INFO_NAMES.get(key, name))
         if v is None:
             raise SpecError("refine", f"{key} has no value in the starting model; set it, e.g. {key}=...")
         out[key] = np.asarray(v, np.float64)

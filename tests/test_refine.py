@@ -363,3 +363,13 @@ def test_near_spots_keeps_the_pixels_around_predicted_spots(tmp_path, tiny_truth
                        "detector.distance_mm=60.5", "observed.near_spots_px=1")
     d = res["params"]["detector.distance_mm"]
     assert 0 < res["pixels"][0] < 32 * 32 and abs(d["value"] - TRUE_DISTANCE) < 4 * d["sigma"]
+
+
+def test_fluence_as_a_scale_starts_at_the_default(tmp_path, tiny_truth):
+    run = json.loads((tiny_truth / "run.json").read_text())
+    default = run["info"]["fluence"]
+    _, _, res = refine(tmp_path, f"observed={tiny_truth / 'noise.img'}",
+                       "refine=[beam.fluence_ph_per_m2,detector.distance_mm]", *TINY, "detector.distance_mm=60.5")
+    f = res["params"]["beam.fluence_ph_per_m2"]
+    assert f["start"] == default and res["converged"]
+    assert abs(f["value"] - default) < 4 * f["sigma"] and f["sigma"] < 0.05 * default
