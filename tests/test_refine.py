@@ -74,8 +74,10 @@ def test_tiny_fit_recovers_distance_and_misset(tmp_path, tiny_truth):
     c = np.array(res["correlation"]["matrix"], float)
     assert c.shape == (4, 4) and np.allclose(np.diag(c), 1) and np.allclose(c, c.T)
     assert res["correlation"]["labels"][0] == "detector.distance_mm"
-    assert res["loss"][-1] < res["loss"][0] and len(res["loss"]) == res["stages"][-1]["n_iter"] + 1
-    assert [s["blur_px"] for s in res["stages"]] == [2.0, 0.0]
+    lbfgs, newton = res["stages"][-2], res["stages"][-1]
+    assert res["loss"][-1] < res["loss"][0] and res["loss"] == lbfgs["loss"] + newton["loss"][1:]
+    assert [s.get("blur_px") for s in res["stages"]] == [2.0, 0.0, None] and newton["newton"]
+    assert newton["converged"] and newton["steps_sigma"][-1] < 0.01
     # reused on rerun
     folder2, reused2, res2 = refine(tmp_path, f"observed={tiny_truth / 'noise.img'}", KEYS, *START)
     assert reused2 and folder2 == folder and res2 == on_disk
