@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from nbsim.params import PARAMS
-from nbsim.refine.core import (check_refine_keys, curvature, lsq_loss, make_param, minimise, physical,
+from nbsim.refine.core import (check_refine_keys, lsq_loss, make_param, minimise, physical,
                                poisson_loss)
 from nbsim.spec import SpecError
 from pipeline.compose import compose_spec
