@@ -374,3 +374,15 @@ def test_fluence_as_a_scale_starts_at_the_default(tmp_path, tiny_truth):
     f = res["params"]["beam.fluence_ph_per_m2"]
     assert f["start"] == default and res["converged"]
     assert abs(f["value"] - default) < 4 * f["sigma"] and f["sigma"] < 0.05 * default
+
+
+def test_beam_centre_left_unset_starts_at_the_derived_centre(tmp_path, tiny_truth):
+    """xbeam/ybeam unset: the start is the centre the setup derives (info), the same pixels as the
+    truth, so the fit stays there."""
+    info = json.loads((tiny_truth / "run.json").read_text())["info"]
+    _, _, res = refine(tmp_path, f"observed={tiny_truth / 'noise.img'}",
+                       "refine=[detector.xbeam_mm,detector.ybeam_mm]", *TINY, f"detector.distance_mm={TRUE_DISTANCE}")
+    for k in ("xbeam_mm", "ybeam_mm"):
+        p = res["params"][f"detector.{k}"]
+        assert p["start"] == info[k]
+        assert abs(p["value"] - info[k]) < 4 * p["sigma"] and p["sigma"] < 0.05
