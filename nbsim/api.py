@@ -46,7 +46,14 @@ class SimResult:
 
     def float32(self) -> np.ndarray:
         """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
-        return plain(self.image).astype(np.float32)
+        return _float32(plain(self.image))
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    """float64 → float32 as C casts (round to nearest, inf past 3.4e38), without NumPy's overflow
+    warning: an image that overflows is reported once, by ``nbsim.checks.check_image``."""
+    with np.errstate(over="ignore"):
+        return a.astype(np.float32)
 
 
 def resolve_device(device: Optional[DeviceSpec]):
@@ -112,13 +119,14 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     info = model.info
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
-    img32 = plain(image).astype(np.float32)
+    img32 = _float32(plain(image))
     xmin, xmax, ymin, ymax = info["roi"]
     roi_mask = np.zeros_like(mask)
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
     info.update(image_stats(img32, mask, model, roi=roi_mask))
     info["wall_s"] = time.perf_counter() - t0
     info["kernel"] = kernel.get("kernel")                  # which kernel rendered the image
+    info["kernel_cache"] = bool(kernel.get("kernel_cache"))  # compiled kernels loaded from the cache
     result = SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=list(info.pop("warnings", [])),
                        log=list(info.pop("log", [])))
     if trace_pixel is not None:

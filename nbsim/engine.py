@@ -190,7 +190,7 @@ def sqrt_exact(x: torch.Tensor) -> torch.Tensor:
 def unitize_exact(v: torch.Tensor):
     """``rotation.unitize`` with ``sqrt_exact``: (unit vector, magnitude) of (..., 3) vectors."""
     mag = sqrt_exact((v * v).sum(-1))
-    safe = torch.where(mag == 0, torch.ones_like(mag), mag)
+    safe = torch.where(mag == 0, 1.0, mag)
     return v / safe.unsqueeze(-1), mag
 
 
@@ -212,7 +212,7 @@ def miller_mode(m: Model) -> str:
     """
     if m.dtype == torch.float64:
         return "c"
-    return "blas" if m.lattice.shape[0] * m.lattice.shape[1] >= _BLAS_MIN_FM else "c"
+    return "blas" if _phi_domains(m) >= _BLAS_MIN_FM else "c"
 
 
 def rows_matmul(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
@@ -258,8 +258,7 @@ def sincg_reduced(h: torch.Tensor, h0: torch.Tensor, n: float) -> torch.Tensor:
     (−1)^((n−1)·h0) · sin(n·π·f)/sin(π·f), and n where f == 0. Same value, well conditioned."""
     x = (h - h0) * math.pi
     sx = torch.sin(x)
-    r = torch.where(sx == 0, full_like(x, n), torch.sin(x * n) / torch.where(
-        sx == 0, torch.ones_like(sx), sx))
+    r = torch.where(sx == 0, n, torch.sin(x * n) / torch.where(sx == 0, 1.0, sx))
     if int(value(n)) % 2 == 0:
         r = r * (1.0 - 2.0 * torch.remainder(h0, 2.0))
     return r
@@ -354,10 +353,13 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
         hkl[p, t, o, s] = miller(scat[p, t, o, s], m.lattice_first, mode)
     hkl0 = torch.ceil(hkl - 0.5)
     if m.shape == "square" and reduced_sincg(m):
-        F_latt = torch.ones_like(hkl[..., 0])
+        F_latt = None
         for i, n in enumerate(m.N):
             if value(n) > 1:
-                F_latt = F_latt * sincg_reduced(hkl[..., i], hkl0[..., i], n)
+                s = sincg_reduced(hkl[..., i], hkl0[..., i], n)
+                F_latt = s if F_latt is None else F_latt * s
+        if F_latt is None:
+            F_latt = torch.ones_like(hkl[..., 0])
     else:
         F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)    # (P,T,O,S,F,M)
 
@@ -851,10 +853,17 @@ _compiled = {}
 
 
 def compile_ok(m: Model) -> bool:
-    """True when ``render_compiled`` supports the model (else the eager fast path runs)."""
+    """True when ``render_compiled`` supports the model (else the eager fast path runs). In float64
+    with many φ steps × domains (C's Miller-index order, no BLAS) the eager kernel is the faster one
+    (measured on case 2 of the benchmark: 1.2 s eager, 4.5 s compiled)."""
     return (fast_path_ok(m) and layout_kind(m) == "outer" and m.dmin_m == 0 and m.shape == "square"
             and not m.curved and any(n > 1 for n in m.N)
-            and (miller_mode(m) == "c" or m.dtype != torch.float64))
+            and (m.dtype != torch.float64 or _phi_domains(m) < _BLAS_MIN_FM))
+
+
+def _phi_domains(m: Model) -> int:
+    """φ steps × mosaic domains: the samples that share each scattering vector."""
+    return m.lattice.shape[0] * m.lattice.shape[1]
 
 
 # pixel·samples from which compiling within one process (about 3.5 s with a warm Inductor cache, on
@@ -1011,20 +1020,57 @@ class CompiledPlan:
                           fast.reduced)
         self.finish_cfg = (tuple(fast.Nvals), fast.FF, fast.w_one, float(m.I_bg),
                            float(m.r_e_sqr * m.fluence), float(m.steps), self.sin_inside)
+        self.aot = None                    # (front, finish) from nbsim.kernel_cache, when used
+
+
+def _front_inputs(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> tuple:
+    return (idx, m.fdet, m.sdet, m.odet, m.pix0, m.incident, m.wavelength_m, m.polar_vector,
+            m.pixel_m, m.close_distance_m, m.lattice, plan.table_flat)
+
+
+def cached_kernels(m: Model, plan: CompiledPlan, *, build: bool = False):
+    """The AOT-compiled (``_k_front``, ``_k_finish``) of this plan from ``nbsim.kernel_cache``, or
+    None where the cache has none (``build``: compile them ahead of time into it first)."""
+    from nbsim import kernel_cache
+    if kernel_cache.disabled():
+        return None
+    key_in = _front_inputs(m, torch.zeros(plan.chunk, dtype=torch.int64, device=m.device), plan)
+    front = kernel_cache.load("_k_front", plan.front_cfg, key_in)
+    finish = kernel_cache.load("_k_finish", plan.finish_cfg, key_in)
+    if (front is None or finish is None) and build:
+        idx = torch.arange(plan.chunk, device=m.device) % (m.fpixels * m.spixels)
+        if front is None:
+            front = kernel_cache.build("_k_front", _k_front, plan.front_cfg, key_in,
+                                       _front_inputs(m, idx, plan))
+        X, G, F_cell, cap, pol, om = front(*_front_inputs(m, idx, plan))
+        if finish is None:
+            finish = kernel_cache.build("_k_finish", _k_finish, plan.finish_cfg, key_in,
+                                        (X, G, F_cell, cap, pol, om, m.source_weight))
+    if front is None or finish is None:
+        return None
+    return front, finish
 
 
 def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Tensor:
-    """``render_fast`` through Inductor for ``plan.chunk`` pixels (``idx`` is padded to that size)."""
+    """``render_fast`` through Inductor for ``plan.chunk`` pixels (``idx`` is padded to that size):
+    the kernels of the cache (``plan.aot``) or compiled in this process."""
     P = idx.shape[0]
     if P < plan.chunk:
         idx = torch.cat((idx, idx[-1:].expand(plan.chunk - P)))
-    X, G, F_cell, cap, pol, om = _compiled_fn("_k_front")(
-        idx, m.fdet, m.sdet, m.odet, m.pix0, m.incident, m.wavelength_m, m.polar_vector,
-        m.pixel_m, m.close_distance_m, m.lattice, plan.table_flat, plan.front_cfg)
+    if plan.aot is not None:
+        front, finish = plan.aot
+        X, G, F_cell, cap, pol, om = front(*_front_inputs(m, idx, plan))
+    else:
+        X, G, F_cell, cap, pol, om = _compiled_fn("_k_front")(*_front_inputs(m, idx, plan),
+                                                             plan.front_cfg)
+    X, G = list(X), list(G)
     if not plan.sin_inside:
         for t in X + G:
             t.sin_()
-    val = _compiled_fn("_k_finish")(X, G, F_cell, cap, pol, om, m.source_weight, plan.finish_cfg)
+    if plan.aot is not None:
+        val = finish(X, G, F_cell, cap, pol, om, m.source_weight)
+    else:
+        val = _compiled_fn("_k_finish")(X, G, F_cell, cap, pol, om, m.source_weight, plan.finish_cfg)
     return val[:P]
 
 
@@ -1083,14 +1129,104 @@ def _reverse_mode(m: Model) -> bool:
                for v in vals for t in tensors(v))
 
 
-def _assemble(m: Model, vals: list, idx_all: Optional[torch.Tensor]) -> torch.Tensor:
-    """The (spixels, fpixels) image from per-chunk values in raster order (out of place, so
-    autograd and ``torch.func`` see one differentiable op); 0 outside the mask."""
-    flat = torch.cat(vals) if len(vals) > 1 else vals[0]
-    if idx_all is not None:
-        flat = torch.zeros(m.fpixels * m.spixels, dtype=flat.dtype, device=flat.device).index_put(
-            (idx_all,), flat)
-    return flat.reshape(m.spixels, m.fpixels)
+class Chunks:
+    """The pixels of one image in raster order, split into chunks: the one chunk driver that every
+    kernel (reference, fast, compiled) and the trace go through.
+
+    ``idx_all``: the flat indices to render (None: every pixel, chunks are contiguous runs);
+    ``first``: the run's first loop iteration (quirk phi0_carryover) as (flat position, t, o, s)."""
+
+    def __init__(self, m: Model, chunk: int, idx_all: Optional[torch.Tensor] = None):
+        self.m, self.chunk, self.idx_all = m, int(chunk), idx_all
+        self.n = m.fpixels * m.spixels if idx_all is None else idx_all.shape[0]
+        self.starts = range(0, self.n, self.chunk)
+
+    def pixels(self, start: int) -> torch.Tensor:
+        """Flat indices (P,) of the chunk that begins at position ``start``."""
+        if self.idx_all is not None:
+            return self.idx_all[start:start + self.chunk]
+        return torch.arange(start, min(start + self.chunk, self.n), device=self.m.device)
+
+    def first_local(self, start: int):
+        """(p, t, o, s) of the run's first loop iteration if it falls in this chunk, else None."""
+        first = self.m.first_iteration
+        if first is not None and start <= first[0] < start + self.chunk:
+            return (first[0] - start,) + tuple(first[1:])
+        return None
+
+    def run(self, job, *, workers: int = 1, progress=None):
+        """``job(start, idx, first_local)`` for every chunk; yields (start, idx, result) in raster
+        order (``workers`` > 1: chunks on that many threads, each single-threaded)."""
+        def call(start):
+            idx = self.pixels(start)
+            return idx, job(start, idx, self.first_local(start))
+        if workers > 1 and len(self.starts) > 1:
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbsim") as ex:
+                    for start, (idx, val) in zip(self.starts, ex.map(call, self.starts)):
+                        yield start, idx, val
+                        if progress is not None:
+                            progress(min(start + self.chunk, self.n), self.n)
+            finally:
+                torch.set_num_threads(prev)
+            return
+        for start in self.starts:
+            idx, val = call(start)
+            yield start, idx, val
+            if progress is not None:
+                progress(min(start + self.chunk, self.n), self.n)
+
+    def image(self, results) -> torch.Tensor:
+        """The (spixels, fpixels) image from (start, idx, values) in raster order, 0 outside the
+        mask. Written into one buffer, or, on a derivative's path, assembled out of place (one
+        differentiable op for autograd and ``torch.func``)."""
+        m = self.m
+        npix = m.fpixels * m.spixels
+        if m.differentiable:
+            vals = [v for _, _, v in results]
+            flat = torch.cat(vals) if len(vals) > 1 else vals[0]
+            if self.idx_all is not None:
+                flat = torch.zeros(npix, dtype=flat.dtype, device=flat.device).index_put(
+                    (self.idx_all,), flat)
+            return flat.reshape(m.spixels, m.fpixels)
+        out = torch.zeros(npix, dtype=m.dtype, device=m.device)
+        for start, idx, val in results:
+            if self.idx_all is not None:
+                out.index_put_((idx,), val)
+            else:
+                out[start:start + val.shape[0]] = val
+        return out.reshape(m.spixels, m.fpixels)
+
+
+def simulated_indices(m: Model) -> Optional[torch.Tensor]:
+    """Flat indices of the pixels the mask/ROI leaves to simulate (None: all of them)."""
+    if m.mask is None:
+        return None
+    return torch.nonzero(m.mask.reshape(-1), as_tuple=False).reshape(-1).to(m.device)
+
+
+def render_reference_chunks(m: Model, chunks: Chunks, *, kernel=None, recompute: bool = False,
+                            progress=None):
+    """``render`` (or ``kernel``, a compiled ``render``) over ``chunks``, carrying C's global
+    interpolation flag from chunk to chunk; yields (start, idx, values) and finally sets
+    ``chunks.interp_on``. ``recompute``: each chunk keeps only its inputs and is rendered again
+    during backward (one chunk's graph at a time)."""
+    kernel = kernel or render
+    state = {"on": torch.tensor(bool(m.interpolate), device=m.device)}
+
+    def job(start, idx, first_local):
+        if recompute:
+            val, state["on"] = torch.utils.checkpoint.checkpoint(
+                lambda i, s: kernel(m, i, s, first_local=first_local), idx, state["on"],
+                use_reentrant=False)
+        else:
+            val, state["on"] = kernel(m, idx, state["on"], first_local=first_local)
+        chunks.interp_on = state["on"]
+        return val
+    chunks.interp_on = state["on"]
+    yield from chunks.run(job, progress=progress)
 
 
 def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes: float = 1.0e9,
@@ -1102,119 +1238,62 @@ def simulate_image(m: Model, *, chunk_pixels: Optional[int] = None, budget_bytes
     ``compile``: run ``render_compiled`` (torch.compile) where ``compile_ok``; chunks then have a
     fixed, padded size and results equal the eager path to rounding (not bit for bit). ``None``:
     only where it pays off within this one call (see ``compile_pays_off``); a process that renders
-    many images (a sweep, a refinement loop) should ask for it explicitly.
+    many images (a sweep, a refinement loop) should ask for it explicitly. With derivatives
+    (``m.differentiable``) the reference kernel runs, compiled (forward and backward) when
+    ``compile`` is true.
     ``workers``: CPU threads that render chunks concurrently, each running its ops single-threaded
     (default ``torch.get_num_threads()``). ``workers=1`` renders one chunk at a time with torch's
     intra-op (OpenMP) threads instead: ~10 % faster on an idle machine, but every op then ends in a
     thread barrier, and when another process holds a core those barriers stall — measured 40-90×
     slower on a shared 2-core machine, where worker threads just share the remaining core. The
     image does not depend on ``chunk_pixels`` or ``workers``.
-    ``report``: a dict that receives ``kernel`` ("compiled", "fast" or "reference": which kernel
-    rendered the image) and ``chunk_pixels``.
+    ``report``: a dict that receives ``kernel`` ("compiled", "fast", "reference" or
+    "reference-compiled": which kernel rendered the image) and ``chunk_pixels``.
     """
     dev = m.device
-    npix = m.fpixels * m.spixels
-    if m.mask is not None:
-        idx_all = torch.nonzero(m.mask.reshape(-1), as_tuple=False).reshape(-1).to(dev)
-        n = idx_all.shape[0]
-
-        def pixels(start, stop):
-            return idx_all[start:stop]
-
-        def store(out, start, idx, val):
-            out.index_put_((idx,), val)
-    else:                              # every pixel: chunks are contiguous runs of the image
-        n = npix
-
-        def pixels(start, stop):
-            return torch.arange(start, min(stop, n), device=dev)
-
-        def store(out, start, idx, val):
-            out[start:start + val.shape[0]] = val
+    idx_all = simulated_indices(m)
     use_fast = fast_path_ok(m) if fast is None else (fast and fast_path_ok(m))
     plan = FastPlan(m) if use_fast else None
-    if compile is None:
-        compile = use_fast and compile_pays_off(m)
-    cplan = (CompiledPlan(m, plan, budget_bytes, chunk_pixels)
-             if compile and use_fast and compile_ok(m) else None)
+    cplan = None
+    if compile is not False and use_fast and compile_ok(m):
+        # kernels compiled ahead of time by an earlier process (nbsim.kernel_cache): used under
+        # compile=true and auto; compile=true builds them on first use
+        cplan = CompiledPlan(m, plan, budget_bytes, chunk_pixels)
+        cplan.aot = cached_kernels(m, cplan, build=bool(compile)) if cplan.fits else None
+        if compile is None and cplan.aot is None and not compile_pays_off(m):
+            cplan = None
+    compile = bool(compile) or cplan is not None
     compile_reference = bool(compile) and m.differentiable and not use_fast
     if report is not None:
         report["kernel"] = ("compiled" if cplan is not None and cplan.fits
                             else "fast" if use_fast
                             else "reference-compiled" if compile_reference else "reference")
+        report["kernel_cache"] = cplan is not None and cplan.aot is not None
     if cplan is not None and cplan.fits:
-        if report is not None:
-            report["chunk_pixels"] = cplan.chunk
-        out = torch.zeros(npix, dtype=m.dtype, device=dev)
-        first = m.first_iteration
-        for start in range(0, n, cplan.chunk):
-            idx = pixels(start, start + cplan.chunk)
+        chunks = Chunks(m, cplan.chunk, idx_all)
+
+        def compiled_job(start, idx, first_local):
             val = render_compiled(m, idx, cplan)
-            if first is not None and start <= first[0] < start + cplan.chunk:
-                val = _with_first_iteration(m, idx, val, (first[0] - start,) + tuple(first[1:]))
-            store(out, start, idx, val)
-            if progress is not None:
-                progress(min(start + cplan.chunk, n), n)
-        return out.reshape(m.spixels, m.fpixels)
-    if not (use_fast and dev.type == "cpu"):
-        workers = 1
-    elif workers is None:
-        workers = torch.get_num_threads()
-    workers = max(1, int(workers))
-    chunk = chunk_pixels or default_chunk_pixels(m, budget_bytes, plan=plan, workers=workers)
-    if report is not None:
-        report["chunk_pixels"] = chunk
-    out = torch.zeros(npix, dtype=m.dtype, device=dev)
-    first = m.first_iteration
-
-    def first_of(start):
-        if first is not None and start <= first[0] < start + chunk:
-            return (first[0] - start,) + tuple(first[1:])
-        return None
-
-    if not use_fast:
-        interp_on = torch.tensor(bool(m.interpolate), device=dev)
-        # reverse mode: each chunk keeps only its inputs and is re-rendered during backward, so a
-        # whole image's backward needs one chunk's graph at a time (the memory budget holds)
-        recompute = (n > chunk and m.differentiable and torch.is_grad_enabled()
-                     and _reverse_mode(m))
-        # with gradients, device.compile compiles the reference kernel's forward and backward
-        kernel = _compiled_reference() if compile_reference else render
-        vals = []
-        for start in range(0, n, chunk):
-            idx = pixels(start, start + chunk)
-            first_local = first_of(start)
-            if recompute:
-                val, interp_on = torch.utils.checkpoint.checkpoint(
-                    lambda i, s, fl=first_local: kernel(m, i, s, first_local=fl), idx, interp_on,
-                    use_reentrant=False)
-            else:
-                val, interp_on = kernel(m, idx, interp_on, first_local=first_local)
-            vals.append(val)
-            if progress is not None:
-                progress(min(start + chunk, n), n)
-        return _assemble(m, vals, idx_all if m.mask is not None else None)
-
-    def job(start):
-        idx = pixels(start, start + chunk)
-        return idx, render_fast(m, idx, plan, first_local=first_of(start))
-
-    starts = range(0, n, chunk)
-    if workers > 1 and len(starts) > 1:
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbsim") as ex:
-                for start, (idx, val) in zip(starts, ex.map(job, starts)):
-                    store(out, start, idx, val)
-                    if progress is not None:
-                        progress(min(start + chunk, n), n)
-        finally:
-            torch.set_num_threads(prev)
+            return val if first_local is None else _with_first_iteration(m, idx, val, first_local)
+        results = chunks.run(compiled_job, progress=progress)
     else:
-        for start in starts:
-            idx, val = job(start)
-            store(out, start, idx, val)
-            if progress is not None:
-                progress(min(start + chunk, n), n)
-    return out.reshape(m.spixels, m.fpixels)
+        if not (use_fast and dev.type == "cpu"):
+            workers = 1
+        elif workers is None:
+            workers = torch.get_num_threads()
+        workers = max(1, int(workers))
+        chunk = chunk_pixels or default_chunk_pixels(m, budget_bytes, plan=plan, workers=workers)
+        chunks = Chunks(m, chunk, idx_all)
+        if use_fast:
+            results = chunks.run(lambda start, idx, fl: render_fast(m, idx, plan, first_local=fl),
+                                 workers=workers, progress=progress)
+        else:
+            # reverse mode: recompute chunk by chunk during backward when there are several
+            recompute = (chunks.n > chunk and m.differentiable and torch.is_grad_enabled()
+                         and _reverse_mode(m))
+            results = render_reference_chunks(
+                m, chunks, kernel=_compiled_reference() if compile_reference else None,
+                recompute=recompute, progress=progress)
+    if report is not None:
+        report["chunk_pixels"] = chunks.chunk
+    return chunks.image(results)

@@ -303,7 +303,8 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
 
     # ---- ROI and mask
     fpix, spix = geo.fpixels, geo.spixels
-    roi = list(d.roi) if d.roi is not None else [0, fpix, 0, spix]
+    from nbsim.checks import resolve_roi
+    roi = resolve_roi(d) or [0, fpix, 0, spix]                  # C's rule for negative bounds
     mask_np = np.zeros((spix, fpix), dtype=bool)
     mask_np[max(roi[2], 0):roi[3] + 1, max(roi[0], 0):roi[1] + 1] = True
     if inputs.mask is not None:

@@ -34,6 +34,28 @@ def _progress_printer():
     return progress
 
 
+_OUTPUT_FLAGS = {"float_path": "-floatfile", "int_path": "-intfile", "noise_path": "-noisefile",
+                 "pgm_path": "-pgmfile"}
+
+
+def _check_output_paths(parsed) -> None:
+    """``FrontendError`` naming the flag and path when an output cannot be created: its folder is
+    missing or not writable, or the path is a folder. (A full disk shows only when writing.)"""
+    from nbsim.frontend import FrontendError
+    targets = [(_OUTPUT_FLAGS[k], p) for k, p in parsed.outputs.paths().items() if p is not None]
+    c = parsed.spec.crystal
+    if c.hkl_file is not None and c.fdump_file is not None:
+        targets.append(("-dump", c.fdump_file))          # the structure-factor cache is written too
+    for flag, p in targets:
+        parent = os.path.dirname(p) or "."
+        if os.path.isdir(p):
+            raise FrontendError(f"{flag}: cannot write {p}: it is a directory")
+        if not os.path.isdir(parent):
+            raise FrontendError(f"{flag}: cannot write {p}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise FrontendError(f"{flag}: cannot write {p}: directory {parent} is not writable")
+
+
 def _call_simulate(simulate, spec, device, parsed, warn):
     from nbsim.inputs import load_inputs, write_fdump_cache
     inputs = load_inputs(spec, os.getcwd())
@@ -57,8 +79,10 @@ def _call_simulate(simulate, spec, device, parsed, warn):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from nbsim.checks import check_image
     from nbsim.frontend import FrontendError, parse_argv, usage
     from nbsim.frontend.argv import spec_error_message
+    from nbsim.io.inputs import InputFileError
     from nbsim.spec import SpecError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -75,13 +99,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     def warn(msg: str):
         print(f"WARNING: {msg}")
 
+    # refuse what cannot be simulated or written before anything runs (nothing written yet)
+    try:
+        from nbsim.checks import preflight
+        est = preflight(parsed.spec, parsed.device, os.getcwd())
+        _check_output_paths(parsed)
+    except SpecError as e:
+        return _error(spec_error_message(e, parsed.origins))
+    except FrontendError as e:
+        return _error(str(e))
+
     for w in parsed.warnings:
         warn(w)
+    if est.seconds > 60:
+        warn(f"estimated run time {est.describe()} (--time-limit-s refuses such runs)")
 
+    import numpy as np
     try:
         from nbsim.api import simulate
         try:
-            result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
+            with np.errstate(all="ignore"):          # an overflow is reported once, by check_image
+                result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
         except ImportError as e:
             if parsed.trace_pixel is None:
                 raise
@@ -94,6 +132,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(str(e))
     except OSError as e:
         return _error(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+    except InputFileError as e:        # a reader's one-line message (preflight normally catches it)
+        return _error(str(e))
+    try:
+        check_image(result.float32(), parsed.spec)
+    except SpecError as e:
+        return _error(spec_error_message(e, parsed.origins))
 
     for line in result.log:
         print(line)
@@ -115,10 +159,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nbsim.io.products import write_result
     paths = parsed.outputs.paths()
     at = info.get("max_I_at_m")
+    new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
         res = write_result(result, parsed.spec.image, **paths) or {}
     except OSError as e:
-        return _error(f"cannot write output: {e}")
+        for p in new_files:                  # no half set of outputs: remove what this run created
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        named = [f"{f} {paths[k]}" for k, f in _OUTPUT_FLAGS.items() if paths.get(k)]
+        return _error(f"cannot write output ({', '.join(named)}): {e.strerror or e}")
 
     # upstream's order: float file, stats, int file, pgm, noise
     print(f"writing {paths['float_path']} as {fpixels * spixels} 4-byte floats")

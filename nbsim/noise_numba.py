@@ -37,16 +37,12 @@ from numba import njit
 
 __all__ = ["noise_counts", "poisson_deviates_into"]
 
-# the constants of nbsim.rng (Numerical Recipes ran1 as #defined in nanoBragg.c), as plain literals so
-# numba freezes them into the cached code
-IA = 16807
-IM = 2147483647
-AM = 1.0 / IM
-IQ = 127773
-IR = 2836
-NTAB = 32
+# the ran1 constants of nbsim.rng (Numerical Recipes, as #defined in nanoBragg.c); numba freezes
+# module globals into the compiled (and cached) code
+from nbsim.rng import AM, IA, IM, IQ, IR, NTAB, RNMX as _RNMX  # noqa: E402
+
 NDIV_SHIFT = 26              # NDIV = 1 + (IM-1)/NTAB = 2**26; iy/NDIV == iy >> 26 for 0 <= iy < IM
-RNMX = 1.0 - 1.2e-7
+RNMX = _RNMX
 RNMX_F32 = float(np.float32(RNMX))
 PI = math.pi
 GAMMLN_COF = (76.18009172947146, -86.50532032941677, 24.01409824083091,

@@ -29,15 +29,15 @@ def sincg(x: torch.Tensor, n) -> torch.Tensor:
     """sin(n·x)/sin(x), n at x == 0 (the 1-D lattice interference function); ``n`` a number or a
     0-d tensor."""
     zero = x == 0
-    xs = torch.where(zero, torch.ones_like(x), x)
-    return torch.where(zero, full_like(x, n), torch.sin(n * xs) / torch.sin(xs))
+    xs = torch.where(zero, 1.0, x)
+    return torch.where(zero, n, torch.sin(n * xs) / torch.sin(xs))
 
 
 def sinc3(x: torch.Tensor) -> torch.Tensor:
     """3(sin x/x − cos x)/x², 1 at x == 0 (Fourier transform of a sphere)."""
     zero = x == 0
-    xs = torch.where(zero, torch.ones_like(x), x)
-    return torch.where(zero, torch.ones_like(x), 3.0 * (torch.sin(xs) / xs - torch.cos(xs)) / (xs * xs))
+    xs = torch.where(zero, 1.0, x)
+    return torch.where(zero, 1.0, 3.0 * (torch.sin(xs) / xs - torch.cos(xs)) / (xs * xs))
 
 
 def lattice_factor(hkl: torch.Tensor, hkl0: torch.Tensor, shape: str, N, fudge: float,
@@ -50,11 +50,12 @@ def lattice_factor(hkl: torch.Tensor, hkl0: torch.Tensor, shape: str, N, fudge: 
     Na, Nb, Nc = N
     h, k, l = hkl.unbind(-1)
     if shape == "square":
-        f = torch.ones_like(h)
+        f = None
         for n, x in ((Na, h), (Nb, k), (Nc, l)):
             if value(n) > 1:
-                f = f * sincg(math.pi * x, n)
-        return f
+                s = sincg(math.pi * x, n)
+                f = s if f is None else f * s
+        return torch.ones_like(h) if f is None else f
     d = hkl - hkl0
     dh, dk, dl = d.unbind(-1)
     NNN = Na * Nb * Nc

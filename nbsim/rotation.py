@@ -50,7 +50,7 @@ def rotate_umat(v: torch.Tensor, umat: torch.Tensor) -> torch.Tensor:
 def unitize(v: torch.Tensor):
     """Return (unit vector, magnitude) of ``v`` (..., 3); a zero vector stays zero (as in C)."""
     mag = torch.sqrt((v * v).sum(-1))
-    safe = torch.where(mag == 0, torch.ones_like(mag), mag)
+    safe = torch.where(mag == 0, 1.0, mag)
     return v / safe.unsqueeze(-1), mag
 
 

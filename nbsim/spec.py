@@ -39,65 +39,65 @@ class SpecError(ValueError):
 
 @dataclass
 class DetectorSpec:
-    convention: str = "mosflm"
-    pivot: Optional[str] = None            # None: forced by convention; custom defaults to beam
+    convention: str = "mosflm"             # mosflm | xds | dials | adxv | denzo | custom: axes, beam centre and pivot rules
+    pivot: Optional[str] = None            # beam | sample; None: forced by convention; custom: beam
     distance_mm: float = 100.0             # sample -> beam spot along the beam
     close_distance_mm: Optional[float] = None  # sample -> detector plane along its normal
-    pixel_mm: float = 0.1
-    fpixels: Optional[int] = None          # None: ceil(detsize_f_mm/pixel_mm - 0.5)
-    spixels: Optional[int] = None
-    detsize_f_mm: Optional[float] = None   # None: 102.4 mm, or fpixels*pixel_mm when fpixels is given
-    detsize_s_mm: Optional[float] = None
-    xbeam_mm: Optional[float] = None       # beam centre in the convention's X/Y (BEAM pivot)
-    ybeam_mm: Optional[float] = None
-    xclose_mm: Optional[float] = None      # near point (SAMPLE pivot)
-    yclose_mm: Optional[float] = None
-    orgx_px: Optional[float] = None        # XDS ORGX/ORGY (SAMPLE pivot)
-    orgy_px: Optional[float] = None
-    rotx_deg: float = 0.0
-    roty_deg: float = 0.0
-    rotz_deg: float = 0.0
-    twotheta_deg: float = 0.0
-    fdet_vector: Optional[List[float]] = None
-    sdet_vector: Optional[List[float]] = None
-    odet_vector: Optional[List[float]] = None
-    twotheta_axis: Optional[List[float]] = None
-    pix0_vector_mm: Optional[List[float]] = None  # custom only; ignored by C (quirk), honoured when physical
-    point_pixel: bool = False
-    curved: bool = False
+    pixel_mm: float = 0.1                  # pixel size (square pixels)
+    fpixels: Optional[int] = None          # pixels along the fast axis; None: ceil(detsize_f_mm/pixel_mm - 0.5)
+    spixels: Optional[int] = None          # pixels along the slow axis; None: ceil(detsize_s_mm/pixel_mm - 0.5)
+    detsize_f_mm: Optional[float] = None   # detector size along the fast axis; None: 102.4 mm, or fpixels*pixel_mm
+    detsize_s_mm: Optional[float] = None   # detector size along the slow axis; None: 102.4 mm, or spixels*pixel_mm
+    xbeam_mm: Optional[float] = None       # beam centre X of the convention (BEAM pivot); None: the convention's default
+    ybeam_mm: Optional[float] = None       # beam centre Y of the convention (BEAM pivot); None: the convention's default
+    xclose_mm: Optional[float] = None      # near point X (SAMPLE pivot)
+    yclose_mm: Optional[float] = None      # near point Y (SAMPLE pivot)
+    orgx_px: Optional[float] = None        # XDS ORGX (SAMPLE pivot)
+    orgy_px: Optional[float] = None        # XDS ORGY (SAMPLE pivot)
+    rotx_deg: float = 0.0                  # detector rotation about the lab x axis
+    roty_deg: float = 0.0                  # detector rotation about the lab y axis
+    rotz_deg: float = 0.0                  # detector rotation about the lab z axis
+    twotheta_deg: float = 0.0              # detector swing about twotheta_axis (SAMPLE pivot)
+    fdet_vector: Optional[List[float]] = None  # fast axis [x, y, z] (custom convention); None: the convention's
+    sdet_vector: Optional[List[float]] = None  # slow axis [x, y, z] (custom convention); None: the convention's
+    odet_vector: Optional[List[float]] = None  # detector normal [x, y, z] (custom convention); None: the convention's
+    twotheta_axis: Optional[List[float]] = None  # axis of the two-theta swing [x, y, z]; None: the convention's
+    pix0_vector_mm: Optional[List[float]] = None  # first pixel [x, y, z]; custom only; ignored by C (quirk), honoured when physical
+    point_pixel: bool = False              # true: solid angle 1/R^2 of the pixel centre (no obliquity)
+    curved: bool = False                   # true: spherical detector (every pixel at the same distance)
     thick_um: float = 0.0                  # sensor thickness
     attenuation_um: Optional[float] = None  # sensor attenuation length (C -detector_abs); None: = thickness
-    thicksteps: Optional[int] = None
-    oversample: Optional[int] = None       # None: auto
-    oversample_thick: bool = False
-    oversample_polar: bool = False
-    oversample_omega: bool = False
+    thicksteps: Optional[int] = None       # layers the sensor thickness is sampled in; None: 1
+    oversample: Optional[int] = None       # sub-pixels per pixel axis; None: auto (from the spot size)
+    oversample_thick: bool = False         # true: sensor capture fraction per sub-pixel
+    oversample_polar: bool = False         # true: polarization factor per sub-pixel
+    oversample_omega: bool = False         # true: solid angle per sub-pixel
     roi: Optional[List[int]] = None        # [xmin, xmax, ymin, ymax] inclusive pixel indices (fast, slow)
     mask_file: Optional[str] = None        # SMV image; pixels equal to 0 are skipped
 
 
 @dataclass
 class BeamSpec:
-    wavelength_A: float = 1.0
+    wavelength_A: float = 1.0              # X-ray wavelength (the centre of the spectrum)
     dispersion_pct: float = 0.0            # full range of dlambda/lambda, percent
-    dispsteps: Optional[int] = None
-    hdivrange_mrad: Optional[float] = None
-    vdivrange_mrad: Optional[float] = None
-    hdivstep_mrad: Optional[float] = None
-    vdivstep_mrad: Optional[float] = None
-    hdivsteps: Optional[int] = None
-    vdivsteps: Optional[int] = None
-    round_div: bool = True
+    dispsteps: Optional[int] = None        # wavelengths sampled across dispersion_pct; None: auto
+    hdivrange_mrad: Optional[float] = None  # horizontal divergence, full range
+    vdivrange_mrad: Optional[float] = None  # vertical divergence, full range
+    hdivstep_mrad: Optional[float] = None  # angle between horizontal divergence samples
+    vdivstep_mrad: Optional[float] = None  # angle between vertical divergence samples
+    hdivsteps: Optional[int] = None        # horizontal divergence samples
+    vdivsteps: Optional[int] = None        # vertical divergence samples
+    round_div: bool = True                 # true: elliptical cut of the divergence grid (C default); false: full grid
     source_file: Optional[str] = None      # columns X Y Z I lambda (m, m, m, -, m)
-    fluence_ph_per_m2: Optional[float] = None  # None: 1/r_e^2, or flux*exposure/beamsize^2 when flux given
-    flux_ph_per_s: float = 0.0
-    exposure_s: float = 1.0
-    beamsize_mm: float = 0.1
-    kahn_factor: float = 0.0               # polarization; C's default is 0 (unpolarised)
+    fluence_ph_per_m2: Optional[float] = None  # photons per area; None: 1/r_e^2, or flux*exposure/beamsize^2 when flux given
+    flux_ph_per_s: float = 0.0             # beam flux; > 0: fluence = flux*exposure_s/beamsize_mm^2
+    exposure_s: float = 1.0                # exposure time (with flux_ph_per_s)
+    beamsize_mm: float = 0.1               # beam size, square (with flux_ph_per_s)
+    kahn_factor: float = 0.0               # Kahn polarization factor; C's default is 0 (unpolarised)
     nopolar: bool = False                  # polarization factor = 1
     beam_vector: Optional[List[float]] = None   # direction of the beam (None: convention)
     polar_vector: Optional[List[float]] = None  # E-vector axis (None: convention)
-    dmin_A: float = 0.0
+    dmin_A: float = 0.0                    # resolution cut-off: no scattering beyond it; 0: none
 
 
 @dataclass
@@ -105,48 +105,49 @@ class CrystalSpec:
     cell_A_deg: Optional[List[float]] = None   # a b c (A) alpha beta gamma (deg)
     matrix_file: Optional[str] = None          # MOSFLM A matrix (includes lambda)
     misset_deg: Optional[List[float]] = None   # rotations about x, y, z
-    misset_random: bool = False
+    misset_random: bool = False            # true: random misset orientation (seeded by misset_seed)
     misset_seed: Optional[int] = None          # seed for misset_random (C: -misset_seed)
     N: int = 1                                 # cells along every axis unless Na/Nb/Nc given
-    Na: Optional[int] = None
-    Nb: Optional[int] = None
-    Nc: Optional[int] = None
+    Na: Optional[int] = None               # cells along a (None: N)
+    Nb: Optional[int] = None               # cells along b (None: N)
+    Nc: Optional[int] = None               # cells along c (None: N)
     size_x_mm: Optional[float] = None          # crystal size along a (overrides Na)
-    size_y_mm: Optional[float] = None
-    size_z_mm: Optional[float] = None
-    shape: str = "square"
-    fudge: float = 1.0
-    default_F: float = 0.0
-    hkl_file: Optional[str] = None
+    size_y_mm: Optional[float] = None      # crystal size along b (overrides Nb)
+    size_z_mm: Optional[float] = None      # crystal size along c (overrides Nc)
+    shape: str = "square"                  # spot shape: square (parallelepiped, sincg) | round | gauss | tophat
+    fudge: float = 1.0                     # scales radius^2 of round/gauss/tophat spots
+    default_F: float = 0.0                 # structure factor of every hkl not in the table
+    hkl_file: Optional[str] = None         # text table, lines h k l F
     fdump_file: Optional[str] = None           # binary F cache: read when hkl_file is absent (the front end writes it)
     interpolate: Optional[bool] = None         # None: auto (on when any N <= 2 and a table is loaded)
-    mosaic_deg: float = 0.0
-    mosaic_domains: Optional[int] = None
-    mosaic_seed: int = 12345678
-    phi_deg: float = 0.0
-    osc_deg: Optional[float] = None            # None: not given (C: 0 and 1 phi step)
-    phisteps: Optional[int] = None
-    phistep_deg: Optional[float] = None
-    spindle_axis: Optional[List[float]] = None
+    mosaic_deg: float = 0.0                # isotropic mosaic spread
+    mosaic_domains: Optional[int] = None   # number of mosaic domains; None: nanoBragg's default
+    mosaic_seed: int = 12345678            # seed of the mosaic domain orientations
+    phi_deg: float = 0.0                   # spindle start angle
+    osc_deg: Optional[float] = None            # oscillation range; None: not given (C: 0 and 1 phi step)
+    phisteps: Optional[int] = None         # phi samples over osc_deg; None: nanoBragg's default
+    phistep_deg: Optional[float] = None    # phi step; None: osc_deg/phisteps
+    spindle_axis: Optional[List[float]] = None  # phi rotation axis [x, y, z]; None: the convention's
     water_um: float = 0.0                      # water droplet for the background
 
 
 @dataclass
 class ImageSpec:
     """How the float image becomes integer images (does not change the float image)."""
-    adc: float = 40.0
-    int_scale: Optional[float] = None          # None: 55000/max
-    pgm_scale: Optional[float] = None          # None: 250/(5 rmsd)
-    noise: bool = True
-    noise_seed: Optional[int] = None           # None: the clock (not reproducible)
+    adc: float = 40.0                      # offset added to every integer pixel (int.img, noise.img)
+    int_scale: Optional[float] = None          # int.img = float image x int_scale + adc; None: 55000/max
+    pgm_scale: Optional[float] = None          # image.pgm = float image x pgm_scale; None: 250/(5 rmsd)
+    noise: bool = True                     # true: a Poisson noise image can be written (store.write_noise, front end)
+    noise_seed: Optional[int] = None           # seed of the noise image; None: the clock (not reproducible)
 
 
 @dataclass
 class DeviceSpec:
-    device: str = "cpu"
-    dtype: str = "float64"
-    memory_budget_mb: Optional[float] = None   # None: derived from available memory
-    compile: Any = "auto"                      # True | False | "auto" (see compile_mode)
+    device: str = "cpu"                    # cpu | cuda | cuda:N | mps
+    dtype: str = "float64"                 # float64 | float32: precision of the kernel (the setup is always float64)
+    memory_budget_mb: Optional[float] = None   # working set of one chunk; None: derived from available memory
+    compile: Any = "auto"                      # true | false | auto: torch.compile the kernel (auto: where it repays)
+    time_limit_s: Optional[float] = None       # refuse a run whose estimated time exceeds this (None: no limit)
 
 
 def compile_mode(value, key: str = "device.compile") -> Optional[bool]:
@@ -270,7 +271,9 @@ def validate(spec: ExperimentSpec) -> None:
         if not isinstance(d.roi, (list, tuple)) or len(d.roi) != 4 or not all(
                 isinstance(x, int) and not isinstance(x, bool) for x in d.roi):
             raise SpecError("detector.roi", f"must be 4 integers [xmin, xmax, ymin, ymax], got {d.roi!r}")
-        if d.roi[0] > d.roi[1] or d.roi[2] > d.roi[3]:
+        # a negative bound means "not given" (C: min -> 0, max -> the detector edge; see
+        # nbsim.checks.normalize_roi), so only two given bounds can be out of order
+        if (0 <= d.roi[1] < d.roi[0]) or (0 <= d.roi[3] < d.roi[2]):
             raise SpecError("detector.roi", f"needs xmin <= xmax and ymin <= ymax, got {list(d.roi)}")
     # beam
     _positive("beam.wavelength_A", b.wavelength_A, allow_none=False)
@@ -310,9 +313,10 @@ def validate(spec: ExperimentSpec) -> None:
                             f"degenerate cell: angles {list(cell[3:])} enclose no volume "
                             "(need each angle < sum of the other two and the sum < 360)")
     _vector("crystal.misset_deg", c.misset_deg, nonzero=False)
-    _int_ge("crystal.N", c.N, 0, allow_none=False)
+    # C clamps N <= 1 to 1 silently; a crystal of 0 cells is refused here instead
+    _int_ge("crystal.N", c.N, 1, allow_none=False)
     for k in ("Na", "Nb", "Nc"):
-        _int_ge(f"crystal.{k}", getattr(c, k), 0)
+        _int_ge(f"crystal.{k}", getattr(c, k), 1)
     for k in ("size_x_mm", "size_y_mm", "size_z_mm"):
         _nonneg(f"crystal.{k}", getattr(c, k))
     _choice("crystal.shape", c.shape, SHAPES)

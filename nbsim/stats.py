@@ -21,7 +21,8 @@ def image_stats(img32: np.ndarray, active: np.ndarray, model=None,
     if st["max_index"] is not None and model is not None:
         s, f = st["max_index"]
         os_ = model.oversample
-        sub = float(model.pixel_m) / os_
+        from nbsim.params import value
+        sub = value(model.pixel_m) / os_
         # C reports the last sub-pixel of the maximum's pixel
         at = [sub * (f * os_ + os_ - 1) + sub / 2.0, sub * (s * os_ + os_ - 1) + sub / 2.0]
     return dict(max_I=st["max_I"], max_I_at_m=at, mean=st["mean"], rms=st["rms"], rmsd=st["rmsd"],

@@ -48,7 +48,25 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["trace_lines", "interp_state_before", "fmt"]
+__all__ = ["trace_lines", "interp_state_before", "fmt", "PIXEL_NAMES_ALWAYS", "PIXEL_NAMES_CONDITIONAL"]
+
+#: pixel-level names (``TRACE_C: name ...``) that the full instrumented (-DTRACING) C build, and
+#: ``trace_lines``, print for every traced pixel inside the ROI and mask, whatever the case
+#: (``pipeline.trace_diff`` uses them to recognise a partly instrumented build)
+PIXEL_NAMES_ALWAYS = (
+    "pix0_vector_meters", "fdet_vec", "sdet_vec", "pixel_pos_meters", "R_distance_meters",
+    "omega_pixel_sr", "close_distance_meters", "obliquity_factor", "diffracted_vec", "incident_vec",
+    "lambda_meters", "lambda_angstroms", "scattering_vec_A_inv",
+    "I_before_scaling", "r_e_meters", "r_e_sqr", "fluence_photons_per_m2", "steps", "oversample_thick",
+    "oversample_polar", "oversample_omega", "capture_fraction", "polar", "omega_pixel", "cos_2theta",
+    "I_pixel_final", "floatimage_accumulated",
+)
+#: names printed only in some cases: not when source 0 is cut by dmin, F_latt_* only for the SQUARE
+#: shape, F_cell not when F_latt == 0 without background
+PIXEL_NAMES_CONDITIONAL = (
+    "rot_a_angstroms", "rot_b_angstroms", "rot_c_angstroms", "rot_a_star_A_inv", "rot_b_star_A_inv",
+    "rot_c_star_A_inv", "hkl_frac", "hkl_rounded", "F_latt_a", "F_latt_b", "F_latt_c", "F_latt", "F_cell",
+)
 
 
 def fmt(x) -> str:
@@ -84,10 +102,9 @@ def _dot(a, b) -> float:
 
 def _simulated_indices(model) -> torch.Tensor:
     """Flat indices of the simulated pixels in raster (C loop) order, as ``simulate_image``."""
-    npix = model.fpixels * model.spixels
-    if model.mask is not None:
-        return torch.nonzero(model.mask.reshape(-1), as_tuple=False).reshape(-1).to(model.device)
-    return torch.arange(npix, device=model.device)
+    from nbsim.engine import simulated_indices
+    idx = simulated_indices(model)
+    return torch.arange(model.fpixels * model.spixels, device=model.device) if idx is None else idx
 
 
 def interp_state_before(model, pixel, chunk_pixels: Optional[int] = None,
@@ -96,7 +113,7 @@ def interp_state_before(model, pixel, chunk_pixels: Optional[int] = None,
 
     Renders every simulated pixel before it (in chunks), exactly as ``simulate_image`` does.
     """
-    from nbsim.engine import default_chunk_pixels, render
+    from nbsim.engine import Chunks, default_chunk_pixels, render_reference_chunks
     state = torch.tensor(bool(model.interpolate), device=model.device)
     if not (model.table is not None and model.interpolate
             and not model.quirks.fixed("tricubic_global_off")):
@@ -105,17 +122,13 @@ def interp_state_before(model, pixel, chunk_pixels: Optional[int] = None,
     flat = s * model.fpixels + f
     idx_all = _simulated_indices(model)
     before = idx_all[idx_all < flat]
-    chunk = chunk_pixels or default_chunk_pixels(model, budget_bytes)
-    first = model.first_iteration
-    for start in range(0, before.shape[0], chunk):
-        idx = before[start:start + chunk]
-        first_local = None
-        if first is not None and start <= first[0] < start + chunk:
-            first_local = (first[0] - start,) + tuple(first[1:])
-        _, state = render(model, idx, state, first_local=first_local)
-        if not bool(state):
+    if before.shape[0] == 0:
+        return bool(state)
+    chunks = Chunks(model, chunk_pixels or default_chunk_pixels(model, budget_bytes), before)
+    for _ in render_reference_chunks(model, chunks):
+        if not bool(chunks.interp_on):
             break
-    return bool(state)
+    return bool(chunks.interp_on)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """The Hydra app behind ``python -m nbsim``: compose -> validate -> run or reuse -> print the folder.
 
+stdout carries only the result folder (``dir=$(python -m nbsim ...)`` works); everything else goes
+through Python's logging to stderr (``conf/hydra/job_logging/stderr.yaml``): what was reused or
+computed, warnings, and a progress bar for long runs (``nbsim.progress``). ``quiet=true`` leaves
+only errors; ``hydra.verbose=nbsim`` adds debug lines.
+
 Every configuration error ends as one line on stderr (``nbsim: error: <key>: <what is accepted>``)
 and exit status 2; set HYDRA_FULL_ERROR=1 to get the full traceback instead.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -17,6 +23,9 @@ from omegaconf import DictConfig
 
 from pipeline.compose import CONF_DIR, cfg_to_spec, format_error  # also registers schema + resolver
 from pipeline.store import run_or_reuse
+
+log = logging.getLogger("nbsim")
+_state: dict = {}
 
 
 def _shown(path: Path) -> str:
@@ -60,21 +69,31 @@ def task(cfg: DictConfig) -> str:
 def _task(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     spec, device = cfg_to_spec(cfg)
+    quiet = bool(cfg.get("quiet", False))
+    if quiet:
+        log.setLevel(logging.WARNING)
+        _state["quieted"] = True
+    elif _state.pop("quieted", False):              # an earlier in-process run was quiet
+        log.setLevel(logging.NOTSET)
+    if log.isEnabledFor(logging.DEBUG):             # hydra.verbose=nbsim
+        from nbsim.spec import spec_to_dict
+        log.debug(f"resolved experiment: {spec_to_dict(spec)}; device: {spec_to_dict(device)}")
     base_dir = HydraConfig.get().runtime.cwd        # where nbsim was started, even if Hydra chdir'ed
     folder, reused, run = run_or_reuse(
         spec, device, root=cfg.store.root, force=cfg.store.force, write_noise=cfg.store.write_noise,
-        write_pgm=cfg.store.write_pgm, preview=cfg.store.preview, base_dir=base_dir)
+        write_pgm=cfg.store.write_pgm, preview=cfg.store.preview, base_dir=base_dir, log=log.info,
+        progress=False if quiet else None)
     total = time.perf_counter() - t0
     if reused:
-        print(f"simulated earlier in {run.get('wall_time_s', float('nan')):.2f} s "
-              f"({run.get('device')}, {run.get('dtype')}); nothing computed, {total:.2f} s")
+        log.info(f"simulated earlier in {run.get('wall_time_s', float('nan')):.2f} s "
+                 f"({run.get('device')}, {run.get('dtype')}); nothing computed, {total:.2f} s")
     else:
         for w in run.get("warnings", []):
-            print(f"warning: {w}", file=sys.stderr)
-        print(f"computed {_shown(folder)} (config hash {run['hash']}): simulation "
-              f"{run['wall_time_s']:.2f} s on {device.device} ({device.dtype}, "
-              f"{run.get('info', {}).get('kernel') or 'unknown'} kernel), total {total:.2f} s")
-    print(_shown(folder))
+            log.warning(f"warning: {w}")
+        log.info(f"computed {_shown(folder)} (config hash {run['hash']}): simulation "
+                 f"{run['wall_time_s']:.2f} s on {device.device} ({device.dtype}, "
+                 f"{run.get('info', {}).get('kernel') or 'unknown'} kernel), total {total:.2f} s")
+    print(_shown(folder), flush=True)               # stdout: the result folder, nothing else
     return str(folder)
 
 

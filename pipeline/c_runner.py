@@ -42,7 +42,7 @@ executable file). Provide it, e.g.:
     export {ENV_VAR}=$PWD/nanoBragg
 
 (any build of bl831/nanoBragg, file header 8-10-25, reproduces the stored golden data) and rerun.
-Without it, '--golden ../shared/golden' compares against the stored golden outputs instead."""
+Without it, '--golden tests/golden' compares against the stored golden outputs instead."""
 
 
 class CRunError(RuntimeError):

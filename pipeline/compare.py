@@ -1,6 +1,6 @@
 """Image metrics for parity runs: nbsim ("test") against the nanoBragg C program ("reference").
 
-The per-image metrics and the default pass/fail bar are those of ``../shared/golden/parity.py`` (the
+The per-image metrics and the default pass/fail bar are those of ``tests/golden/parity.py`` (the
 project's reference parity script), re-implemented here so they also work on in-memory arrays:
 
 * Pearson r between the images (1 if both are constant and equal, 0 if constant and different);

@@ -24,18 +24,30 @@ from omegaconf import DictConfig, OmegaConf
 from nbsim.spec import (DTYPES, BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec, ExperimentSpec,
                         ImageSpec, SpecError, compile_mode, spec_from_dict)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-DATA_DIR = Path(__file__).resolve().parent.parent / "nbsim" / "data"
+
+
+def _conf_dir() -> Path:
+    """The Hydra app's config folder: ``nbsim/conf/`` in an installed wheel (pyproject.toml ships the
+    top-level ``conf/`` there), else ``conf/`` of the checkout this module lies in."""
+    import nbsim
+    packaged = Path(nbsim.__file__).resolve().parent / "conf"
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+DATA_DIR = Path(__import__("nbsim").__file__).resolve().parent / "data"
 PREVIEW_MODES = ("log", "percentile")
 
 
 @dataclass
 class StoreConfig:
-    root: str = "outputs"
-    force: bool = False
-    write_noise: bool = False
-    write_pgm: bool = False
-    preview: str = "log"
+    root: str = "outputs"          # folder of the entries <root>/<config hash>/; relative to the start folder
+    force: bool = False            # true: recompute even if the entry exists
+    write_noise: bool = False      # also write noise.img (Poisson SMV; added to a stored entry)
+    write_pgm: bool = False        # also write image.pgm (nanoBragg's 8-bit PGM; added to a stored entry)
+    preview: str = "log"           # preview.png scaling: log | percentile
 
 
 @dataclass
@@ -44,10 +56,11 @@ class NbsimConfig:
     beam: BeamSpec = field(default_factory=BeamSpec)
     crystal: CrystalSpec = field(default_factory=CrystalSpec)
     image: ImageSpec = field(default_factory=ImageSpec)
-    quirks: str = "faithful"
-    fix: List[str] = field(default_factory=list)
+    quirks: str = "faithful"       # faithful (bit-for-bit nanoBragg C) | physical (every quirk fixed)
+    fix: List[str] = field(default_factory=list)   # quirks to fix on top of the preset (README: Quirks)
     device: DeviceSpec = field(default_factory=DeviceSpec)
     store: StoreConfig = field(default_factory=StoreConfig)
+    quiet: bool = False            # true: stderr shows only errors (no progress bar, no summary line)
 
 
 def _nbsim_data(name: str) -> str:
@@ -59,6 +72,9 @@ def register() -> None:
     ConfigStore.instance().store(name="nbsim_schema", node=NbsimConfig)
     if not OmegaConf.has_resolver("nbsim_data"):
         OmegaConf.register_new_resolver("nbsim_data", _nbsim_data)
+    if not OmegaConf.has_resolver("nbsim_keys_help"):
+        from pipeline.keyhelp import _resolver
+        OmegaConf.register_new_resolver("nbsim_keys_help", _resolver)
 
 
 register()
@@ -80,6 +96,9 @@ def validate_device(dev: DeviceSpec) -> DeviceSpec:
     mb = dev.memory_budget_mb
     if mb is not None and not mb > 0:
         raise SpecError("device.memory_budget_mb", f"must be > 0 (or null: automatic), got {mb!r}")
+    t = dev.time_limit_s
+    if t is not None and not t > 0:
+        raise SpecError("device.time_limit_s", f"must be > 0 (or null: no limit), got {t!r}")
     compile_mode(dev.compile)
     return dev
 
@@ -160,6 +179,8 @@ def _field_type(full_key: str) -> Optional[str]:
                 return m.group(1) if (indexed and m) else t
     if full_key == "quirks":
         return "str"
+    if full_key == "quiet":
+        return "bool"
     if full_key == "fix" or full_key.startswith("fix["):
         return "List[str]" if full_key == "fix" else "str"
     return None
@@ -205,7 +226,8 @@ def format_error(exc: BaseException, fallback: bool = False) -> Optional[str]:
     from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
                                   ValidationError)
 
-    if isinstance(exc, SpecError):
+    from nbsim.io.inputs import InputFileError
+    if isinstance(exc, (SpecError, InputFileError)):
         return str(exc)
     if isinstance(exc, MissingConfigException):
         m = re.search(r"Could not find '([^']*)'", str(exc))

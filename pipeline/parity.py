@@ -1,7 +1,7 @@
 """Parity runs: nbsim against the nanoBragg C program, case by case, with a Markdown report.
 
 usage: python -m pipeline.parity --cases workflows/config/parity_cases.yaml
-           [--golden ../shared/golden] [--report outputs/parity/report.md] [--out outputs/parity]
+           [--golden tests/golden] [--report outputs/parity/report.md] [--out outputs/parity]
            [--only ID,ID] [--c-bin PATH] [--c-cache outputs/c_cache] [--force-c]
            [--device cpu] [--dtype float64] [--threshold KEY=VALUE ...] [--no-fail] [--no-report]
 
@@ -14,7 +14,7 @@ For every case (a nanoBragg argument list, or Hydra overrides of ``python -m nbs
   the input files' contents and the binary (``pipeline.c_runner``); with ``--golden DIR`` the stored
   golden outputs of the case with the same id (and the same arguments) stand in for C;
 * ``pipeline.compare`` computes Pearson r, p99.9 |Δ|/max, max |Δ|, the sum ratio and the offsets of the
-  25 brightest peaks, and applies the thresholds (defaults: ../shared/golden/parity.py);
+  25 brightest peaks, and applies the thresholds (defaults: tests/golden/parity.py);
 * ``<out>/<id>/result.json`` and ``<out>/<id>/compare.png`` (C | nbsim | difference) are written, and
   ``report.md`` with the verdict table.
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cases", default=str(DEFAULT_CASES.relative_to(Path.cwd()) if
                                           DEFAULT_CASES.is_relative_to(Path.cwd()) else DEFAULT_CASES),
                     help="cases YAML (default %(default)s)")
-    ap.add_argument("--golden", help="golden data folder (e.g. ../shared/golden): its stored C outputs "
+    ap.add_argument("--golden", help="golden data folder (e.g. tests/golden): its stored C outputs "
                     "stand in for the C program")
     ap.add_argument("--out", default="outputs/parity", help="per-case results and PNGs (default %(default)s)")
     ap.add_argument("--report", help="Markdown report path (default OUT/report.md)")

@@ -78,7 +78,7 @@ def write_parity_report(results: Sequence[dict], path, meta: Optional[dict] = No
             v = ", ".join(f"{kk}={vv}" for kk, vv in v.items())
         lines.append(f"- {k}: {v}")
     lines += ["", "## Verdicts", "", _md_table(COLUMNS, [row(r) for r in results]), ""]
-    lines += ["Criteria (defaults of `../shared/golden/parity.py`): Pearson r ≥ min_r, 99.9th percentile of "
+    lines += ["Criteria (defaults of `tests/golden/parity.py`): Pearson r ≥ min_r, 99.9th percentile of "
               "|nbsim − C| / max(C) ≤ max_p999_rel, |sum ratio − 1| ≤ max_sum_dev; plus: none of the 25 "
               "brightest C peaks moves (intensity-weighted centroid of its 7×7 window) by more than max_peak_offset_px.", ""]
     lines += ["## Cases", ""]

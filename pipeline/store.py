@@ -11,18 +11,30 @@ A complete entry holds::
     log.txt       the engine's nanoBragg-style setup lines
     run.json      hash, versions, device, wall time, image statistics, scales   (written last)
 
+``run.json`` also records the size and sha256 of every other file (``files_sha256``) and a checksum
+of itself (``run_json_sha256``); an entry is verified (``verify_entry``) before it is reused, and a
+damaged one is reported in one line and recomputed.
+
+Asking a stored entry for more products (``write_noise``, ``write_pgm``, another ``preview`` mode)
+adds them to it from its ``float.bin`` (``add_products``): nothing is recomputed and no file is
+dropped. ``preview.png`` is rendered in the mode of the first run; another mode asked later is added
+as ``preview_<mode>.png`` (``run.json`` ``previews``: mode -> file).
+
 The entry is built in a hidden sibling folder (``nbsim.io.atomic.atomic_dir``) and appears under its
 final name only by a rename, so ``<root>/<hash>/run.json`` exists exactly when the entry is complete.
 (A process killed with SIGKILL may leave a hidden ``.<hash>.*.tmp`` folder behind; it is never read.)
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 from omegaconf import OmegaConf
 
@@ -79,54 +91,270 @@ def _versions() -> dict:
             "python_version": platform.python_version()}
 
 
+MANIFEST_KEY = "files_sha256"      # run.json: {file name: {"bytes": n, "sha256": hex}} of every other file
+CHECKSUM_KEY = "run_json_sha256"   # run.json: sha256 of its own canonical text without this key
+
+
+def _doc_checksum(doc: dict) -> str:
+    body = {k: v for k, v in doc.items() if k != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, default=_jsonable, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(folder: Path, names) -> dict:
+    """``{name: {"bytes": size, "sha256": hex}}`` of the files ``names`` in ``folder``."""
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": _file_sha256(folder / n)} for n in sorted(names)}
+
+
+def verify_entry(folder: Path, h: str, want=()) -> Tuple[Optional[dict], str]:
+    """Check a stored entry before it is reused: ``(run_json, "")`` when it is complete and intact,
+    else ``(None, reason)`` (one line). ``run.json`` must parse, carry this hash and its own checksum;
+    every file of its manifest must have the recorded size and sha256; ``want`` files must exist."""
+    rj = folder / "run.json"
+    try:
+        doc = json.loads(rj.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"run.json is unreadable ({type(e).__name__})"
+    if not isinstance(doc, dict):
+        return None, "run.json is not a JSON object"
+    if doc.get("hash") != h:
+        return None, f"run.json names hash {doc.get('hash')!r}, not {h}"
+    files = doc.get(MANIFEST_KEY)
+    if not isinstance(files, dict) or CHECKSUM_KEY not in doc:
+        return None, "run.json has no checksums (written by an older nbsim)"
+    if doc[CHECKSUM_KEY] != _doc_checksum(doc):
+        return None, "run.json was edited (its checksum does not match)"
+    missing = [n for n in want if n != "run.json" and n not in files]
+    if missing:
+        return None, f"it lacks {', '.join(missing)}"
+    for name, rec in files.items():
+        p = folder / name
+        try:
+            size = p.stat().st_size if p.is_file() else None
+        except OSError:
+            size = None
+        if size is None:
+            return None, f"{name} is missing"
+        if not isinstance(rec, dict) or size != rec.get("bytes"):
+            recorded = rec.get("bytes") if isinstance(rec, dict) else "?"
+            return None, f"{name} has {size} bytes, run.json recorded {recorded} bytes"
+        try:
+            digest = _file_sha256(p)
+        except OSError as e:
+            return None, f"{name} is unreadable ({e.strerror or e})"
+        if digest != rec.get("sha256"):
+            return None, f"{name} does not match its checksum (edited or corrupted)"
+    return doc, ""
+
+
+def preview_name(doc: dict, mode: str) -> str:
+    """The file of an entry holding its preview in ``mode``: ``preview.png`` for the mode of the run
+    that computed it (``log`` for entries that do not say), ``preview_<mode>.png`` for one added later."""
+    previews = doc.get("previews") or {"log": "preview.png"}
+    return previews.get(mode, f"preview_{mode}.png")
+
+
+def missing_products(doc: dict, want, preview: str) -> list:
+    """Files of ``want`` (and the preview in mode ``preview``) that the intact entry ``doc`` lacks."""
+    files = doc.get(MANIFEST_KEY) or {}
+    names = [n for n in want if n not in ("run.json", "preview.png")]
+    names.append(preview_name(doc, preview))
+    return [n for n in names if n not in files]
+
+
+def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, preview: str) -> dict:
+    """Add the products ``names`` (``noise.img``, ``image.pgm``, ``preview*.png``) to the intact entry
+    ``folder`` from its ``float.bin``, without simulating; return the updated ``run.json``.
+
+    The files are bit-identical to those a fresh run writes: the writers take the same float32 image,
+    ROI (``info.roi``), statistics and header values (``run.json`` ``info``). Each file is written
+    atomically, then ``run.json`` (manifest, ``files``, checksum) is replaced atomically; the caller
+    holds the entry lock."""
+    import numpy as np
+    import torch
+
+    from nbsim.api import SimResult
+    from nbsim.io import products
+    from nbsim.io.atomic import atomic_write_bytes
+
+    info = dict(doc.get("info") or {})
+    s, f = int(info["spixels"]), int(info["fpixels"])
+    img = np.fromfile(folder / "float.bin", dtype=np.float32).reshape(s, f)
+    roi_mask = np.zeros((s, f), dtype=bool)
+    xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
+    roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+    result = SimResult(image=torch.from_numpy(img), info=info, mask=roi_mask, roi_mask=roi_mask)
+    prod, new = {}, [n for n in names if n in ("noise.img", "image.pgm")]
+    if new:
+        with np.errstate(all="ignore"):
+            prod = products.write_result(
+                result, spec.image, noise_path=str(folder / "noise.img") if "noise.img" in new else None,
+                pgm_path=str(folder / "image.pgm") if "image.pgm" in new else None) or {}
+    doc = dict(doc)
+    previews = dict(doc.get("previews") or {"log": "preview.png"})
+    for n in names:
+        if n.startswith("preview"):
+            preview_png(img, folder / n, preview)
+            previews[preview] = n
+    doc["previews"] = previews
+    if "noise.img" in new:
+        doc.update({k: prod.get(k) for k in ("photons", "overloads", "noise_seed")})
+    added = [line for line in prod.get("lines") or []
+             if line.startswith("pgm_scale") or "photons on noise image" in line]
+    if added:
+        log_text = (folder / "log.txt").read_text() + "".join(f"{line}\n" for line in added)
+        atomic_write_bytes(folder / "log.txt", log_text.encode())
+    doc["files"] = sorted(set(doc.get("files") or []) | set(names))
+    doc[MANIFEST_KEY] = {**doc[MANIFEST_KEY], **manifest(folder, names + (["log.txt"] if added else []))}
+    doc = json.loads(json.dumps(doc, default=_jsonable, allow_nan=True))
+    doc[CHECKSUM_KEY] = _doc_checksum(doc)
+    atomic_write_bytes(folder / "run.json", (json.dumps(doc, indent=2, allow_nan=True) + "\n").encode())
+    return doc
+
+
+def _prepare_root(root_abs: Path, shown: Path) -> bool:
+    """Create the store root if needed; ``SpecError('store.root', ...)`` naming the path the user gave
+    when it cannot be used. Returns whether it was created (to remove it again if the run fails)."""
+    created = False
+    if not root_abs.exists():
+        try:
+            root_abs.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise SpecError("store.root", f"cannot create {shown}: {e.strerror or e}") from None
+    if not root_abs.is_dir():
+        raise SpecError("store.root", f"{shown} is not a directory")
+    if not os.access(root_abs, os.W_OK | os.X_OK):
+        raise SpecError("store.root", f"{shown} is not writable")
+    return created
+
+
+@contextlib.contextmanager
+def entry_lock(root_abs: Path, h: str):
+    """Exclusive lock of one entry among processes (``flock`` on ``<root>/.<hash>.lock``): concurrent
+    runs of one configuration compute it once, the others wait and then reuse it. The lock file is
+    removed by its holder; a waiter that wakes up on a removed file takes the lock again."""
+    import fcntl
+    path = root_abs / f".{h}.lock"
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)                         # closing releases the lock
+
+
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
-                 log: Callable[[str], None] = print) -> Tuple[Path, bool, dict]:
+                 log: Callable[[str], None] = print,
+                 progress: Optional[bool] = None) -> Tuple[Path, bool, dict]:
     """Return ``(folder, reused, run_json)`` for ``spec`` simulated on ``device``.
 
-    If ``<root>/<hash>/run.json`` exists (and holds the requested files) nothing is simulated;
-    ``force=True`` recomputes and replaces the entry. Relative input paths in ``spec`` and a relative
-    ``root`` are taken from ``base_dir``.
+    The spec is checked first (``nbsim.checks.preflight``: input files, geometry, size), and the
+    device must exist, whether or not the result is stored. If ``<root>/<hash>/`` holds a complete
+    entry that passes ``verify_entry`` nothing is simulated; a damaged entry is reported in one line
+    and recomputed; ``force=True`` recomputes and replaces the entry. Relative input paths in
+    ``spec`` and a relative ``root`` are taken from ``base_dir``. ``progress``: a progress bar on
+    stderr while simulating (True/False; None: on a terminal, or when the run is estimated to take
+    more than a few seconds, see ``nbsim.progress``).
     """
+    from nbsim.checks import preflight
     base_dir = Path(base_dir)
     root = Path(root)
     root_abs = root if root.is_absolute() else base_dir / root
+    check_device(device)
+    est = preflight(spec, device, base_dir)
     h = config_hash(spec, device, base_dir)
     final, shown = root_abs / h, root / h
     want = wanted_files(spec, write_noise, write_pgm)
 
     if (final / "run.json").is_file() and not force:
-        missing = [n for n in want if not (final / n).is_file()]
-        if not missing:
+        doc, why = verify_entry(final, h)
+        if doc is not None and not missing_products(doc, want, preview):
             log(f"reusing stored result {shown} (config hash {h})")
-            return final, True, json.loads((final / "run.json").read_text())
-        log(f"stored result {shown} lacks {', '.join(missing)}: recomputing")
+            return final, True, doc
+        if doc is None:
+            log(f"stored result {shown}: {why}; recomputing")
 
-    check_device(device)
+    created = _prepare_root(root_abs, root)
     try:
-        run = _compute(final, spec, device, want, preview, base_dir)
-    except OSError:
-        if force or not (final / "run.json").is_file():
-            raise
-        # another process published the same hash while we computed: its entry is as good as ours
-        run = json.loads((final / "run.json").read_text())
+        with entry_lock(root_abs, h):
+            if not force and (final / "run.json").is_file():
+                doc = verify_entry(final, h)[0]
+                if doc is not None:              # intact (maybe computed by another process meanwhile)
+                    extra = missing_products(doc, want, preview)
+                    if extra:
+                        doc = add_products(final, doc, spec, extra, preview)
+                        log(f"added {', '.join(extra)} to stored result {shown} (config hash {h}); "
+                            "nothing simulated")
+                    else:
+                        log(f"reusing stored result {shown} (config hash {h}), computed meanwhile")
+                    return final, True, doc
+            if est.seconds > 60 and progress is not False:
+                import sys
+                print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)",
+                      file=sys.stderr)
+            run = _compute(final, spec, device, want, preview, base_dir, est, progress)
+    except OSError as e:
+        _remove_if_empty(root_abs, created)
+        raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
+    except BaseException:
+        _remove_if_empty(root_abs, created)
+        raise
     return final, False, run
 
 
+def _remove_if_empty(root_abs: Path, created: bool) -> None:
+    if created:
+        try:
+            root_abs.rmdir()
+        except OSError:
+            pass
+
+
 def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, preview: str,
-             base_dir: Path) -> dict:
+             base_dir: Path, est=None, progress: Optional[bool] = None) -> dict:
     """Simulate, write every file of the entry into a temp folder, rename it to ``final``."""
+    import numpy as np
+
     from nbsim import api                        # looked up at call time (tests monkeypatch it)
+    from nbsim.checks import check_image
     from nbsim.io import products
 
     h = final.name
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
-        result = api.simulate(spec, device, base_dir=str(base_dir))
+        from nbsim.progress import progress_bar
+        spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
+        with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
+            # an overflow is reported once, by check_image
+            result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar)
         wall = time.perf_counter() - t0
         img = result.float32()
+        check_image(img, spec)
         info = dict(result.info)
         prod = products.write_result(
             result, spec.image, float_path=str(tmp / "float.bin"), int_path=str(tmp / "int.img"),
@@ -147,9 +375,145 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             "stats": {k: prod.get(k, info.get(k)) for k in STAT_KEYS if k in prod or k in info},
             **{k: prod.get(k) for k in PRODUCT_KEYS},
             "files": sorted(want),
+            "previews": {preview: "preview.png"},
             "inputs_sha256": input_digests(spec, base_dir),
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,
         }
+        run[MANIFEST_KEY] = manifest(tmp, [p.name for p in tmp.iterdir() if p.name != "run.json"])
+        run = json.loads(json.dumps(run, default=_jsonable, allow_nan=True))   # as it will be read back
+        run[CHECKSUM_KEY] = _doc_checksum(run)
         _write_json(tmp / "run.json", run)
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m pipeline.store list | show HASH | verify | gc
+# ---------------------------------------------------------------------------------------------
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def entry_overrides(folder: Path) -> str:
+    """The keys of an entry's ``config.yaml`` that differ from the schema defaults, ``key=value ...``."""
+    from nbsim.spec import ExperimentSpec
+    try:
+        doc = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+    except Exception as e:                       # noqa: BLE001 - a damaged entry is listed, not fatal
+        return f"(config.yaml unreadable: {type(e).__name__})"
+    default = _flat({**spec_to_dict(ExperimentSpec()), "device": spec_to_dict(DeviceSpec())})
+    got = _flat(doc if isinstance(doc, dict) else {})
+    return " ".join(f"{k}={v}" for k, v in got.items() if default.get(k, object()) != v) or "(defaults)"
+
+
+def entries(root: Path):
+    """Entry folders (named by a hash) under ``root``, sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
+
+
+def show_lines(folder: Path) -> list:
+    """What ``python -m pipeline.store show HASH`` prints about one entry: its state, key overrides,
+    run facts, image statistics and files (size, and whether each matches its checksum)."""
+    doc, why = verify_entry(folder, folder.name)
+    lines = [f"entry         {folder}", f"state         {'ok' if doc else 'DAMAGED: ' + why}",
+             f"overrides     {entry_overrides(folder)}"]
+    if doc is None:
+        try:
+            doc = json.loads((folder / "run.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+    for key in ("created_utc", "device", "dtype", "wall_time_s", "nbsim_version", "torch_version"):
+        if key in doc:
+            lines.append(f"{key:<13} {doc[key]}")
+    if isinstance(doc.get("info"), dict) and doc["info"].get("kernel"):
+        lines.append(f"kernel        {doc['info']['kernel']}")
+    stats = doc.get("stats") if isinstance(doc.get("stats"), dict) else {}
+    if stats:
+        lines.append("stats         " + "  ".join(f"{k}={v:.6g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                            for k, v in stats.items()))
+    for w in doc.get("warnings") or []:
+        lines.append(f"warning       {w}")
+    files = doc.get(MANIFEST_KEY) if isinstance(doc.get(MANIFEST_KEY), dict) else {}
+    for name in sorted(set(files) | {p.name for p in folder.iterdir() if p.is_file()}):
+        p = folder / name
+        size = p.stat().st_size if p.is_file() else None
+        rec = files.get(name)
+        if name == "run.json":
+            note = ""
+        elif rec is None:
+            note = "  (not recorded in run.json)"
+        elif size is None:
+            note = "  MISSING"
+        else:
+            note = "" if size == rec.get("bytes") and _file_sha256(p) == rec.get("sha256") else "  CHANGED"
+        lines.append(f"file          {name:<24} {'-' if size is None else size:>12} bytes{note}")
+    return lines
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.store list|show HASH|verify|gc [--root outputs]``: a table of the entries
+    with their key overrides, the details of one entry, a check of every entry (exit 1 if any is
+    damaged), removal of damaged entries and of temporary folders left by killed runs (older than
+    ``--min-age-h`` hours)."""
+    import argparse
+    import shutil
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m pipeline.store")
+    ap.add_argument("command", choices=("list", "show", "verify", "gc"))
+    ap.add_argument("hash", nargs="?", help="show: the entry (its hash, a unique prefix, or its folder)")
+    ap.add_argument("--root", default="outputs")
+    ap.add_argument("--min-age-h", type=float, default=1.0, help="gc: age of temporary folders to remove")
+    a = ap.parse_args(argv)
+    if (a.hash is not None) != (a.command == "show"):
+        print(f"pipeline.store: error: {'show needs a HASH' if a.command == 'show' else a.command + ' takes no HASH'}",
+              file=sys.stderr)
+        return 2
+    if a.command == "show" and Path(a.hash).is_dir() and (Path(a.hash) / "run.json").exists():
+        a.root, a.hash = str(Path(a.hash).parent), Path(a.hash).name
+    root = Path(a.root)
+    if not root.is_dir():
+        print(f"pipeline.store: error: --root: {root} is not a directory", file=sys.stderr)
+        return 2
+    if a.command == "show":
+        found = [e for e in entries(root) if e.name.startswith(a.hash)]
+        if len(found) != 1:
+            what = "no entry" if not found else f"{len(found)} entries ({', '.join(e.name for e in found)})"
+            print(f"pipeline.store: error: HASH: {what} under {root} starts with {a.hash!r}", file=sys.stderr)
+            return 2
+        print("\n".join(show_lines(found[0])))
+        return 0 if verify_entry(found[0], found[0].name)[0] else 1
+    bad = 0
+    for e in entries(root):
+        doc, why = verify_entry(e, e.name)
+        if a.command == "list":
+            state = "ok" if doc else f"DAMAGED ({why})"
+            when = (doc or {}).get("created_utc", "?")
+            print(f"{e.name}  {when}  {state}  {entry_overrides(e)}")
+        elif a.command == "verify":
+            print(f"{e.name}  {'ok' if doc else 'DAMAGED: ' + why}")
+            bad += doc is None
+        elif doc is None:
+            shutil.rmtree(e, ignore_errors=True)
+            print(f"removed {e} ({why})")
+    if a.command == "gc":
+        now = time.time()
+        for p in root.iterdir():
+            if p.name.startswith(".") and p.name.endswith((".tmp", ".old")) and p.is_dir() \
+                    and now - p.stat().st_mtime > a.min_age_h * 3600:
+                shutil.rmtree(p, ignore_errors=True)
+                print(f"removed {p} (left by an interrupted run)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

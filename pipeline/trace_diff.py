@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["TraceLine", "parse_trace", "diff_traces", "format_table", "first_difference",
-           "pixel_block", "main"]
+           "pixel_block", "untraced_names", "mark_untraced", "main"]
 
 _PREFIXES = ("TRACE_C", "TRACE_PY")
 _NUM_RE = re.compile(r"^[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)$", re.I)
@@ -214,6 +214,51 @@ def diff_traces(a_lines, b_lines, rtol: float = 1e-9, atol: float = 1e-12) -> Li
     return rows
 
 
+def _pixel_names(lines) -> List[str]:
+    """Names of the pixel-level lines (``TRACE_C: name ...``) of a trace, in order of appearance."""
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    names: List[str] = []
+    for ln in lines:
+        st = ln.strip()
+        if any(st.startswith(p + ": ") for p in _PREFIXES):
+            t = parse_line(st)
+            if t is not None and t.name not in names:
+                names.append(t.name)
+    return names
+
+
+def untraced_names(lines, reference=()) -> List[str]:
+    """Pixel-level names that a full instrumented build prints for this pixel but ``lines`` never
+    prints: those every traced pixel gets (``nbsim.trace.PIXEL_NAMES_ALWAYS``) and those of the
+    ``reference`` trace of the same pixel (nbsim's) that the full build knows
+    (``PIXEL_NAMES_CONDITIONAL``). Empty when ``lines`` has no pixel-level line at all (the pixel
+    was not traced: outside the detector, ROI or mask). A non-empty answer means a partly
+    instrumented build."""
+    from nbsim.trace import PIXEL_NAMES_ALWAYS, PIXEL_NAMES_CONDITIONAL
+    have = set(_pixel_names(lines))
+    if not have:
+        return []
+    known = set(PIXEL_NAMES_CONDITIONAL)
+    wanted = list(PIXEL_NAMES_ALWAYS) + [n for n in _pixel_names(reference) if n in known]
+    return [n for n in dict.fromkeys(wanted) if n not in have]
+
+
+def mark_untraced(rows, side: str, names) -> None:
+    """Rows of ``names`` missing on ``side`` ("A" or "B") because that build does not print them:
+    status ``not traced by A/B``, not counted as differences; ``first`` is recomputed."""
+    names = set(names)
+    for r in rows:
+        if r["name"] in names and r["status"] == f"only in {'B' if side == 'A' else 'A'}":
+            r.update(ok=True, status=f"not traced by {side}", max_rel=None)
+    for r in rows:
+        r["first"] = False
+    for r in rows:
+        if not r["ok"]:
+            r["first"] = True
+            break
+
+
 def first_difference(rows) -> Optional[dict]:
     for r in rows:
         if r["first"]:
@@ -374,13 +419,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not parse_trace(lines):
             print(f"trace_diff: no trace lines in {label}", file=sys.stderr)
             return 2
+    # a partly instrumented build lacks whole names: say so, and do not report them as differences
+    partial = [(side, label, untraced_names(own, other)) for side, label, own, other in
+               (("A", labels[0], a_lines, b_lines), ("B", labels[1], b_lines, a_lines))]
+    partial = [(side, label, names) for side, label, names in partial if names]
     if opts.scope == "pixel":
         a_lines, b_lines = pixel_block(a_lines), pixel_block(b_lines)
         if not a_lines and not b_lines:
             print("neither trace has pixel-level lines (pixel outside the detector, ROI or mask?)")
             return 0
     rows = diff_traces(a_lines, b_lines, opts.rtol, opts.atol)
+    for side, label, names in partial:
+        mark_untraced(rows, side, names)
     print(f"A = {labels[0]}\nB = {labels[1]}\nrtol = {opts.rtol:g}, atol = {opts.atol:g}\n")
+    for side, label, names in partial:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        print(f"trace_diff: {side} ({label}) is a partly instrumented build: it never prints {len(names)} "
+              f"trace lines the full -DTRACING build prints ({shown}); those rows are marked "
+              f"'not traced by {side}', not differences")
     print(format_table(rows, only_diff=opts.only_diff))
     bad = [r for r in rows if not r["ok"]]
     first = first_difference(rows)

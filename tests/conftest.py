@@ -10,6 +10,10 @@ import golden_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# compiled kernels are compiled in the test process (torch.compile), not taken from or built into
+# the user's ahead-of-time kernel cache; tests/test_kernel_cache.py points it at a folder of its own
+os.environ.setdefault("NBSIM_KERNEL_CACHE", "off")
+
 
 def golden_dir() -> Path:
     """tests/golden (the committed copy; see golden_data.py, the one loader of the golden set)."""

@@ -46,6 +46,8 @@ def not_applicable(m: engine.Model, strategy: str) -> Optional[str]:
         return None
     reasons = [w for cond, w in (
         (engine.layout_kind(m) != "outer", "factors per contribution (quirks fixed)"),
+        (m.dtype == torch.float64 and engine._phi_domains(m) >= engine._BLAS_MIN_FM,
+         "float64 with many phi steps x mosaic domains (the eager kernel is faster there)"),
         (m.dmin_m != 0, "-dmin cutoff"),
         (m.shape != "square", f"{m.shape} crystal shape"),
         (m.curved, "curved detector"),

@@ -88,3 +88,14 @@ def test_gradient_flows_to_geometry():
     out = simulate_image(m).sum()
     (g,) = torch.autograd.grad(out, dist)
     assert torch.isfinite(g) and g != 0
+
+
+def test_negative_roi_bounds_mean_not_given_in_the_api():
+    """C's rule also through nbsim.simulate (not only the entry points): a negative bound is the
+    detector's edge, never a wrapped numpy index."""
+    neg = small()
+    neg.detector.roi = [-1, -1, 3, -5]
+    pos = small()
+    pos.detector.roi = [0, 47, 3, 39]
+    a, b = simulate(neg).image, simulate(pos).image
+    assert torch.equal(a, b) and (a[3:] != 0).any() and (a[:3] == 0).all()

@@ -514,7 +514,7 @@ def test_bad_smv(tmp_path):
     (tmp_path / "x.img").write_bytes(b"not an image" * 50)
     with pytest.raises(FrontendError, match="^-img: .*SMV"):
         parse_argv(BASE + ["-img", "x.img"], cwd=str(tmp_path))
-    with pytest.raises(FrontendError, match="^-mask: cannot read"):
+    with pytest.raises(FrontendError, match="^-mask: nope.img: no such file"):
         parse_argv(BASE + ["-mask", "nope.img"], cwd=str(tmp_path))
 
 

@@ -227,7 +227,7 @@ def test_cli_end_to_end_default_run_then_reuse(tmp_path):
     last = r.stdout.strip().splitlines()[-1]
     folder = tmp_path / last
     assert last.startswith("outputs/") and (folder / "run.json").is_file()
-    assert "computed" in r.stdout
+    assert r.stdout == last + "\n" and "computed" in r.stderr      # stdout: the folder, nothing else
     run = json.loads((folder / "run.json").read_text())
     img = np.fromfile(folder / "float.bin", dtype=np.float32)
     assert img.size == 256 * 256 and np.isfinite(img).all()
@@ -235,8 +235,8 @@ def test_cli_end_to_end_default_run_then_reuse(tmp_path):
     assert {"float.bin", "int.img", "preview.png", "config.yaml", "run.json"} <= {
         p.name for p in folder.iterdir()}
     r2 = nbsim_cli(cwd=tmp_path)
-    assert r2.returncode == 0 and f"reusing stored result {last}" in r2.stdout
-    assert r2.stdout.strip().splitlines()[-1] == last
+    assert r2.returncode == 0 and f"reusing stored result {last}" in r2.stderr
+    assert r2.stdout == last + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [folder.name]
 
@@ -275,4 +275,5 @@ def test_cli_killed_mid_run_stores_nothing(tmp_path, sig):
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0
     assert "Traceback" not in err, err
-    assert list(out.iterdir()) == []                          # neither a final nor a temp folder
+    # neither a final nor a temp folder, and the store root this run created is removed again
+    assert not out.exists()

@@ -346,3 +346,66 @@ def test_float32_model_traces():
     key = ("pixel_pos_meters", "omega_pixel_sr", "hkl_rounded", "F_latt", "F_cell", "polar",
            "I_before_scaling", "I_pixel_final", "floatimage_accumulated")
     _assert_rows_ok([r for r in rows if r["name"] in key])
+
+
+# ---------------------------------------------------------------------------------------------
+# a partly instrumented C build (some TRACE lines missing) is recognised, not reported as differences
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cid", TRACE_CASES)
+def test_trace_name_table_matches_nbsim_and_c(cid):
+    from nbsim.trace import PIXEL_NAMES_ALWAYS, PIXEL_NAMES_CONDITIONAL
+    from pipeline.trace_diff import _pixel_names
+    _, _, lines, ref, _ = _model_and_trace(cid)
+    known = set(PIXEL_NAMES_ALWAYS) | set(PIXEL_NAMES_CONDITIONAL)
+    for names in (_pixel_names(lines), _pixel_names(ref)):
+        assert set(PIXEL_NAMES_ALWAYS) <= set(names) <= known
+    assert set(_pixel_names(lines)) == set(_pixel_names(ref))
+
+
+def _drop(lines, names):
+    return [ln for ln in lines if not any(ln.strip().startswith(f"TRACE_C: {n} ") for n in names)]
+
+
+def test_partly_instrumented_build_is_named_in_one_line(tmp_path, capsys):
+    from pipeline.trace_diff import untraced_names
+    g, c = _case("G01_cubic")
+    _, _, lines, ref, _ = _model_and_trace("G01_cubic")
+    gone = ["omega_pixel_sr", "F_latt_a", "F_latt_b", "F_latt_c", "capture_fraction"]
+    partial = _drop(ref, gone)
+    assert untraced_names(ref, lines) == [] and untraced_names(lines, ref) == []
+    assert sorted(untraced_names(partial, lines)) == sorted(gone)
+    assert untraced_names(pixel_block(partial)[:0], lines) == []          # no pixel lines: not traced
+    a, b = tmp_path / "c_partial.txt", tmp_path / "nbsim.txt"
+    a.write_text("\n".join(partial) + "\n")
+    b.write_text("\n".join(lines) + "\n")
+    assert main([str(a), str(b)]) == 0                                    # no false difference
+    out = capsys.readouterr().out
+    notes = [ln for ln in out.splitlines() if "partly instrumented" in ln]
+    assert len(notes) == 1 and notes[0].startswith(f"trace_diff: A ({a}) is a partly instrumented build: "
+                                                   "it never prints 5 trace lines")
+    assert "not traced by A" in out and "all " in out
+    # a real difference next to the missing lines is still found
+    b.write_text("\n".join(lines).replace("TRACE_C: polar 0.990370773019261",
+                                          "TRACE_C: polar 0.990371773019261") + "\n")
+    assert main([str(a), str(b)]) == 1
+    assert "first: polar" in capsys.readouterr().out
+    # the full build: no such line
+    a.write_text("\n".join(ref) + "\n")
+    b.write_text("\n".join(lines) + "\n")
+    assert main([str(a), str(b)]) == 0
+    assert "partly instrumented" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="shell script stands in for the C binary")
+def test_cli_case_partly_instrumented_binary(tmp_path, capsys, monkeypatch):
+    g, c = _case("G01_cubic")
+    partial = _drop((g / c["trace"]).read_text().splitlines(), ["hkl_frac", "hkl_rounded"])
+    (tmp_path / "partial.txt").write_text("\n".join(partial) + "\n")
+    monkeypatch.setenv("NB_C_BIN", _script(tmp_path / "nanoBragg_partial", f"cat '{tmp_path / 'partial.txt'}'\n"))
+    tp = c["trace_pixel"]
+    args = " ".join(c["args"]) + f" -trace_pixel {tp['slow']} {tp['fast']}"
+    assert main(["--case", args, "--scope", "pixel", "--cwd", str(_inputs(g))]) == 0
+    out = capsys.readouterr().out
+    assert "trace_diff: A (C) is a partly instrumented build: it never prints 2 trace lines the full " \
+           "-DTRACING build prints (hkl_frac, hkl_rounded)" in out

@@ -110,7 +110,7 @@ def test_config_errors_name_the_key():
         sweep.validate_config({"name": "a b", "grid": {"crystal.N": [3]}})
     with pytest.raises(sweep.SweepError, match="'grdi' was unexpected"):
         sweep.validate_config({"grdi": {"crystal.N": [3]}})
-    with pytest.raises(sweep.SweepError, match=r"sweep point 1 \(N=-2\): crystal.N: must be an integer >= 0"):
+    with pytest.raises(sweep.SweepError, match=r"sweep point 1 \(N=-2\): crystal.N: must be an integer >= 1"):
         sweep.expand(sweep.validate_config({"grid": {"crystal.N": [3, -2]}}))
     with pytest.raises(sweep.SweepError, match="crystal.NN"):
         sweep.expand(sweep.validate_config({"grid": {"crystal.NN": [3]}}))

@@ -349,7 +349,7 @@ FLAGS: Tuple[Flag, ...] = (
 # nbsim options: --name VALUE or --name=VALUE
 _DOUBLE = {
     "--device": "device", "--dtype": "dtype", "--quirks": "quirks", "--fix": "fix",
-    "--memory-budget-mb": "memory_budget_mb", "--compile": "compile",
+    "--memory-budget-mb": "memory_budget_mb", "--time-limit-s": "time_limit_s", "--compile": "compile",
     "--no-compile": "no_compile", "--help": "help",
 }
 _HELP_WORDS = ("-h", "-help", "--help")
@@ -434,20 +434,39 @@ class Parsed:
 # SMV header pre-read (-img / -mask), following upstream GetFrame()/ValueOf()
 # ---------------------------------------------------------------------------------------------
 
-def _read_smv_header(flag: str, path: str) -> str:
+def _read_smv_header(flag: str, path: str, shown: Optional[str] = None) -> str:
+    """The text header of an SMV file (up to HEADER_BYTES); ``FrontendError`` naming ``flag`` for a
+    file that is missing, not a regular file (FIFO, device), not SMV, or whose HEADER_BYTES is not a
+    byte count inside the file."""
+    from nbsim.io.inputs import MAX_IMAGE_BYTES, InputFileError, check_regular
+    shown = path if shown is None else shown
     try:
+        size = check_regular(path, MAX_IMAGE_BYTES)
         with open(path, "rb") as fh:
             head = fh.read(512)
             if not head.startswith(b"{\nHEADER_BYT"):
-                raise FrontendError(f"{flag}: {path} does not look like an SMV (ADSC) image")
+                raise FrontendError(f"{flag}: {shown} does not look like an SMV (ADSC) image")
             text = head.decode("latin-1")
             nbytes = _smv_value(text, "HEADER_BYTES")
+            if nbytes is not None and not (math.isfinite(nbytes) and 0 < nbytes <= size):
+                raise FrontendError(f"{flag}: {shown}: header value HEADER_BYTES={nbytes:g} is not a "
+                                    f"byte count within the file ({size} bytes)")
             if nbytes is not None and int(nbytes) > 512:
                 fh.seek(0)
                 text = fh.read(int(nbytes)).decode("latin-1")
+    except InputFileError as e:
+        raise FrontendError(f"{flag}: {str(e).replace(path, shown, 1)}") from None
     except OSError as e:
-        raise FrontendError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
+        raise FrontendError(f"{flag}: cannot read {shown}: {e.strerror or e}") from None
     return text.split("\0", 1)[0]
+
+
+def _header_number(header: str, key: str, flag: str, path: str) -> Optional[float]:
+    """``_smv_value`` refusing a value that is not a finite number (``SIZE1=inf``, ``PIXEL_SIZE=nan``)."""
+    v = _smv_value(header, key)
+    if v is not None and not math.isfinite(v):
+        raise FrontendError(f"{flag}: {path}: header value {key}={v:g} is not a finite number")
+    return v
 
 
 def _smv_value(header: str, key: str) -> Optional[float]:
@@ -629,20 +648,21 @@ class _Builder:
 
     # -- SMV headers (upstream pre-pass: mask first, then img; flags override both)
     def header_defaults(self, flag: str, path: str):
-        h = _read_smv_header(flag, self._path(path))
+        h = _read_smv_header(flag, self._path(path), path)
         src = f"{flag} header"
-        width = _smv_value(h, "SIZE1")
-        height = _smv_value(h, "SIZE2")
+        num = lambda key: _header_number(h, key, flag, path)  # noqa: E731
+        width = num("SIZE1")
+        height = num("SIZE2")
         width = int(width) if width is not None else 0
         height = int(height) if height is not None else 0
         if width == 0:
-            dd = _smv_value(h, "DETECTOR_DIMENSIONS")
+            dd = num("DETECTOR_DIMENSIONS")
             width = height = int(dd) if dd is not None else 0
         if width <= 0 or height <= 0:
             raise FrontendError(f"{flag}: {path}: header has no usable SIZE1/SIZE2")
         self.set("detector.fpixels", width, src)
         self.set("detector.spixels", height, src)
-        v = _smv_value(h, "PIXEL_SIZE")
+        v = num("PIXEL_SIZE")
         if v is not None:
             self.set("detector.pixel_mm", v, src)
         pixel_mm = self.spec.detector.pixel_mm
@@ -652,10 +672,10 @@ class _Builder:
                           ("detector.xbeam_mm", "BEAM_CENTER_X"),
                           ("detector.orgx_px", "ORGX"), ("detector.orgy_px", "ORGY"),
                           ("crystal.phi_deg", "PHI"), ("crystal.osc_deg", "OSC_RANGE")):
-            v = _smv_value(h, hkey)
+            v = num(hkey)
             if v is not None:
                 self.set(key, v, src)
-        v = _smv_value(h, "BEAM_CENTER_Y")
+        v = num("BEAM_CENTER_Y")
         if v is not None:
             # upstream: the mask header's Y is flipped (detsize_s - value), the img header's is not
             self.set("detector.ybeam_mm", pixel_mm * height - v if flag == "-mask" else v, src)
@@ -973,6 +993,11 @@ def _device_from(opts) -> Tuple[DeviceSpec, str]:
                 if not x > 0:
                     raise FrontendError(f"{name}: must be > 0, got {val}")
                 dev.memory_budget_mb = x
+            elif key == "time_limit_s":
+                x = _to_float(name, val)
+                if not x > 0:
+                    raise FrontendError(f"{name}: must be > 0, got {val}")
+                dev.time_limit_s = x
     return dev, quirks
 
 
@@ -984,6 +1009,8 @@ _KEY_FLAG["crystal.misset_random"] = "-misset"
 _KEY_FLAG["crystal.misset_deg"] = "-misset"
 _KEY_FLAG["detector.attenuation_um"] = "-detector_abs"
 _KEY_FLAG["crystal.fdump_file"] = "-dump"
+_KEY_FLAG["device.memory_budget_mb"] = "--memory-budget-mb"
+_KEY_FLAG["device.time_limit_s"] = "--time-limit-s"
 
 
 def spec_error_message(e: SpecError, origins: Optional[Dict[str, str]] = None) -> str:
@@ -1072,6 +1099,7 @@ def usage(prog: str = "python -m nbsim.nanobragg") -> str:
               "  --fix NAME[,NAME...]                     fix just these quirks (repeatable):",
               *("      " + line for line in _quirks.help_text(94).splitlines()),
               "  --memory-budget-mb X                     working memory budget",
+              "  --time-limit-s X                         refuse a run estimated to take longer",
               "  --compile | --no-compile                 torch.compile always | never (default:",
               "                                           where one image repays compiling)",
               "  -h, --help                               this text"]

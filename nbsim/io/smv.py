@@ -22,7 +22,6 @@ it; this module always writes little-endian and says so.
 
 from __future__ import annotations
 
-import gzip
 import math
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write_bytes
+from .inputs import MAX_IMAGE_BYTES, InputFileError, gunzip_bounded, read_input_bytes
 
 __all__ = ["c_g", "parse_smv", "read_smv", "smv_bytes", "smv_header", "smv_info", "write_smv"]
 
@@ -182,8 +182,11 @@ def parse_smv(raw: bytes, name: str = "<bytes>") -> tuple[dict, np.ndarray]:
     """
     m = _HB_RE.search(raw[:1024])
     if raw[:1] != b"{" or m is None:
-        raise ValueError(f"{name}: not an SMV file (no '{{' / HEADER_BYTES in the first bytes)")
+        raise InputFileError(f"{name}: not an SMV file (no '{{' / HEADER_BYTES in the first bytes)")
     hb = int(m.group(1))
+    if not 1 <= hb <= len(raw):
+        raise InputFileError(f"{name}: HEADER_BYTES={m.group(1).decode()} is outside the file "
+                             f"({len(raw)} bytes)")
     text = raw[:hb].decode("latin-1")
     end = text.find("}")
     body = text[1:end if end >= 0 else len(text)]
@@ -198,16 +201,18 @@ def parse_smv(raw: bytes, name: str = "<bytes>") -> tuple[dict, np.ndarray]:
         fast = int(header["SIZE1"])
         slow = int(header["SIZE2"])
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{name}: SMV header lacks a valid SIZE1/SIZE2 ({e})") from None
+        raise InputFileError(f"{name}: SMV header lacks a valid SIZE1/SIZE2 ({e})") from None
+    if fast < 1 or slow < 1:
+        raise InputFileError(f"{name}: SIZE1={fast}, SIZE2={slow}: need >= 1 pixel each")
     typ = header.get("TYPE", "unsigned_short")
     if typ != "unsigned_short":
-        raise ValueError(f"{name}: unsupported SMV TYPE={typ!r} (only unsigned_short)")
+        raise InputFileError(f"{name}: unsupported SMV TYPE={typ!r} (only unsigned_short)")
     order = header.get("BYTE_ORDER", "little_endian")
     if order not in ("little_endian", "big_endian"):
-        raise ValueError(f"{name}: unknown BYTE_ORDER={order!r}")
+        raise InputFileError(f"{name}: unknown BYTE_ORDER={order!r}")
     n = fast * slow
     if len(raw) < hb + 2 * n:
-        raise ValueError(f"{name}: truncated SMV data: need {hb + 2 * n} bytes, file has {len(raw)}")
+        raise InputFileError(f"{name}: truncated SMV data: need {hb + 2 * n} bytes, file has {len(raw)}")
     dt = np.dtype("<u2" if order == "little_endian" else ">u2")
     data = np.frombuffer(raw, dtype=dt, count=n, offset=hb).astype(np.uint16).reshape(slow, fast)
     return header, data
@@ -216,7 +221,7 @@ def parse_smv(raw: bytes, name: str = "<bytes>") -> tuple[dict, np.ndarray]:
 def read_smv(path) -> tuple[dict, np.ndarray]:
     """Read an SMV file (``.gz`` transparently): (header dict str -> str, data uint16 (S, F))."""
     path = Path(path)
-    raw = path.read_bytes()
+    raw = read_input_bytes(path, MAX_IMAGE_BYTES)
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        raw = gunzip_bounded(raw, path, MAX_IMAGE_BYTES)
     return parse_smv(raw, str(path))

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write_bytes
+from .inputs import MAX_TABLE_BYTES, InputFileError, read_input_bytes
 
 __all__ = [
     "fdump_bytes",
@@ -47,12 +48,18 @@ __all__ = [
 
 
 def _text_lines(path) -> tuple[Path, list[str]]:
+    """Lines of a text input (a regular file of bounded size; ``InputFileError`` otherwise).
+    A file with NUL bytes is binary, not text: refused naming the first line holding one."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="latin-1")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    return path, text.splitlines()
+    raw = read_input_bytes(path, MAX_TABLE_BYTES)
+    if b"\0" in raw:
+        lineno = raw[:raw.index(b"\0")].count(b"\n") + 1
+        raise InputFileError(f"{path}:{lineno}: binary data (NUL byte) in a text file")
+    return path, raw.decode("latin-1").splitlines()
+
+
+#: |h|, |k|, |l| above this are refused (C reads them into an int; no real table comes close)
+MAX_MILLER_INDEX = 2 ** 20
 
 
 def _int_index(tok: str) -> int | None:
@@ -116,18 +123,24 @@ def parse_hkl(path) -> tuple[np.ndarray, np.ndarray]:
         if not toks:
             continue
         if len(toks) != 4:
-            raise ValueError(f"{path}:{lineno}: expected 'h k l F' (4 numbers), got {len(toks)} fields: {line.strip()!r}")
+            raise InputFileError(f"{path}:{lineno}: expected 'h k l F' (4 numbers), got {len(toks)} fields: "
+                                 f"{line.strip()[:80]!r}")
         idx = [_int_index(t) for t in toks[:3]]
         if any(i is None for i in idx):
-            raise ValueError(f"{path}:{lineno}: h, k, l must be integers: {line.strip()!r}")
+            raise InputFileError(f"{path}:{lineno}: h, k, l must be integers: {line.strip()!r}")
+        if any(abs(i) > MAX_MILLER_INDEX for i in idx):  # type: ignore[arg-type]
+            raise InputFileError(f"{path}:{lineno}: Miller index out of range (|h|, |k|, |l| <= "
+                                 f"{MAX_MILLER_INDEX}): {line.strip()!r}")
         try:
             f = float(toks[3])
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: F is not a number: {toks[3]!r}") from None
+            raise InputFileError(f"{path}:{lineno}: F is not a number: {toks[3]!r}") from None
+        if not math.isfinite(f):
+            raise InputFileError(f"{path}:{lineno}: F must be a finite number, got {toks[3]!r}")
         hkl.append((idx[0], idx[1], idx[2]))  # type: ignore[arg-type]
         F.append(f)
     if not hkl:
-        raise ValueError(f"{path}: no 'h k l F' entries found")
+        raise InputFileError(f"{path}: no 'h k l F' entries found")
     return np.asarray(hkl, dtype=np.int64).reshape(-1, 3), np.asarray(F, dtype=np.float64)
 
 
@@ -193,21 +206,28 @@ _FDUMP_HEAD = re.compile(rb"\s*([-+]?\d+)\s+([-+]?\d+)\s+([-+]?\d+)\s+([-+]?\d+)
 def read_fdump(path):
     """Read ``Fdump.bin`` -> (ranges, table float64 (hr, kr, lr)) without the +1 padding."""
     path = Path(path)
-    raw = path.read_bytes()
-    m = _FDUMP_HEAD.match(raw)
+    raw = read_input_bytes(path, MAX_TABLE_BYTES)
+    m = _FDUMP_HEAD.match(raw[:512])
     if m is None:
-        raise ValueError(f"{path}: not an Fdump file (expected a '%d %d %d %d %d %d\\n\\f' header)")
+        raise InputFileError(f"{path}: not an Fdump file (expected a '%d %d %d %d %d %d\\n\\f' header)")
     ranges = tuple(int(v) for v in m.groups())
     hmin, hmax, kmin, kmax, lmin, lmax = ranges
     shape = (hmax - hmin + 1, kmax - kmin + 1, lmax - lmin + 1)
     if min(shape) < 1:
-        raise ValueError(f"{path}: empty index ranges {ranges}")
+        raise InputFileError(f"{path}: empty index ranges {ranges}")
     n = (shape[0] + 1) * (shape[1] + 1) * (shape[2] + 1)
     off = m.end()
     if len(raw) - off < 8 * n:
-        raise ValueError(f"{path}: truncated: need {8 * n} data bytes for ranges {ranges}, have {len(raw) - off}")
+        raise InputFileError(f"{path}: truncated: need {8 * n} data bytes for ranges {ranges}, "
+                             f"have {len(raw) - off}")
     padded = np.frombuffer(raw, dtype="<f8", count=n, offset=off).reshape(shape[0] + 1, shape[1] + 1, shape[2] + 1)
-    return ranges, padded[:shape[0], :shape[1], :shape[2]].astype(np.float64)
+    table = padded[:shape[0], :shape[1], :shape[2]].astype(np.float64)
+    bad = ~np.isfinite(table)
+    if bad.any():
+        h, k, l = (int(v) for v in np.argwhere(bad)[0])
+        raise InputFileError(f"{path}: F({h + hmin} {k + kmin} {l + lmin}) = {float(table[h, k, l])!r}: every "
+                             "structure factor must be a finite number")
+    return ranges, table
 
 
 def read_matrix(path) -> np.ndarray:
@@ -223,10 +243,12 @@ def read_matrix(path) -> np.ndarray:
             try:
                 vals.append(float(tok))
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected a number in the matrix, got {tok!r}") from None
+                raise InputFileError(f"{path}:{lineno}: expected a number in the matrix, got {tok[:40]!r}") from None
+            if not math.isfinite(vals[-1]):
+                raise InputFileError(f"{path}:{lineno}: orientation matrix entries must be finite, got {tok!r}")
             if len(vals) == 9:
                 return np.asarray(vals, dtype=np.float64).reshape(3, 3)
-    raise ValueError(f"{path}: need 9 numbers for the orientation matrix, found {len(vals)}")
+    raise InputFileError(f"{path}: need 9 numbers for the orientation matrix, found {len(vals)}")
 
 
 _SRC_SPLIT = re.compile(r"[ \t,;:!]+")
@@ -237,8 +259,15 @@ def read_sourcefile(path) -> np.ndarray:
 
     Units as written (nanoBragg: m, m, m, arbitrary, m).  Columns beyond 5 are ignored (as C).
     """
+    return read_sourcefile_lines(path)[0]
+
+
+def read_sourcefile_lines(path) -> tuple[np.ndarray, list[int]]:
+    """``read_sourcefile`` and the 1-based file line of each row (for messages).
+    ``inf`` is refused; ``nan`` (as a missing value) is kept."""
     path, lines = _text_lines(path)
     rows: list[list[float]] = []
+    linenos: list[int] = []
     for lineno, line in enumerate(lines, 1):
         toks = [t for t in _SRC_SPLIT.split(line.strip(" \t,;:!\r\n")) if t]
         if not toks:
@@ -248,8 +277,11 @@ def read_sourcefile(path) -> np.ndarray:
             try:
                 row[i] = float(tok)
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: column {i + 1} is not a number: {tok!r}") from None
+                raise InputFileError(f"{path}:{lineno}: column {i + 1} is not a number: {tok[:40]!r}") from None
+            if math.isinf(row[i]):
+                raise InputFileError(f"{path}:{lineno}: column {i + 1} must be finite, got {tok!r}")
         rows.append(row)
+        linenos.append(lineno)
     if not rows:
-        raise ValueError(f"{path}: no sources (C exits: 'reading source definition file')")
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+        raise InputFileError(f"{path}: no sources (C exits: 'reading source definition file')")
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 5), linenos

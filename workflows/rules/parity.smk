@@ -2,7 +2,7 @@
 # one job per case, then report.md, then a check that fails when a case did not pass.
 #
 #   snakemake -s workflows/Snakefile --configfile workflows/config/parity.yaml --cores 2
-#   snakemake -s workflows/Snakefile --cores 2 parity --config 'parity={golden: ../shared/golden}'
+#   snakemake -s workflows/Snakefile --cores 2 parity --config 'parity={golden: tests/golden}'
 import json as _json
 import os as _os
 
