@@ -431,7 +431,7 @@ def _size_key(est: Estimate, spec: Optional[ExperimentSpec]) -> str:
     """The key most responsible for a size: the largest factor of the sample count or the pixels."""
     if spec is None:
         return "detector.fpixels"
-    d, c, b = spec.detector, spec.crystal, spec.beam
+    d, b = spec.detector, spec.beam
     if b.source_file:
         src_key = "beam.source_file"
     else:

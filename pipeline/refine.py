@@ -430,7 +430,7 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
     fit = settings["fit"]
     u = torch.zeros(problem.n, dtype=torch.float64)
     t_fit = time.perf_counter()
-    losses, stages, n_iter, n_eval = [], [], 0, 0
+    stages, n_iter, n_eval = [], 0, 0
     for k, blur in enumerate(fit["blur_px"]):
         show = _progress(fit["max_iter"], f"stage {k + 1}/{len(fit['blur_px'])}, blur {blur:g} px")
         try:

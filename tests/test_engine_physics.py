@@ -1,14 +1,12 @@
 """Engine behaviour that the golden images alone do not pin down."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
-import pytest
 import torch
 
 from nbsim.api import simulate
-from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec, ExperimentSpec
+from nbsim.spec import CrystalSpec, DetectorSpec, DeviceSpec, ExperimentSpec
 
 
 def small(**crystal):

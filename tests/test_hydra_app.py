@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from nbsim.spec import DeviceSpec, SpecError
-from pipeline.compose import CONF_DIR, cfg_to_spec, compose_config, compose_spec, format_error
+from pipeline.compose import CONF_DIR, cfg_to_spec, compose_spec, format_error
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml"))

@@ -5,10 +5,8 @@ by a tiny fake (a Python script) where behaviour of the runner, not of nanoBragg
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
-import os
 import stat
 import sys
 import textwrap
