@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from nbsim.io.atomic import file_sha256
+
 _LOADED: dict = {}                    # key -> loaded callable (per process)
 _LOCK = threading.Lock()
 
@@ -64,14 +66,6 @@ def entry_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _entry(key: str) -> Path:
     return cache_dir() / key
 
@@ -81,7 +75,7 @@ def _valid(entry: Path, fields: dict) -> bool:
     try:
         man = json.loads((entry / "manifest.json").read_text())
         pkg = entry / "kernel.pt2"
-        return man.get("fields") == fields and man.get("sha256") == _sha256(pkg)
+        return man.get("fields") == fields and man.get("sha256") == file_sha256(pkg)
     except (OSError, ValueError):
         return False
 
@@ -158,7 +152,7 @@ def build(name: str, fn: Callable, cfg, key_inputs: Sequence, inputs: Sequence) 
         program = torch.export.export(_Bound(fn, cfg), tuple(inputs))
         pkg = tmp / "kernel.pt2"
         torch._inductor.aoti_compile_and_package(program, package_path=str(pkg))
-        (tmp / "manifest.json").write_text(json.dumps({"fields": fields, "sha256": _sha256(pkg)},
+        (tmp / "manifest.json").write_text(json.dumps({"fields": fields, "sha256": file_sha256(pkg)},
                                                       indent=1))
         entry = _entry(key)
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 from nbsim import quirks
+from nbsim.io.atomic import file_sha256  # noqa: F401 (re-exported)
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError
 
 HASH_SCHEMA = 1          # bump when the meaning of a stored result changes for the same spec
@@ -24,14 +25,6 @@ HASH_CHARS = 16
 INPUT_FILES = ("crystal.hkl_file", "crystal.matrix_file", "crystal.fdump_file", "beam.source_file",
                "detector.mask_file")
 DEFAULT_FDUMP = "Fdump.bin"   # nanoBragg reads ./Fdump.bin when no HKL table is given (quirk fdump_from_cwd)
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_input(path: str, base_dir: Union[str, Path] = ".") -> Path:

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Tuple, Union
 
 from omegaconf import OmegaConf
 
-from nbsim.io.atomic import atomic_dir
+from nbsim.io.atomic import atomic_dir, file_sha256
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
 from pipeline.preview import preview_png
@@ -101,17 +101,9 @@ def _doc_checksum(doc: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest(folder: Path, names) -> dict:
     """``{name: {"bytes": size, "sha256": hex}}`` of the files ``names`` in ``folder``."""
-    return {n: {"bytes": (folder / n).stat().st_size, "sha256": _file_sha256(folder / n)} for n in sorted(names)}
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)} for n in sorted(names)}
 
 
 def verify_entry(folder: Path, h: str, want=()) -> Tuple[Optional[dict], str]:
@@ -147,7 +139,7 @@ def verify_entry(folder: Path, h: str, want=()) -> Tuple[Optional[dict], str]:
             recorded = rec.get("bytes") if isinstance(rec, dict) else "?"
             return None, f"{name} has {size} bytes, run.json recorded {recorded} bytes"
         try:
-            digest = _file_sha256(p)
+            digest = file_sha256(p)
         except OSError as e:
             return None, f"{name} is unreadable ({e.strerror or e})"
         if digest != rec.get("sha256"):
@@ -455,7 +447,7 @@ def show_lines(folder: Path) -> list:
         elif size is None:
             note = "  MISSING"
         else:
-            note = "" if size == rec.get("bytes") and _file_sha256(p) == rec.get("sha256") else "  CHANGED"
+            note = "" if size == rec.get("bytes") and file_sha256(p) == rec.get("sha256") else "  CHANGED"
         lines.append(f"file          {name:<24} {'-' if size is None else size:>12} bytes{note}")
     return lines
 

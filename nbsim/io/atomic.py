@@ -121,3 +121,13 @@ _UMASK = _read_umask()
 
 def _umask() -> int:
     return _UMASK
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's contents, read in 1 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
