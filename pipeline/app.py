@@ -39,8 +39,8 @@ _FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 _user_wants_traceback = os.environ.get(_FULL_ERROR_ENV) == "1"
 
 
-def _fail_on_config_error(exc: BaseException, composing: bool = False) -> None:
-    """Exit 2 with one line if ``exc`` is a configuration error; return if it is not.
+def fail_on_config_error(exc: BaseException, prog: str = "nbsim", composing: bool = False) -> None:
+    """Exit 2 with one line ``PROG: error: ...`` if ``exc`` is a configuration error; return if not.
 
     ``composing``: raised by Hydra before the task ran (composition, override syntax): always a
     problem of the command line, reported by its first line even if ``format_error`` does not know it.
@@ -51,19 +51,50 @@ def _fail_on_config_error(exc: BaseException, composing: bool = False) -> None:
     if message is None and composing:
         message = format_error(exc, fallback=True)
     if message is not None:
-        print(f"nbsim: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_task(body, cfg: DictConfig, prog: str = "nbsim"):
+    """``body(cfg)`` inside a Hydra task: configuration errors are reported by us in one line (Hydra
+    would add "Error executing job with overrides: [...]"); anything else is a real bug, marked so
+    that ``run_app`` keeps its traceback."""
+    try:
+        return body(cfg)
+    except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
+        fail_on_config_error(exc, prog)
+        exc.nbsim_in_task = True
+        raise
+
+
+def run_app(task, prog: str) -> None:
+    """Run the ``@hydra.main`` function ``task`` as a command: composition errors in one line and
+    exit 2, Ctrl-C and SIGTERM (kill, SLURM time limit) unwind so a half-built entry is removed
+    (exit 130 / 128+signal), ``HYDRA_FULL_ERROR=1`` from the user keeps full tracebacks."""
+    global _user_wants_traceback
+    saved = os.environ.get(_FULL_ERROR_ENV)
+    _user_wants_traceback = saved == "1"
+    os.environ[_FULL_ERROR_ENV] = "1"               # composition errors reach us, not Hydra's printer
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        task()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was stored for this run", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
+        fail_on_config_error(exc, prog, composing=not getattr(exc, "nbsim_in_task", False))
+        raise                                       # a real bug: full traceback
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if saved is None:
+            os.environ.pop(_FULL_ERROR_ENV, None)
+        else:
+            os.environ[_FULL_ERROR_ENV] = saved
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def task(cfg: DictConfig) -> str:
-    # errors here are reported by us: Hydra would add "Error executing job with overrides: [...]"
-    try:
-        return _task(cfg)
-    except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
-        _fail_on_config_error(exc)
-        exc.nbsim_in_task = True                    # a real bug: main() keeps its traceback
-        raise
+    return run_task(_task, cfg)
 
 
 def _task(cfg: DictConfig) -> str:
@@ -99,26 +130,7 @@ def _task(cfg: DictConfig) -> str:
 
 def main() -> None:
     """Console entry point (``nbsim`` / ``python -m nbsim``)."""
-    global _user_wants_traceback
-    saved = os.environ.get(_FULL_ERROR_ENV)
-    _user_wants_traceback = saved == "1"
-    os.environ[_FULL_ERROR_ENV] = "1"               # composition errors reach us, not Hydra's printer
-    # SIGTERM (kill, SLURM time limit) unwinds like Ctrl-C, so a half-built entry is removed
-    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        task()
-    except KeyboardInterrupt:
-        print("nbsim: interrupted; nothing was stored for this run", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
-        _fail_on_config_error(exc, composing=not getattr(exc, "nbsim_in_task", False))
-        raise                                       # a real bug: full traceback
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        if saved is None:
-            os.environ.pop(_FULL_ERROR_ENV, None)
-        else:
-            os.environ[_FULL_ERROR_ENV] = saved
+    run_app(task, "nbsim")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -38,7 +37,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nbsim.spec import ExperimentSpec, SpecError, spec_from_dict, spec_to_dict
-from pipeline.compose import CONF_DIR, NbsimConfig, cfg_to_spec, format_error
+from pipeline.app import run_app, run_task
+from pipeline.compose import CONF_DIR, NbsimConfig, cfg_to_spec
 
 PROG = "nbsim.refine"
 REFINE_SCHEMA = 1                     # bump when the meaning of a stored refinement changes
@@ -547,30 +547,9 @@ def summary_lines(result: dict) -> List[str]:
     return out
 
 
-_FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
-_user_wants_traceback = os.environ.get(_FULL_ERROR_ENV) == "1"
-
-
-def _fail_on_config_error(exc: BaseException, composing: bool = False) -> None:
-    """Exit 2 with one line if ``exc`` is a configuration error; return if it is not."""
-    if _user_wants_traceback:
-        return
-    message = format_error(exc)
-    if message is None and composing:
-        message = format_error(exc, fallback=True)
-    if message is not None:
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="refine")
 def task(cfg: DictConfig) -> str:
-    try:
-        return _task(cfg)
-    except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
-        _fail_on_config_error(exc)
-        exc.nbsim_in_task = True
-        raise
+    return run_task(_task, cfg, PROG)
 
 
 def _task(cfg: DictConfig) -> str:
@@ -589,26 +568,8 @@ def _task(cfg: DictConfig) -> str:
 
 def main() -> None:
     """Console entry point (``python -m nbsim.refine``)."""
-    global _user_wants_traceback
     sys.argv[1:] = observed_shorthand(sys.argv[1:])
-    saved = os.environ.get(_FULL_ERROR_ENV)
-    _user_wants_traceback = saved == "1"
-    os.environ[_FULL_ERROR_ENV] = "1"
-    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        task()
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was stored for this run", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:                        # noqa: BLE001
-        _fail_on_config_error(exc, composing=not getattr(exc, "nbsim_in_task", False))
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        if saved is None:
-            os.environ.pop(_FULL_ERROR_ENV, None)
-        else:
-            os.environ[_FULL_ERROR_ENV] = saved
+    run_app(task, PROG)
 
 
 if __name__ == "__main__":
@@ -640,23 +601,12 @@ def summary_row(result: dict) -> dict:
 def write_refine_summary(items: Sequence[str], folders: Sequence[Path], csv_path) -> List[dict]:
     """The CSV (one row per refined image: ``item``, folder, outcome, values, sigmas, starts),
     written atomically."""
-    import csv
     rows = []
     for item, folder in zip(items, folders):
         res = json.loads((Path(folder) / "result.json").read_text())
         rows.append({"item": item, "folder": str(folder), **summary_row(res)})
-    cols: List[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    os.replace(tmp, csv_path)
+    from pipeline.sweep import write_csv
+    write_csv(rows, csv_path)
     return rows
 
 

@@ -221,16 +221,13 @@ def summary_rows(points: Sequence[Point], root: Union[str, Path]) -> List[dict]:
     return rows
 
 
-def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Union[str, Path],
-                  sheet_path: Optional[Union[str, Path]] = None, name: str = "sweep",
-                  thumb: int = 200) -> List[dict]:
-    """Write the CSV table (one row per point) and the contact sheet of the previews."""
-    rows = summary_rows(points, root)
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
+def write_csv(rows: List[dict], csv_path) -> None:
+    """Rows (dicts) as a CSV, columns in order of first appearance, None as empty, written atomically."""
     cols: List[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -238,6 +235,14 @@ def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Uni
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     os.replace(tmp, csv_path)
+
+
+def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Union[str, Path],
+                  sheet_path: Optional[Union[str, Path]] = None, name: str = "sweep",
+                  thumb: int = 200) -> List[dict]:
+    """Write the CSV table (one row per point) and the contact sheet of the previews."""
+    rows = summary_rows(points, root)
+    write_csv(rows, csv_path)
     if sheet_path is not None:
         from pipeline.contact_sheet import contact_sheet
         entries = []
