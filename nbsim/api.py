@@ -6,43 +6,92 @@ simulate(spec, device=None, *, base_dir=".", progress=None) -> SimResult
 
 SimResult.image   torch.Tensor (spixels, fpixels), configured device/dtype; exactly 0 outside ROI/mask
 SimResult.float32() -> numpy float32 array (spixels, fpixels), what -floatfile writes
-SimResult.info    dict of derived values, all plain Python numbers / lists:
-    fpixels, spixels (int); pixel_mm, distance_mm, close_distance_mm, wavelength_A,
-    xbeam_mm, ybeam_mm, fbeam_mm, sbeam_mm, fclose_mm, sclose_mm, detsize_f_mm, detsize_s_mm,
-    orgx_px, orgy_px, dials_origin_mm [x, y, z], phi_deg, osc_deg, twotheta_deg,
-    roi [xmin, xmax, ymin, ymax] (resolved, inclusive), convention, pivot,
-    steps, sources, mosaic_domains, phisteps, oversample, thicksteps,
-    max_I, max_I_at_m [Fdet, Sdet], mean, rms, rmsd, sum, omega_sum_sr,
-    kernel ("compiled", "fast", "reference" or, with derivatives and device.compile=true,
-    "reference-compiled": what rendered the image), wall_s
+SimResult.setup   nbsim.report.SetupReport (frozen): what the setup resolved, named fields with units
+    (fpixels, spixels, pixel_mm, distance_mm, xbeam_mm, ..., wavelength_A, steps, oversample, roi, ...)
+SimResult.stats   RunStats (frozen): max_I, max_I_at_m (Fdet, Sdet), mean, rms, rmsd, sum, pixels,
+    omega_sum_sr, wall_s, kernel ("compiled", "fast", "reference" or, with derivatives and device.compile=true,
+    "reference-compiled": what rendered the image), kernel_cache
+SimResult.info    a read-only plain-dict view of both (``setup.to_dict()`` + ``stats.to_dict()``):
+    what ``run.json`` stores under ``info``
 SimResult.mask    numpy bool (spixels, fpixels): pixels that were simulated (ROI and mask)
 SimResult.warnings list[str]  (quirk warnings etc.)
-SimResult.log      list[str]  (nanoBragg-style stdout lines describing the setup)
+SimResult.log      list[str]  (nanoBragg's setup lines: ``setup.echo()``)
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
 from nbsim.params import plain
+from nbsim.report import SetupReport
 from nbsim.spec import DeviceSpec, ExperimentSpec
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+@dataclass(frozen=True)
+class RunStats:
+    """What a finished run measured: C's image statistics over the simulated pixels (``nbsim.stats``),
+    where the maximum is (metres on the detector, C's last sub-pixel), and how it ran."""
+    max_I: Optional[float]
+    max_I_at_m: Tuple[float, float]
+    mean: Optional[float]
+    rms: Optional[float]
+    rmsd: Optional[float]
+    sum: float
+    pixels: int
+    wall_s: Optional[float] = None
+    kernel: Optional[str] = None
+    kernel_cache: bool = False
+    omega_sum_sr: Optional[float] = None    # C's "solid angle subtended by detector" (nbsim.stats)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["max_I_at_m"] = list(self.max_I_at_m)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Optional["RunStats"]:
+        """From ``run.json``'s ``info`` (None when it holds no statistics)."""
+        if not all(k in d for k in ("max_I", "mean", "rms", "rmsd")):
+            return None
+        return cls(max_I=d["max_I"], max_I_at_m=tuple(d.get("max_I_at_m") or (0.0, 0.0)), mean=d["mean"],
+                   rms=d["rms"], rmsd=d["rmsd"], sum=d.get("sum", 0.0), pixels=int(d.get("pixels", 0)),
+                   wall_s=d.get("wall_s"), kernel=d.get("kernel"), kernel_cache=bool(d.get("kernel_cache")),
+                   omega_sum_sr=d.get("omega_sum_sr"))
+
+
 @dataclass
 class SimResult:
     image: torch.Tensor
-    info: dict
+    setup: SetupReport
     mask: np.ndarray              # pixels simulated (ROI and mask file)
     roi_mask: Optional[np.ndarray] = None   # the ROI alone: what nanoBragg writes (0 outside)
-    warnings: list = field(default_factory=list)
-    log: list = field(default_factory=list)
+    stats: Optional[RunStats] = None
     trace: list = field(default_factory=list)
+
+    @property
+    def info(self) -> Mapping:
+        """Read-only plain view: ``setup.to_dict()`` then ``stats.to_dict()`` (``run.json``'s ``info``)."""
+        d = self.setup.to_dict()
+        if self.stats is not None:
+            d.update(self.stats.to_dict())
+        return MappingProxyType(d)
+
+    @property
+    def warnings(self) -> list:
+        return list(self.setup.warnings)
+
+    @property
+    def log(self) -> list:
+        """nanoBragg's setup lines (``SetupReport.echo``)."""
+        return self.setup.echo()
 
     def float32(self) -> np.ndarray:
         """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
@@ -96,7 +145,7 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
     from nbsim.spec import compile_mode
-    from nbsim.stats import image_stats
+    from nbsim.stats import image_stats, solid_angle_sum_sr
 
     tdev, tdtype, device = resolve_device(device)
     compile_ = compile_mode(device.compile)
@@ -116,19 +165,19 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
         # not depend on it (e.g. xclose_mm under a sample pivot), so backward never meets a
         # disconnected input
         image = image + sum(0.0 * t.sum() for t in params.values())
-    info = model.info
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
     img32 = _float32(plain(image))
-    xmin, xmax, ymin, ymax = info["roi"]
+    xmin, xmax, ymin, ymax = model.report.roi
     roi_mask = np.zeros_like(mask)
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
-    info.update(image_stats(img32, mask, model, roi=roi_mask))
-    info["wall_s"] = time.perf_counter() - t0
-    info["kernel"] = kernel.get("kernel")                  # which kernel rendered the image
-    info["kernel_cache"] = bool(kernel.get("kernel_cache"))  # compiled kernels loaded from the cache
-    result = SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=list(info.pop("warnings", [])),
-                       log=list(info.pop("log", [])))
+    st = image_stats(img32, mask, model, roi=roi_mask)
+    stats = RunStats(max_I=st["max_I"], max_I_at_m=tuple(st["max_I_at_m"]), mean=st["mean"], rms=st["rms"],
+                     rmsd=st["rmsd"], sum=st["sum"], pixels=st["pixels"], wall_s=time.perf_counter() - t0,
+                     kernel=kernel.get("kernel"),                      # which kernel rendered the image
+                     kernel_cache=bool(kernel.get("kernel_cache")),   # compiled kernels from the cache
+                     omega_sum_sr=solid_angle_sum_sr(model))
+    result = SimResult(image=image, setup=model.report, mask=mask, roi_mask=roi_mask, stats=stats)
     if trace_pixel is not None:
         from nbsim.trace import trace_lines
         result.trace = trace_lines(model, trace_pixel, spec=spec)

@@ -225,8 +225,9 @@ def _sampling(spec: ExperimentSpec):
     return hdiv, vdiv, disp
 
 
-def check_geometry(spec: ExperimentSpec) -> dict:
-    """Refuse geometry that cannot be simulated; return the resolved geometry's ``info`` dict."""
+def check_geometry(spec: ExperimentSpec):
+    """Refuse geometry that cannot be simulated; return the resolved geometry's report
+    (``nbsim.report.DetectorReport``)."""
     from nbsim.geometry import detector_geometry
     d, b, c = spec.detector, spec.beam, spec.crystal
     try:
@@ -235,22 +236,22 @@ def check_geometry(spec: ExperimentSpec) -> dict:
         if isinstance(e, SpecError):
             raise
         raise SpecError("detector.convention", f"the detector geometry cannot be resolved ({e})") from None
-    info = geo.info
+    rep = geo.report
     orient_key = _first_given(
         [(b.beam_vector, "beam.beam_vector"), (d.odet_vector, "detector.odet_vector"),
          (d.twotheta_deg, "detector.twotheta_deg"), (d.rotx_deg, "detector.rotx_deg"),
          (d.roty_deg, "detector.roty_deg"), (d.rotz_deg, "detector.rotz_deg"),
          (d.fdet_vector, "detector.fdet_vector"), (d.sdet_vector, "detector.sdet_vector")],
         "detector.convention")
-    vecs = [info[k] for k in ("fdet", "sdet", "odet", "beam", "pix0_m")]
+    vecs = [rep.fdet, rep.sdet, rep.odet, rep.beam, rep.pix0_m]
     if not all(math.isfinite(x) for v in vecs for x in v):
         raise SpecError(orient_key, "the detector geometry is undefined (NaN): fdet and sdet must not be "
                         "parallel")
-    cos = sum(x * y for x, y in zip(info["beam"], info["odet"]))
+    cos = sum(x * y for x, y in zip(rep.beam, rep.odet))
     if abs(cos) < MIN_BEAM_NORMAL_COS:
         raise SpecError(orient_key, "the beam is parallel to the detector plane (beam . detector normal = "
                         f"{cos:.3g}): it never reaches the detector")
-    close_m = sum(x * y for x, y in zip(info["pix0_m"], info["odet"]))
+    close_m = sum(x * y for x, y in zip(rep.pix0_m, rep.odet))
     if not abs(close_m) > MIN_CLOSE_DISTANCE_M:
         key = _first_given([(d.close_distance_mm, "detector.close_distance_mm"),
                             (d.pix0_vector_mm, "detector.pix0_vector_mm")], "detector.distance_mm")
@@ -268,7 +269,7 @@ def check_geometry(spec: ExperimentSpec) -> dict:
         raise SpecError(key, f"the divergence grid ({hdiv[0]} x {vdiv[0]} steps over {hdiv[1] * 1e3:g} x "
                         f"{vdiv[1] * 1e3:g} mrad, round) selects no source; give a divergence range "
                         "with more steps")
-    return info
+    return rep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def _lattice_lengths_A(spec: ExperimentSpec, base_dir=".") -> tuple:
 
 
 def estimate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_dir=".", *,
-             geo_info: Optional[dict] = None, sources: Optional[int] = None,
+             geo=None, sources: Optional[int] = None,
              hkl_cells: Optional[int] = None) -> Estimate:
     """Sample counts, memory and time of ``spec`` on ``device`` (see the module docstring).
 
@@ -343,8 +344,8 @@ def estimate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_dir
     if d.roi is not None:
         xmin, xmax, ymin, ymax = d.roi
         npix = max(0, min(xmax, fpix - 1) - max(xmin, 0) + 1) * max(0, min(ymax, spix - 1) - max(ymin, 0) + 1)
-    if geo_info is None:
-        geo_info = check_geometry(spec)
+    if geo is None:
+        geo = check_geometry(spec)
     q = quirks.of(spec)
     thicksteps = resolve_thickness(d.thick_um * 1e-6, d.thicksteps,
                                    c_layers=not q.fixed("thickness_layers"))[0]
@@ -355,7 +356,7 @@ def estimate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_dir
         counts = [c.N if n is None else n for n in (c.Na, c.Nb, c.Nc)]
         sizes = [s for s in (c.size_x_mm, c.size_y_mm, c.size_z_mm)]
         xtal_m = max((sz * 1e-3 if sz else max(1, n) * L * 1e-10) for L, n, sz in zip(lengths, counts, sizes))
-        dist_m = abs(geo_info["distance_mm"]) * 1e-3
+        dist_m = abs(geo.distance_mm) * 1e-3
         px_m = d.pixel_mm * 1e-3
         ratio = 3.0 * xtal_m / (b.wavelength_A * 1e-10 * dist_m / px_m) if dist_m > 0 else math.inf
         oversample = max(1, math.ceil(ratio)) if math.isfinite(ratio) else 2 ** 62
@@ -455,9 +456,9 @@ def preflight(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_di
     ROI bound in place (C's "whole detector"). Reads each input file once; writes nothing."""
     spec.validate()
     normalize_roi(spec)
-    info = check_geometry(spec)
-    files = check_inputs(spec, base_dir, beam_dir=info["beam"])
-    est = estimate(spec, device, base_dir, geo_info=info, sources=files["sources"],
+    geo = check_geometry(spec)
+    files = check_inputs(spec, base_dir, beam_dir=geo.beam)
+    est = estimate(spec, device, base_dir, geo=geo, sources=files["sources"],
                    hkl_cells=files["hkl_cells"])
     check_size(est, device, spec)
     return est

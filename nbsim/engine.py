@@ -86,7 +86,7 @@ class Model:
     mask: Optional[torch.Tensor] = None   # (spixels, fpixels) bool: pixels to simulate
     bg_physical: "float | torch.Tensor" = 0.0   # water background per pixel when water_fluence_squared is fixed
     differentiable: bool = False  # some field is a tensor on a derivative's path (nbsim.params)
-    info: dict = field(default_factory=dict)
+    report: object = None         # nbsim.report.SetupReport: what the setup resolved (frozen)
 
     @property
     def dtype(self):
@@ -117,7 +117,6 @@ class Model:
             t.table = self.table.table.to(dtype)
             t.flat = t.table.reshape(-1)
             kw["table"] = t
-        kw["info"] = dict(self.info)
         return Model(**kw)
 
     def per_pixel_elements(self) -> int:

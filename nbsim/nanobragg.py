@@ -8,6 +8,7 @@ exit with status 2 before anything is written.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 from typing import List, Optional
@@ -54,6 +55,15 @@ def _check_output_paths(parsed) -> None:
             raise FrontendError(f"{flag}: cannot write {p}: directory {parent} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise FrontendError(f"{flag}: cannot write {p}: directory {parent} is not writable")
+
+
+def solid_angle_lines(stats) -> list:
+    """C's lines after the pixel loop: a blank line, then the detector's solid angle (none when
+    the run did not measure it)."""
+    om = getattr(stats, "omega_sum_sr", None)
+    if om is None:
+        return []
+    return ["", f"solid angle subtended by detector = {om:g} steradian ( {100 * om / 4 / math.pi:g}% sphere)"]
 
 
 def _call_simulate(simulate, spec, device, parsed, warn):
@@ -149,16 +159,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for line in getattr(result, "trace", None) or []:
         print(line)
 
-    info = result.info
+    st = result.stats                        # nbsim.api.RunStats
     img = result.float32()
     spixels, fpixels = img.shape
-    if "omega_sum_sr" in info and not any(str(x).startswith("solid angle") for x in result.log):
-        om = info["omega_sum_sr"]
-        print(f"solid angle subtended by detector = {om:g} steradian ( {100 * om / 4 / 3.141592653589793:g}% sphere)")
+    for line in solid_angle_lines(st):
+        print(line)
 
     from nbsim.io.products import write_result
     paths = parsed.outputs.paths()
-    at = info.get("max_I_at_m")
+    at = st.max_I_at_m if st is not None else None
     new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
         res = write_result(result, parsed.spec.image, **paths) or {}
@@ -176,11 +185,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = res.get("lines")
     if lines is None:                      # writer without printed lines: format them here
         lines = []
-        if at is not None and res.get("max_I", info.get("max_I")) is not None:
-            lines.append(f"max_I = {res.get('max_I', info.get('max_I')):g}  at {at[0]:g} {at[1]:g}")
-        st = {k: res.get(k, info.get(k)) for k in ("mean", "rms", "rmsd")}
-        if all(v is not None for v in st.values()):
-            lines.append(f"mean= {st['mean']:g} rms= {st['rms']:g} rmsd= {st['rmsd']:g}")
+        given = {k: res.get(k, getattr(st, k, None)) for k in ("max_I", "mean", "rms", "rmsd")}
+        if at is not None and given["max_I"] is not None:
+            lines.append(f"max_I = {given['max_I']:g}  at {at[0]:g} {at[1]:g}")
+        if all(given[k] is not None for k in ("mean", "rms", "rmsd")):
+            lines.append(f"mean= {given['mean']:g} rms= {given['rms']:g} rmsd= {given['rmsd']:g}")
         if res.get("intfile_scale") is not None:
             lines.append(f"intfile_scale = {res['intfile_scale']:g}")
         if paths["pgm_path"] is not None and res.get("pgm_scale") is not None:

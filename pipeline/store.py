@@ -171,9 +171,7 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     atomically, then ``run.json`` (manifest, ``files``, checksum) is replaced atomically; the caller
     holds the entry lock."""
     import numpy as np
-    import torch
 
-    from nbsim.api import SimResult
     from nbsim.io import products
     from nbsim.io.atomic import atomic_write_bytes
 
@@ -183,12 +181,11 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     roi_mask = np.zeros((s, f), dtype=bool)
     xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
-    result = SimResult(image=torch.from_numpy(img), info=info, mask=roi_mask, roi_mask=roi_mask)
     prod, new = {}, [n for n in names if n in ("noise.img", "image.pgm")]
     if new:
         with np.errstate(all="ignore"):
-            prod = products.write_result(
-                result, spec.image, noise_path=str(folder / "noise.img") if "noise.img" in new else None,
+            prod = products.write_stored(
+                img, roi_mask, info, spec.image, noise_path=str(folder / "noise.img") if "noise.img" in new else None,
                 pgm_path=str(folder / "image.pgm") if "image.pgm" in new else None) or {}
     doc = dict(doc)
     previews = dict(doc.get("previews") or {"log": "preview.png"})

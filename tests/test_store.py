@@ -76,6 +76,8 @@ def engine(monkeypatch):
     products.write_result = lambda result, image_spec, **paths: write_products(
         result.float32(), getattr(result, "roi_mask", None), result.info, image_spec,
         active=getattr(result, "mask", None), **paths)
+    products.write_stored = lambda img, roi_mask, info, image_spec, **paths: write_products(
+        img, roi_mask, info, image_spec, active=roi_mask, **paths)
     monkeypatch.setattr(nbsim.api, "simulate", simulate, raising=False)
     monkeypatch.setitem(sys.modules, "nbsim.io.products", products)
     monkeypatch.setattr(nbsim.io, "products", products, raising=False)
