@@ -8,7 +8,6 @@ exit with status 2 before anything is written.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import sys
 from typing import List, Optional
@@ -55,15 +54,6 @@ def _check_output_paths(parsed) -> None:
             raise FrontendError(f"{flag}: cannot write {p}: directory {parent} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise FrontendError(f"{flag}: cannot write {p}: directory {parent} is not writable")
-
-
-def solid_angle_lines(stats) -> list:
-    """C's lines after the pixel loop: a blank line, then the detector's solid angle (none when
-    the run did not measure it)."""
-    om = getattr(stats, "omega_sum_sr", None)
-    if om is None:
-        return []
-    return ["", f"solid angle subtended by detector = {om:g} steradian ( {100 * om / 4 / math.pi:g}% sphere)"]
 
 
 def _call_simulate(simulate, spec, device, parsed, warn):
@@ -162,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     st = result.stats                        # nbsim.api.RunStats
     img = result.float32()
     spixels, fpixels = img.shape
-    for line in solid_angle_lines(st):
+    from nbsim.report import solid_angle_lines
+    for line in solid_angle_lines(getattr(st, "omega_sum_sr", None)):
         print(line)
 
     from nbsim.io.products import write_result

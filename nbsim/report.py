@@ -257,6 +257,15 @@ def echo_lines(r: SetupReport) -> list:
     return out
 
 
+def solid_angle_lines(omega_sum_sr: Optional[float]) -> list:
+    """C's lines after the pixel loop: a blank line, then the detector's solid angle (steradian and
+    share of the sphere); none when the run did not measure it."""
+    if omega_sum_sr is None:
+        return []
+    om = omega_sum_sr
+    return ["", f"solid angle subtended by detector = {om:g} steradian ( {100 * om / 4 / math.pi:g}% sphere)"]
+
+
 def _plain(v: Any):
     """Tuples (nested) as lists, as JSON stores them."""
     if isinstance(v, tuple):

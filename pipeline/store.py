@@ -352,7 +352,10 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         preview_png(img, tmp / "preview.png", preview)
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
         (tmp / "config.yaml").write_text(f"# nbsim configuration, hash {h}\n" + OmegaConf.to_yaml(doc))
-        lines = list(getattr(result, "log", None) or []) + list(prod.get("lines") or [])
+        from nbsim.report import solid_angle_lines
+        lines = (list(getattr(result, "log", None) or [])           # C's setup echo, solid angle, products
+                 + solid_angle_lines(getattr(getattr(result, "stats", None), "omega_sum_sr", None))
+                 + list(prod.get("lines") or []))
         (tmp / "log.txt").write_text("".join(f"{line}\n" for line in lines))
         run = {
             "hash": h,

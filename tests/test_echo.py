@@ -58,7 +58,7 @@ def test_setup_echo_equals_c(cid, inputs):
     """Every claimed setup line, and the solid angle, equal C's for this case (text, line by line)."""
     from nbsim.experiment import build_model
     from nbsim.frontend import parse_argv
-    from nbsim.nanobragg import solid_angle_lines
+    from nbsim.report import solid_angle_lines
     from nbsim.stats import solid_angle_sum_sr
     text = gd.stdout(cid)
     parsed = parse_argv(case_argv(cid), cwd=str(inputs))
@@ -69,10 +69,7 @@ def test_setup_echo_equals_c(cid, inputs):
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"{cid} setup line {i + 1}: nbsim {g!r} != C {w!r}"
     assert len(got) == len(want), f"{cid}: nbsim prints {len(got)} setup lines, C {len(want)}"
-
-    class Stats:
-        omega_sum_sr = solid_angle_sum_sr(model)
-    assert solid_angle_lines(Stats)[-1] == c_solid_angle_line(text)
+    assert solid_angle_lines(solid_angle_sum_sr(model))[-1] == c_solid_angle_line(text)
 
 
 def test_report_is_frozen_and_round_trips(inputs):
@@ -108,3 +105,17 @@ def test_front_end_prints_the_echo(tmp_path):
     text = gd.stdout(cid)
     want = c_setup_lines(text) + ["", c_solid_angle_line(text)]
     assert lines[:len(want)] == want
+
+
+def test_store_log_keeps_the_echo(tmp_path):
+    """A stored entry's log.txt holds the setup echo and the solid angle, as the front end prints them."""
+    from pipeline.compose import compose_spec
+    from pipeline import store
+    from nbsim.spec import DeviceSpec
+    spec, _ = compose_spec(["detector.fpixels=24", "detector.spixels=20", "crystal.N=2"])
+    folder, reused, run = store.run_or_reuse(spec, DeviceSpec(), root=tmp_path / "out", base_dir=tmp_path,
+                                             log=lambda m: None, progress=False)
+    lines = (folder / "log.txt").read_text().splitlines()
+    assert not reused and lines[0].endswith(" convention selected.") and len(lines) > 50
+    assert any(x.startswith("solid angle subtended by detector = ") for x in lines)
+    assert any(x.startswith("  distance=") for x in lines)
