@@ -233,25 +233,9 @@ def entry_lock(root_abs: Path, h: str):
     """Exclusive lock of one entry among processes (``flock`` on ``<root>/.<hash>.lock``): concurrent
     runs of one configuration compute it once, the others wait and then reuse it. The lock file is
     removed by its holder; a waiter that wakes up on a removed file takes the lock again."""
-    import fcntl
-    path = root_abs / f".{h}.lock"
-    while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
+    from nbsim.io.atomic import file_lock
+    with file_lock(root_abs / f".{h}.lock"):
         yield
-    finally:
-        try:
-            os.unlink(path)
-        finally:
-            os.close(fd)                         # closing releases the lock
 
 
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
