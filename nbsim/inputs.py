@@ -43,6 +43,7 @@ class Inputs:
     matrix: Optional[np.ndarray] = None                  # (3, 3) MOSFLM A matrix (columns a*, b*, c* × λ)
     structure_factors: Optional[StructureFactors] = None
     sources: Optional[np.ndarray] = None                 # (n, 5) X Y Z I λ, NaN for missing values
+    source_lines: Tuple[int, ...] = ()                   # the file line of each source (for messages)
     mask: Optional[np.ndarray] = None                    # (slow, fast) SMV mask image
     notes: Tuple[str, ...] = field(default_factory=tuple)   # one-line remarks for the run's warnings
 
@@ -56,19 +57,36 @@ def _path(base_dir, name, key) -> Path:
     return p
 
 
+def _read(key: str, reader, path: Path, given: str):
+    """``reader(path)``; a reader's one-line error (bad number, binary, FIFO, too large, ...) or an
+    unreadable file becomes ``SpecError(key, ...)`` naming the file as the user gave it."""
+    from nbsim.io.inputs import InputFileError
+    try:
+        return reader(path)
+    except (InputFileError, ValueError, OverflowError) as e:
+        if isinstance(e, SpecError):
+            raise
+        msg = str(e)
+        raise SpecError(key, msg.replace(str(path), given) if str(path) != given else msg) from None
+    except OSError as e:
+        raise SpecError(key, f"{given}: cannot read ({e.strerror or e})") from None
+
+
 def _structure_factors(spec: ExperimentSpec, base_dir) -> Tuple[Optional[StructureFactors], tuple]:
     c = spec.crystal
     if c.hkl_file is not None:
+        from nbsim.checks import check_hkl_ranges
         from nbsim.io.tables import hkl_table, read_hkl
         path = _path(base_dir, c.hkl_file, "crystal.hkl_file")
-        hkl, F = read_hkl(path)
+        hkl, F = _read("crystal.hkl_file", read_hkl, path, c.hkl_file)
+        check_hkl_ranges("crystal.hkl_file", c.hkl_file, hkl)       # before the dense table is made
         ranges, dense = hkl_table(hkl, F, 0.0)
         listed = hkl_table(hkl, np.ones(len(F)), 0.0)[1] != 0
         return StructureFactors(ranges, dense, listed, len(F), path), ()
     if c.fdump_file is not None and (Path(base_dir) / c.fdump_file).exists():
         from nbsim.io.tables import read_fdump
         path = Path(base_dir) / c.fdump_file
-        ranges, dense = read_fdump(path)
+        ranges, dense = _read("crystal.fdump_file", read_fdump, path, c.fdump_file)
         hr, kr, lr = ranges[1] - ranges[0] + 1, ranges[3] - ranges[2] + 1, ranges[5] - ranges[4] + 1
         dense = np.asarray(dense)[:hr, :kr, :lr]
         return (StructureFactors(ranges, dense, None, hr * kr * lr, path, from_fdump=True),
@@ -77,25 +95,32 @@ def _structure_factors(spec: ExperimentSpec, base_dir) -> Tuple[Optional[Structu
 
 
 def load_inputs(spec: ExperimentSpec, base_dir=".") -> Inputs:
-    """Read every file ``spec`` names (relative paths from ``base_dir``); ``SpecError`` names the key
-    of a missing file, the readers' errors name the file and line."""
+    """Read every file ``spec`` names (relative paths from ``base_dir``), each once, through the
+    bounded readers of ``nbsim.io``. A missing or malformed file is a one-line ``SpecError`` naming
+    the key, and the file and line as the user gave them. The values are checked by
+    ``nbsim.checks.check_inputs`` (the preflight), which takes the ``Inputs`` this returns."""
     c, b, d = spec.crystal, spec.beam, spec.detector
     matrix = None
     if c.matrix_file is not None:
         from nbsim.io.tables import read_matrix
-        matrix = np.asarray(read_matrix(_path(base_dir, c.matrix_file, "crystal.matrix_file")), float)
+        path = _path(base_dir, c.matrix_file, "crystal.matrix_file")
+        matrix = np.asarray(_read("crystal.matrix_file", read_matrix, path, c.matrix_file), float)
     sf, notes = _structure_factors(spec, base_dir)
-    sources = None
+    sources, source_lines = None, ()
     if b.source_file is not None:
-        from nbsim.io.tables import read_sourcefile
-        sources = np.asarray(read_sourcefile(_path(base_dir, b.source_file, "beam.source_file")), float)
+        from nbsim.io.tables import read_sourcefile_lines
+        path = _path(base_dir, b.source_file, "beam.source_file")
+        rows, lines = _read("beam.source_file", read_sourcefile_lines, path, b.source_file)
+        sources, source_lines = np.asarray(rows, float).reshape(-1, 5), tuple(lines)
         if len(sources) == 0:
             raise SpecError("beam.source_file", f"no sources in {b.source_file}")
     mask = None
     if d.mask_file is not None:
         from nbsim.io.smv import read_smv
-        _, mask = read_smv(_path(base_dir, d.mask_file, "detector.mask_file"))
-    return Inputs(matrix=matrix, structure_factors=sf, sources=sources, mask=mask, notes=notes)
+        path = _path(base_dir, d.mask_file, "detector.mask_file")
+        _, mask = _read("detector.mask_file", read_smv, path, d.mask_file)
+    return Inputs(matrix=matrix, structure_factors=sf, sources=sources, source_lines=source_lines, mask=mask,
+                  notes=notes)
 
 
 def write_fdump_cache(spec: ExperimentSpec, inputs: Inputs, base_dir=".") -> Optional[Path]:

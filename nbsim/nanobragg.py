@@ -56,9 +56,11 @@ def _check_output_paths(parsed) -> None:
             raise FrontendError(f"{flag}: cannot write {p}: directory {parent} is not writable")
 
 
-def _call_simulate(simulate, spec, device, parsed, warn):
+def _call_simulate(simulate, spec, device, parsed, warn, inputs=None):
+    """``simulate`` with the files the preflight read (``inputs``; read here when not given)."""
     from nbsim.inputs import load_inputs, write_fdump_cache
-    inputs = load_inputs(spec, os.getcwd())
+    if inputs is None:
+        inputs = load_inputs(spec, os.getcwd())
     write_fdump_cache(spec, inputs, os.getcwd())          # as C does, before it simulates
     kw = {"base_dir": os.getcwd()}
     try:
@@ -119,13 +121,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from nbsim.api import simulate
         try:
             with np.errstate(all="ignore"):          # an overflow is reported once, by check_image
-                result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
+                result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn, est.inputs)
         except ImportError as e:
             if parsed.trace_pixel is None:
                 raise
             warn(f"-trace_pixel: tracing is not available ({e}); running without it")
             parsed.trace_pixel = None
-            result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
+            result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn, est.inputs)
     except SpecError as e:
         return _error(spec_error_message(e, parsed.origins))
     except FrontendError as e:

@@ -324,7 +324,8 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
         with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
             # an overflow is reported once, by check_image
-            result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar)
+            result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar,
+                                  inputs=getattr(est, "inputs", None))   # as the preflight read them
         wall = time.perf_counter() - t0
         img = result.float32()
         check_image(img, spec)
