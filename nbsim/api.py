@@ -132,6 +132,36 @@ def memory_budget_bytes(device: DeviceSpec, torch_device) -> float:
     return max(64 * 2 ** 20, min(0.25 * avail, 2 * 2 ** 30))
 
 
+#: The engine sizes chunks from its own per-pixel estimate (``nbsim.engine.default_chunk_pixels``);
+#: these measured corrections make ``device.memory_budget_mb`` bound the peak working set of every
+#: path (peak RSS above the set-up model, CPU, float64; ``tests/test_memory_budget.py``):
+#: reverse mode recomputes one chunk during backward and holds its saved graph, measured 1.1-1.2x
+#: the forward estimate, so the engine gets this share of the budget;
+BACKWARD_BUDGET_SHARE = 2.0 / 3.0
+#: the blocked ("fast") kernel keeps one sample-block workspace of ``engine._CACHE_BYTES`` (16 MiB)
+#: per worker thread whatever the budget (measured 11-12 MiB touched, plus a chunk's geometry):
+#: below this per worker the reference kernel, whose chunks shrink with the budget, runs instead.
+FAST_MIN_BUDGET_PER_WORKER = 2 * (16 << 20)
+
+
+def engine_budget(model, budget_bytes: float, *, reverse_mode: bool, chunk_pixels=None) -> dict:
+    """Keyword arguments for ``nbsim.engine.simulate_image`` that keep the run within
+    ``budget_bytes``: the budget the engine sizes chunks with, and (CPU) the number of worker
+    threads of the fast kernel, or ``fast=False`` where not even one worker's workspace fits.
+    An explicit ``chunk_pixels`` is taken as given (the caller's choice of chunk size)."""
+    kw = {"budget_bytes": budget_bytes}
+    if reverse_mode:
+        if chunk_pixels is None:
+            kw["budget_bytes"] = budget_bytes * BACKWARD_BUDGET_SHARE
+        return kw
+    fits = int(budget_bytes // FAST_MIN_BUDGET_PER_WORKER)
+    if fits < 1:
+        kw["fast"] = False
+    elif model.device.type == "cpu":
+        kw["workers"] = max(1, min(torch.get_num_threads(), fits))
+    return kw
+
+
 def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, params=None, inputs=None,
              base_dir=".", progress=None, trace_pixel=None, chunk_pixels=None) -> SimResult:
     """Simulate one image. See the module docstring for the result's contents.
@@ -157,9 +187,11 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     if tdtype != torch.float64:
         model = model.astype(tdtype)
     budget = memory_budget_bytes(device, tdev)
+    reverse = bool(params) and torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in params.values())
     kernel: dict = {}
-    image = simulate_image(model, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress,
-                           compile=compile_, report=kernel)
+    image = simulate_image(model, chunk_pixels=chunk_pixels, progress=progress, compile=compile_, report=kernel,
+                           **engine_budget(model, budget, reverse_mode=reverse, chunk_pixels=chunk_pixels))
     if params:
         # every given tensor reaches the image, with derivative exactly 0 where the experiment does
         # not depend on it (e.g. xclose_mm under a sample pivot), so backward never meets a

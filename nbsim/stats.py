@@ -29,7 +29,7 @@ def image_stats(img32: np.ndarray, active: np.ndarray, model=None,
                 sum=st["sum"], pixels=st["n"])
 
 
-def solid_angle_sum_sr(model, chunk_pixels: int = 1 << 16) -> float:
+def solid_angle_sum_sr(model, chunk_pixels: int = 4096) -> float:
     """C's "solid angle subtended by detector" (steradian): the sum over simulated pixels, sensor
     layers and sub-pixels of the pixel solid angle C uses there (the first sub-pixel's unless
     ``-oversample_omega``), divided by ``steps`` (sources × domains × φ steps × oversample²), as C
