@@ -1,9 +1,11 @@
-"""A person-readable 8-bit grayscale PNG of a float image (white = bright)."""
+"""The stored preview of a float image: with the run's geometry (``info``) and matplotlib, the
+picture ``pipeline.view`` draws (colour bar, detector axes, beam centre, resolution rings in Å) at
+full size plus ``<name>.thumb.png``; otherwise a person-readable 8-bit grayscale PNG (white = bright)."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Union
+from typing import List, Union
 
 import numpy as np
 from PIL import Image
@@ -39,8 +41,32 @@ def to_uint8(img, mode: str = "log", percentile: float = 99.5, log_range: float 
     return np.clip(np.rint(v * 255.0), 0, 255).astype(np.uint8)
 
 
-def preview_png(img, path: Union[str, Path], mode: str = "log") -> Path:
-    """Write ``img`` (S, F; rows = slow axis) as a grayscale PNG, atomically (temp file + rename)."""
+def preview_png(img, path: Union[str, Path], mode: str = "log", info=None, title: str = "") -> List[Path]:
+    """Write the preview of ``img`` (S, F; rows = slow axis) atomically; return the written paths.
+
+    ``info``: the run's setup values (``run.json`` ``info``); with its geometry
+    (``pipeline.view.GEOMETRY_KEYS``) and matplotlib installed, the annotated picture and its
+    thumbnail (``mode`` "log": log colour scale, "percentile": linear), else the grayscale PNG."""
+    if mode not in MODES:
+        raise ValueError(f"preview mode must be one of {', '.join(MODES)}; got {mode!r}")
+    path = Path(path)
+    if info is not None and _annotatable(info):
+        from pipeline import view
+        tt, centre, lam = view.geometry_from_info(info, np.shape(img))
+        return view.render(np.asarray(img), path, two_theta=tt, centre=centre, wavelength_A=lam, title=title,
+                           scale="log" if mode == "log" else "linear")
     buf = io.BytesIO()
     Image.fromarray(to_uint8(img, mode)).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return [atomic_write_bytes(path, buf.getvalue())]
+
+
+def _annotatable(info) -> bool:
+    """The run's geometry is known and matplotlib can draw it."""
+    from pipeline.view import GEOMETRY_KEYS
+    if not all(k in info for k in GEOMETRY_KEYS):
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -42,6 +42,7 @@ from nbsim.io.atomic import atomic_dir, file_sha256
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
 from pipeline.preview import preview_png
+from pipeline.view import entry_title
 
 STAT_KEYS = ("max_I", "max_I_at_m", "mean", "rms", "rmsd", "sum")
 PRODUCT_KEYS = ("intfile_scale", "pgm_scale", "photons", "overloads", "noise_seed")
@@ -189,9 +190,11 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
                 pgm_path=str(folder / "image.pgm") if "image.pgm" in new else None) or {}
     doc = dict(doc)
     previews = dict(doc.get("previews") or {"log": "preview.png"})
+    thumbs = []
     for n in names:
         if n.startswith("preview"):
-            preview_png(img, folder / n, preview)
+            written = preview_png(img, folder / n, preview, info=info, title=entry_title(folder.name, info))
+            thumbs += [p.name for p in written if p.name != n]
             previews[preview] = n
     doc["previews"] = previews
     if "noise.img" in new:
@@ -202,7 +205,7 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
         log_text = (folder / "log.txt").read_text() + "".join(f"{line}\n" for line in added)
         atomic_write_bytes(folder / "log.txt", log_text.encode())
     doc["files"] = sorted(set(doc.get("files") or []) | set(names))
-    doc[MANIFEST_KEY] = {**doc[MANIFEST_KEY], **manifest(folder, names + (["log.txt"] if added else []))}
+    doc[MANIFEST_KEY] = {**doc[MANIFEST_KEY], **manifest(folder, names + thumbs + (["log.txt"] if added else []))}
     doc = json.loads(json.dumps(doc, default=_jsonable, allow_nan=True))
     doc[CHECKSUM_KEY] = _doc_checksum(doc)
     atomic_write_bytes(folder / "run.json", (json.dumps(doc, indent=2, allow_nan=True) + "\n").encode())
@@ -334,7 +337,7 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             result, spec.image, float_path=str(tmp / "float.bin"), int_path=str(tmp / "int.img"),
             noise_path=str(tmp / "noise.img") if "noise.img" in want else None,
             pgm_path=str(tmp / "image.pgm") if "image.pgm" in want else None) or {}
-        preview_png(img, tmp / "preview.png", preview)
+        preview_png(img, tmp / "preview.png", preview, info=info, title=entry_title(h, info))
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
         (tmp / "config.yaml").write_text(f"# nbsim configuration, hash {h}\n" + OmegaConf.to_yaml(doc))
         from nbsim.report import solid_angle_lines
