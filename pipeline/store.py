@@ -6,9 +6,10 @@ A complete entry holds::
     int.img       SMV uint16 image
     noise.img     Poisson SMV image            (only with write_noise and image.noise)
     image.pgm     nanoBragg's 8-bit PGM         (only with write_pgm)
-    preview.png   person-readable grayscale preview
+    preview.png   the picture pipeline.view draws (colour bar, axes, beam centre, rings in Å) and
+                  preview.thumb.png; grayscale only without matplotlib
     config.yaml   the resolved experiment description (spec + device)
-    log.txt       the engine's nanoBragg-style setup lines
+    log.txt       nanoBragg's setup lines (SetupReport.echo), solid angle and product lines
     run.json      hash, versions, device, wall time, image statistics, scales   (written last)
 
 ``run.json`` also records the size and sha256 of every other file (``files_sha256``) and a checksum
