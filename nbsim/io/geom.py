@@ -39,12 +39,12 @@ HC_EV_A = 12398.419843320026
 
 def from_crystfel(v) -> List[float]:
     """A CrystFEL lab vector (x, y, z) in nbsim's lab frame: (z, y, -x)."""
-    return [float(v[2]), float(v[1]), -float(v[0])]
+    return [float(v[2]), float(v[1]), 0.0 - float(v[0])]       # 0.0 - x: no -0.0
 
 
 def from_dxtbx(v) -> List[float]:
     """A dxtbx/DIALS lab vector (x, y, z) in nbsim's lab frame: (-z, y, x)."""
-    return [-float(v[2]), float(v[1]), float(v[0])]
+    return [0.0 - float(v[2]), float(v[1]), float(v[0])]
 
 
 @dataclass
@@ -394,7 +394,8 @@ def read_expt(path) -> GeometryFile:
             wavelength = float(w)
         if "direction" in beam:
             d = _vec3(path, text, "beam.direction", beam["direction"])
-            beam_vec = from_dxtbx([-x for x in d])       # direction: sample -> source
+            norm = math.sqrt(sum(x * x for x in d))
+            beam_vec = from_dxtbx([0.0 - x / norm for x in d])   # direction: sample -> source
     axes = None
     cryst = pick("crystal")
     if isinstance(cryst, dict) and all(k in cryst for k in ("real_space_a", "real_space_b", "real_space_c")):
