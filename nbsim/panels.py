@@ -306,3 +306,33 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
         warnings += list(geometry.notes)
     return SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=warnings,
                      log=list(info.pop("log", [])), panels=results)
+
+
+def panel_header_info(result, i: int) -> dict:
+    """SMV header values of panel ``i`` of a multi-panel ``result`` (plain numbers, mm): the panel
+    as a custom-convention detector of its own, with its first pixel's corner as origin (beam centre
+    = where the beam meets the panel's plane, in the panel's fast/slow axes)."""
+    info = result.info
+    p = result.panels[i].info
+    beam = np.asarray(info["beam"], float)
+    f, s, n = (np.asarray(p[k], float) for k in ("fast", "slow", "normal"))
+    corner = np.asarray(p["corner_mm"], float)
+    close = float(corner @ n)
+    ratio = float(beam @ n)
+    distance = close / ratio
+    hit = distance * beam - corner                   # beam spot relative to the corner, mm
+    fb, sb = float(f @ hit), float(s @ hit)
+    px = p["pixel_mm"]
+    return dict(info, fpixels=p["fpixels"], spixels=p["spixels"], pixel_mm=px,
+                detsize_f_mm=px * p["fpixels"], detsize_s_mm=px * p["spixels"],
+                distance_mm=distance, close_distance_mm=close, xbeam_mm=fb, ybeam_mm=sb,
+                fbeam_mm=fb, sbeam_mm=sb, orgx_px=float(-(corner @ f)) / px + 0.5,
+                orgy_px=float(-(corner @ s)) / px + 0.5,
+                dials_origin_mm=[float(corner[2]), float(corner[1]), 0.0 - float(corner[0])])
+
+
+def panel_path(path: str, name: str) -> str:
+    """The file of one panel of a per-panel output: ``int.img`` -> ``int_<name>.img``."""
+    import os
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{name}{ext}"
