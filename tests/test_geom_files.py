@@ -211,3 +211,105 @@ def test_geometry_file_errors_reach_the_spec_key(tmp_path):
     with pytest.raises(SpecError) as e:
         dataclasses.replace(spec, detector=dataclasses.replace(spec.detector, panels=[])).validate()
     assert e.value.key == "detector.panels"
+
+
+# ---- entry points: the front end (--geom) and the Hydra app (detector.geometry_file / panels)
+
+TWO_PANELS = GEOM + GEOM.split("coffset = 0.001\n")[1].replace("p0/", "p1/").replace("corner_x = -20", "corner_x = 1")
+FE = ["-cell", "42", "51", "63", "88", "93", "97", "-misset", "11", "23", "35", "-N", "3", "-default_F", "100",
+      "-lambda", "1.1", "-polar", "0.4", "-oversample", "1", "-noprogress"]
+
+
+def _fe(tmp_path, monkeypatch, capsys, argv):
+    from nbsim.nanobragg import main
+    monkeypatch.chdir(tmp_path)
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_front_end_geom_writes_the_panels_in_order_and_an_smv_per_panel(tmp_path, monkeypatch, capsys):
+    import fabio
+    (tmp_path / "d.geom").write_text(TWO_PANELS)
+    rc, out, err = _fe(tmp_path, monkeypatch, capsys,
+                       FE + ["--geom", "d.geom", "-floatfile", "f.bin", "-intfile", "i.img", "-nonoise", "-nopgm"])
+    assert rc == 0, err
+    spec = from_file(tmp_path, "d.geom", TWO_PANELS, oversample=1)
+    spec.beam.kahn_factor = 0.4
+    api = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    f = np.fromfile(tmp_path / "f.bin", "<f4")
+    assert f.shape == (2 * 16 * 12,) and np.array_equal(f, api.float32())
+    assert np.array_equal(f[:192].reshape(12, 16), api.panel_float32()[0])
+    assert np.array_equal(f[192:].reshape(12, 16), api.panel_float32()[1])
+    for name in ("p0", "p1"):
+        im = fabio.open(str(tmp_path / f"i_{name}.img"))
+        assert im.data.shape == (12, 16)
+        assert float(im.header["PIXEL_SIZE"]) == 0.2 and float(im.header["WAVELENGTH"]) == 1.1
+    # the panel's own distance: the corner is 61 mm from the sample along the beam (normal = beam)
+    assert abs(float(fabio.open(str(tmp_path / "i_p0.img")).header["DISTANCE"]) - 61.0) < 1e-4
+    assert "2 panels one after another" in out
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["-noisefile", "n.img"], r"^nbsim\.nanobragg: error: -noisefile: not available with several panels"),
+    (["-pgmfile", "x.pgm"], r"^nbsim\.nanobragg: error: -pgmfile: not available with several panels"),
+])
+def test_front_end_refuses_single_image_outputs_with_panels(tmp_path, monkeypatch, capsys, extra, msg):
+    import re
+    (tmp_path / "d.geom").write_text(GEOM)
+    rc, out, err = _fe(tmp_path, monkeypatch, capsys, FE + ["--geom", "d.geom"] + extra)
+    assert rc == 2 and re.match(msg, err) and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.geom"]
+
+
+@pytest.mark.parametrize("name,text,msg", [
+    ("d.geom", GEOM + "p0/res = 0\n", r"--geom: d\.geom:14: p0/res: must be > 0 pixels per metre"),
+    ("d.geom", GEOM + "p0/fs = 2q\n", r"--geom: d\.geom:14: p0/fs: must be terms like"),
+    ("d.expt", _expt_with(lambda d: d["detector"][0]["panels"][0].update(image_size=[0, 3])),
+     r"--geom: d\.expt:\d+: detector\.panels\.0\.image_size: must be 2 integers >= 1"),
+    ("d.txt", "x", r"--geom: d\.txt: unknown geometry file type"),
+    ("missing.geom", None, r"--geom: file not found: missing\.geom"),
+])
+def test_front_end_bad_geometry_file_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys,
+                                                                        name, text, msg):
+    import re
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = _fe(tmp_path, monkeypatch, capsys, FE + ["--geom", name])
+    assert rc == 2 and err.count("\n") == 1 and re.search(msg, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_front_end_geom_as_a_subprocess_exits_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / "d.geom").write_text(GEOM + "p0/corner_x = inf\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    p = subprocess.run([sys.executable, "-m", "nbsim.nanobragg"] + FE + ["--geom=d.geom"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "--geom: d.geom:14: p0/corner_x: must be a finite number" in p.stderr
+
+
+def test_hydra_app_geometry_file_and_panels_list(tmp_path):
+    from pipeline.compose import compose_spec
+    from pipeline.store import run_or_reuse
+    (tmp_path / "d.geom").write_text(TWO_PANELS)
+    over = ["crystal.cell_A_deg=[42,51,63,88,93,97]", "crystal.misset_deg=[11,23,35]", "crystal.N=3",
+            "crystal.default_F=100", "beam.wavelength_A=1.1", "detector.oversample=1"]
+    spec, dev = compose_spec(over + ["detector.geometry_file=d.geom"])
+    folder, reused, doc = run_or_reuse(spec, dev, root=tmp_path / "out", base_dir=tmp_path, log=lambda m: None)
+    api = nbsim.simulate(spec, dev, base_dir=str(tmp_path))
+    assert np.array_equal(np.fromfile(folder / "float.bin", "<f4"), api.float32())
+    assert doc["info"]["npanels"] == 2 and not reused
+    assert run_or_reuse(spec, dev, root=tmp_path / "out", base_dir=tmp_path, log=lambda m: None)[1]
+    # a list of panels tiling the 16x12 single-panel detector
+    tiles = "[{fpixels:9,spixels:12,offset_px:[0,0]},{fpixels:7,spixels:12,offset_px:[9,0]}]"
+    spec2, _ = compose_spec(over + ["detector.fpixels=16", "detector.spixels=12", f"detector.panels={tiles}"])
+    single, _ = compose_spec(over + ["detector.fpixels=16", "detector.spixels=12"])
+    a = nbsim.simulate(spec2, dev).panels
+    b = nbsim.simulate(single, dev).image
+    assert float((a[0].image - b[:, :9]).abs().max()) == 0.0 and float((a[1].image - b[:, 9:]).abs().max()) == 0.0
