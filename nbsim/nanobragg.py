@@ -212,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for line in getattr(result, "trace", None) or []:
         print(line)
 
-    if result.panels is not None:
+    if getattr(result, "panels", None) is not None:
         return _write_panels(result, parsed, warn)
     info = result.info
     img = result.float32()

@@ -359,7 +359,7 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         img = result.float32()
         check_image(img, spec)
         info = dict(result.info)
-        if result.panels is not None:            # several panels: float.bin only (wanted_files)
+        if getattr(result, "panels", None) is not None:            # several panels: float.bin only (wanted_files)
             from nbsim.io.images import write_float
             write_float(tmp / "float.bin", img[None, :])
             prod = {}
@@ -383,7 +383,7 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             "stats": {k: prod.get(k, info.get(k)) for k in STAT_KEYS if k in prod or k in info},
             **{k: prod.get(k) for k in PRODUCT_KEYS},
             "files": sorted(want),
-            "previews": {preview: "preview.png"} if result.panels is None else {},
+            "previews": {preview: "preview.png"} if getattr(result, "panels", None) is None else {},
             "inputs_sha256": input_digests(spec, base_dir),
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,
