@@ -93,7 +93,7 @@ class DetectorSpec:
     roi: Optional[List[int]] = None        # [xmin, xmax, ymin, ymax] inclusive pixel indices (fast, slow)
     mask_file: Optional[str] = None        # SMV image; pixels equal to 0 are skipped
     panels: Optional[List[PanelSpec]] = None  # multi-panel detector (list of panels); None: one panel
-    geometry_file: Optional[str] = None    # CrystFEL .geom or DIALS .expt: the panels (and .expt beam, crystal)
+    geometry_file: Optional[str] = None    # CrystFEL .geom or DIALS .expt: the panels (and an .expt's beam)
 
 
 @dataclass

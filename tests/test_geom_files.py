@@ -313,3 +313,14 @@ def test_hydra_app_geometry_file_and_panels_list(tmp_path):
     a = nbsim.simulate(spec2, dev).panels
     b = nbsim.simulate(single, dev).image
     assert float((a[0].image - b[:, :9]).abs().max()) == 0.0 and float((a[1].image - b[:, 9:]).abs().max()) == 0.0
+
+
+def test_expt_crystal_is_converted_and_said_to_be_unused(tmp_path):
+    doc = expt_doc()
+    doc["experiment"][0]["crystal"] = 0
+    doc["crystal"] = [{"__id__": "crystal", "real_space_a": [10.0, 0.0, 0.0], "real_space_b": [0.0, 20.0, 0.0],
+                       "real_space_c": [0.0, 0.0, 30.0], "space_group_hall_symbol": " P 1"}]
+    (tmp_path / "d.expt").write_text(json.dumps(doc))
+    g = read_geometry(tmp_path / "d.expt")
+    assert g.crystal_axes_A == [[0.0, 0.0, 10.0], [0.0, 20.0, 0.0], [-30.0, 0.0, 0.0]]
+    assert any("read but not used" in n for n in g.notes)

@@ -401,5 +401,7 @@ def read_expt(path) -> GeometryFile:
     if isinstance(cryst, dict) and all(k in cryst for k in ("real_space_a", "real_space_b", "real_space_c")):
         axes = [from_dxtbx(_vec3(path, text, f"crystal.{k}", cryst[k]))
                 for k in ("real_space_a", "real_space_b", "real_space_c")]
+        notes.append(f"{path.name}: the crystal (real_space_a/b/c) is read but not used: the crystal is "
+                     "crystal.cell_A_deg/misset_deg or crystal.matrix_file")
     return GeometryFile(path=path, kind="dxtbx", panels=panels, wavelength_A=wavelength,
                         beam_vector=beam_vec, crystal_axes_A=axes, notes=tuple(notes))
