@@ -324,3 +324,18 @@ def test_expt_crystal_is_converted_and_said_to_be_unused(tmp_path):
     g = read_geometry(tmp_path / "d.expt")
     assert g.crystal_axes_A == [[0.0, 0.0, 10.0], [0.0, 20.0, 0.0], [-30.0, 0.0, 0.0]]
     assert any("read but not used" in n for n in g.notes)
+
+
+def test_expt_error_line_is_the_faulty_panels_key(tmp_path):
+    doc = expt_doc()
+    p = doc["detector"][0]["panels"][0]
+    doc["detector"][0]["panels"] = [p, dict(p, name="b", origin=[1, 2])]
+    text = json.dumps(doc, indent=1)
+    (tmp_path / "d.expt").write_text(text)
+    with pytest.raises(InputFileError) as e:
+        read_geometry(tmp_path / "d.expt")
+    line = int(str(e.value).split("d.expt:")[1].split(":")[0])
+    assert "detector.panels.1.origin" in str(e.value)
+    # the second "origin" after "panels" (the hierarchy's own origin comes first in this file)
+    lines = [i + 1 for i, t in enumerate(text.splitlines()) if '"origin"' in t]
+    assert line == lines[-1] and len(lines) == 3

@@ -285,19 +285,27 @@ def _apply_bad_regions(path, bads, panels, layout, notes) -> None:
 # dxtbx / DIALS experiment list (.expt JSON)
 # ---------------------------------------------------------------------------------------------
 
-def _json_line(text: str, needle: str) -> int:
-    """Line of the first occurrence of ``needle`` in ``text`` (0 when absent): for messages."""
-    i = text.find(needle)
-    return text.count("\n", 0, i) + 1 if i >= 0 else 0
+def _json_line(text: str, needle: str, nth: int = 0, after: Optional[str] = None) -> int:
+    """Line of the ``nth`` occurrence of ``needle`` in ``text`` (after the first ``after``, when
+    given), the last one found when there are fewer, 0 when absent: for messages (panel i's key is
+    the i-th occurrence after ``"panels"``)."""
+    i = text.find(after) if after is not None else -1
+    found = -1
+    for _ in range(nth + 1):
+        j = text.find(needle, i + 1)
+        if j < 0:
+            break
+        i = found = j
+    return text.count("\n", 0, found) + 1 if found >= 0 else 0
 
 
-def _vec3(path, text, where, v, *, nonzero=True) -> List[float]:
+def _vec3(path, text, where, v, *, nonzero=True, nth=0) -> List[float]:
+    line = _json_line(text, f'"{where.split(".")[-1]}"', nth, '"panels"' if where.startswith("detector.") else None)
     if (not isinstance(v, list) or len(v) != 3
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
-        raise _fail(path, _json_line(text, f'"{where.split(".")[-1]}"'), where,
-                    f"must be a list of 3 finite numbers, got {v!r}")
+        raise _fail(path, line, where, f"must be a list of 3 finite numbers, got {v!r}")
     if nonzero and all(x == 0 for x in v):
-        raise _fail(path, _json_line(text, f'"{where.split(".")[-1]}"'), where, "must not be the zero vector")
+        raise _fail(path, line, where, "must not be the zero vector")
     return [float(x) for x in v]
 
 
@@ -357,25 +365,25 @@ def read_expt(path) -> GeometryFile:
         for k in ("fast_axis", "slow_axis", "origin", "pixel_size", "image_size"):
             if k not in pd:
                 raise _fail(path, _json_line(text, '"panels"'), f"{where}.{k}", "missing")
-        fast = _vec3(path, text, f"{where}.fast_axis", pd["fast_axis"])
-        slow = _vec3(path, text, f"{where}.slow_axis", pd["slow_axis"])
-        origin = _vec3(path, text, f"{where}.origin", pd["origin"], nonzero=False)
+        fast = _vec3(path, text, f"{where}.fast_axis", pd["fast_axis"], nth=i)
+        slow = _vec3(path, text, f"{where}.slow_axis", pd["slow_axis"], nth=i)
+        origin = _vec3(path, text, f"{where}.origin", pd["origin"], nonzero=False, nth=i)
         ps, size = pd["pixel_size"], pd["image_size"]
         if (not isinstance(ps, list) or len(ps) != 2
                 or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in ps)):
-            raise _fail(path, _json_line(text, '"pixel_size"'), f"{where}.pixel_size",
+            raise _fail(path, _json_line(text, '"pixel_size"', i, '"panels"'), f"{where}.pixel_size",
                         f"must be 2 numbers > 0 (mm), got {ps!r}")
         if ps[0] != ps[1]:
-            raise _fail(path, _json_line(text, '"pixel_size"'), f"{where}.pixel_size",
+            raise _fail(path, _json_line(text, '"pixel_size"', i, '"panels"'), f"{where}.pixel_size",
                         f"must be square (nbsim's pixels are), got {ps!r}")
         if (not isinstance(size, list) or len(size) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in size)):
-            raise _fail(path, _json_line(text, '"image_size"'), f"{where}.image_size",
+            raise _fail(path, _json_line(text, '"image_size"', i, '"panels"'), f"{where}.image_size",
                         f"must be 2 integers >= 1 [fast, slow], got {size!r}")
         nf_, ns_ = math.sqrt(sum(x * x for x in fast)), math.sqrt(sum(x * x for x in slow))
         cosang = sum(a * b for a, b in zip(fast, slow)) / (nf_ * ns_)
         if abs(cosang) > 1e-6:
-            raise _fail(path, _json_line(text, '"slow_axis"'), f"{where}.slow_axis",
+            raise _fail(path, _json_line(text, '"slow_axis"', i, '"panels"'), f"{where}.slow_axis",
                         f"must be perpendicular to fast_axis (|cos| <= 1e-6), got cos = {cosang:.3g}")
         if pd.get("mask"):
             notes.append(f"{path.name}: {where}.mask: {len(pd['mask'])} region(s) not read (ignored)")
