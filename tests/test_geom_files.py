@@ -60,19 +60,19 @@ def crystal(**kw):
                                    misset_deg=[11.0, 23.0, 35.0], N=3, default_F=100.0), **kw))
 
 
-def custom_single_panel(fast, slow, origin_mm, npix=(16, 12), pixel_mm=0.2, oversample=None):
+def custom_single_panel(fast, slow, origin_mm, npix=(16, 12), pixel_mm=0.2, oversample=None, **det):
     """The custom-vector single-panel run of a panel (pix0 given; the quirk that ignores it fixed)."""
     return ExperimentSpec(
         detector=DetectorSpec(convention="custom", fpixels=npix[0], spixels=npix[1], pixel_mm=pixel_mm,
                               fdet_vector=fast, sdet_vector=slow,
                               odet_vector=np.cross(fast, slow).tolist(), pix0_vector_mm=origin_mm,
-                              distance_mm=61.0, oversample=oversample),
+                              distance_mm=61.0, oversample=oversample, **det),
         beam=BeamSpec(wavelength_A=1.1, kahn_factor=0.4), crystal=crystal(), fix=["pix0_overwritten"])
 
 
-def from_file(tmp_path, name, text, oversample=None):
+def from_file(tmp_path, name, text, oversample=None, **det):
     (tmp_path / name).write_text(text)
-    return ExperimentSpec(detector=DetectorSpec(geometry_file=name, oversample=oversample),
+    return ExperimentSpec(detector=DetectorSpec(geometry_file=name, oversample=oversample, **det),
                           beam=BeamSpec(wavelength_A=1.1, kahn_factor=0.4), crystal=crystal()).validate()
 
 
@@ -94,15 +94,17 @@ def test_dxtbx_conversion_inverts_the_dials_origin_nbsim_reports():
     assert np.allclose(back, np.array(info["pix0_m"]) * 1e3, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["geom", "expt"])
-def test_one_panel_file_reproduces_the_custom_vector_single_panel_run(tmp_path, kind):
+@pytest.mark.parametrize("kind,det", [("geom", {}), ("expt", {}),
+                                      ("geom", {"thick_um": 320.0, "thicksteps": 3, "attenuation_um": 250.0})])
+def test_one_panel_file_reproduces_the_custom_vector_single_panel_run(tmp_path, kind, det):
     text = GEOM if kind == "geom" else json.dumps(expt_doc())
-    spec = from_file(tmp_path, f"d.{kind}", text, oversample=2)
+    spec = from_file(tmp_path, f"d.{kind}", text, oversample=2, **det)
     multi = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
     pn = read_geometry(tmp_path / f"d.{kind}").panels[0]
     # the vectors a reader of the file expects in nbsim's frame, written out by hand
     assert pn.fast == [0.0, S, -C] and pn.slow == [0.0, C, S] and pn.origin_mm == [61.0, -1.5, 4.0]
-    single = nbsim.simulate(custom_single_panel([0.0, S, -C], [0.0, C, S], [61.0, -1.5, 4.0], oversample=2), DEV)
+    single = nbsim.simulate(custom_single_panel([0.0, S, -C], [0.0, C, S], [61.0, -1.5, 4.0], oversample=2,
+                                                **det), DEV)
     assert float(single.image.max()) > 0
     p = multi.panels[0]
     assert np.allclose(p.info["origin_mm"], [61.0, -1.5, 4.0], rtol=0, atol=0)
@@ -339,3 +341,18 @@ def test_expt_error_line_is_the_faulty_panels_key(tmp_path):
     # the second "origin" after "panels" (the hierarchy's own origin comes first in this file)
     lines = [i + 1 for i, t in enumerate(text.splitlines()) if '"origin"' in t]
     assert line == lines[-1] and len(lines) == 3
+
+
+def test_panel_whose_fast_x_slow_faces_the_sample_gets_the_outward_normal(tmp_path):
+    # dxtbx fast +x, slow +y: fast x slow = +z_d, towards the source; nbsim's normal must point away
+    doc = expt_doc()
+    doc["detector"][0]["panels"][0].update(fast_axis=[1.0, 0.0, 0.0], slow_axis=[0.0, 1.0, 0.0])
+    spec = from_file(tmp_path, "d.expt", json.dumps(doc), oversample=1, thick_um=200.0, thicksteps=2)
+    r = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    assert r.panels[0].info["normal"] == [1.0, 0.0, 0.0]
+    fast, slow = from_dxtbx([1.0, 0.0, 0.0]), from_dxtbx([0.0, 1.0, 0.0])     # nbsim [0,0,1], [0,1,0]
+    ref = custom_single_panel(fast, slow, [61.0, -1.5, 4.0], oversample=1, thick_um=200.0, thicksteps=2)
+    ref.detector.odet_vector = [1.0, 0.0, 0.0]
+    single = nbsim.simulate(ref, DEV)
+    assert float(single.image.min()) > 0
+    assert float((r.panels[0].image - single.image).abs().max()) == 0.0
