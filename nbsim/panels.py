@@ -24,14 +24,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
 
-from nbsim.params import PANEL_PARAMS, PANEL_PREFIX, panel_key, value
+from nbsim.params import PANEL_PREFIX, panel_key, value
 from nbsim.rotation import cross, dot, rotate_xyz, unitize
-from nbsim.spec import DetectorSpec, ExperimentSpec, PanelSpec, SpecError
+from nbsim.spec import ExperimentSpec, PanelSpec, SpecError
 
 
 def has_panels(spec: ExperimentSpec) -> bool:
@@ -82,11 +82,6 @@ def panel_params(params, n: int) -> dict:
     return out
 
 
-def _carries(t) -> bool:
-    from nbsim.experiment import _carries_derivative
-    return isinstance(t, torch.Tensor) and _carries_derivative(t)
-
-
 def _box_mask(shape, box) -> np.ndarray:
     """(S, F) bool, True inside ``box`` = [fmin, fmax, smin, smax] (inclusive, clipped)."""
     m = np.zeros(shape, bool)
@@ -94,7 +89,7 @@ def _box_mask(shape, box) -> np.ndarray:
     return m
 
 
-def resolve_panels(panels: List[PanelSpec], frame, detector: DetectorSpec, params=None) -> List[Panel]:
+def resolve_panels(panels: List[PanelSpec], frame, params=None) -> List[Panel]:
     """Resolve ``panels`` against the single-panel frame ``frame`` (an engine ``Model``: its
     pixel size, vectors and ``pix0`` are a panel's defaults). ``params``: schema key → tensor; the
     per-panel keys (``detector.panels.<i>.origin_mm`` / ``rot_deg``) replace the spec's values."""
@@ -142,7 +137,7 @@ def resolve_panels(panels: List[PanelSpec], frame, detector: DetectorSpec, param
                                 f"(fast 0..{fpix - 1}, slow 0..{spix - 1}), got {list(pn.roi)}")
             roi_mask = _box_mask((spix, fpix), pn.roi)
             active = roi_mask.copy()
-        for j, box in enumerate(pn.bad or []):
+        for box in pn.bad or []:
             active &= ~_box_mask((spix, fpix), box)
         out.append(Panel(name=pn.name or f"p{i}", fpixels=fpix, spixels=spix,
                          offset=(int(pn.offset_px[0]), int(pn.offset_px[1])), pixel_m=pixel_m,
@@ -260,7 +255,7 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
     base_params = {k: v for k, v in (params or {}).items() if panel_key(k) is None}
     frame = build_model(fspec, dtype=torch.float64, device=tdev, base_dir=base_dir,
                         params=base_params or None, inputs=inputs)
-    panels = resolve_panels(panels_spec, frame, spec.detector, params)
+    panels = resolve_panels(panels_spec, frame, params)
     budget = memory_budget_bytes(device, tdev)
     images, results, kernels = [], [], set()
     for i, pn in enumerate(panels):

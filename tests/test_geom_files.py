@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import nbsim
 from nbsim.io.geom import from_crystfel, from_dxtbx, read_geometry
