@@ -18,6 +18,8 @@ SimResult.info    dict of derived values, all plain Python numbers / lists:
 SimResult.mask    numpy bool (spixels, fpixels): pixels that were simulated (ROI and mask)
 SimResult.warnings list[str]  (quirk warnings etc.)
 SimResult.log      list[str]  (nanoBragg-style stdout lines describing the setup)
+SimResult.panels   None, or (multi-panel detector, ``nbsim.panels``) one PanelImage per panel: then
+                   ``image``/``mask``/``roi_mask`` are 1-D, the panels one after another (slow-major)
 """
 from __future__ import annotations
 
@@ -43,10 +45,18 @@ class SimResult:
     warnings: list = field(default_factory=list)
     log: list = field(default_factory=list)
     trace: list = field(default_factory=list)
+    panels: Optional[list] = None  # multi-panel detector: nbsim.panels.PanelImage per panel, in order
 
     def float32(self) -> np.ndarray:
-        """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
+        """The float image as nanoBragg writes it: float32 (spixels, fpixels); with several panels
+        1-D, the panels one after another (each slow-major), as ``-floatfile`` writes them."""
         return _float32(plain(self.image))
+
+    def panel_float32(self) -> list:
+        """Per panel, float32 (spixels, fpixels) (a one-element list for a single-panel run)."""
+        if self.panels is None:
+            return [self.float32()]
+        return [_float32(plain(p.image)) for p in self.panels]
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
@@ -95,8 +105,13 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     e.g. once for many calls of a fitting loop; read from ``base_dir`` when not given."""
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
+    from nbsim.panels import has_panels, simulate_panels
     from nbsim.spec import compile_mode
     from nbsim.stats import image_stats
+
+    if has_panels(spec):
+        return simulate_panels(spec, device, params=params, inputs=inputs, base_dir=base_dir,
+                               progress=progress, chunk_pixels=chunk_pixels, trace_pixel=trace_pixel)
 
     tdev, tdtype, device = resolve_device(device)
     compile_ = compile_mode(device.compile)

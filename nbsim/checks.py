@@ -454,11 +454,46 @@ def preflight(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_di
     """Validate ``spec`` and refuse, with one ``SpecError``, anything above. Normalizes a negative
     ROI bound in place (C's "whole detector"). Reads each input file once; writes nothing."""
     spec.validate()
+    from nbsim.panels import has_panels
+    if has_panels(spec):
+        return _preflight_panels(spec, device, base_dir)
     normalize_roi(spec)
     info = check_geometry(spec)
     files = check_inputs(spec, base_dir, beam_dir=info["beam"])
     est = estimate(spec, device, base_dir, geo_info=info, sources=files["sources"],
                    hkl_cells=files["hkl_cells"])
+    check_size(est, device, spec)
+    return est
+
+
+def _preflight_panels(spec: ExperimentSpec, device, base_dir) -> Estimate:
+    """``preflight`` of a multi-panel detector: the geometry file is read (one line naming its
+    file, line and key), the shared frame (``nbsim.panels.frame_spec``) is checked as a single
+    panel, and the estimate counts every panel's pixels (each panel's frame block is allocated)."""
+    import dataclasses
+
+    from nbsim.panels import frame_spec, panel_list
+    geometry = None
+    if spec.detector.geometry_file is not None:
+        from nbsim.io.geom import read_geometry
+        geometry = _read("detector.geometry_file", read_geometry, base_dir, spec.detector.geometry_file)
+    frame = frame_spec(spec, geometry)
+    panels = panel_list(spec, geometry)
+    info = check_geometry(frame)
+    files = check_inputs(frame, base_dir, beam_dir=info["beam"])
+    est = estimate(frame, device, base_dir, geo_info=info, sources=files["sources"],
+                   hkl_cells=files["hkl_cells"])
+    from nbsim.geometry import resolve_pixels
+    fpix0, spix0 = resolve_pixels(frame.detector)[:2]
+    counts = [((pn.fpixels or fpix0), (pn.spixels or spix0), pn.offset_px) for pn in panels]
+    npix = sum(f * s for f, s, _ in counts)
+    block = max((f + o[0]) * (s + o[1]) for f, s, o in counts)
+    itemsize = 4 if (device or DeviceSpec()).dtype == "float32" else 8
+    rate = SAMPLES_PER_S.get((device or DeviceSpec()).device.split(":")[0], SAMPLES_PER_S["cpu"])
+    est = dataclasses.replace(
+        est, fpixels=npix, spixels=1, pixels=npix,
+        fixed_bytes=est.fixed_bytes + (npix + block) * (itemsize + 8),   # images + one panel's block
+        seconds=npix * est.samples_per_pixel / rate + est.mosaic_domains * SETUP_S_PER_DOMAIN)
     check_size(est, device, spec)
     return est
 
@@ -471,7 +506,8 @@ def check_image(img, spec: Optional[ExperimentSpec] = None) -> None:
         return
     n_nan = int(np.isnan(a).sum())
     n_inf = int(a.size - finite.sum() - n_nan)
-    s, f = (int(v) for v in np.argwhere(~finite)[0])
+    pos = [int(v) for v in np.argwhere(~finite)[0]]
+    where = f"slow {pos[0]}, fast {pos[1]}" if a.ndim == 2 else f"pixel {pos[0]} of the panels in order"
     hint = ""
     if spec is not None:
         fl = spec.beam.fluence_ph_per_m2
@@ -479,5 +515,5 @@ def check_image(img, spec: Optional[ExperimentSpec] = None) -> None:
                 + (f", table {spec.crystal.hkl_file}" if spec.crystal.hkl_file else "") + ")") if fl else \
                f" (default_F {spec.crystal.default_F:g})"
     raise SpecError("image", f"the simulated image holds {n_nan} NaN and {n_inf} infinite pixels (first at "
-                    f"slow {s}, fast {f}): the intensity overflows float32 (> 3.4e38 photons){hint}; "
+                    f"{where}): the intensity overflows float32 (> 3.4e38 photons){hint}; "
                     "lower the fluence or the structure factors. Nothing was written")

@@ -44,6 +44,7 @@ class Inputs:
     structure_factors: Optional[StructureFactors] = None
     sources: Optional[np.ndarray] = None                 # (n, 5) X Y Z I λ, NaN for missing values
     mask: Optional[np.ndarray] = None                    # (slow, fast) SMV mask image
+    geometry: Optional[object] = None                    # nbsim.io.geom.GeometryFile (detector.geometry_file)
     notes: Tuple[str, ...] = field(default_factory=tuple)   # one-line remarks for the run's warnings
 
 
@@ -95,7 +96,16 @@ def load_inputs(spec: ExperimentSpec, base_dir=".") -> Inputs:
     if d.mask_file is not None:
         from nbsim.io.smv import read_smv
         _, mask = read_smv(_path(base_dir, d.mask_file, "detector.mask_file"))
-    return Inputs(matrix=matrix, structure_factors=sf, sources=sources, mask=mask, notes=notes)
+    geometry = None
+    if d.geometry_file is not None:
+        from nbsim.io.geom import read_geometry
+        from nbsim.io.inputs import InputFileError
+        try:
+            geometry = read_geometry(_path(base_dir, d.geometry_file, "detector.geometry_file"))
+        except InputFileError as e:
+            raise SpecError("detector.geometry_file", str(e)) from None
+    return Inputs(matrix=matrix, structure_factors=sf, sources=sources, mask=mask, geometry=geometry,
+                  notes=notes)
 
 
 def write_fdump_cache(spec: ExperimentSpec, inputs: Inputs, base_dir=".") -> Optional[Path]:

@@ -248,7 +248,14 @@ def format_error(exc: BaseException, fallback: bool = False) -> Optional[str]:
         key = getattr(cause, "full_key", None) or ""
         msg = getattr(cause, "msg", None) or _first_line(cause)
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in msg:
+            from nbsim.spec import PanelSpec
+            if getattr(cause, "object_type", None) is PanelSpec:      # inside the detector.panels list
+                return (f"detector.panels: {key.rsplit('.', 1)[-1]}: unknown panel key; accepted: "
+                        + ", ".join(f.name for f in fields(PanelSpec)))
             return _unknown_key_message(key)
+        from nbsim.spec import PanelSpec
+        if getattr(cause, "object_type", None) is PanelSpec:
+            return f"detector.panels: {key.rsplit('.', 1)[-1]}: {_first_line(msg)}"
         if isinstance(cause, ValidationError) and _field_type(key):
             return f"{key}: must be {_expected(_field_type(key))}, got {getattr(cause, 'value', None)!r}"
         return f"{key or 'config'}: {_first_line(msg)}"

@@ -23,7 +23,7 @@ HASH_SCHEMA = 1          # bump when the meaning of a stored result changes for 
 HASH_CHARS = 16
 # spec keys that name input files: hashed by content
 INPUT_FILES = ("crystal.hkl_file", "crystal.matrix_file", "crystal.fdump_file", "beam.source_file",
-               "detector.mask_file")
+               "detector.mask_file", "detector.geometry_file")
 DEFAULT_FDUMP = "Fdump.bin"   # nanoBragg reads ./Fdump.bin when no HKL table is given (quirk fdump_from_cwd)
 
 

@@ -48,6 +48,16 @@ PRODUCT_KEYS = ("intfile_scale", "pgm_scale", "photons", "overloads", "noise_see
 
 
 def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: bool = False) -> list:
+    from nbsim.panels import has_panels
+    if has_panels(spec):
+        # several panels: float.bin holds them one after another (geometry order, each slow-major);
+        # SMV, PGM and the preview hold one image each and are not written
+        for key, on in (("store.write_noise", write_noise), ("store.write_pgm", write_pgm)):
+            if on:
+                raise SpecError(key, "not available with several panels (detector.panels / "
+                                "detector.geometry_file): the entry holds float.bin, the panels one "
+                                "after another")
+        return ["float.bin", "config.yaml", "run.json"]
     names = ["float.bin", "int.img", "preview.png", "config.yaml", "run.json"]
     if write_noise and spec.image.noise:
         names.append("noise.img")
@@ -158,7 +168,8 @@ def missing_products(doc: dict, want, preview: str) -> list:
     """Files of ``want`` (and the preview in mode ``preview``) that the intact entry ``doc`` lacks."""
     files = doc.get(MANIFEST_KEY) or {}
     names = [n for n in want if n not in ("run.json", "preview.png")]
-    names.append(preview_name(doc, preview))
+    if "preview.png" in want:
+        names.append(preview_name(doc, preview))
     return [n for n in names if n not in files]
 
 
@@ -348,11 +359,16 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         img = result.float32()
         check_image(img, spec)
         info = dict(result.info)
-        prod = products.write_result(
-            result, spec.image, float_path=str(tmp / "float.bin"), int_path=str(tmp / "int.img"),
-            noise_path=str(tmp / "noise.img") if "noise.img" in want else None,
-            pgm_path=str(tmp / "image.pgm") if "image.pgm" in want else None) or {}
-        preview_png(img, tmp / "preview.png", preview)
+        if getattr(result, "panels", None) is not None:            # several panels: float.bin only (wanted_files)
+            from nbsim.io.images import write_float
+            write_float(tmp / "float.bin", img[None, :])
+            prod = {}
+        else:
+            prod = products.write_result(
+                result, spec.image, float_path=str(tmp / "float.bin"), int_path=str(tmp / "int.img"),
+                noise_path=str(tmp / "noise.img") if "noise.img" in want else None,
+                pgm_path=str(tmp / "image.pgm") if "image.pgm" in want else None) or {}
+            preview_png(img, tmp / "preview.png", preview)
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
         (tmp / "config.yaml").write_text(f"# nbsim configuration, hash {h}\n" + OmegaConf.to_yaml(doc))
         lines = list(getattr(result, "log", None) or []) + list(prod.get("lines") or [])
@@ -367,7 +383,7 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             "stats": {k: prod.get(k, info.get(k)) for k in STAT_KEYS if k in prod or k in info},
             **{k: prod.get(k) for k in PRODUCT_KEYS},
             "files": sorted(want),
-            "previews": {preview: "preview.png"},
+            "previews": {preview: "preview.png"} if getattr(result, "panels", None) is None else {},
             "inputs_sha256": input_digests(spec, base_dir),
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,

@@ -305,6 +305,9 @@ FLAGS: Tuple[Flag, ...] = (
        help="FILE: SMV mask (0 = skip); its header sets geometry defaults"),
     _F("-img", kind="s", action="img", group="geometry",
        help="FILE: SMV image whose header sets geometry defaults"),
+    _F("--geom", kind="s", keys=("detector.geometry_file",), action="infile", group="geometry",
+       help="FILE: multi-panel detector from a CrystFEL .geom or DIALS .expt (nbsim only; "
+            "-floatfile holds the panels one after another, -intfile one SMV per panel)"),
     # ---- background tables nanoBragg reads but does not use
     _F("-stol", kind="s", group="background", no_effect="the table is read but unused by nanoBragg",
        help="FILE (no effect)"),
@@ -405,6 +408,7 @@ class OutputFiles:
     pgmfile: str = "image.pgm"
     write_noise: bool = True               # -nonoise turns off, -noisefile turns on
     write_pgm: bool = True                 # -nopgm turns off, -pgmfile/-pgmscale turn on
+    given: set = field(default_factory=set)  # output flags given explicitly (-noisefile, -pgmfile, -pgmscale)
 
     def paths(self) -> Dict[str, Optional[str]]:
         """Keyword arguments for ``nbsim.io.products.write_products``."""
@@ -511,6 +515,9 @@ def _split_options(argv: Sequence[str]):
             c_argv.append(word)
             continue
         name, eq, val = word.partition("=")
+        if name in _EXACT:                     # an nbsim flag of the table (--geom)
+            c_argv += [name, val] if eq else [word]
+            continue
         key = _DOUBLE.get(name)
         if key is None:
             raise FrontendError(f"unknown option {name}{_suggest(name)}")
@@ -816,11 +823,13 @@ class _Builder:
         self.out.intfile = ev.values[0]
 
     def _act_out_noise(self, ev):
+        self.out.given.add("-noisefile")
         self.out.noisefile = ev.values[0]
         self.out.write_noise = True
         self.set("image.noise", True, ev.word)
 
     def _act_out_pgm(self, ev):
+        self.out.given.add("-pgmfile")
         self.out.pgmfile = ev.values[0]
         self.out.write_pgm = True
 
@@ -832,6 +841,7 @@ class _Builder:
         self.out.write_pgm = False
 
     def _act_pgmscale(self, ev):
+        self.out.given.add("-pgmscale")
         self.set("image.pgm_scale", ev.values[0], ev.word)
         self.out.write_pgm = True
 

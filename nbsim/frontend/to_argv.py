@@ -36,6 +36,10 @@ def spec_to_argv(spec: ExperimentSpec, device: Optional[DeviceSpec] = None) -> L
     Raises ``FrontendError`` for a spec no command line can express.
     """
     d, b, c, im = spec.detector, spec.beam, spec.crystal, spec.image
+    if d.panels is not None or d.geometry_file is not None:
+        # nanoBragg has one panel; nbsim's front end reads a geometry file (--geom), not a panel list
+        raise FrontendError("spec_to_argv: a multi-panel detector (detector.panels / geometry_file) "
+                            "has no nanoBragg command line")
     dflt = ExperimentSpec()
     out: List[str] = []
     if spec.quirks != "faithful":
