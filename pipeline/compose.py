@@ -48,6 +48,9 @@ class StoreConfig:
     write_noise: bool = False      # also write noise.img (Poisson SMV; added to a stored entry)
     write_pgm: bool = False        # also write image.pgm (nanoBragg's 8-bit PGM; added to a stored entry)
     preview: str = "log"           # preview.png scaling: log | percentile
+    formats: List[str] = field(default_factory=lambda: ["smv"])  # besides float.bin: smv | cbf | nexus
+    nexus_dtype: str = "float32"   # NeXus data: float32 (the float image) | int32 (counts, as in the CBF)
+    nexus_compression: str = "none"  # NeXus data compression: none | bslz4 (bitshuffle/LZ4, hdf5plugin)
 
 
 @dataclass
@@ -109,6 +112,17 @@ def validate_store(store) -> None:
                         f"must be one of {', '.join(PREVIEW_MODES)}; got {store.preview!r}")
     if not str(store.root):
         raise SpecError("store.root", "must be a folder path, got ''")
+    from nbsim.io.nexus import COMPRESSIONS, NEXUS_DTYPES
+    from pipeline.store import FORMATS
+    bad = [f for f in store.get("formats", ["smv"]) if f not in FORMATS]
+    if bad:
+        raise SpecError("store.formats", f"unknown format {bad[0]!r}; accepted: {', '.join(FORMATS)}")
+    if store.get("nexus_dtype", "float32") not in NEXUS_DTYPES:
+        raise SpecError("store.nexus_dtype", f"must be one of {', '.join(NEXUS_DTYPES)}; "
+                        f"got {store.nexus_dtype!r}")
+    if store.get("nexus_compression", "none") not in COMPRESSIONS:
+        raise SpecError("store.nexus_compression", f"must be one of {', '.join(COMPRESSIONS)}; "
+                        f"got {store.nexus_compression!r}")
 
 
 def cfg_to_spec(cfg: DictConfig) -> Tuple[ExperimentSpec, DeviceSpec]:

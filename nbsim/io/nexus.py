@@ -172,7 +172,8 @@ def nexus_bytes(data, info: dict, *, dtype: str = "float32", compression: str = 
     panels : list of PanelGeometry, optional
         Default :func:`panels_from_info`.
     mask : bool array like ``data``, optional
-        Pixels simulated; the others are flagged in ``pixel_mask`` (bit 0, "dead", as NXmx defines).
+        The ROI (pixels written); the others are flagged in ``pixel_mask`` (bit 0, "dead", as NXmx
+        defines); no ``pixel_mask`` when every pixel is inside.
     """
     import h5py
 

@@ -163,7 +163,7 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
             from .nexus import nexus_bytes
             data = counts if nexus_dtype == "int32" else a
             writer.submit(nexus_path, nexus_bytes(data, info, dtype=nexus_dtype, compression=nexus_compression,
-                                                  mask=roi if active is None else active))
+                                                  mask=roi))
     written = writer.paths()
 
     return {
