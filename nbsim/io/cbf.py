@@ -18,8 +18,10 @@ miniCBF keywords DIALS (``FormatCBFMiniPilatus``) and fabio read::
 
 numbers with 12 significant digits.  ``Beam_xy`` is the direct-beam position in pixels from the corner
 of the first pixel along fast and slow (DIALS's convention; nbsim's ``Fbeam``/``Sbeam`` over the
-pixel size).  The miniCBF header describes a detector facing the beam (fast +x, slow −y in imgCIF);
-a tilted or rotated detector is described exactly only by the NeXus file (:mod:`nbsim.io.nexus`).
+pixel size), ``Detector_distance`` the distance along the beam (both from
+:func:`nbsim.io.nexus.direct_beam`).  The miniCBF header describes a detector facing the beam
+(fast +x, slow −y in imgCIF); a tilted or rotated detector is described exactly only by the NeXus
+file (:mod:`nbsim.io.nexus`).  A CBF holds one panel.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ def _g(x) -> str:
 
 def cbf_header(info: dict) -> str:
     """The miniCBF header text (lines ``# Keyword value``, CR LF separated) from the run's ``info``
-    (``pixel_mm``, ``thick_m``, ``exposure_s``, ``wavelength_A``, ``distance_mm``, ``fbeam_mm``,
-    ``sbeam_mm``, ``phi_deg``, ``osc_deg``, ``twotheta_deg``)."""
+    (``pixel_mm``, ``thick_m``, ``exposure_s``, ``wavelength_A``, ``phi_deg``, ``osc_deg``,
+    ``twotheta_deg``; distance and beam centre from the geometry keys by
+    :func:`nbsim.io.nexus.direct_beam`)."""
+    from .nexus import direct_beam
     px_m = float(info["pixel_mm"]) * 1e-3
     px_mm = float(info["pixel_mm"])
+    distance_mm, fbeam_mm, sbeam_mm = direct_beam(info)
     exposure = float(info.get("exposure_s", 1.0))
     lines = [
         "Detector: nbsim simulated detector",
@@ -55,8 +60,8 @@ def cbf_header(info: dict) -> str:
         f"Exposure_period {_g(exposure)} s",
         f"Count_cutoff {COUNT_MAX} counts",
         f"Wavelength {_g(info['wavelength_A'])} A",
-        f"Detector_distance {_g(float(info['distance_mm']) * 1e-3)} m",
-        f"Beam_xy ({_g(float(info['fbeam_mm']) / px_mm)}, {_g(float(info['sbeam_mm']) / px_mm)}) pixels",
+        f"Detector_distance {_g(distance_mm * 1e-3)} m",
+        f"Beam_xy ({_g(fbeam_mm / px_mm)}, {_g(sbeam_mm / px_mm)}) pixels",
         f"Start_angle {_g(info.get('phi_deg', 0.0))} deg.",
         f"Angle_increment {_g(info.get('osc_deg', 0.0))} deg.",
         f"Phi {_g(info.get('phi_deg', 0.0))} deg.",
@@ -70,6 +75,8 @@ def cbf_bytes(counts, info: dict) -> bytes:
     """The CBF file as bytes: int32 ``counts`` (S, F) and the header of :func:`cbf_header`."""
     from fabio.cbfimage import CbfImage
 
+    if len(info.get("panels") or ()) > 1:
+        raise ValueError("cbf: a CBF holds one panel; write a multi-panel detector as NeXus")
     a = np.asarray(counts)
     if a.ndim != 2:
         raise ValueError(f"cbf: expected a 2-D (slow, fast) image, got shape {a.shape}")

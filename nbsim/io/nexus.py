@@ -24,7 +24,8 @@ Layout written (one image, ``nP = 1``)::
       instrument/beam           NXbeam   incident_wavelength [Å] (array + incident_wavelength_weights
                                          when the sources have several wavelengths)
       instrument/detector       NXdetector  depends_on transformations/detector_z (+z, the distance),
-                                distance, beam_center_x/y [pixels] (one panel), count_time, sensor
+                                distance, beam_center_x/y [pixels] (one panel; :func:`direct_beam`),
+                                count_time, sensor
       instrument/detector/module<k>   NXdetector_module: data_origin/size (slow, fast); module_offset
                                 (translation from detector_z to the corner of the module's first pixel);
                                 fast/slow_pixel_direction (translation by the pixel size along the axes)
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,7 +52,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 
-__all__ = ["COMPRESSIONS", "NEXUS_DTYPES", "PanelGeometry", "mcstas_rotation", "nexus_bytes",
+__all__ = ["COMPRESSIONS", "NEXUS_DTYPES", "PanelGeometry", "direct_beam", "mcstas_rotation", "nexus_bytes",
            "panels_from_info", "write_nexus"]
 
 NEXUS_DTYPES = ("float32", "int32")
@@ -107,6 +108,28 @@ def mcstas_rotation(beam) -> np.ndarray:
     y = _unit(y)
     x = np.cross(y, z)
     return np.stack([x, y, z])
+
+
+def direct_beam(info: dict) -> tuple:
+    """``(distance_mm, fbeam_mm, sbeam_mm)``: where the beam from the sample meets the plane of the
+    (first) panel, from the panel's ``pix0``, ``fdet``, ``sdet`` and the ``beam`` (nbsim lab frame).
+
+    The distance is measured along the beam, the beam centre from the corner of the first pixel along
+    fast and slow.  These equal the run's ``distance_mm``/``fbeam_mm``/``sbeam_mm`` except under the
+    faithful quirk ``ratio_ignores_twotheta`` with a two-theta angle, where nanoBragg reports a
+    distance that ignores two-theta; the files give the true geometry (the one simulated).  NaN when
+    the beam is parallel to the panel."""
+    p = panels_from_info(info)[0]
+    o = np.asarray(p.origin_mm, dtype=np.float64)
+    f, s_ = _unit(p.fdet), _unit(p.sdet)
+    b = _unit(info["beam"])
+    n = np.cross(f, s_)
+    den = float(np.dot(b, n))
+    if den == 0.0:
+        return math.nan, math.nan, math.nan
+    t = float(np.dot(o, n)) / den
+    hit = t * b - o
+    return t, float(np.dot(hit, f)), float(np.dot(hit, s_))
 
 
 def _set_class(g, nx_class: str) -> None:
@@ -224,18 +247,19 @@ def nexus_bytes(data, info: dict, *, dtype: str = "float32", compression: str = 
             lam = spec[0][0] if spec else float(info["wavelength_A"])
             _scalar(beam, "incident_wavelength", lam, "angstrom", np.float64)
 
-        det = inst.create_group("detector")
+        det = inst.create_group("detector", track_order=True)   # modules listed in panel order
         _set_class(det, "NXdetector")
         det.create_dataset("description", data="nbsim simulated detector")
         det.create_dataset("depends_on", data=f"{_DET}/transformations/detector_z")
-        distance_mm = float(info.get("distance_mm", 0.0))
-        if not math.isfinite(distance_mm):
+        distance_mm, fbeam_mm, sbeam_mm = direct_beam({**info, "panels": [asdict(p) for p in panels]})
+        if math.isfinite(distance_mm):
+            _scalar(det, "distance", distance_mm, "mm", np.float64)
+        else:
             distance_mm = 0.0
-        _scalar(det, "distance", distance_mm, "mm", np.float64)
-        if len(panels) == 1:
+        if len(panels) == 1 and math.isfinite(fbeam_mm):
             px = panels[0].pixel_mm
-            _scalar(det, "beam_center_x", float(info["fbeam_mm"]) / px, "pixel", np.float64)
-            _scalar(det, "beam_center_y", float(info["sbeam_mm"]) / px, "pixel", np.float64)
+            _scalar(det, "beam_center_x", fbeam_mm / px, "pixel", np.float64)
+            _scalar(det, "beam_center_y", sbeam_mm / px, "pixel", np.float64)
         _scalar(det, "count_time", float(info.get("exposure_s", 1.0)), "s", np.float64)
         # nbsim's sensor has a thickness and an attenuation length, no material; DIALS needs one
         det.create_dataset("sensor_material", data="Si")
