@@ -205,7 +205,12 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
                "List[str]": "a list of quirk names like [phi0_carryover]"}
 
 
-def _expected(type_str: str) -> str:
+_KEY_WORDS = {"store.formats": "a list of formats like [smv, cbf, nexus]"}
+
+
+def _expected(type_str: str, key: str = "") -> str:
+    if key in _KEY_WORDS:
+        return _KEY_WORDS[key]
     m = re.fullmatch(r"Optional\[(.*)\]", type_str)
     inner = m.group(1) if m else type_str
     word = _TYPE_WORDS.get(inner, inner)
@@ -264,7 +269,7 @@ def format_error(exc: BaseException, fallback: bool = False) -> Optional[str]:
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in msg:
             return _unknown_key_message(key)
         if isinstance(cause, ValidationError) and _field_type(key):
-            return f"{key}: must be {_expected(_field_type(key))}, got {getattr(cause, 'value', None)!r}"
+            return f"{key}: must be {_expected(_field_type(key), key)}, got {getattr(cause, 'value', None)!r}"
         return f"{key or 'config'}: {_first_line(msg)}"
     if isinstance(exc, ConfigCompositionException):
         m = re.search(r"Could not override '([^']*)'", str(exc))

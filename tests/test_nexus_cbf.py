@@ -337,3 +337,17 @@ def test_store_added_files_equal_fresh_ones(tmp_path):
         assert (folder / name).read_bytes() == (fresh / name).read_bytes(), name
     doc, why = store.verify_entry(folder, folder.name)
     assert doc is not None, why
+
+
+@pytest.mark.parametrize("override,words", [
+    ("store.formats=smv", "store.formats: must be a list of formats like [smv, cbf, nexus]"),
+    ("store.formats=[smv,tiff]", "store.formats: unknown format 'tiff'; accepted: smv, cbf, nexus"),
+    ("store.nexus_dtype=int16", "store.nexus_dtype: must be one of float32, int32"),
+    ("store.nexus_compression=gzip", "store.nexus_compression: must be one of none, bslz4"),
+])
+def test_hydra_store_format_keys_one_line(override, words):
+    from pipeline.compose import cfg_to_spec, compose_config, format_error
+    with pytest.raises(Exception) as ei:
+        cfg_to_spec(compose_config([override]))
+    msg = format_error(ei.value, fallback=True)
+    assert msg is not None and "\n" not in msg and msg.startswith(words), msg
