@@ -231,7 +231,8 @@ def nexus_bytes(data, info: dict, *, dtype: str = "float32", compression: str = 
         _set_class(nxdata, "NXdata")
         nxdata.attrs["signal"] = "data"
         ds = nxdata.create_dataset("data", data=img[None], chunks=(1,) + img.shape, **filters)
-        ds.attrs["units"] = "counts" if dtype == "int32" else "photons"
+        if dtype == "int32":
+            ds.attrs["units"] = "counts"            # float32: photons per pixel (no NeXus unit for it)
 
         inst = entry.create_group("instrument")
         _set_class(inst, "NXinstrument")
