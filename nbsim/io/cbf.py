@@ -1,8 +1,10 @@
-"""CBF images with a miniCBF (PILATUS_1.2) header, written through fabio.
+"""CBF images with a miniCBF header, written through fabio.
 
 The pixels are int32 counts (:func:`nbsim.io.images.count_image`: the ``-intfile`` formula without the
-16-bit clip), compressed with CBF byte-offset as fabio writes them.  The header carries, in the
-miniCBF keywords DIALS (``FormatCBFMiniPilatus``) and fabio read::
+16-bit clip), compressed with CBF byte-offset as fabio writes them.  The header convention is ``GENERIC_MINI``,
+the one dxtbx defines for simulated pixel-array data of any size (its ``FormatCBFMini`` reads it;
+``PILATUS_1.2`` would make DIALS apply a real PILATUS's module gaps and require a timestamp).  The
+header carries, in the PILATUS miniCBF keywords that DIALS and fabio's ``PilatusHeader`` read::
 
     # Detector: nbsim simulated detector
     # Pixel_size <px m> m x <px m> m
@@ -35,7 +37,9 @@ import numpy as np
 from .atomic import atomic_write_bytes
 from .images import COUNT_MAX
 
-__all__ = ["cbf_bytes", "cbf_header", "write_cbf"]
+__all__ = ["HEADER_CONVENTION", "cbf_bytes", "cbf_header", "write_cbf"]
+
+HEADER_CONVENTION = "GENERIC_MINI"
 
 
 def _g(x) -> str:
@@ -83,7 +87,7 @@ def cbf_bytes(counts, info: dict) -> bytes:
     if a.dtype != np.int32:
         raise TypeError(f"cbf: counts must be int32, got {a.dtype}")
     img = CbfImage(data=np.ascontiguousarray(a), header={
-        "_array_data.header_convention": "PILATUS_1.2",
+        "_array_data.header_convention": HEADER_CONVENTION,
         "_array_data.header_contents": cbf_header(info)})
     # fabio writes to a file name only: write into a private temporary folder and read it back
     with tempfile.TemporaryDirectory(prefix="nbsim-cbf-") as tmp:
