@@ -358,3 +358,24 @@ def test_hydra_store_format_keys_one_line(override, words):
         cfg_to_spec(compose_config([override]))
     msg = format_error(ei.value, fallback=True)
     assert msg is not None and "\n" not in msg and msg.startswith(words), msg
+
+
+def test_nexus_pixel_mask():
+    """pixel_mask (always written): 1 outside the ROI, and right of a narrower panel."""
+    import io
+    from nbsim.io.images import roi_mask
+    info = _golden_info("G19_roi_nopolar")
+    S, F = info["spixels"], info["fpixels"]
+    roi = roi_mask(F, S, info["roi"])
+    assert 0 < roi.sum() < roi.size
+    with h5py.File(io.BytesIO(nexus_bytes(np.zeros((S, F), np.float32), info, mask=roi)), "r") as f:
+        pm = nxmx.NXmx(f).entries[0].instruments[0].detectors[0].pixel_mask[()]
+        assert pm.dtype == np.int32 and np.array_equal(pm, (~roi).astype(np.int32))
+    one = panels_from_info(info)[0]
+    narrow = PanelGeometry(F - 10, 7, one.pixel_mm, one.fdet, one.sdet, one.origin_mm, "a")
+    wide = PanelGeometry(F, 5, one.pixel_mm, one.fdet, one.sdet, one.origin_mm, "b")
+    data = [np.ones((7, F - 10), np.float32), np.ones((5, F), np.float32)]
+    with h5py.File(io.BytesIO(nexus_bytes(data, info, panels=[narrow, wide])), "r") as f:
+        pm = f["/entry/instrument/detector/pixel_mask"][()]
+        assert pm.shape == (12, F) and pm[:7, F - 10:].all() and pm.sum() == 7 * 10
+        assert np.array_equal(f["/entry/data/data"][0] == 0, pm == 1)

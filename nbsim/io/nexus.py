@@ -29,6 +29,7 @@ Layout written (one image, ``nP = 1``)::
       instrument/detector/module<k>   NXdetector_module: data_origin/size (slow, fast); module_offset
                                 (translation from detector_z to the corner of the module's first pixel);
                                 fast/slow_pixel_direction (translation by the pixel size along the axes)
+      instrument/detector/pixel_mask  int32, 1 outside the ROI (and right of narrower panels), else 0
       sample                    NXsample depends_on transformations/phi (rotation about the spindle;
                                 phi = start, phi_end = start + oscillation, phi_increment_set)
       sample/beam               hard link to instrument/beam (older NXmx readers look there)
@@ -196,7 +197,7 @@ def nexus_bytes(data, info: dict, *, dtype: str = "float32", compression: str = 
         Default :func:`panels_from_info`.
     mask : bool array like ``data``, optional
         The ROI (pixels written); the others are flagged in ``pixel_mask`` (bit 0, "dead", as NXmx
-        defines); no ``pixel_mask`` when every pixel is inside.
+        defines; written always, all 0 when every pixel is inside).
     """
     import h5py
 
@@ -268,11 +269,18 @@ def nexus_bytes(data, info: dict, *, dtype: str = "float32", compression: str = 
         if dtype == "int32":
             from .images import COUNT_MAX
             _scalar(det, "saturation_value", COUNT_MAX, None, np.int32)
-        if mask is not None:
-            m = _stack_panels(mask, panels).astype(bool)
-            if not m.all():
-                det.create_dataset("pixel_mask", data=(~m).astype(np.int32), **filters)
-                det.create_dataset("pixel_mask_applied", data=False)
+        # always present (some dxtbx versions require it); deflate keeps an all-zero mask small
+        m = np.ones(img.shape, bool) if mask is None else _stack_panels(mask, panels).astype(bool)
+        if len(panels) > 1:                      # the padding right of a narrower panel is no pixel
+            gap = np.ones(img.shape, bool)
+            row = 0
+            for p in panels:
+                gap[row:row + p.spixels, :p.fpixels] = False
+                row += p.spixels
+            m &= ~gap
+        det.create_dataset("pixel_mask", data=(~m).astype(np.int32), chunks=img.shape, compression="gzip",
+                           compression_opts=1)
+        det.create_dataset("pixel_mask_applied", data=False)
         tr = det.create_group("transformations")
         _set_class(tr, "NXtransformations")
         _axis(tr, "detector_z", distance_mm, (0.0, 0.0, 1.0), kind="translation", units="mm",
