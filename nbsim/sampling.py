@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nbsim.params import value
+from nbsim.params import plain, value
 from nbsim.rotation import rotate_axis, unitize
 
 
@@ -162,8 +162,8 @@ def spectrum(src: Sources) -> list:
     """The beam's spectrum as plain numbers: ``[[wavelength_A, weight], ...]`` over the distinct
     source wavelengths, ascending, each weight the sum of the weights of the sources with that
     wavelength, normalized to sum 1 (report/output only: no graph is kept)."""
-    lam = src.wavelength_m.detach().cpu().double().numpy() * 1e10
-    w = src.weight.detach().cpu().double().numpy()
+    lam = plain(src.wavelength_m).astype(np.float64) * 1e10
+    w = plain(src.weight).astype(np.float64)
     if lam.size == 0:
         return []
     uniq, inv = np.unique(lam, return_inverse=True)
