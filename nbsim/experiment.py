@@ -20,6 +20,7 @@ from nbsim.physics import AVOGADRO, R_E_SQR, HKLTable
 from nbsim.rotation import rotate_axis, rotate_umat
 from nbsim.sampling import (make_sources, resolve_dispersion, resolve_divergence, resolve_mosaic,
                             resolve_phi, resolve_thickness)
+from nbsim.sampling import spectrum
 from nbsim.spec import ExperimentSpec, SpecError
 
 DEFAULT_FLUENCE = 125932015286227086360700780544.0
@@ -326,6 +327,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         phistep_deg=value(phistep) * RTD,
         phisteps=phisteps, mosaic_domains=mosaic_domains, mosaic_deg=value(spread) * RTD,
         sources=nsrc, divsteps=src.divsteps, dispsteps=src.dispsteps, oversample=oversample,
+        spectrum_A=spectrum(src), exposure_s=b.exposure_s,                 # for the NeXus/CBF writers
         recommended_oversample=recommended, thicksteps=thicksteps, thick_m=value(thick),
         mu_per_m=value(mu), steps=steps, Na=Nv[0], Nb=Nv[1], Nc=Nv[2], fluence=value(fluence),
         interpolate=interpolate, hkls=count,

@@ -35,7 +35,7 @@ def _progress_printer():
 
 
 _OUTPUT_FLAGS = {"float_path": "-floatfile", "int_path": "-intfile", "noise_path": "-noisefile",
-                 "pgm_path": "-pgmfile"}
+                 "pgm_path": "-pgmfile", "cbf_path": "--cbf", "nexus_path": "--nexus"}
 
 
 def _check_output_paths(parsed) -> None:
@@ -90,6 +90,10 @@ def _check_panel_outputs(parsed) -> None:
             raise FrontendError(f"{flag}: not available with several panels (--geom): write -floatfile "
                                 "(the panels one after another, raw float32) and -intfile (one SMV per "
                                 "panel, <name>_<panel>.img)")
+    for flag, path in (("--cbf", parsed.outputs.cbffile), ("--nexus", parsed.outputs.nexusfile)):
+        if path is not None:
+            raise FrontendError(f"{flag}: not available with several panels (--geom) yet: write -floatfile "
+                                "(the panels one after another, raw float32) and -intfile (one SMV per panel)")
 
 
 def _write_panels(result, parsed, warn) -> int:
@@ -226,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     at = info.get("max_I_at_m")
     new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
-        res = write_result(result, parsed.spec.image, **paths) or {}
+        res = write_result(result, parsed.spec.image, **paths, **parsed.outputs.options()) or {}
     except OSError as e:
         for p in new_files:                  # no half set of outputs: remove what this run created
             try:
@@ -268,6 +272,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"writing {paths['noise_path']} as 2-byte integers")
     if not int_written:
         print(f"writing {paths['int_path']} as 2-byte integers")
+    if paths.get("cbf_path") is not None:
+        print(f"writing {paths['cbf_path']} as CBF (4-byte integer counts, miniCBF header)")
+    if paths.get("nexus_path") is not None:
+        print(f"writing {paths['nexus_path']} as NeXus NXmx ({parsed.outputs.nexus_dtype})")
     return 0
 
 

@@ -113,6 +113,8 @@ def _task(cfg: DictConfig) -> str:
     folder, reused, run = run_or_reuse(
         spec, device, root=cfg.store.root, force=cfg.store.force, write_noise=cfg.store.write_noise,
         write_pgm=cfg.store.write_pgm, preview=cfg.store.preview, base_dir=base_dir, log=log.info,
+        formats=tuple(cfg.store.formats), nexus_dtype=cfg.store.nexus_dtype,
+        nexus_compression=cfg.store.nexus_compression,
         progress=False if quiet else None)
     total = time.perf_counter() - t0
     if reused:

@@ -3,7 +3,10 @@
 A complete entry holds::
 
     float.bin     raw float32 image, nanoBragg layout (slow-major)
-    int.img       SMV uint16 image
+    int.img       SMV uint16 image              (with ``smv`` in ``store.formats``, the default)
+    image.cbf     CBF, int32 counts, miniCBF header            (with ``cbf`` in ``store.formats``)
+    image.nxs     NeXus NXmx, float32    (with ``nexus``; ``image_int32.nxs`` / ``image_bslz4.nxs`` /
+                  ``image_int32_bslz4.nxs`` for ``store.nexus_dtype=int32`` / ``nexus_compression=bslz4``)
     noise.img     Poisson SMV image            (only with write_noise and image.noise)
     image.pgm     nanoBragg's 8-bit PGM         (only with write_pgm)
     preview.png   person-readable grayscale preview
@@ -15,7 +18,8 @@ A complete entry holds::
 of itself (``run_json_sha256``); an entry is verified (``verify_entry``) before it is reused, and a
 damaged one is reported in one line and recomputed.
 
-Asking a stored entry for more products (``write_noise``, ``write_pgm``, another ``preview`` mode)
+Asking a stored entry for more products (``write_noise``, ``write_pgm``, another ``preview`` mode,
+another format of ``store.formats``)
 adds them to it from its ``float.bin`` (``add_products``): nothing is recomputed and no file is
 dropped. ``preview.png`` is rendered in the mode of the first run; another mode asked later is added
 as ``preview_<mode>.png`` (``run.json`` ``previews``: mode -> file).
@@ -47,23 +51,73 @@ STAT_KEYS = ("max_I", "max_I_at_m", "mean", "rms", "rmsd", "sum")
 PRODUCT_KEYS = ("intfile_scale", "pgm_scale", "photons", "overloads", "noise_seed")
 
 
-def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: bool = False) -> list:
+FORMATS = ("smv", "cbf", "nexus")     # store.formats: output files besides float.bin
+
+
+def nexus_name(nexus_dtype: str = "float32", nexus_compression: str = "none") -> str:
+    """The entry's NeXus file for these writer options (each variant is its own file)."""
+    return ("image" + ("" if nexus_dtype == "float32" else f"_{nexus_dtype}")
+            + ("" if nexus_compression == "none" else f"_{nexus_compression}") + ".nxs")
+
+
+def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: bool = False,
+                 formats=("smv",), nexus_dtype: str = "float32", nexus_compression: str = "none") -> list:
     from nbsim.panels import has_panels
     if has_panels(spec):
         # several panels: float.bin holds them one after another (geometry order, each slow-major);
-        # SMV, PGM and the preview hold one image each and are not written
-        for key, on in (("store.write_noise", write_noise), ("store.write_pgm", write_pgm)):
+        # SMV, CBF, PGM and the preview hold one image each and are not written
+        for key, on in (("store.write_noise", write_noise), ("store.write_pgm", write_pgm),
+                        ("store.formats", "cbf" in formats or "nexus" in formats)):
             if on:
                 raise SpecError(key, "not available with several panels (detector.panels / "
                                 "detector.geometry_file): the entry holds float.bin, the panels one "
                                 "after another")
         return ["float.bin", "config.yaml", "run.json"]
-    names = ["float.bin", "int.img", "preview.png", "config.yaml", "run.json"]
+    names = ["float.bin", "preview.png", "config.yaml", "run.json"]
+    if "smv" in formats:
+        names.insert(1, "int.img")
+    if "cbf" in formats:
+        names.append("image.cbf")
+    if "nexus" in formats:
+        names.append(nexus_name(nexus_dtype, nexus_compression))
     if write_noise and spec.image.noise:
         names.append("noise.img")
     if write_pgm:
         names.append("image.pgm")
     return names
+
+
+def _writer_paths(folder: Path, names) -> dict:
+    """``write_products`` keyword arguments for the product files ``names`` in ``folder``."""
+    kw = {}
+    for n in names:
+        if n == "int.img":
+            kw["int_path"] = str(folder / n)
+        elif n == "noise.img":
+            kw["noise_path"] = str(folder / n)
+        elif n == "image.pgm":
+            kw["pgm_path"] = str(folder / n)
+        elif n == "image.cbf":
+            kw["cbf_path"] = str(folder / n)
+        elif n.endswith(".nxs"):
+            kw["nexus_path"] = str(folder / n)
+            kw["nexus_dtype"] = "int32" if "_int32" in n else "float32"
+            kw["nexus_compression"] = "bslz4" if "_bslz4" in n else "none"
+    return kw
+
+
+def _info_for_writers(info: dict, spec: ExperimentSpec) -> dict:
+    """``run.json`` ``info`` of an entry written before the NeXus/CBF writers existed lacks
+    ``exposure_s`` and ``spectrum_A``: take them from the spec when it has one wavelength."""
+    info = dict(info)
+    info.setdefault("exposure_s", spec.beam.exposure_s)
+    if "spectrum_A" not in info:
+        b = spec.beam
+        if b.source_file is not None or (b.dispersion_pct > 0 and (b.dispsteps or 2) > 1):
+            raise SpecError("store.formats", "this stored entry predates the NeXus writer and its beam has "
+                            "several wavelengths; recompute it with store.force=true")
+        info["spectrum_A"] = [[float(info["wavelength_A"]), 1.0]]
+    return info
 
 
 def check_device(device: DeviceSpec) -> None:
@@ -174,7 +228,8 @@ def missing_products(doc: dict, want, preview: str) -> list:
 
 
 def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, preview: str) -> dict:
-    """Add the products ``names`` (``noise.img``, ``image.pgm``, ``preview*.png``) to the intact entry
+    """Add the products ``names`` (``int.img``, ``noise.img``, ``image.pgm``, ``image.cbf``, ``*.nxs``,
+    ``preview*.png``) to the intact entry
     ``folder`` from its ``float.bin``, without simulating; return the updated ``run.json``.
 
     The files are bit-identical to those a fresh run writes: the writers take the same float32 image,
@@ -189,18 +244,19 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     from nbsim.io.atomic import atomic_write_bytes
 
     info = dict(doc.get("info") or {})
+    if any(n == "image.cbf" or n.endswith(".nxs") for n in names):
+        info = _info_for_writers(info, spec)
     s, f = int(info["spixels"]), int(info["fpixels"])
     img = np.fromfile(folder / "float.bin", dtype=np.float32).reshape(s, f)
     roi_mask = np.zeros((s, f), dtype=bool)
     xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
     result = SimResult(image=torch.from_numpy(img), info=info, mask=roi_mask, roi_mask=roi_mask)
-    prod, new = {}, [n for n in names if n in ("noise.img", "image.pgm")]
+    new = [n for n in names if not n.startswith("preview")]
+    prod = {}
     if new:
         with np.errstate(all="ignore"):
-            prod = products.write_result(
-                result, spec.image, noise_path=str(folder / "noise.img") if "noise.img" in new else None,
-                pgm_path=str(folder / "image.pgm") if "image.pgm" in new else None) or {}
+            prod = products.write_result(result, spec.image, **_writer_paths(folder, new)) or {}
     doc = dict(doc)
     previews = dict(doc.get("previews") or {"log": "preview.png"})
     for n in names:
@@ -272,7 +328,8 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
                  log: Callable[[str], None] = print,
-                 progress: Optional[bool] = None) -> Tuple[Path, bool, dict]:
+                 progress: Optional[bool] = None, formats=("smv",), nexus_dtype: str = "float32",
+                 nexus_compression: str = "none") -> Tuple[Path, bool, dict]:
     """Return ``(folder, reused, run_json)`` for ``spec`` simulated on ``device``.
 
     The spec is checked first (``nbsim.checks.preflight``: input files, geometry, size), and the
@@ -281,7 +338,8 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     and recomputed; ``force=True`` recomputes and replaces the entry. Relative input paths in
     ``spec`` and a relative ``root`` are taken from ``base_dir``. ``progress``: a progress bar on
     stderr while simulating (True/False; None: on a terminal, or when the run is estimated to take
-    more than a few seconds, see ``nbsim.progress``).
+    more than a few seconds, see ``nbsim.progress``). ``formats``: files besides ``float.bin``
+    (``FORMATS``: ``smv`` int.img, ``cbf`` image.cbf, ``nexus`` the NeXus file of ``nexus_name``).
     """
     from nbsim.checks import preflight
     base_dir = Path(base_dir)
@@ -291,7 +349,7 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     est = preflight(spec, device, base_dir)
     h = config_hash(spec, device, base_dir)
     final, shown = root_abs / h, root / h
-    want = wanted_files(spec, write_noise, write_pgm)
+    want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
 
     if (final / "run.json").is_file() and not force:
         doc, why = verify_entry(final, h)
@@ -365,9 +423,7 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             prod = {}
         else:
             prod = products.write_result(
-                result, spec.image, float_path=str(tmp / "float.bin"), int_path=str(tmp / "int.img"),
-                noise_path=str(tmp / "noise.img") if "noise.img" in want else None,
-                pgm_path=str(tmp / "image.pgm") if "image.pgm" in want else None) or {}
+                result, spec.image, float_path=str(tmp / "float.bin"), **_writer_paths(tmp, want)) or {}
             preview_png(img, tmp / "preview.png", preview)
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
         (tmp / "config.yaml").write_text(f"# nbsim configuration, hash {h}\n" + OmegaConf.to_yaml(doc))

@@ -326,6 +326,14 @@ FLAGS: Tuple[Flag, ...] = (
        help="FILE: SMV image with Poisson noise (default noiseimage.img)"),
     _F("-pgmfile", "-pgmimage", kind="s", action="out_pgm", group="output",
        help="FILE: 8-bit PGM (default image.pgm)"),
+    _F("--cbf", kind="s", action="out_cbf", group="output",
+       help="FILE: also write a CBF (int32 counts, miniCBF header; nbsim)"),
+    _F("--nexus", kind="s", action="out_nexus", group="output",
+       help="FILE: also write a NeXus NXmx HDF5 file (nbsim)"),
+    _F("--nexus-dtype", kind="s", action="nexus_dtype", group="output",
+       help="float32|int32: the NeXus data: the float image (default) or int32 counts"),
+    _F("--nexus-compression", kind="s", action="nexus_compression", group="output",
+       help="none|bslz4: NeXus data compression (bslz4: bitshuffle/LZ4 via hdf5plugin)"),
     _F("-nonoise", action="nonoise", group="output", help="do not write the noise image"),
     _F("-nopgm", action="nopgm", group="output", help="do not write the PGM"),
     _F("-scale", kind="f", keys=("image.int_scale",), group="output",
@@ -409,12 +417,21 @@ class OutputFiles:
     write_noise: bool = True               # -nonoise turns off, -noisefile turns on
     write_pgm: bool = True                 # -nopgm turns off, -pgmfile/-pgmscale turn on
     given: set = field(default_factory=set)  # output flags given explicitly (-noisefile, -pgmfile, -pgmscale)
+    cbffile: Optional[str] = None          # --cbf (nbsim only)
+    nexusfile: Optional[str] = None        # --nexus (nbsim only)
+    nexus_dtype: str = "float32"           # --nexus-dtype
+    nexus_compression: str = "none"        # --nexus-compression
 
     def paths(self) -> Dict[str, Optional[str]]:
-        """Keyword arguments for ``nbsim.io.products.write_products``."""
+        """Output paths, keyword arguments for ``nbsim.io.products.write_products``."""
         return {"float_path": self.floatfile, "int_path": self.intfile,
                 "noise_path": self.noisefile if self.write_noise else None,
-                "pgm_path": self.pgmfile if self.write_pgm else None}
+                "pgm_path": self.pgmfile if self.write_pgm else None,
+                "cbf_path": self.cbffile, "nexus_path": self.nexusfile}
+
+    def options(self) -> Dict[str, str]:
+        """The writers' other keyword arguments (NeXus data type and compression)."""
+        return {"nexus_dtype": self.nexus_dtype, "nexus_compression": self.nexus_compression}
 
 
 @dataclass
@@ -515,8 +532,8 @@ def _split_options(argv: Sequence[str]):
             c_argv.append(word)
             continue
         name, eq, val = word.partition("=")
-        if name in _EXACT:                     # an nbsim flag of the table (--geom)
-            c_argv += [name, val] if eq else [word]
+        if name in _EXACT:                     # a double-dash flag of the table (--nexus FILE ...)
+            c_argv.extend([name, val] if eq else [name])
             continue
         key = _DOUBLE.get(name)
         if key is None:
@@ -832,6 +849,24 @@ class _Builder:
         self.out.given.add("-pgmfile")
         self.out.pgmfile = ev.values[0]
         self.out.write_pgm = True
+
+    def _act_out_cbf(self, ev):
+        self.out.cbffile = ev.values[0]
+
+    def _act_out_nexus(self, ev):
+        self.out.nexusfile = ev.values[0]
+
+    def _act_nexus_dtype(self, ev):
+        from nbsim.io.nexus import NEXUS_DTYPES
+        if ev.values[0] not in NEXUS_DTYPES:
+            raise FrontendError(f"{ev.word}: expected {' or '.join(NEXUS_DTYPES)}, got {ev.values[0]!r}")
+        self.out.nexus_dtype = ev.values[0]
+
+    def _act_nexus_compression(self, ev):
+        from nbsim.io.nexus import COMPRESSIONS
+        if ev.values[0] not in COMPRESSIONS:
+            raise FrontendError(f"{ev.word}: expected {' or '.join(COMPRESSIONS)}, got {ev.values[0]!r}")
+        self.out.nexus_compression = ev.values[0]
 
     def _act_nonoise(self, ev):
         self.out.write_noise = False
