@@ -12,8 +12,8 @@ MTZ (:func:`read_mtz`)
     * Expansion to P1 (:func:`expand_to_p1`): every listed reflection is mapped through the rotation
       parts of the MTZ's space-group operations, and through Friedel's law (F(-h) = F(h), the column
       is a mean amplitude). A reflection the file lists keeps its own value; an unlisted one takes the
-      value of the first listed reflection (file order, then operation order, then Friedel) that
-      generates it. A P1 file that lists every reflection is therefore read as is.
+      value of the first listed reflection (file order, then operation order; Friedel mates after all
+      symmetry mates) that generates it. A P1 file that lists every reflection is therefore read as is.
     * MTZ stores 32-bit floats. Each is read as the shortest decimal that rounds to it (what a text
       dump of the file prints, and what ``float32(x)`` came from when ``x`` had at most 7 significant
       digits), then as a float64: an MTZ written from a text table gives the text table's numbers.
@@ -21,7 +21,8 @@ MTZ (:func:`read_mtz`)
 Model (:func:`model_structure_factors`)
     * |F(h)| from gemmi's direct summation (``gemmi.StructureFactorCalculatorX``: IT92 form factors,
       isotropic/anisotropic B, occupancies, the space-group images of every atom of the first model)
-      for every reflection h != 0 0 0 with d >= ``d_min_A`` in the model's cell. F(0 0 0) is not
+      for every reflection h != 0 0 0 with d >= ``d_min_A`` in the model's cell, systematic absences
+      included (their computed F is ~0). F(0 0 0) is not
       listed (the forward beam; nanoBragg uses ``default_F`` there).
     * ``anomalous``: f' and f'' of every element at ``wavelength_A`` (Cromer-Liberman,
       ``gemmi.cromer_liberman``) are added to the form factors: F = F(f0 + f') + i F(f''), so
@@ -127,15 +128,22 @@ def expand_to_p1(hkl, F, rotations, friedel: bool = True) -> Tuple[np.ndarray, n
     operations as gemmi gives them (``Op.rot``, integers in units of 1/24; the identity among them),
     acting on row vectors: h' = h R / 24. ``friedel``: also generate -h'.
     Returns (hkl int64 (p, 3), F float64 (p,)): every distinct reflection once, the listed ones first
-    in file order, then the generated ones in generation order."""
+    in file order, then the symmetry mates (row by row, each in operation order), then the Friedel
+    mates of all these."""
     hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
     F = np.asarray(F, dtype=np.float64).reshape(-1)
     R = np.asarray(rotations, dtype=np.int64).reshape(-1, 3, 3)
-    images = [hkl] + [(hkl @ r) // _DEN for r in R if not (r == _DEN * np.eye(3, dtype=np.int64)).all()]
+    others = [r for r in R if not (r == _DEN * np.eye(3, dtype=np.int64)).all()]
+    if others:
+        mates = np.stack([(hkl @ r) // _DEN for r in others], axis=1)      # (n, m-1, 3): row by row
+        gen_hkl = np.concatenate([hkl, mates.reshape(-1, 3)])
+        gen_F = np.concatenate([F, np.repeat(F, len(others))])
+    else:
+        gen_hkl, gen_F = hkl, F
     if friedel:
-        images += [-x for x in images]
-    all_hkl = np.concatenate(images)
-    all_F = np.tile(F, len(images))
+        all_hkl, all_F = np.concatenate([gen_hkl, -gen_hkl]), np.concatenate([gen_F, gen_F])
+    else:
+        all_hkl, all_F = gen_hkl, gen_F
     # first occurrence wins: the listed rows come first, in file order
     _, first = np.unique(all_hkl, axis=0, return_index=True)
     first.sort()
@@ -174,9 +182,9 @@ def _pick_column(path, mtz, column: Optional[str]):
             return mtz.column_with_label(amps[0])
         if not amps:
             raise ColumnError(f"{path}: no amplitude (type F) column among {', '.join(labels) or 'none'}; "
-                                 "name one with crystal.mtz_column")
+                                 "name one with crystal.mtz_column (-mtz_column)")
         raise ColumnError(f"{path}: several amplitude (type F) columns ({', '.join(amps)}): choose one "
-                             "with crystal.mtz_column")
+                             "with crystal.mtz_column (-mtz_column)")
     col = mtz.column_with_label(column)
     if col is None:
         raise ColumnError(f"{path}: no column {column!r} (crystal.mtz_column); the file has "
@@ -262,8 +270,12 @@ def _model_sf(path, wavelength_A, d_min_A, anomalous):
     model = _model_atoms(path, st)
     st.setup_cell_images()
     sg = st.find_spacegroup()
-    asu = gemmi.make_miller_array(st.cell, sg, float(d_min_A), 0.0, True)     # (n, 3) Laue ASU
-    asu = np.asarray(asu, dtype=np.int64).reshape(-1, 3)
+    # the reciprocal ASU of the space group, systematic absences included (their F is ~0, not
+    # default_F): P1's half sphere (gemmi) filtered by the space group's ASU condition
+    half = gemmi.make_miller_array(st.cell, gemmi.SpaceGroup("P 1"), float(d_min_A), 0.0, True)
+    half = np.asarray(half, dtype=np.int64).reshape(-1, 3)
+    in_asu = gemmi.ReciprocalAsu(sg)
+    asu = half[[in_asu.is_in(h) for h in half.tolist()]] if len(half) else half
     asu = asu[np.any(asu != 0, axis=1)]
     if len(asu) == 0:
         raise InputFileError(f"{path}: no reflection with d >= {d_min_A:g} A in the model's cell")
