@@ -418,6 +418,8 @@ def _bad_files(d: Path):
         "CRYST1   30.000   35.000   40.000  90.00  90.00  90.00 P 1\n"
         "HETATM    1  XX  UNK A   1       1.000   2.000   3.000  1.00 20.00           X\nEND\n")
     (d / "dir.pdb").mkdir()
+    os.mkfifo(d / "fifo.pdb")
+    os.mkfifo(d / "fifo.mtz")
 
 
 BAD = [
@@ -454,6 +456,10 @@ BAD = [
      r"^(-model: file not found: nothere\.pdb|crystal\.model_file: .*nothere\.pdb)"),
     ("model_directory", ["-model", "dir.pdb"], ["crystal.model_file=dir.pdb"],
      r"^(-model|crystal\.model_file): dir\.pdb: is a directory"),
+    ("model_fifo", ["-model", "fifo.pdb"], ["crystal.model_file=fifo.pdb"],
+     r"^(-model|crystal\.model_file): fifo\.pdb: is a FIFO \(named pipe\), not a regular file"),
+    ("hkl_fifo_not_opened", ["-hkl", "fifo.mtz"], ["crystal.hkl_file=fifo.mtz"],
+     r"^(-hkl|crystal\.hkl_file): fifo\.mtz: is a FIFO \(named pipe\), not a regular file"),
     ("model_and_hkl", ["-model", "noatoms.pdb", "-hkl", "x.hkl"],
      ["crystal.model_file=noatoms.pdb", "crystal.hkl_file=x.hkl"],
      r"^(-model|crystal\.model_file): give either crystal\.model_file or crystal\.hkl_file"),
@@ -505,6 +511,19 @@ def test_app_bad_input(row, tmp_path, monkeypatch, capsys):
     assert line.startswith(prefix) and re.search(msg, line[len(prefix):]), line
     assert "Traceback" not in out.err + out.out
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_readers_never_open_a_fifo(tmp_path):
+    """MTZ detection and the MTZ/model readers refuse a FIFO from its stat (opening it would block)."""
+    from nbsim.io.inputs import InputFileError
+    from nbsim.io.structure_factors import is_mtz, model_structure_factors
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    assert is_mtz(fifo) is False
+    with pytest.raises(InputFileError, match="is a FIFO"):
+        read_mtz(fifo)
+    with pytest.raises(InputFileError, match="is a FIFO"):
+        model_structure_factors(fifo, 1.0, 3.0)
 
 
 @pytest.mark.slow

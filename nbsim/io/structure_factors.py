@@ -62,11 +62,12 @@ class ColumnError(InputFileError):
 
 def is_mtz(path) -> bool:
     """Whether the file ``path`` is an MTZ file (its first 4 bytes are ``MTZ ``); False when unreadable
-    (the text reader then names the problem)."""
+    (the text reader then names the problem). A FIFO, device or directory is never opened."""
     try:
+        check_regular(path, MAX_TABLE_BYTES)
         with open(path, "rb") as fh:
             return fh.read(4) == MTZ_MAGIC
-    except OSError:
+    except (OSError, InputFileError):
         return False
 
 
