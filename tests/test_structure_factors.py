@@ -351,6 +351,20 @@ def test_model_image_through_frontend_and_api(tmp_path, monkeypatch):
     assert (tmp_path / "Fdump.bin").read_bytes() == b"not read with -model"
 
 
+def test_flags_round_trip(tmp_path):
+    """-model/-model_dmin/-model_anomalous and -mtz_column are flags of the table; spec_to_argv
+    writes them back."""
+    from nbsim.frontend import parse_argv
+    from nbsim.frontend.to_argv import spec_to_argv
+    write_pdb(tmp_path / "m.pdb")
+    (tmp_path / "P1.mtz").write_bytes(b"MTZ ")
+    for extra in (["-model", "m.pdb", "-model_dmin", "2.5", "-model_anomalous"], ["-hkl", "P1.mtz", "-mtz_column", "FP"]):
+        spec = parse_argv(MODEL_ARGS + extra, cwd=str(tmp_path)).spec
+        assert parse_argv(spec_to_argv(spec), cwd=str(tmp_path)).spec == spec
+    c = parse_argv(MODEL_ARGS + ["-model", "m.pdb", "-model_dmin", "2.5", "-model_anomalous"], cwd=str(tmp_path)).spec.crystal
+    assert (c.model_file, c.model_dmin_A, c.model_anomalous, c.fdump_file) == ("m.pdb", 2.5, True, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # the configuration hash covers the contents
 # ---------------------------------------------------------------------------------------------
