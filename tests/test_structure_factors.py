@@ -161,6 +161,10 @@ def test_mtz_column_choice(tmp_path):
     got_hkl, got_F = read_mtz(two, "FP")[:2]
     assert np.array_equal(got_hkl, hkl) and np.abs(got_F - F).max() == 0.0
     assert np.abs(read_mtz(two, "FC")[1] - 2 * F).max() == 0.0
+    # a reflection listed twice: the later row wins (as in a text table)
+    dup = write_mtz(tmp_path / "dup.mtz", np.vstack([hkl[:3], hkl[:1]]), {"FP": ("F", [1.5, 2.5, 3.5, 4.5])})
+    got = dict(zip(map(tuple, read_mtz(dup)[0]), read_mtz(dup)[1]))
+    assert got[tuple(hkl[0])] == 4.5 and got[tuple(-hkl[0])] == 4.5 and got[tuple(hkl[1])] == 2.5
     # missing values (NaN) are not listed
     Fm = F.copy()
     Fm[::7] = np.nan

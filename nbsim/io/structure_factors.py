@@ -13,7 +13,8 @@ MTZ (:func:`read_mtz`)
       parts of the MTZ's space-group operations, and through Friedel's law (F(-h) = F(h), the column
       is a mean amplitude). A reflection the file lists keeps its own value; an unlisted one takes the
       value of the first listed reflection (file order, then operation order; Friedel mates after all
-      symmetry mates) that generates it. A P1 file that lists every reflection is therefore read as is.
+      symmetry mates) that generates it. A reflection listed twice takes its later row (as in a text
+      table). A P1 file that lists every reflection is therefore read as is.
     * MTZ stores 32-bit floats. Each is read as the shortest decimal that rounds to it (what a text
       dump of the file prints, and what ``float32(x)`` came from when ``x`` had at most 7 significant
       digits), then as a float64: an MTZ written from a text table gives the text table's numbers.
@@ -44,14 +45,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from nbsim.frontend.argv import HC_EV_A   # h c in eV A (the energy of a wavelength, for f'/f'')
+
 from .inputs import MAX_TABLE_BYTES, InputFileError, check_regular, gunzip_bounded, read_input_bytes
 
 __all__ = ["MTZ_MAGIC", "HC_EV_A", "is_mtz", "expand_to_p1", "read_mtz", "model_structure_factors",
            "shortest_float64", "ColumnError"]
 
 MTZ_MAGIC = b"MTZ "
-#: h c in eV A (the energy of a wavelength for f'/f''; the constant of nbsim.frontend ``-energy``)
-HC_EV_A = 12398.42
 #: gemmi's denominator of the rotation matrices of its symmetry operations
 _DEN = 24
 
@@ -219,7 +220,11 @@ def _read_mtz(path, column):
     sg = mtz.spacegroup
     if sg is None:
         raise InputFileError(f"{path}: no space group in the header")
-    hkl_p1, F_p1 = expand_to_p1(hkl[keep], shortest_float64(f32[keep]), _rotations(sg), friedel=True)
+    hkl, F = hkl[keep], shortest_float64(f32[keep])
+    # a reflection listed twice: the later row wins, as in a text table
+    _, last_rev = np.unique(hkl[::-1], axis=0, return_index=True)
+    last = np.sort(len(hkl) - 1 - last_rev)
+    hkl_p1, F_p1 = expand_to_p1(hkl[last], F[last], _rotations(sg), friedel=True)
     cell = mtz.cell
     return hkl_p1, F_p1, (cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma), sg.hm, col.label
 
