@@ -1,17 +1,17 @@
 """All file reading of an experiment, in one place: ``load_inputs(spec, base_dir) -> Inputs``.
 
 The setup (``nbsim.experiment.build_model``) reads no file itself: it takes the ``Inputs`` (loaded here
-when not given), so a fitting loop or a sweep loads its HKL table, matrix, source list and mask once
-and resolves many experiments from them. Writing the ``Fdump`` cache is the nanoBragg front end's
+when not given), so a fitting loop or a sweep loads its HKL table (text or MTZ, or the structure
+factors of a model: ``nbsim.io.structure_factors``), matrix, source list and mask once and resolves
+many experiments from them. Writing the ``Fdump`` cache is the nanoBragg front end's
 business (``write_fdump_cache``), not the engine's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
-
-import math
 
 import numpy as np
 
@@ -66,12 +66,13 @@ CELL_NOTE_TOLERANCE = 0.01
 MODEL_DMIN_MARGIN_CELLS = 2.0
 
 
-def _sf_from_table(hkl, F, path, count=None) -> StructureFactors:
-    """The dense table of (n, 3) ``hkl`` and (n,) ``F`` (``nbsim.io.tables.hkl_table``)."""
+def _sf_from_table(hkl, F, path) -> StructureFactors:
+    """The dense table of (n, 3) ``hkl`` and (n,) ``F`` (``nbsim.io.tables.hkl_table``); the count
+    of "initialized hkls" is n (the lines of a text table, the P1 reflections of an MTZ or model)."""
     from nbsim.io.tables import hkl_table
     ranges, dense = hkl_table(hkl, F, 0.0)
     listed = hkl_table(hkl, np.ones(len(F)), 0.0)[1] != 0
-    return StructureFactors(ranges, dense, listed, len(F) if count is None else count, path)
+    return StructureFactors(ranges, dense, listed, len(F), path)
 
 
 def _recip_lengths_per_A(spec: ExperimentSpec, matrix) -> np.ndarray:
