@@ -96,9 +96,36 @@ def _read(key: str, reader, base_dir, name: str):
 
 
 def fdump_is_read(spec: ExperimentSpec, base_dir=".") -> bool:
-    """Whether the model builder will read ``crystal.fdump_file`` (no HKL table and the file exists)."""
+    """Whether the model builder will read ``crystal.fdump_file`` (no HKL table or model, and the file
+    exists)."""
     c = spec.crystal
-    return c.hkl_file is None and c.fdump_file is not None and _resolve(base_dir, c.fdump_file).exists()
+    return (c.hkl_file is None and c.model_file is None and c.fdump_file is not None
+            and _resolve(base_dir, c.fdump_file).exists())
+
+
+def _structure_factor_rows(spec: ExperimentSpec, base_dir, matrix, source_rows):
+    """(key, name as given, hkl, F) of the HKL table, MTZ or model (``nbsim.inputs.structure_factor_rows``),
+    with a reader's error as ``SpecError`` naming the key (``crystal.mtz_column`` for a column problem)."""
+    from nbsim.inputs import structure_factor_rows
+    from nbsim.io.inputs import InputFileError
+    from nbsim.io.structure_factors import ColumnError
+    c = spec.crystal
+    key, name = (("crystal.model_file", c.model_file) if c.model_file is not None
+                 else ("crystal.hkl_file", c.hkl_file))
+    full = _resolve(base_dir, name)
+    sources = None if source_rows is None else np.asarray(source_rows, float).reshape(-1, 5)
+    try:
+        _, _, hkl, F, _ = structure_factor_rows(spec, base_dir, matrix, sources)
+    except ColumnError as e:
+        raise SpecError("crystal.mtz_column" if c.mtz_column is not None else key,
+                        _as_given(str(e), full, name)) from None
+    except SpecError:
+        raise
+    except (InputFileError, ValueError, OverflowError) as e:
+        raise SpecError(key, _as_given(str(e), full, name)) from None
+    except OSError as e:
+        raise SpecError(key, f"{name}: cannot read ({e.strerror or e})") from None
+    return key, name, hkl, F
 
 
 def _check_hkl_ranges(key: str, name: str, hkl: np.ndarray) -> None:
@@ -131,20 +158,22 @@ def check_inputs(spec: ExperimentSpec, base_dir=".", beam_dir=None) -> dict:
 
     d, b, c = spec.detector, spec.beam, spec.crystal
     out = {"sources": None, "hkl_cells": None, "F_max": None}
-    if c.hkl_file is not None:
-        hkl, F = _read("crystal.hkl_file", tables.read_hkl, base_dir, c.hkl_file)
-        _check_hkl_ranges("crystal.hkl_file", c.hkl_file, hkl)
+    M = rows = None
+    if c.matrix_file is not None:
+        M = _read("crystal.matrix_file", tables.read_matrix, base_dir, c.matrix_file)
+        check_matrix("crystal.matrix_file", c.matrix_file, M)
+    if b.source_file is not None:
+        rows, lines = _read("beam.source_file", tables.read_sourcefile_lines, base_dir, b.source_file)
+    if c.hkl_file is not None or c.model_file is not None:
+        sf_key, sf_name, hkl, F = _structure_factor_rows(spec, base_dir, M, rows)
+        _check_hkl_ranges(sf_key, sf_name, hkl)
         out["hkl_cells"] = int(np.prod(hkl.max(axis=0) - hkl.min(axis=0) + 1))
         out["F_max"] = float(np.abs(F).max())
     elif fdump_is_read(spec, base_dir):
         ranges, table = _read("crystal.fdump_file", tables.read_fdump, base_dir, c.fdump_file)
         out["hkl_cells"] = int(table.size)
         out["F_max"] = float(np.abs(table).max()) if table.size else 0.0
-    if c.matrix_file is not None:
-        M = _read("crystal.matrix_file", tables.read_matrix, base_dir, c.matrix_file)
-        check_matrix("crystal.matrix_file", c.matrix_file, M)
     if b.source_file is not None:
-        rows, lines = _read("beam.source_file", tables.read_sourcefile_lines, base_dir, b.source_file)
         name = b.source_file
         for (X, Y, Z, _I, lam), ln in zip(rows, lines):
             if not math.isnan(lam) and not lam > 0:

@@ -175,7 +175,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         ranges = None
         count = 0
         if value(default_F) == 0.0:
-            raise SpecError("crystal.default_F", "no structure factors: give crystal.hkl_file, a "
+            raise SpecError("crystal.default_F", "no structure factors: give crystal.hkl_file, crystal.model_file, a "
                             "Fdump file, or a non-zero crystal.default_F")
     if ranges is not None:
         hr, kr, lr = ranges[1] - ranges[0] + 1, ranges[3] - ranges[2] + 1, ranges[5] - ranges[4] + 1

@@ -120,8 +120,9 @@ def check_params(params: Optional[Mapping[str, torch.Tensor]], spec: ExperimentS
             raise SpecError(key, f"must have shape {info.shape}, got {tuple(value.shape)}")
         if key == "crystal.matrix" and spec.crystal.matrix_file is None:
             raise SpecError(key, "needs crystal.matrix_file (the matrix it replaces)")
-        if key == "crystal.F_table" and spec.crystal.hkl_file is None and spec.crystal.fdump_file is None:
-            raise SpecError(key, "needs crystal.hkl_file (the table it replaces)")
+        if (key == "crystal.F_table" and spec.crystal.hkl_file is None and spec.crystal.model_file is None
+                and spec.crystal.fdump_file is None):
+            raise SpecError(key, "needs crystal.hkl_file or crystal.model_file (the table it replaces)")
         if key == "crystal.cell_A_deg" and spec.crystal.cell_A_deg is None:
             raise SpecError(key, "needs crystal.cell_A_deg in the spec (the matrix path has no cell)")
         if key == "crystal.misset_deg" and spec.crystal.misset_random:

@@ -137,7 +137,11 @@ class CrystalSpec:
     shape: str = "square"                  # spot shape: square (parallelepiped, sincg) | round | gauss | tophat
     fudge: float = 1.0                     # scales radius^2 of round/gauss/tophat spots
     default_F: float = 0.0                 # structure factor of every hkl not in the table
-    hkl_file: Optional[str] = None         # text table, lines h k l F
+    hkl_file: Optional[str] = None         # text table, lines h k l F; or an MTZ file (expanded to P1 with its symmetry)
+    mtz_column: Optional[str] = None       # amplitude (type F) column of an MTZ hkl_file; None: its only F column
+    model_file: Optional[str] = None       # PDB or mmCIF model: F computed with gemmi (instead of hkl_file)
+    model_dmin_A: Optional[float] = None   # resolution of the F computed from model_file; None: the detector's edge
+    model_anomalous: bool = False          # true: f' and f'' at beam.wavelength_A in the F of model_file
     fdump_file: Optional[str] = None           # binary F cache: read when hkl_file is absent (the front end writes it)
     interpolate: Optional[bool] = None         # None: auto (on when any N <= 2 and a table is loaded)
     mosaic_deg: float = 0.0                # isotropic mosaic spread
@@ -351,6 +355,22 @@ def validate(spec: ExperimentSpec) -> None:
     _choice("crystal.shape", c.shape, SHAPES)
     _positive("crystal.fudge", c.fudge, allow_none=False)
     _finite("crystal.default_F", c.default_F)
+    for k in ("mtz_column", "model_file"):
+        v = getattr(c, k)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise SpecError(f"crystal.{k}", f"must be a non-empty string, got {v!r}")
+    if c.model_file is not None and c.hkl_file is not None:
+        raise SpecError("crystal.model_file", "give either crystal.model_file or crystal.hkl_file, not both "
+                        f"(got {c.model_file!r} and {c.hkl_file!r})")
+    _positive("crystal.model_dmin_A", c.model_dmin_A)
+    if not isinstance(c.model_anomalous, bool):
+        raise SpecError("crystal.model_anomalous", f"must be true or false, got {c.model_anomalous!r}")
+    if c.model_file is None:
+        for k, v in (("model_dmin_A", c.model_dmin_A), ("model_anomalous", c.model_anomalous or None)):
+            if v is not None:
+                raise SpecError(f"crystal.{k}", "applies to crystal.model_file, which is not given")
+    if c.mtz_column is not None and c.hkl_file is None:
+        raise SpecError("crystal.mtz_column", "applies to an MTZ crystal.hkl_file, which is not given")
     _nonneg("crystal.mosaic_deg", c.mosaic_deg)
     _int_ge("crystal.mosaic_domains", c.mosaic_domains, 1)
     _finite("crystal.phi_deg", c.phi_deg)

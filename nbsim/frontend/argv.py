@@ -172,7 +172,15 @@ FLAGS: Tuple[Flag, ...] = (
        help="um: water thickness for the background"),
     # ---- structure factors
     _F("-hkl", kind="s", keys=("crystal.hkl_file",), action="infile", group="F",
-       help="FILE: text h k l F table (also writes the Fdump file)"),
+       help="FILE: text h k l F table, or an MTZ file expanded to P1 (also writes the Fdump file)"),
+    _F("-mtz_column", kind="s", keys=("crystal.mtz_column",), group="F",
+       help="LABEL: amplitude column of an MTZ -hkl file (default: its only F-type column)"),
+    _F("-model", kind="s", keys=("crystal.model_file",), action="infile", group="F",
+       help="FILE: PDB or mmCIF model; F computed with gemmi at the beam's wavelength (instead of -hkl)"),
+    _F("-model_dmin", kind="f", keys=("crystal.model_dmin_A",), group="F",
+       help="A: resolution of the F computed from -model (default: the detector's edge)"),
+    _F("-model_anomalous", keys=("crystal.model_anomalous",), value=True, group="F",
+       help="add f' and f'' (Cromer-Liberman, at the wavelength) to the -model form factors"),
     _F("-default_F", kind="f", keys=("crystal.default_F",), group="F",
        help="F: structure factor of every hkl not in the table"),
     _F("-dump", kind="s", action="dump", group="F",
@@ -957,6 +965,9 @@ class _Builder:
         # Fdump cache (quirk fdump_from_cwd)
         if c.hkl_file is not None:
             self.set("crystal.fdump_file", self.dump_file, "-dump" if self.dump_given else "-hkl")
+        elif c.model_file is not None:
+            if self.dump_given:
+                self.warn(f"-dump {self.dump_file}: not read or written with -model (F comes from the model)")
         else:
             exists = os.path.exists(self._path(self.dump_file))
             if exists and (not self.q.fixed("fdump_from_cwd") or self.dump_given):
@@ -972,8 +983,8 @@ class _Builder:
         # the two upstream usage checks (exit 9 there)
         if c.cell_A_deg is None and c.matrix_file is None:
             raise FrontendError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE")
-        if c.hkl_file is None and c.fdump_file is None and c.default_F == 0.0:
-            raise FrontendError("no structure factors: give -hkl FILE or a nonzero -default_F F "
+        if c.hkl_file is None and c.model_file is None and c.fdump_file is None and c.default_F == 0.0:
+            raise FrontendError("no structure factors: give -hkl FILE, -model FILE or a nonzero -default_F F "
                                 f"(or keep an F cache: -dump FILE, default {DEFAULT_DUMP_FILE})")
         # cell: C's 1..6 value form and its defaults for missing values
         if c.cell_A_deg is not None:
