@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _source_packages() -> set:
-    """Dotted names of the folders of nbsim/ and pipeline/ holding an __init__.py."""
+    """Dotted names of the folders of nbsim/, pipeline/ and hydra_plugins/ holding an __init__.py."""
     found = set()
-    for top in ("nbsim", "pipeline"):
+    for top in ("nbsim", "pipeline", "hydra_plugins"):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT)
             if "__pycache__" not in rel.parts:
