@@ -60,5 +60,5 @@ def preview_png(img, path: Union[str, Path], mode: str = "log", thumb: Optional[
     if thumb:
         img = block_max(img, thumb)
     buf = io.BytesIO()
-    Image.fromarray(to_uint8(img, mode)).save(buf, format="PNG", compress_level=1 if thumb else 6)
+    Image.fromarray(to_uint8(img, mode)).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())

@@ -281,6 +281,25 @@ def is_stored(point: Point, root: Union[str, Path]) -> bool:
     return (point.folder(root) / "run.json").is_file()
 
 
+def batch_markers(root: Union[str, Path]) -> Dict[str, str]:
+    """``{point hash: marker}`` of the batches that finished under ``root`` (each ``.done`` file lists
+    its points' hashes; the first marker in name order wins). Rules depend on a stored point through
+    the marker of the batch that computed it, so the inputs of the summary stay the same set from
+    one run to the next (Snakemake reruns a rule whose set of inputs changed)."""
+    out: Dict[str, str] = {}
+    d = Path(root) / BATCH_DIR
+    if not d.is_dir():
+        return out
+    for m in sorted(d.glob("*.done")):
+        try:
+            hashes = m.read_text().split()
+        except OSError:
+            continue
+        for h in hashes:
+            out.setdefault(h, str(m))
+    return out
+
+
 def point_seconds(point: Point, base_dir: Union[str, Path] = ".",
                   composer: Optional[Composer] = None) -> float:
     """Estimated kernel seconds of one point (``nbsim.checks.estimate``), at least 50 ms (the

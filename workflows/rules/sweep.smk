@@ -39,12 +39,17 @@ if workflow.is_main_process:                # jobs re-reading this file find the
     for _b in BATCHES:
         _sweep.write_manifest(_b, STORE, thumb=config.get("thumb", 200))
 BATCH_OF_HASH = {p.hash: b for b in BATCHES for p in b.points}
+_DONE = _sweep.batch_markers(STORE)         # stored points: the marker of the batch that stored them
 
 
 def point_target(h):
-    """What a rule needing point ``h`` depends on: its run.json when stored, else its batch's marker."""
+    """What a rule needing point ``h`` depends on: the marker of the batch that computes it, or
+    that computed it (the same file from run to run), else (stored by another run, e.g. a multirun)
+    its run.json."""
     b = BATCH_OF_HASH.get(h)
-    return str(b.marker(STORE)) if b is not None else f"{STORE}/{h}/run.json"
+    if b is not None:
+        return str(b.marker(STORE))
+    return _DONE.get(h) or f"{STORE}/{h}/run.json"
 
 
 wildcard_constraints:
