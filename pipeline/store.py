@@ -38,7 +38,7 @@ from typing import Callable, Optional, Tuple, Union
 
 from omegaconf import OmegaConf
 
-from nbsim.io.atomic import atomic_dir, file_sha256
+from nbsim.io.atomic import atomic_dir, file_sha256, unsynced_files
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
 from pipeline.preview import preview_png
@@ -399,8 +399,9 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
                     out[i] = (final, True, doc)         # stored meanwhile by another process
                     continue
                 try:
-                    run = _compute(final, spec, device, want, preview, base_dir, ests[i], False,
-                                   result=result, thumb=thumb)
+                    with unsynced_files():           # entries are verified by checksum when reused
+                        run = _compute(final, spec, device, want, preview, base_dir, ests[i], False,
+                                       result=result, thumb=thumb)
                 except SpecError as e:
                     log(f"point {i} ({h}): {e}")
                     first_error = first_error or e

@@ -174,6 +174,16 @@ class Composer:
         from hydra.core.override_parser.overrides_parser import OverridesParser
         self._parser = OverridesParser.create()
         self._bases: dict = {}
+        self._parsed: dict = {}                         # override text -> parsed Override
+
+    def _parse(self, overrides: List[str]) -> list:
+        out = []
+        for line in overrides:
+            o = self._parsed.get(line)
+            if o is None:
+                o = self._parsed[line] = self._parser.parse_overrides([line])[0]
+            out.append(o)
+        return out
 
     @staticmethod
     def _structural(o) -> bool:
@@ -192,7 +202,7 @@ class Composer:
         from pipeline.compose import compose_config
         overrides = list(overrides)
         try:
-            parsed = self._parser.parse_overrides(overrides)
+            parsed = self._parse(overrides)
         except Exception:                               # noqa: BLE001 - the full path reports it
             return compose_config(overrides)
         structural = tuple(o.input_line for o in parsed if self._structural(o))
