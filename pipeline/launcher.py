@@ -71,8 +71,14 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     computed = 0
     for k, (ovr, (folder, reused, run)) in enumerate(zip(job_overrides, results)):
         computed += not reused
-        for w in ([] if reused else run.get("warnings", [])):
-            log.warning(f"warning: {w}")
+        if reused:
+            log.info(f"reusing stored result {_shown(folder)} (config hash {run['hash']})")
+        else:
+            for w in run.get("warnings", []):
+                log.warning(f"warning: {w}")
+            log.info(f"computed {_shown(folder)} (config hash {run['hash']}): simulation "
+                     f"{run['wall_time_s']:.2f} s on {run.get('device')} ({run.get('dtype')}, "
+                     f"{(run.get('info') or {}).get('kernel') or 'unknown'} kernel)")
         print(_shown(folder), flush=True)
         ret = JobReturn(overrides=list(ovr), cfg=cfgs[k], hydra_cfg=config, working_dir=str(base_dir),
                         task_name=config.hydra.job.name, status=JobStatus.COMPLETED,
