@@ -33,7 +33,6 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 
     from pipeline.app import _shown
-    from pipeline.compose import cfg_to_spec
     from pipeline.hashing import config_hash
     from pipeline.store import run_many
     from pipeline.sweep import Composer
@@ -45,16 +44,13 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     base_dir = Path(config.hydra.runtime.cwd)
     t0 = time.perf_counter()
     composer = Composer()
-    cfgs, items, groups = [], [], {}
+    items, groups = [], {}
     for k, ovr in enumerate(job_overrides):
-        cfg = composer.config(_app_overrides(ovr))
-        spec, device = cfg_to_spec(cfg)
+        spec, device, st, quiet = composer.resolve(_app_overrides(ovr))
         h = config_hash(spec, device, base_dir)
-        st = cfg.store
-        key = (str(st.root), bool(st.force), bool(st.write_noise), bool(st.write_pgm), str(st.preview),
-               bool(cfg.get("quiet", False)))
+        key = (str(st["root"]), bool(st["force"]), bool(st["write_noise"]), bool(st["write_pgm"]),
+               str(st["preview"]), quiet)
         groups.setdefault(key, []).append(k)
-        cfgs.append(cfg)
         items.append((spec, device, h))
     quiet = all(key[-1] for key in groups)
     if quiet:
@@ -80,7 +76,7 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
                      f"{run['wall_time_s']:.2f} s on {run.get('device')} ({run.get('dtype')}, "
                      f"{(run.get('info') or {}).get('kernel') or 'unknown'} kernel)")
         print(_shown(folder), flush=True)
-        ret = JobReturn(overrides=list(ovr), cfg=cfgs[k], hydra_cfg=config, working_dir=str(base_dir),
+        ret = JobReturn(overrides=list(ovr), cfg=config, hydra_cfg=config, working_dir=str(base_dir),
                         task_name=config.hydra.job.name, status=JobStatus.COMPLETED,
                         _return_value=str(folder))
         runs.append(ret)

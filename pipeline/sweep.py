@@ -220,8 +220,53 @@ class Composer:
 
     def spec(self, overrides: Sequence[str]):
         """``(ExperimentSpec, DeviceSpec)`` of ``overrides`` (= ``compose_spec(overrides)``)."""
-        from pipeline.compose import cfg_to_spec
-        return cfg_to_spec(self.config(overrides))
+        return self.resolve(overrides)[:2]
+
+    _MISSING = object()
+
+    def resolve(self, overrides: Sequence[str]):
+        """``(ExperimentSpec, DeviceSpec, store section as a dict, quiet)`` of ``overrides``, without
+        copying the composed config: the plain overrides are applied to the cached base, read, and
+        undone (the old values put back), ~1 ms instead of a ~6 ms deep copy. Any failure drops the
+        base (it is composed again) and takes the full path, which reports the error."""
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        from pipeline.compose import cfg_to_spec, compose_config
+        overrides = list(overrides)
+
+        def full():
+            cfg = compose_config(overrides)
+            return (*cfg_to_spec(cfg), OmegaConf.to_container(cfg.store), bool(cfg.get("quiet", False)))
+        try:
+            parsed = self._parse(overrides)
+        except Exception:                               # noqa: BLE001 - the full path reports it
+            return full()
+        structural = tuple(o.input_line for o in parsed if self._structural(o))
+        plain = [o for o in parsed if not self._structural(o)]
+        base = self._bases.get(structural)
+        if base is None:
+            base = self._bases[structural] = compose_config(list(structural))
+        undo = []
+        try:
+            for o in plain:
+                key = o.key_or_group
+                old = OmegaConf.select(base, key, default=self._MISSING)
+                if isinstance(old, (DictConfig, ListConfig)):
+                    old = OmegaConf.to_container(old)
+                undo.append((key, old))
+                OmegaConf.update(base, key, o.value(), merge=True)
+            out = (*cfg_to_spec(base), OmegaConf.to_container(base.store), bool(base.get("quiet", False)))
+        except Exception:                               # noqa: BLE001 - the full path reports it
+            self._bases.pop(structural, None)
+            return full()
+        try:
+            for key, old in reversed(undo):
+                if old is self._MISSING:
+                    raise KeyError(key)
+                OmegaConf.update(base, key, old, merge=False)
+        except Exception:                               # noqa: BLE001 - composed again next time
+            self._bases.pop(structural, None)
+        return out
 
 
 def point_hash(overrides: Sequence[str], base_dir: Union[str, Path] = ".",
@@ -386,16 +431,13 @@ def run_points(overrides: Sequence[Sequence[str]], root: Optional[Union[str, Pat
     log = log or (lambda s: print(s, file=sys.stderr))
     items, stores = [], {}
     for i, ovr in enumerate(overrides):
-        cfg = composer.config(ovr)
-        from pipeline.compose import cfg_to_spec
-        spec, device = cfg_to_spec(cfg)
+        spec, device, st, _ = composer.resolve(ovr)
         h = config_hash(spec, device, base_dir)
         if hashes is not None and hashes[i] != h:
             raise SweepError(f"sweep point {' '.join(ovr)}: its configuration now hashes to {h}, the "
                              f"workflow planned {hashes[i]} (an input file changed?); rerun Snakemake")
-        st = cfg.store
-        key = (str(root if root is not None else st.root), bool(st.force), bool(st.write_noise),
-               bool(st.write_pgm), str(st.preview))
+        key = (str(root if root is not None else st["root"]), bool(st["force"]), bool(st["write_noise"]),
+               bool(st["write_pgm"]), str(st["preview"]))
         stores.setdefault(key, []).append(i)
         items.append((spec, device, h))
     out: list = [None] * len(items)

@@ -64,6 +64,22 @@ def test_composer_equals_hydra_compose(overrides):
         assert spec == ref_spec and dev == ref_dev
         assert config_hash(spec, dev) == config_hash(ref_spec, ref_dev)
     assert comp.config(overrides).store == __import__("pipeline.compose", fromlist=["x"]).compose_config(overrides).store
+    assert comp.resolve(overrides)[:2] == compose_spec(overrides)
+
+
+def test_composer_undoes_each_point():
+    """Points resolved one after the other from one cached base: each equals its own composition
+    (a key set by one point is back to its default for the next)."""
+    seq = [["crystal.N=7", "detector.distance_mm=80", "crystal.misset_deg=[1,2,3]", "store.write_pgm=true"],
+           ["crystal.N=2"], ["detector.distance_mm=90", "crystal.cell_A_deg=[60,70,80,90,90,90]"], [],
+           ["crystal.misset_deg=null", "image.noise=false"], ["crystal.N=7"]]
+    comp = sweep.Composer()
+    from pipeline.compose import compose_config
+    for ovr in seq:
+        spec, dev, store, quiet = comp.resolve(ovr)
+        cfg = compose_config(ovr)
+        assert (spec, dev) == compose_spec(ovr)
+        assert store == __import__("omegaconf").OmegaConf.to_container(cfg.store) and quiet is False
 
 
 @pytest.mark.parametrize("bad", [["crystal.NN=3"], ["crystal.N=abc"], ["detector=nope"], ["crystal.N=[1"]])
