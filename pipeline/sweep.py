@@ -10,11 +10,16 @@ A sweep config (``workflows/config/sweep.yaml``, schema ``workflows/schemas/swee
       crystal.N: [3, 5]
       detector: [mosflm, xds]        # config-group choices work too (detector=xds)
 
-Every point is one ``python -m nbsim <overrides> store.root=<store_root>`` run. Its folder name, the
-config hash, is computed here when the Snakemake DAG is built (``compose_spec`` + ``config_hash``, the
-same functions the app uses), so Snakemake's targets are the hash folders themselves: a rerun with
-nothing changed does nothing, one more grid value is one more job, and a point already computed by
+Every point is stored exactly as ``python -m nbsim <overrides> store.root=<store_root>`` stores it.
+Its folder name, the config hash, is computed here when the Snakemake DAG is built (``Composer`` +
+``config_hash``, the same composition and hash as the app), so a rerun with nothing changed does
+nothing, one more grid value computes only its own point, and a point already computed by
 ``python -m nbsim --multirun ...`` (same hash) is not computed again.
+
+Points are computed in **batches** (``batch_size``: auto or a number; ``plan_batches``): one job,
+one process (``python -m pipeline.sweep run-batch <manifest>``, i.e. ``run_points``) renders many
+points through ``pipeline.store.run_many`` / ``nbsim.batch`` and stores each in its own folder as
+soon as it is done; the batch's marker ``<store_root>/.sweep_batches/<id>.done`` lists its points.
 
 usage:
   python -m pipeline.sweep run-batch MANIFEST [--done MARKER]   # one batch job (Snakemake)
