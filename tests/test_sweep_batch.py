@@ -160,6 +160,7 @@ def test_run_batch_refuses_a_changed_configuration(tmp_path):
     assert _entries(tmp_path / "s") == {}
 
 
+@pytest.mark.slow
 def test_killed_batch_leaves_complete_entries_and_the_rerun_completes_it(tmp_path):
     """Snakemake is killed while its one batch is half-way: every entry on disk is complete, and the
     next run computes only the points still missing."""
@@ -199,7 +200,9 @@ def test_killed_batch_leaves_complete_entries_and_the_rerun_completes_it(tmp_pat
     assert len(_entries(store)) == 6 and all(verify_entry(d, h)[0] for h, d in _entries(store).items())
 
 
+@pytest.mark.slow
 def test_extended_grid_runs_only_the_new_points_and_a_rerun_nothing(tmp_path):
+    """(The default run covers the same with a dry run: tests/test_workflows.py.)"""
     config = {"name": "ext", "store_root": "store", "base": ["detector.fpixels=16", "detector.spixels=16"],
               "grid": {"crystal.N": [2, 3]}}
     assert _snakemake(tmp_path, config).returncode == 0
