@@ -60,7 +60,7 @@ def group_key(spec: ExperimentSpec, device: DeviceSpec, base_dir=".") -> tuple:
     c, b, d = spec.crystal, spec.beam, spec.detector
     return (device.device, device.dtype, est.fpixels, est.spixels, est.pixels, est.thicksteps,
             est.oversample, est.sources, est.phisteps, est.mosaic_domains,
-            (c.N, c.Na, c.Nb, c.Nc), c.default_F, c.hkl_file, c.shape if hasattr(c, "shape") else None,
+            (c.N, c.Na, c.Nb, c.Nc), c.default_F, c.hkl_file, c.shape,
             b.fluence_ph_per_m2, d.thick_um, d.thicksteps)
 
 

@@ -3,7 +3,6 @@ an extended grid, and the in-process Hydra launcher (hydra/launcher=nbsim_batch)
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import re
 import signal
