@@ -254,3 +254,25 @@ def test_batch_launcher_equals_hydra_basic_launcher(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert bad.stderr.startswith("nbsim: error: crystal.N")
     assert _entries(wb / "bad") == {}                 # nothing simulated (Hydra's own .hydra/ aside)
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark's sweep cases
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_sweep_grids_and_flags(capsys):
+    from pipeline import bench, bench_sweep
+    for kind in bench_sweep.GRIDS:
+        full = sweep.expand(sweep.validate_config(bench_sweep.grid_config(kind, False)))
+        quick = sweep.expand(sweep.validate_config(bench_sweep.grid_config(kind, True)))
+        assert (len(full), len(quick)) == (64, 8)
+        spec, _ = compose_spec(full[-1].overrides)
+        assert spec.crystal.misset_deg == [10.0, 20.0, 30.0] and spec.detector.fpixels in (256, 512)
+        assert len(bench_sweep.c_argvs(quick[:1])[0]) > 10
+    for argv, msg in ((["--cases", "none"], "--cases none: needs --sweeps"),
+                      (["--sweeps", "medium"], "--sweeps: expected comma-separated sweep cases"),
+                      (["--sweeps", "light", "--sweep-cores", "0"], "--sweep-cores: must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1, err
