@@ -33,7 +33,6 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 
     from pipeline.app import _shown
-    from pipeline.hashing import config_hash
     from pipeline.store import run_many
     from pipeline.sweep import Composer
     from hydra.core.hydra_config import HydraConfig
@@ -47,20 +46,18 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     items, groups = [], {}
     for k, ovr in enumerate(job_overrides):
         spec, device, st, quiet = composer.resolve(_app_overrides(ovr))
-        h = config_hash(spec, device, base_dir)
         key = (str(st["root"]), bool(st["force"]), bool(st["write_noise"]), bool(st["write_pgm"]),
                str(st["preview"]), quiet)
         groups.setdefault(key, []).append(k)
-        items.append((spec, device, h))
+        items.append((spec, device))
     quiet = all(key[-1] for key in groups)
     if quiet:
         log.setLevel(logging.WARNING)
     log.info(f"multirun: {len(items)} points in this process (nbsim_batch launcher)")
     results: list = [None] * len(items)
     for (root, force, noise, pgm, preview, _), idx in groups.items():
-        got = run_many([items[k][:2] for k in idx], root=root, force=force, write_noise=noise,
-                       write_pgm=pgm, preview=preview, base_dir=base_dir, log=log.info, thumb=thumb,
-                       hashes=[items[k][2] for k in idx])
+        got = run_many([items[k] for k in idx], root=root, force=force, write_noise=noise,
+                       write_pgm=pgm, preview=preview, base_dir=base_dir, log=log.info, thumb=thumb)
         for k, r in zip(idx, got):
             results[k] = r
     runs = []

@@ -321,7 +321,7 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
 def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
              write_noise: bool = False, write_pgm: bool = False, preview: str = "log",
              base_dir: Union[str, Path] = ".", log: Callable[[str], None] = print,
-             thumb: Optional[int] = None, hashes: Optional[list] = None) -> list:
+             thumb: Optional[int] = None) -> list:
     """``run_or_reuse`` for many ``(spec, device)`` pairs in one process: ``[(folder, reused, run_json)]``
     in the order of ``items``.
 
@@ -330,7 +330,7 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
     ``nbsim.batch.iter_many`` (grouped by kernel shapes, a compiled kernel built once per group) and
     each is stored, atomically and under its entry lock, as soon as its image is done, so a batch
     killed half-way leaves complete entries only. ``thumb``: previews as thumbnails of at most this
-    many pixels a side. ``hashes``: the config hashes, when the caller computed them already. A
+    many pixels a side. A
     point that fails (e.g. an image that overflows) does not stop the others; the first such
     ``SpecError`` is raised after all of them ran."""
     from nbsim.batch import iter_many
@@ -343,7 +343,7 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
     for i, (spec, device) in enumerate(items):
         check_device(device)
         ests[i] = preflight(spec, device, base_dir)
-        h = hashes[i] if hashes is not None else config_hash(spec, device, base_dir)
+        h = config_hash(spec, device, base_dir)      # after preflight (resolved ROI), as run_or_reuse
         hs.append(h)
         final = root_abs / h
         want = wanted_files(spec, write_noise, write_pgm)

@@ -274,12 +274,20 @@ class Composer:
         return out
 
 
+def spec_hash(spec, device, base_dir: Union[str, Path] = ".") -> str:
+    """The config hash the store files ``spec`` under: ``config_hash`` of the spec with its ROI
+    resolved (``nbsim.checks.normalize_roi``, as the store's preflight does before hashing)."""
+    from nbsim.checks import normalize_roi
+    from pipeline.hashing import config_hash
+    normalize_roi(spec)
+    return config_hash(spec, device, base_dir)
+
+
 def point_hash(overrides: Sequence[str], base_dir: Union[str, Path] = ".",
                composer: Optional[Composer] = None) -> str:
     """The config hash ``python -m nbsim <overrides>`` stores its result under."""
-    from pipeline.hashing import config_hash
     spec, device = (composer or Composer()).spec(list(overrides))
-    return config_hash(spec, device, base_dir)
+    return spec_hash(spec, device, base_dir)
 
 
 def expand(config: dict, base_dir: Union[str, Path] = ".") -> List[Point]:
@@ -430,14 +438,13 @@ def run_points(overrides: Sequence[Sequence[str]], root: Optional[Union[str, Pat
     distinct store setting. ``hashes``: the hashes the points must have (a point whose
     configuration now hashes differently, e.g. an input file edited since, is refused).
     Returns ``[(folder, reused, run_json)]`` in order."""
-    from pipeline.hashing import config_hash
     from pipeline.store import run_many
     composer = composer or Composer()
     log = log or (lambda s: print(s, file=sys.stderr))
     items, stores = [], {}
     for i, ovr in enumerate(overrides):
         spec, device, st, _ = composer.resolve(ovr)
-        h = config_hash(spec, device, base_dir)
+        h = spec_hash(spec, device, base_dir)
         if hashes is not None and hashes[i] != h:
             raise SweepError(f"sweep point {' '.join(ovr)}: its configuration now hashes to {h}, the "
                              f"workflow planned {hashes[i]} (an input file changed?); rerun Snakemake")
@@ -448,8 +455,7 @@ def run_points(overrides: Sequence[Sequence[str]], root: Optional[Union[str, Pat
     out: list = [None] * len(items)
     for (r, force, noise, pgm, preview), idx in stores.items():
         got = run_many([items[i][:2] for i in idx], root=r, force=force, write_noise=noise,
-                       write_pgm=pgm, preview=preview, base_dir=base_dir, log=log, thumb=thumb,
-                       hashes=[items[i][2] for i in idx])
+                       write_pgm=pgm, preview=preview, base_dir=base_dir, log=log, thumb=thumb)
         for i, res in zip(idx, got):
             out[i] = res
     return out

@@ -92,6 +92,19 @@ def test_composer_errors_read_as_hydra_errors(bad):
     assert message(sweep.Composer().spec) == message(compose_spec)
 
 
+def test_point_hash_is_the_stores_hash_with_a_negative_roi_bound():
+    """The store hashes a spec after its preflight resolved the ROI (a negative bound: the detector
+    edge); the sweep's planned hash is the same."""
+    from nbsim.checks import preflight
+    ovr = ["detector.fpixels=32", "detector.spixels=32", "detector.roi=[-1,10,-1,12]"]
+    spec, dev = compose_spec(ovr)
+    preflight(spec, dev)
+    assert spec.detector.roi == [0, 10, 0, 12]
+    assert sweep.point_hash(ovr) == config_hash(spec, dev)
+    plain = ["detector.fpixels=32", "detector.spixels=32", "detector.roi=[2,10,3,12]"]
+    assert sweep.point_hash(plain) == config_hash(*compose_spec(plain))     # unchanged hashes
+
+
 def _points(n):
     return [sweep.Point(index=i, params={}, overrides=["detector.fpixels=16", "detector.spixels=16",
                                                        f"crystal.N={i + 1}"], hash=f"{i:016x}")
