@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -39,8 +39,26 @@ def to_uint8(img, mode: str = "log", percentile: float = 99.5, log_range: float 
     return np.clip(np.rint(v * 255.0), 0, 255).astype(np.uint8)
 
 
-def preview_png(img, path: Union[str, Path], mode: str = "log") -> Path:
-    """Write ``img`` (S, F; rows = slow axis) as a grayscale PNG, atomically (temp file + rename)."""
+def block_max(img, thumb: int) -> np.ndarray:
+    """``img`` (S, F) reduced by the smallest integer factor k that brings both sides to at most
+    ``thumb`` pixels: each output pixel is the maximum of a k × k block (edge blocks padded with the
+    image minimum), so a one-pixel Bragg spot stays visible. ``k == 1``: the image itself."""
+    a = np.asarray(img)
+    k = max(1, -(-max(a.shape) // max(1, int(thumb))))
+    if k == 1:
+        return a
+    S, F = a.shape
+    s2, f2 = -(-S // k), -(-F // k)
+    pad = np.full((s2 * k, f2 * k), np.nanmin(a) if a.size else 0, dtype=a.dtype)
+    pad[:S, :F] = a
+    return pad.reshape(s2, k, f2, k).max(axis=(1, 3))
+
+
+def preview_png(img, path: Union[str, Path], mode: str = "log", thumb: Optional[int] = None) -> Path:
+    """Write ``img`` (S, F; rows = slow axis) as a grayscale PNG, atomically (temp file + rename).
+    ``thumb``: at most this many pixels a side (``block_max``; sweeps write thumbnails)."""
+    if thumb:
+        img = block_max(img, thumb)
     buf = io.BytesIO()
     Image.fromarray(to_uint8(img, mode)).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())

@@ -42,7 +42,7 @@ from typing import Callable, Optional, Tuple, Union
 
 from omegaconf import OmegaConf
 
-from nbsim.io.atomic import atomic_dir, file_sha256
+from nbsim.io.atomic import atomic_dir, file_sha256, unsynced_files
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
 from pipeline.preview import preview_png
@@ -387,6 +387,107 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     return final, False, run
 
 
+def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
+             write_noise: bool = False, write_pgm: bool = False, preview: str = "log",
+             base_dir: Union[str, Path] = ".", log: Callable[[str], None] = print,
+             thumb: Optional[int] = None, formats=("smv",), nexus_dtype: str = "float32",
+             nexus_compression: str = "none") -> list:
+    """``run_or_reuse`` for many ``(spec, device)`` pairs in one process: ``[(folder, reused, run_json)]``
+    in the order of ``items``.
+
+    Every pair is checked (``preflight``, device) and hashed first; stored intact entries are reused
+    (products asked for are added, as in ``run_or_reuse``); the others are rendered by
+    ``nbsim.batch.iter_many`` (grouped by kernel shapes, a compiled kernel built once per group) and
+    each is stored, atomically and under its entry lock, as soon as its image is done, so a batch
+    killed half-way leaves complete entries only. ``thumb``: previews as thumbnails of at most this
+    many pixels a side. A
+    point that fails (e.g. an image that overflows) does not stop the others; the first such
+    ``SpecError`` is raised after all of them ran."""
+    from nbsim.batch import iter_many
+    from nbsim.checks import preflight
+    base_dir = Path(base_dir)
+    root = Path(root)
+    root_abs = root if root.is_absolute() else base_dir / root
+    out: list = [None] * len(items)
+    todo, ests, hs = [], {}, []
+    for i, (spec, device) in enumerate(items):
+        check_device(device)
+        ests[i] = preflight(spec, device, base_dir)
+        h = config_hash(spec, device, base_dir)      # after preflight (resolved ROI), as run_or_reuse
+        hs.append(h)
+        final = root_abs / h
+        want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
+        if (final / "run.json").is_file() and not force:
+            doc, why = verify_entry(final, h)
+            if doc is not None and not missing_products(doc, want, preview):
+                out[i] = (final, True, doc)
+                continue
+            if doc is None:
+                log(f"stored result {root / h}: {why}; recomputing")
+        todo.append(i)
+    if not todo:
+        return out
+    created = _prepare_root(root_abs, root)
+    first_error = None
+    try:
+        specs = [items[i][0] for i in todo]
+        devs = [items[i][1] for i in todo]
+        # a point whose entry only lacks products is completed without simulating
+        rest = []
+        for j, i in enumerate(todo):
+            spec, device = items[i]
+            final = root_abs / hs[i]
+            if not force and (final / "run.json").is_file():
+                with entry_lock(root_abs, hs[i]):
+                    doc = verify_entry(final, hs[i])[0]
+                    if doc is not None:
+                        extra = missing_products(doc, wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression), preview)
+                        if extra:
+                            doc = add_products(final, doc, spec, extra, preview)
+                        out[i] = (final, True, doc)
+                        continue
+            rest.append(j)
+        specs, devs = [specs[j] for j in rest], [devs[j] for j in rest]
+        index = [todo[j] for j in rest]
+        results = iter_many(specs, devices=devs, base_dir=str(base_dir))
+        while True:
+            try:
+                k, result = next(results)
+            except StopIteration:
+                break
+            except SpecError as e:                   # an image refused while rendering
+                first_error = first_error or e
+                break
+            i = index[k]
+            spec, device = items[i]
+            h = hs[i]
+            final = root_abs / h
+            want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
+            with entry_lock(root_abs, h):
+                if not force and (final / "run.json").is_file() and verify_entry(final, h)[0] is not None:
+                    doc = verify_entry(final, h)[0]
+                    out[i] = (final, True, doc)         # stored meanwhile by another process
+                    continue
+                try:
+                    with unsynced_files():           # entries are verified by checksum when reused
+                        run = _compute(final, spec, device, want, preview, base_dir, ests[i], False,
+                                       result=result, thumb=thumb)
+                except SpecError as e:
+                    log(f"point {i} ({h}): {e}")
+                    first_error = first_error or e
+                    continue
+            out[i] = (final, False, run)
+    except OSError as e:
+        _remove_if_empty(root_abs, created)
+        raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
+    except BaseException:
+        _remove_if_empty(root_abs, created)
+        raise
+    if first_error is not None:
+        raise first_error
+    return out
+
+
 def _remove_if_empty(root_abs: Path, created: bool) -> None:
     if created:
         try:
@@ -395,9 +496,22 @@ def _remove_if_empty(root_abs: Path, created: bool) -> None:
             pass
 
 
+def config_yaml(doc: dict, h: str) -> str:
+    """The text of an entry's ``config.yaml``: the resolved spec and device as YAML (block style,
+    keys in schema order; read back by ``OmegaConf.load``). PyYAML's C emitter where available
+    (OmegaConf's own ``to_yaml`` costs ~25 ms a point)."""
+    import yaml
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return f"# nbsim configuration, hash {h}\n" + yaml.dump(doc, Dumper=dumper, default_flow_style=False,
+                                                            allow_unicode=True, sort_keys=False)
+
+
 def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, preview: str,
-             base_dir: Path, est=None, progress: Optional[bool] = None) -> dict:
-    """Simulate, write every file of the entry into a temp folder, rename it to ``final``."""
+             base_dir: Path, est=None, progress: Optional[bool] = None, result=None,
+             thumb: Optional[int] = None) -> dict:
+    """Simulate (or take the already simulated ``result``: a ``SimResult`` of ``spec`` on ``device``),
+    write every file of the entry into a temp folder, rename it to ``final``. ``thumb``: the preview
+    is a thumbnail of at most this many pixels a side (sweeps; ``pipeline.preview``)."""
     import numpy as np
 
     from nbsim import api                        # looked up at call time (tests monkeypatch it)
@@ -408,12 +522,15 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
-        from nbsim.progress import progress_bar
-        spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
-        with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
-            # an overflow is reported once, by check_image
-            result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar)
-        wall = time.perf_counter() - t0
+        if result is None:
+            from nbsim.progress import progress_bar
+            spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
+            with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
+                # an overflow is reported once, by check_image
+                result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar)
+            wall = time.perf_counter() - t0
+        else:
+            wall = float(result.info.get("wall_s", 0.0))
         img = result.float32()
         check_image(img, spec)
         info = dict(result.info)
@@ -424,9 +541,9 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         else:
             prod = products.write_result(
                 result, spec.image, float_path=str(tmp / "float.bin"), **_writer_paths(tmp, want)) or {}
-            preview_png(img, tmp / "preview.png", preview)
+            preview_png(img, tmp / "preview.png", preview, thumb=thumb)
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
-        (tmp / "config.yaml").write_text(f"# nbsim configuration, hash {h}\n" + OmegaConf.to_yaml(doc))
+        (tmp / "config.yaml").write_text(config_yaml(doc, h))
         lines = list(getattr(result, "log", None) or []) + list(prod.get("lines") or [])
         (tmp / "log.txt").write_text("".join(f"{line}\n" for line in lines))
         run = {
@@ -440,6 +557,7 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             **{k: prod.get(k) for k in PRODUCT_KEYS},
             "files": sorted(want),
             "previews": {preview: "preview.png"} if getattr(result, "panels", None) is None else {},
+            **({"preview_thumb_px": thumb} if thumb and getattr(result, "panels", None) is None else {}),
             "inputs_sha256": input_digests(spec, base_dir),
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,
