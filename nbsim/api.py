@@ -16,6 +16,11 @@ SimResult.info    a read-only plain-dict view of both (``setup.to_dict()`` + ``s
 SimResult.mask    numpy bool (spixels, fpixels): pixels that were simulated (ROI and mask)
 SimResult.warnings list[str]  (quirk warnings etc.)
 SimResult.log      list[str]  (nanoBragg's setup lines: ``setup.echo()``)
+SimResult.panels   None, or (multi-panel detector, ``nbsim.panels``) one PanelImage per panel (its
+                   geometry: ``PanelImage.report``, a ``nbsim.report.PanelReport``): then
+                   ``image``/``mask``/``roi_mask`` are 1-D, the panels one after another (slow-major),
+                   ``setup`` is the frame the panels share and ``info`` holds ``npanels`` and ``panels``
+                   instead of the frame's pixel geometry
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ class RunStats:
     """What a finished run measured: C's image statistics over the simulated pixels (``nbsim.stats``),
     where the maximum is (metres on the detector, C's last sub-pixel), and how it ran."""
     max_I: Optional[float]
-    max_I_at_m: Tuple[float, float]
+    max_I_at_m: Optional[Tuple[float, float]]   # None with several panels (see max_I_at)
     mean: Optional[float]
     rms: Optional[float]
     rmsd: Optional[float]
@@ -50,10 +55,19 @@ class RunStats:
     kernel: Optional[str] = None
     kernel_cache: bool = False
     omega_sum_sr: Optional[float] = None    # C's "solid angle subtended by detector" (nbsim.stats)
+    # ---- recorded only when set (left out of to_dict when None)
+    max_I_at: Optional[Tuple[str, int, int]] = None  # several panels: (panel name, slow, fast) of max_I
+    batch_compile: Optional[object] = None   # nbsim.batch: the group's compile flag (True/False/"auto")
+    batch_group: Optional[int] = None        # nbsim.batch: images in the group
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["max_I_at_m"] = list(self.max_I_at_m)
+        d["max_I_at_m"] = None if self.max_I_at_m is None else list(self.max_I_at_m)
+        for k in ("max_I_at", "batch_compile", "batch_group"):
+            if d[k] is None:
+                del d[k]
+        if self.max_I_at is not None:
+            d["max_I_at"] = dict(zip(("panel", "slow", "fast"), self.max_I_at))
         return d
 
     @classmethod
@@ -64,7 +78,10 @@ class RunStats:
         return cls(max_I=d["max_I"], max_I_at_m=tuple(d.get("max_I_at_m") or (0.0, 0.0)), mean=d["mean"],
                    rms=d["rms"], rmsd=d["rmsd"], sum=d.get("sum", 0.0), pixels=int(d.get("pixels", 0)),
                    wall_s=d.get("wall_s"), kernel=d.get("kernel"), kernel_cache=bool(d.get("kernel_cache")),
-                   omega_sum_sr=d.get("omega_sum_sr"))
+                   omega_sum_sr=d.get("omega_sum_sr"),
+                   max_I_at=(None if not d.get("max_I_at") else
+                             tuple(d["max_I_at"][k] for k in ("panel", "slow", "fast"))),
+                   batch_compile=d.get("batch_compile"), batch_group=d.get("batch_group"))
 
 
 @dataclass
@@ -75,11 +92,17 @@ class SimResult:
     roi_mask: Optional[np.ndarray] = None   # the ROI alone: what nanoBragg writes (0 outside)
     stats: Optional[RunStats] = None
     trace: list = field(default_factory=list)
+    panels: Optional[list] = None  # multi-panel detector: nbsim.panels.PanelImage per panel, in order
 
     @property
     def info(self) -> Mapping:
         """Read-only plain view: ``setup.to_dict()`` then ``stats.to_dict()`` (``run.json``'s ``info``)."""
         d = self.setup.to_dict()
+        if self.panels is not None:              # the panels' geometry replaces the shared frame's
+            from nbsim.report import FRAME_ONLY_KEYS
+            for k in FRAME_ONLY_KEYS:
+                d.pop(k, None)
+            d.update(npanels=len(self.panels), panels=[p.report.to_dict() for p in self.panels])
         if self.stats is not None:
             d.update(self.stats.to_dict())
         return MappingProxyType(d)
@@ -94,8 +117,15 @@ class SimResult:
         return self.setup.echo()
 
     def float32(self) -> np.ndarray:
-        """The float image as nanoBragg writes it: float32 (spixels, fpixels)."""
+        """The float image as nanoBragg writes it: float32 (spixels, fpixels); with several panels
+        1-D, the panels one after another (each slow-major), as ``-floatfile`` writes them."""
         return _float32(plain(self.image))
+
+    def panel_float32(self) -> list:
+        """Per panel, float32 (spixels, fpixels) (a one-element list for a single-panel run)."""
+        if self.panels is None:
+            return [self.float32()]
+        return [_float32(plain(p.image)) for p in self.panels]
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
@@ -174,8 +204,13 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     e.g. once for many calls of a fitting loop; read from ``base_dir`` when not given."""
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
+    from nbsim.panels import has_panels, simulate_panels
     from nbsim.spec import compile_mode
     from nbsim.stats import image_stats, solid_angle_sum_sr
+
+    if has_panels(spec):
+        return simulate_panels(spec, device, params=params, inputs=inputs, base_dir=base_dir,
+                               progress=progress, chunk_pixels=chunk_pixels, trace_pixel=trace_pixel)
 
     tdev, tdtype, device = resolve_device(device)
     compile_ = compile_mode(device.compile)

@@ -298,8 +298,8 @@ def _lattice_lengths_A(spec: ExperimentSpec, base_dir=".", matrix=None) -> tuple
     if c.cell_A_deg is not None:
         return tuple(float(x) for x in c.cell_A_deg[:3])
     if matrix is None:
-        from nbsim.io.tables import read_matrix
-        matrix = read_matrix(_resolve(base_dir, c.matrix_file))
+        from nbsim.inputs import load_matrix
+        matrix = load_matrix(spec, base_dir)
     M = np.asarray(matrix, float) / spec.beam.wavelength_A                          # columns a*, b*, c*
     real = np.linalg.inv(M).T                                                     # columns a, b, c
     return tuple(float(x) for x in np.linalg.norm(real, axis=0))
@@ -434,6 +434,9 @@ def preflight(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_di
     files as read are ``est.inputs``, for the run (``simulate(..., inputs=est.inputs)``), so a run
     reads nothing again. Writes nothing."""
     spec.validate()
+    from nbsim.panels import has_panels
+    if has_panels(spec):
+        return _preflight_panels(spec, device, base_dir)
     normalize_roi(spec)
     geo = check_geometry(spec)
     files = check_inputs(spec, base_dir, beam_dir=geo.beam)
@@ -441,6 +444,35 @@ def preflight(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_di
                    hkl_cells=files["hkl_cells"], matrix=files["inputs"].matrix)
     check_size(est, device, spec)
     return dataclasses.replace(est, inputs=files["inputs"])
+
+
+def _preflight_panels(spec: ExperimentSpec, device, base_dir) -> Estimate:
+    """``preflight`` of a multi-panel detector: the input files, the geometry file among them, are
+    read once (``load_inputs``: one line naming the file, line and key), the shared frame
+    (``nbsim.panels.frame_spec``) is checked as a single panel, and the estimate counts every
+    panel's pixels (each panel's frame block is allocated). ``est.inputs``: the files as read."""
+    from nbsim.geometry import resolve_pixels
+    from nbsim.inputs import load_inputs
+    from nbsim.panels import frame_spec, panel_list
+    inputs = load_inputs(spec, base_dir)
+    frame = frame_spec(spec, inputs.geometry)
+    panels = panel_list(spec, inputs.geometry)
+    geo = check_geometry(frame)
+    files = check_inputs(frame, base_dir, beam_dir=geo.beam, inputs=inputs)
+    est = estimate(frame, device, base_dir, geo=geo, sources=files["sources"],
+                   hkl_cells=files["hkl_cells"], matrix=inputs.matrix)
+    fpix0, spix0 = resolve_pixels(frame.detector)[:2]
+    counts = [((pn.fpixels or fpix0), (pn.spixels or spix0), pn.offset_px) for pn in panels]
+    npix = sum(f * s for f, s, _ in counts)
+    block = max((f + o[0]) * (s + o[1]) for f, s, o in counts)
+    itemsize = 4 if (device or DeviceSpec()).dtype == "float32" else 8
+    rate = SAMPLES_PER_S.get((device or DeviceSpec()).device.split(":")[0], SAMPLES_PER_S["cpu"])
+    est = dataclasses.replace(
+        est, fpixels=npix, spixels=1, pixels=npix,
+        fixed_bytes=est.fixed_bytes + (npix + block) * (itemsize + 8),   # images + one panel's block
+        seconds=npix * est.samples_per_pixel / rate + est.mosaic_domains * SETUP_S_PER_DOMAIN)
+    check_size(est, device, spec)
+    return dataclasses.replace(est, inputs=inputs)
 
 
 def check_image(img, spec: Optional[ExperimentSpec] = None) -> None:
@@ -451,7 +483,8 @@ def check_image(img, spec: Optional[ExperimentSpec] = None) -> None:
         return
     n_nan = int(np.isnan(a).sum())
     n_inf = int(a.size - finite.sum() - n_nan)
-    s, f = (int(v) for v in np.argwhere(~finite)[0])
+    pos = [int(v) for v in np.argwhere(~finite)[0]]
+    where = f"slow {pos[0]}, fast {pos[1]}" if a.ndim == 2 else f"pixel {pos[0]} of the panels in order"
     hint = ""
     if spec is not None:
         fl = spec.beam.fluence_ph_per_m2
@@ -459,5 +492,5 @@ def check_image(img, spec: Optional[ExperimentSpec] = None) -> None:
                 + (f", table {spec.crystal.hkl_file}" if spec.crystal.hkl_file else "") + ")") if fl else \
                f" (default_F {spec.crystal.default_F:g})"
     raise SpecError("image", f"the simulated image holds {n_nan} NaN and {n_inf} infinite pixels (first at "
-                    f"slow {s}, fast {f}): the intensity overflows float32 (> 3.4e38 photons){hint}; "
+                    f"{where}): the intensity overflows float32 (> 3.4e38 photons){hint}; "
                     "lower the fluence or the structure factors. Nothing was written")

@@ -22,6 +22,7 @@ from nbsim.report import SetupReport
 from nbsim.rotation import rotate_axis, rotate_umat
 from nbsim.sampling import (make_sources, resolve_dispersion, resolve_divergence, resolve_mosaic,
                             resolve_phi, resolve_thickness)
+from nbsim.sampling import spectrum
 from nbsim.spec import ExperimentSpec, SpecError
 
 DEFAULT_FLUENCE = 125932015286227086360700780544.0
@@ -171,7 +172,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         ranges = None
         count = 0
         if value(default_F) == 0.0:
-            raise SpecError("crystal.default_F", "no structure factors: give crystal.hkl_file, a "
+            raise SpecError("crystal.default_F", "no structure factors: give crystal.hkl_file, crystal.model_file, a "
                             "Fdump file, or a non-zero crystal.default_F")
     if ranges is not None:
         hr, kr, lr = ranges[1] - ranges[0] + 1, ranges[3] - ranges[2] + 1, ranges[5] - ranges[4] + 1
@@ -322,6 +323,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         phistep_deg=value(phistep) * RTD,
         phisteps=phisteps, mosaic_domains=mosaic_domains, mosaic_deg=value(spread) * RTD,
         sources=nsrc, divsteps=src.divsteps, dispsteps=src.dispsteps, oversample=oversample,
+        spectrum_A=tuple(tuple(r) for r in spectrum(src)), exposure_s=float(b.exposure_s),  # NeXus/CBF writers
         recommended_oversample=recommended, thicksteps=thicksteps, thick_m=value(thick),
         mu_per_m=value(mu), steps=steps, Na=Nv[0], Nb=Nv[1], Nc=Nv[2], fluence=value(fluence),
         interpolate=interpolate, hkls=count,

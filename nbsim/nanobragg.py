@@ -35,7 +35,7 @@ def _progress_printer():
 
 
 _OUTPUT_FLAGS = {"float_path": "-floatfile", "int_path": "-intfile", "noise_path": "-noisefile",
-                 "pgm_path": "-pgmfile"}
+                 "pgm_path": "-pgmfile", "cbf_path": "--cbf", "nexus_path": "--nexus"}
 
 
 def _check_output_paths(parsed) -> None:
@@ -80,6 +80,72 @@ def _call_simulate(simulate, spec, device, parsed, warn, inputs=None):
     return simulate(spec, device, **kw)
 
 
+def _check_panel_outputs(parsed) -> None:
+    """With several panels: SMV and PGM hold one image, so ``-noisefile``/``-pgmfile``/``-pgmscale``
+    given explicitly are refused (``FrontendError``); the int image is written per panel."""
+    from nbsim.frontend import FrontendError
+    from nbsim.panels import has_panels
+    if not has_panels(parsed.spec):
+        return
+    for flag in ("-noisefile", "-pgmfile", "-pgmscale"):
+        if flag in parsed.outputs.given:
+            raise FrontendError(f"{flag}: not available with several panels (--geom): write -floatfile "
+                                "(the panels one after another, raw float32) and -intfile (one SMV per "
+                                "panel, <name>_<panel>.img)")
+    for flag, path in (("--cbf", parsed.outputs.cbffile), ("--nexus", parsed.outputs.nexusfile)):
+        if path is not None:
+            raise FrontendError(f"{flag}: not available with several panels (--geom) yet: write -floatfile "
+                                "(the panels one after another, raw float32) and -intfile (one SMV per panel)")
+
+
+def _write_panels(result, parsed, warn) -> int:
+    """The outputs of a multi-panel run: ``-floatfile`` = every panel's float32 pixels one after
+    another (geometry order, each slow-major); ``-intfile`` = one SMV file per panel
+    (``<stem>_<panel><ext>``), all with the scale of the whole detector (55000 / max over panels,
+    or ``-scale``). The noise and PGM images are not written (one line says so)."""
+    from nbsim.io.atomic import atomic_write_bytes
+    from nbsim.io.images import default_int_scale, float_bytes, int_image
+    from nbsim.io.smv import c_g, smv_bytes
+    from nbsim.panels import panel_header_info, panel_path
+
+    paths = parsed.outputs.paths()
+    st = result.stats                        # nbsim.api.RunStats
+    im = parsed.spec.image
+    scale = im.int_scale if im.int_scale is not None and im.int_scale > 0 else default_int_scale(st.max_I)
+    float_path = paths["float_path"]
+    int_paths = [panel_path(paths["int_path"], p.name) for p in result.panels]
+    written = []
+    try:
+        atomic_write_bytes(float_path, float_bytes(result.float32()[None, :]))   # one row: all panels
+        written.append(float_path)
+        for i, (p, ip) in enumerate(zip(result.panels, int_paths)):
+            a = result.panel_float32()[i]
+            data = int_image(a, scale, im.adc, p.roi_mask)
+            atomic_write_bytes(ip, smv_bytes(data, panel_header_info(result, i)))
+            written.append(ip)
+    except OSError as e:
+        for w in written:
+            try:
+                os.unlink(w)
+            except OSError:
+                pass
+        return _error(f"cannot write output (-floatfile {float_path}, -intfile {paths['int_path']}): "
+                      f"{e.strerror or e}")
+    n = sum(p.mask.size for p in result.panels)
+    print(f"writing {float_path} as {n} 4-byte floats ({len(result.panels)} panels one after another)")
+    at = st.max_I_at                         # (panel, slow, fast)
+    where = f"  at panel {at[0]} slow {at[1]} fast {at[2]}" if at else ""
+    print(f"max_I = {c_g(st.max_I)}{where}")
+    print(f"mean= {c_g(st.mean)} rms= {c_g(st.rms)} rmsd= {c_g(st.rmsd)}")
+    print(f"intfile_scale = {c_g(scale)}")
+    for ip in int_paths:
+        print(f"writing {ip} as 2-byte integers")
+    if paths["noise_path"] is not None or paths["pgm_path"] is not None:
+        warn("several panels: the noise and PGM images are not written (one image each); "
+             "-nonoise -nopgm silence this")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from nbsim.checks import check_image
     from nbsim.frontend import FrontendError, parse_argv, usage
@@ -106,6 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from nbsim.checks import preflight
         est = preflight(parsed.spec, parsed.device, os.getcwd())
         _check_output_paths(parsed)
+        _check_panel_outputs(parsed)
     except SpecError as e:
         return _error(spec_error_message(e, parsed.origins))
     except FrontendError as e:
@@ -151,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for line in getattr(result, "trace", None) or []:
         print(line)
 
+    if getattr(result, "panels", None) is not None:
+        return _write_panels(result, parsed, warn)
     st = result.stats                        # nbsim.api.RunStats
     img = result.float32()
     spixels, fpixels = img.shape
@@ -163,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     at = st.max_I_at_m if st is not None else None
     new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
-        res = write_result(result, parsed.spec.image, **paths) or {}
+        res = write_result(result, parsed.spec.image, **paths, **parsed.outputs.options()) or {}
     except OSError as e:
         for p in new_files:                  # no half set of outputs: remove what this run created
             try:
@@ -205,6 +274,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"writing {paths['noise_path']} as 2-byte integers")
     if not int_written:
         print(f"writing {paths['int_path']} as 2-byte integers")
+    if paths.get("cbf_path") is not None:
+        print(f"writing {paths['cbf_path']} as CBF (4-byte integer counts, miniCBF header)")
+    if paths.get("nexus_path") is not None:
+        print(f"writing {paths['nexus_path']} as NeXus NXmx ({parsed.outputs.nexus_dtype})")
     return 0
 
 

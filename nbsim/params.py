@@ -65,6 +65,31 @@ PARAMS: Dict[str, ParamInfo] = {
     "crystal.osc_deg": ParamInfo(_S, "deg", "oscillation range"),
 }
 
+#: per-panel keys of a multi-panel detector (``detector.panels.<i>.<name>``, README: Multi-panel
+#: detectors); ``<i>`` is the panel's index in geometry order
+PANEL_PARAMS: Dict[str, ParamInfo] = {
+    "origin_mm": ParamInfo((3,), "mm", "panel i: corner of pixel (0, 0) of its frame, lab [x, y, z]"),
+    "rot_deg": ParamInfo((3,), "deg", "panel i: rotation about lab x, y, z through its origin"),
+}
+PANEL_PREFIX = "detector.panels."
+
+
+def panel_key(key: str) -> Optional[Tuple[int, str]]:
+    """``(i, name)`` of a per-panel key ``detector.panels.<i>.<name>`` of ``PANEL_PARAMS``, else None."""
+    if not key.startswith(PANEL_PREFIX):
+        return None
+    rest = key[len(PANEL_PREFIX):].split(".")
+    if len(rest) != 2 or not rest[0].isdigit() or rest[1] not in PANEL_PARAMS:
+        return None
+    return int(rest[0]), rest[1]
+
+
+def param_info(key: str) -> Optional[ParamInfo]:
+    """The ``ParamInfo`` of a differentiable key (global or per-panel), else None."""
+    pk = panel_key(key)
+    return PANEL_PARAMS[pk[1]] if pk is not None else PARAMS.get(key)
+
+
 # keys of the schema that exist but are discrete (or select files): named in the refusal message
 _DISCRETE_HINT = ("integer counts (pixels, steps, domains), file names, switches and conventions "
                   "are discrete")
@@ -77,10 +102,13 @@ def check_params(params: Optional[Mapping[str, torch.Tensor]], spec: ExperimentS
     if not isinstance(params, Mapping):
         raise SpecError("params", f"must map schema keys to tensors, got {type(params).__name__}")
     for key, value in params.items():
-        info = PARAMS.get(key)
+        info = param_info(key)
         if info is None:
             raise SpecError(key, "cannot carry a gradient (" + _DISCRETE_HINT + "); keys that can: "
-                            + ", ".join(PARAMS))
+                            + ", ".join(PARAMS) + ", and per panel "
+                            + ", ".join(f"{PANEL_PREFIX}<i>.{k}" for k in PANEL_PARAMS))
+        if panel_key(key) is not None and spec.detector.panels is None and spec.detector.geometry_file is None:
+            raise SpecError(key, "needs a multi-panel detector (detector.panels or detector.geometry_file)")
         if not isinstance(value, torch.Tensor):
             raise SpecError(key, f"params values must be torch tensors, got {type(value).__name__}")
         if not value.is_floating_point():
@@ -92,8 +120,9 @@ def check_params(params: Optional[Mapping[str, torch.Tensor]], spec: ExperimentS
             raise SpecError(key, f"must have shape {info.shape}, got {tuple(value.shape)}")
         if key == "crystal.matrix" and spec.crystal.matrix_file is None:
             raise SpecError(key, "needs crystal.matrix_file (the matrix it replaces)")
-        if key == "crystal.F_table" and spec.crystal.hkl_file is None and spec.crystal.fdump_file is None:
-            raise SpecError(key, "needs crystal.hkl_file (the table it replaces)")
+        if (key == "crystal.F_table" and spec.crystal.hkl_file is None and spec.crystal.model_file is None
+                and spec.crystal.fdump_file is None):
+            raise SpecError(key, "needs crystal.hkl_file or crystal.model_file (the table it replaces)")
         if key == "crystal.cell_A_deg" and spec.crystal.cell_A_deg is None:
             raise SpecError(key, "needs crystal.cell_A_deg in the spec (the matrix path has no cell)")
         if key == "crystal.misset_deg" and spec.crystal.misset_random:

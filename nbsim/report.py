@@ -125,6 +125,9 @@ class SetupReport(DetectorReport):
     dispersion: Tuple[float, float, float]  # steps, fraction, step
     quirks: str
     differentiable: bool
+    # ---- stored; defaulted when an entry written before them is read back
+    spectrum_A: Tuple[Tuple[float, float], ...] = field(default=())   # (λ Å, weight) over distinct λ, sum 1
+    exposure_s: float = 0.0                                          # for the NeXus/CBF writers
     # ---- read only by the echo (not stored in run.json)
     warnings: Tuple[str, ...] = _echo_only(())
     interpolate_auto: Optional[bool] = _echo_only(None)  # C's own choice (None: -interpolate given)
@@ -264,6 +267,35 @@ def solid_angle_lines(omega_sum_sr: Optional[float]) -> list:
         return []
     om = omega_sum_sr
     return ["", f"solid angle subtended by detector = {om:g} steradian ( {100 * om / 4 / math.pi:g}% sphere)"]
+
+
+@dataclass(frozen=True)
+class PanelReport:
+    """One panel of a multi-panel detector as resolved (``nbsim.panels``): counts, pixel size (mm),
+    unit fast/slow/normal axes (lab frame), the frame origin (``pix0``, mm) and the panel's first
+    pixel corner (mm), its offset in that frame (fast, slow pixels) and its close distance (mm)."""
+    name: str
+    fpixels: int
+    spixels: int
+    offset_px: Tuple[int, int]
+    pixel_mm: float
+    fast: Vec3
+    slow: Vec3
+    normal: Vec3
+    origin_mm: Vec3
+    corner_mm: Vec3
+    close_distance_mm: float
+
+    def to_dict(self) -> dict:
+        """Plain numbers and lists (``run.json`` ``info["panels"]`` entries)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+#: keys of ``SetupReport.to_dict()`` that describe the single-panel frame a multi-panel run shares,
+#: not its panels' geometry: left out of a multi-panel run's ``info`` (the panels are under "panels")
+FRAME_ONLY_KEYS = ("pix0_m", "fdet", "sdet", "odet", "xbeam_mm", "ybeam_mm", "fbeam_mm", "sbeam_mm",
+                   "fclose_mm", "sclose_mm", "orgx_px", "orgy_px", "dials_origin_mm", "roi",
+                   "detsize_f_mm", "detsize_s_mm", "fpixels", "spixels")
 
 
 def _plain(v: Any):

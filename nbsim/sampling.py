@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from nbsim.params import value
+from nbsim.params import plain, value
 from nbsim.rotation import rotate_axis, unitize
 
 
@@ -157,6 +158,22 @@ class Sources:
     listing: list             # C-style lines "X Y Z I lambda" (before unitizing)
     deviations: list = field(default_factory=list)   # (h, v) divergence angles kept (rad), C's order
     lambdas_m: list = field(default_factory=list)    # the dispersion's wavelengths (m), C's order
+
+
+def spectrum(src: Sources) -> list:
+    """The beam's spectrum as plain numbers: ``[[wavelength_A, weight], ...]`` over the distinct
+    source wavelengths, ascending, each weight the sum of the weights of the sources with that
+    wavelength, normalized to sum 1 (report/output only: no graph is kept)."""
+    lam = plain(src.wavelength_m).astype(np.float64) * 1e10
+    w = plain(src.weight).astype(np.float64)
+    if lam.size == 0:
+        return []
+    uniq, inv = np.unique(lam, return_inverse=True)
+    tot = np.zeros(uniq.shape)
+    np.add.at(tot, inv, w)
+    s = tot.sum()
+    tot = tot / s if s > 0 else np.full(uniq.shape, 1.0 / uniq.size)
+    return [[float(a), float(b)] for a, b in zip(uniq, tot)]
 
 
 def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div=True, table=None,

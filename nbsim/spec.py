@@ -38,6 +38,24 @@ class SpecError(ValueError):
 
 
 @dataclass
+class PanelSpec:
+    """One panel of a multi-panel detector (``detector.panels``; README: Multi-panel detectors).
+    Vectors are nbsim lab-frame ``[x, y, z]``; a key left ``None`` takes the single-panel detector's
+    value (its convention, pivot, beam centre and rotations resolved as usual): the panel's frame."""
+    name: Optional[str] = None             # label (geometry files: the panel's name); None: p<index>
+    fpixels: Optional[int] = None          # pixels along the panel's fast axis; None: the detector's
+    spixels: Optional[int] = None          # pixels along the panel's slow axis; None: the detector's
+    pixel_mm: Optional[float] = None       # pixel size; None: detector.pixel_mm
+    fast: Optional[List[float]] = None     # fast axis [x, y, z]; None: the detector's fdet
+    slow: Optional[List[float]] = None     # slow axis [x, y, z]; None: the detector's sdet
+    origin_mm: Optional[List[float]] = None  # corner of pixel (0, 0) of the frame [x, y, z]; None: the detector's pix0
+    offset_px: List[int] = field(default_factory=lambda: [0, 0])  # first [fast, slow] pixel index in the frame of origin_mm
+    rot_deg: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # rotation of the panel about lab x, y, z through origin_mm
+    roi: Optional[List[int]] = None        # [xmin, xmax, ymin, ymax] inclusive panel pixels to simulate; None: all
+    bad: Optional[List[List[int]]] = None  # bad regions [fmin, fmax, smin, smax] (inclusive): not simulated
+
+
+@dataclass
 class DetectorSpec:
     convention: str = "mosflm"             # mosflm | xds | dials | adxv | denzo | custom: axes, beam centre and pivot rules
     pivot: Optional[str] = None            # beam | sample; None: forced by convention; custom: beam
@@ -74,6 +92,8 @@ class DetectorSpec:
     oversample_omega: bool = False         # true: solid angle per sub-pixel
     roi: Optional[List[int]] = None        # [xmin, xmax, ymin, ymax] inclusive pixel indices (fast, slow)
     mask_file: Optional[str] = None        # SMV image; pixels equal to 0 are skipped
+    panels: Optional[List[PanelSpec]] = None  # multi-panel detector (list of panels); None: one panel
+    geometry_file: Optional[str] = None    # CrystFEL .geom or DIALS .expt: the panels (and an .expt's beam)
 
 
 @dataclass
@@ -117,7 +137,11 @@ class CrystalSpec:
     shape: str = "square"                  # spot shape: square (parallelepiped, sincg) | round | gauss | tophat
     fudge: float = 1.0                     # scales radius^2 of round/gauss/tophat spots
     default_F: float = 0.0                 # structure factor of every hkl not in the table
-    hkl_file: Optional[str] = None         # text table, lines h k l F
+    hkl_file: Optional[str] = None         # text table, lines h k l F; or an MTZ file (expanded to P1 with its symmetry)
+    mtz_column: Optional[str] = None       # amplitude (type F) column of an MTZ hkl_file; None: its only F column
+    model_file: Optional[str] = None       # PDB or mmCIF model: F computed with gemmi (instead of hkl_file)
+    model_dmin_A: Optional[float] = None   # resolution of the F computed from model_file; None: the detector's edge
+    model_anomalous: bool = False          # true: f' and f'' at beam.wavelength_A in the F of model_file
     fdump_file: Optional[str] = None           # binary F cache: read when hkl_file is absent (the front end writes it)
     interpolate: Optional[bool] = None         # None: auto (on when any N <= 2 and a table is loaded)
     mosaic_deg: float = 0.0                # isotropic mosaic spread
@@ -263,6 +287,15 @@ def validate(spec: ExperimentSpec) -> None:
     for k in ("fdet_vector", "sdet_vector", "odet_vector", "twotheta_axis"):
         _vector(f"detector.{k}", getattr(d, k))
     _vector("detector.pix0_vector_mm", d.pix0_vector_mm, nonzero=False)
+    if d.panels is not None:
+        if not isinstance(d.panels, (list, tuple)) or len(d.panels) == 0:
+            raise SpecError("detector.panels", f"must be a non-empty list of panels, got {d.panels!r}")
+        for i, pn in enumerate(d.panels):
+            if not isinstance(pn, PanelSpec):
+                raise SpecError(f"detector.panels.{i}", f"must be a panel (PanelSpec), got {pn!r}")
+            validate_panel(i, pn)
+    if d.panels is not None and d.geometry_file is not None:
+        raise SpecError("detector.geometry_file", "give detector.panels or detector.geometry_file, not both")
     _nonneg("detector.thick_um", d.thick_um)
     _nonneg("detector.attenuation_um", d.attenuation_um)
     _int_ge("detector.thicksteps", d.thicksteps, 1)
@@ -322,6 +355,22 @@ def validate(spec: ExperimentSpec) -> None:
     _choice("crystal.shape", c.shape, SHAPES)
     _positive("crystal.fudge", c.fudge, allow_none=False)
     _finite("crystal.default_F", c.default_F)
+    for k in ("mtz_column", "model_file"):
+        v = getattr(c, k)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise SpecError(f"crystal.{k}", f"must be a non-empty string, got {v!r}")
+    if c.model_file is not None and c.hkl_file is not None:
+        raise SpecError("crystal.model_file", "give either crystal.model_file or crystal.hkl_file, not both "
+                        f"(got {c.model_file!r} and {c.hkl_file!r})")
+    _positive("crystal.model_dmin_A", c.model_dmin_A)
+    if not isinstance(c.model_anomalous, bool):
+        raise SpecError("crystal.model_anomalous", f"must be true or false, got {c.model_anomalous!r}")
+    if c.model_file is None:
+        for k, v in (("model_dmin_A", c.model_dmin_A), ("model_anomalous", c.model_anomalous or None)):
+            if v is not None:
+                raise SpecError(f"crystal.{k}", "applies to crystal.model_file, which is not given")
+    if c.mtz_column is not None and c.hkl_file is None:
+        raise SpecError("crystal.mtz_column", "applies to an MTZ crystal.hkl_file, which is not given")
     _nonneg("crystal.mosaic_deg", c.mosaic_deg)
     _int_ge("crystal.mosaic_domains", c.mosaic_domains, 1)
     _finite("crystal.phi_deg", c.phi_deg)
@@ -344,9 +393,53 @@ def spec_to_dict(obj) -> dict:
         if is_dataclass(v):
             v = spec_to_dict(v)
         elif isinstance(v, (list, tuple)):
-            v = list(v)
+            v = [spec_to_dict(x) if is_dataclass(x) else x for x in v]
         out[f.name] = v
     return out
+
+
+def _panels_from_list(items) -> list:
+    """``detector.panels`` as ``PanelSpec``s (from dicts, e.g. a Hydra list); unknown keys raise."""
+    if not isinstance(items, (list, tuple)):
+        raise SpecError("detector.panels", f"must be a list of panels, got {type(items).__name__}")
+    names = {f.name for f in fields(PanelSpec)}
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, PanelSpec):
+            out.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise SpecError(f"detector.panels.{i}", f"must be a mapping of panel keys, got {item!r}")
+        for kk in item:
+            if kk not in names:
+                raise SpecError(f"detector.panels.{i}.{kk}", f"unknown key; accepted: {', '.join(sorted(names))}")
+        out.append(PanelSpec(**{kk: (list(vv) if isinstance(vv, (list, tuple)) else vv)
+                                for kk, vv in item.items()}))
+    return out
+
+
+def validate_panel(i: int, pn: PanelSpec) -> None:
+    """Raise ``SpecError`` (key ``detector.panels.<i>.<name>``) for a non-physical panel value."""
+    k = f"detector.panels.{i}"
+    _int_ge(f"{k}.fpixels", pn.fpixels, 1)
+    _int_ge(f"{k}.spixels", pn.spixels, 1)
+    _positive(f"{k}.pixel_mm", pn.pixel_mm)
+    _vector(f"{k}.fast", pn.fast)
+    _vector(f"{k}.slow", pn.slow)
+    _vector(f"{k}.origin_mm", pn.origin_mm, nonzero=False)
+    _vector(f"{k}.rot_deg", pn.rot_deg, nonzero=False)
+    off = pn.offset_px
+    if (not isinstance(off, (list, tuple)) or len(off) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in off)):
+        raise SpecError(f"{k}.offset_px", f"must be 2 integers >= 0 [fast, slow], got {off!r}")
+    for key, box in ([("roi", pn.roi)] + [(f"bad.{j}", b) for j, b in enumerate(pn.bad or [])]):
+        if box is None:
+            continue
+        if (not isinstance(box, (list, tuple)) or len(box) != 4
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in box)
+                or box[1] < box[0] or box[3] < box[2]):
+            raise SpecError(f"{k}.{key}", "must be 4 integers >= 0 [fmin, fmax, smin, smax] with "
+                            f"min <= max, got {box!r}")
 
 
 def spec_from_dict(d: dict) -> ExperimentSpec:
@@ -360,7 +453,10 @@ def spec_from_dict(d: dict) -> ExperimentSpec:
             for kk in v:
                 if kk not in names:
                     raise SpecError(f"{k}.{kk}", f"unknown key; accepted: {', '.join(sorted(names))}")
-            kw[k] = cls(**{kk: (list(vv) if isinstance(vv, (list, tuple)) else vv) for kk, vv in v.items()})
+            vals = {kk: (list(vv) if isinstance(vv, (list, tuple)) else vv) for kk, vv in v.items()}
+            if k == "detector" and vals.get("panels") is not None:
+                vals["panels"] = _panels_from_list(vals["panels"])
+            kw[k] = cls(**vals)
         elif k == "quirks":
             kw[k] = v
         elif k == "fix":

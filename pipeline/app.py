@@ -97,6 +97,14 @@ def task(cfg: DictConfig) -> str:
     return run_task(_task, cfg)
 
 
+def _sweep_thumb():
+    """A point of a multirun (any launcher) stores a thumbnail preview, as the batch launcher does."""
+    from hydra.types import RunMode
+
+    from pipeline.preview import SWEEP_THUMB_PX
+    return SWEEP_THUMB_PX if HydraConfig.get().mode == RunMode.MULTIRUN else None
+
+
 def _task(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     spec, device = cfg_to_spec(cfg)
@@ -113,7 +121,9 @@ def _task(cfg: DictConfig) -> str:
     folder, reused, run = run_or_reuse(
         spec, device, root=cfg.store.root, force=cfg.store.force, write_noise=cfg.store.write_noise,
         write_pgm=cfg.store.write_pgm, preview=cfg.store.preview, base_dir=base_dir, log=log.info,
-        progress=False if quiet else None)
+        formats=tuple(cfg.store.formats), nexus_dtype=cfg.store.nexus_dtype,
+        nexus_compression=cfg.store.nexus_compression,
+        progress=False if quiet else None, thumb=_sweep_thumb())
     total = time.perf_counter() - t0
     if reused:
         log.info(f"simulated earlier in {run.get('wall_time_s', float('nan')):.2f} s "

@@ -1,7 +1,8 @@
 """Performance benchmark: nbsim against the nanoBragg C program on the same machine.
 
-usage: python -m pipeline.bench [--cases 1,2,3,4] [--quick] [--json OUT] [--repeat N]
+usage: python -m pipeline.bench [--cases 1,2,3,4|none] [--quick] [--json OUT] [--repeat N]
                                 [--scaling] [--plot PNG] [--no-c] [--no-whole]
+                                [--sweeps light,heavy] [--sweep-cores N]
 
 Runs the suite of issue 5 against the C binary named by ``NB_C_BIN`` (run with OMP_NUM_THREADS=2,
 as upstream builds it with OpenMP) and against nbsim, and reports per case
@@ -21,7 +22,9 @@ as upstream builds it with OpenMP) and against nbsim, and reports per case
 Times are the best of ``--repeat`` runs (default 3; ``--quick`` = 1 run, float64 only (eager and
 compiled), case 4 only when asked for). Each run appends one JSON record (machine, torch version,
 git commit, load average, all numbers) to ``benchmarks/history.jsonl`` (or ``--json``) and prints
-the ratios against the previous record. ``--scaling`` also times a pixel-count series and a
+the ratios against the previous record. ``--sweeps light,heavy`` adds the sweep cases of
+``pipeline.bench_sweep`` (a grid through Snakemake, the multirun and a loop over the C program; record
+key ``sweeps``). ``--scaling`` also times a pixel-count series and a
 steps series and draws ``benchmarks/scaling.png`` (or ``--plot``).
 """
 from __future__ import annotations
@@ -477,6 +480,12 @@ def main(argv=None):
     ap.add_argument("--no-c", action="store_true", help="skip the C runs")
     ap.add_argument("--no-whole", action="store_true", help="skip nbsim whole-process runs")
     ap.add_argument("--no-steady", action="store_true", help="skip in-process steady-state runs")
+    ap.add_argument("--sweeps", default=None,
+                    help="sweep cases light,heavy (pipeline.bench_sweep): a 64-point grid (8 with "
+                    "--quick) through Snakemake, the multirun and a loop over NB_C_BIN; "
+                    "--cases none runs only these")
+    ap.add_argument("--sweep-cores", type=int, default=None,
+                    help="cores of the sweep cases (default: all of this machine)")
     a = ap.parse_args(argv)
 
     import signal
@@ -488,10 +497,18 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _term)
     spec = a.cases or ("1,2,3" if a.quick else "1,2,3,4")
     try:
-        cases = [int(x) for x in spec.split(",")]
+        cases = [] if spec == "none" else [int(x) for x in spec.split(",")]
     except ValueError:
         cases = None
-    if not cases or any(c not in SUITE for c in cases):
+    from pipeline.bench_sweep import GRIDS
+    sweeps = [x for x in (a.sweeps or "").split(",") if x]
+    if any(x not in GRIDS for x in sweeps):
+        _fail(f"--sweeps: expected comma-separated sweep cases from {', '.join(GRIDS)}; got {a.sweeps!r}")
+    if a.sweep_cores is not None and a.sweep_cores < 1:
+        _fail(f"--sweep-cores: must be >= 1, got {a.sweep_cores}")
+    if cases == [] and not sweeps:
+        _fail("--cases none: needs --sweeps (nothing to measure otherwise)")
+    if cases is None or any(c not in SUITE for c in cases):
         _fail(f"--cases: expected comma-separated case ids from {', '.join(map(str, SUITE))}; "
                  f"got {spec!r}")
     if a.repeat is not None and a.repeat < 1:
@@ -526,6 +543,17 @@ def main(argv=None):
         rec["partial"] = True
         print("interrupted: recording the cases measured so far", file=sys.stderr)
 
+    if sweeps and not rec.get("partial"):
+        from pipeline.bench_sweep import run_sweep_case
+        cores = a.sweep_cores or os.cpu_count() or 1
+        rec["sweeps"] = {}
+        try:
+            for kind in sweeps:
+                rec["sweeps"][kind] = run_sweep_case(kind, a.quick, cbin, cores)
+        except KeyboardInterrupt:
+            rec["partial"] = True
+            print("interrupted: recording the sweeps measured so far", file=sys.stderr)
+
     if a.scaling and not rec.get("partial"):
         print("scaling series", flush=True)
         rec["scaling"] = scaling(cbin, repeat)
@@ -536,7 +564,11 @@ def main(argv=None):
     rec["load_after"] = loadavg()
 
     print()
-    print_table(rec)
+    if rec["cases"]:
+        print_table(rec)
+    if rec.get("sweeps"):
+        from pipeline.bench_sweep import print_sweeps
+        print_sweeps(rec["sweeps"])
     print(f"targets: {TARGETS}")
     compare_previous(rec, history)
     with open(history, "a") as f:

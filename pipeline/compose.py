@@ -48,6 +48,9 @@ class StoreConfig:
     write_noise: bool = False      # also write noise.img (Poisson SMV; added to a stored entry)
     write_pgm: bool = False        # also write image.pgm (nanoBragg's 8-bit PGM; added to a stored entry)
     preview: str = "log"           # preview.png scaling: log | percentile
+    formats: List[str] = field(default_factory=lambda: ["smv"])  # besides float.bin: smv | cbf | nexus
+    nexus_dtype: str = "float32"   # NeXus data: float32 (the float image) | int32 (counts, as in the CBF)
+    nexus_compression: str = "none"  # NeXus data compression: none | bslz4 (bitshuffle/LZ4, hdf5plugin)
 
 
 @dataclass
@@ -109,6 +112,17 @@ def validate_store(store) -> None:
                         f"must be one of {', '.join(PREVIEW_MODES)}; got {store.preview!r}")
     if not str(store.root):
         raise SpecError("store.root", "must be a folder path, got ''")
+    from nbsim.io.nexus import COMPRESSIONS, NEXUS_DTYPES
+    from pipeline.store import FORMATS
+    bad = [f for f in store.get("formats", ["smv"]) if f not in FORMATS]
+    if bad:
+        raise SpecError("store.formats", f"unknown format {bad[0]!r}; accepted: {', '.join(FORMATS)}")
+    if store.get("nexus_dtype", "float32") not in NEXUS_DTYPES:
+        raise SpecError("store.nexus_dtype", f"must be one of {', '.join(NEXUS_DTYPES)}; "
+                        f"got {store.nexus_dtype!r}")
+    if store.get("nexus_compression", "none") not in COMPRESSIONS:
+        raise SpecError("store.nexus_compression", f"must be one of {', '.join(COMPRESSIONS)}; "
+                        f"got {store.nexus_compression!r}")
 
 
 def cfg_to_spec(cfg: DictConfig) -> Tuple[ExperimentSpec, DeviceSpec]:
@@ -191,7 +205,12 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
                "List[str]": "a list of quirk names like [phi0_carryover]"}
 
 
-def _expected(type_str: str) -> str:
+_KEY_WORDS = {"store.formats": "a list of formats like [smv, cbf, nexus]"}
+
+
+def _expected(type_str: str, key: str = "") -> str:
+    if key in _KEY_WORDS:
+        return _KEY_WORDS[key]
     m = re.fullmatch(r"Optional\[(.*)\]", type_str)
     inner = m.group(1) if m else type_str
     word = _TYPE_WORDS.get(inner, inner)
@@ -248,9 +267,16 @@ def format_error(exc: BaseException, fallback: bool = False) -> Optional[str]:
         key = getattr(cause, "full_key", None) or ""
         msg = getattr(cause, "msg", None) or _first_line(cause)
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in msg:
+            from nbsim.spec import PanelSpec
+            if getattr(cause, "object_type", None) is PanelSpec:      # inside the detector.panels list
+                return (f"detector.panels: {key.rsplit('.', 1)[-1]}: unknown panel key; accepted: "
+                        + ", ".join(f.name for f in fields(PanelSpec)))
             return _unknown_key_message(key)
+        from nbsim.spec import PanelSpec
+        if getattr(cause, "object_type", None) is PanelSpec:
+            return f"detector.panels: {key.rsplit('.', 1)[-1]}: {_first_line(msg)}"
         if isinstance(cause, ValidationError) and _field_type(key):
-            return f"{key}: must be {_expected(_field_type(key))}, got {getattr(cause, 'value', None)!r}"
+            return f"{key}: must be {_expected(_field_type(key), key)}, got {getattr(cause, 'value', None)!r}"
         return f"{key or 'config'}: {_first_line(msg)}"
     if isinstance(exc, ConfigCompositionException):
         m = re.search(r"Could not override '([^']*)'", str(exc))

@@ -22,8 +22,8 @@ from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError
 HASH_SCHEMA = 1          # bump when the meaning of a stored result changes for the same spec
 HASH_CHARS = 16
 # spec keys that name input files: hashed by content
-INPUT_FILES = ("crystal.hkl_file", "crystal.matrix_file", "crystal.fdump_file", "beam.source_file",
-               "detector.mask_file")
+INPUT_FILES = ("crystal.hkl_file", "crystal.model_file", "crystal.matrix_file", "crystal.fdump_file",
+               "beam.source_file", "detector.mask_file", "detector.geometry_file")
 DEFAULT_FDUMP = "Fdump.bin"   # nanoBragg reads ./Fdump.bin when no HKL table is given (quirk fdump_from_cwd)
 
 
@@ -35,7 +35,9 @@ def resolve_input(path: str, base_dir: Union[str, Path] = ".") -> Path:
 def input_digests(spec: ExperimentSpec, base_dir: Union[str, Path] = ".") -> Dict[str, str]:
     """``{'crystal.hkl_file': sha256, ...}`` for every input file the spec reads.
 
-    ``crystal.fdump_file`` is an input only when no HKL table is given (otherwise nanoBragg writes it);
+    ``crystal.hkl_file`` is a text table or an MTZ file, ``crystal.model_file`` a PDB/mmCIF model: both
+    hash by content, as every input does.
+    ``crystal.fdump_file`` is an input only when no HKL table or model is given (otherwise nanoBragg writes it);
     with neither given, a ``Fdump.bin`` in ``base_dir`` counts, because nanoBragg silently reads it.
     Raises ``SpecError`` naming the key when a file is missing.
     """
@@ -43,7 +45,8 @@ def input_digests(spec: ExperimentSpec, base_dir: Union[str, Path] = ".") -> Dic
     for key in INPUT_FILES:
         section, name = key.split(".")
         path = getattr(getattr(spec, section), name)
-        if key == "crystal.fdump_file" and spec.crystal.hkl_file is not None:
+        if key == "crystal.fdump_file" and (spec.crystal.hkl_file is not None
+                                            or spec.crystal.model_file is not None):
             continue
         if path is None:
             continue
@@ -52,7 +55,7 @@ def input_digests(spec: ExperimentSpec, base_dir: Union[str, Path] = ".") -> Dic
             raise SpecError(key, f"file not found: {p}")
         out[key] = file_sha256(p)
     c = spec.crystal
-    if c.hkl_file is None and c.fdump_file is None:
+    if c.hkl_file is None and c.model_file is None and c.fdump_file is None:
         p = Path(base_dir) / DEFAULT_FDUMP
         if p.is_file():
             out["crystal.fdump_file"] = file_sha256(p)

@@ -1,14 +1,19 @@
 """The stored preview of a float image: with the run's geometry (``info``) and matplotlib, the
 picture ``pipeline.view`` draws (colour bar, detector axes, beam centre, resolution rings in Å) at
-full size plus ``<name>.thumb.png``; otherwise a person-readable 8-bit grayscale PNG (white = bright)."""
+full size plus ``<name>.thumb.png``; otherwise a person-readable 8-bit grayscale PNG (white = bright).
+Sweeps ask for a thumbnail (``thumb``): then the preview is one cheap grayscale PNG of at most that
+many pixels a side, block maxima so single-pixel spots stay visible."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import numpy as np
 from PIL import Image
+
+#: the preview of a sweep point (any multirun launcher, ``run_many``): a thumbnail this many pixels a side
+SWEEP_THUMB_PX = 200
 
 from nbsim.io.atomic import atomic_write_bytes
 
@@ -41,16 +46,36 @@ def to_uint8(img, mode: str = "log", percentile: float = 99.5, log_range: float 
     return np.clip(np.rint(v * 255.0), 0, 255).astype(np.uint8)
 
 
-def preview_png(img, path: Union[str, Path], mode: str = "log", info=None, title: str = "") -> List[Path]:
+def block_max(img, thumb: int) -> np.ndarray:
+    """``img`` (S, F) reduced by the smallest integer factor k that brings both sides to at most
+    ``thumb`` pixels: each output pixel is the maximum of a k × k block (edge blocks padded with the
+    image minimum), so a one-pixel Bragg spot stays visible. ``k == 1``: the image itself."""
+    a = np.asarray(img)
+    k = max(1, -(-max(a.shape) // max(1, int(thumb))))
+    if k == 1:
+        return a
+    S, F = a.shape
+    s2, f2 = -(-S // k), -(-F // k)
+    pad = np.full((s2 * k, f2 * k), np.nanmin(a) if a.size else 0, dtype=a.dtype)
+    pad[:S, :F] = a
+    return pad.reshape(s2, k, f2, k).max(axis=(1, 3))
+
+
+def preview_png(img, path: Union[str, Path], mode: str = "log", info=None, title: str = "",
+                thumb: Optional[int] = None) -> List[Path]:
     """Write the preview of ``img`` (S, F; rows = slow axis) atomically; return the written paths.
 
-    ``info``: the run's setup values (``run.json`` ``info``); with its geometry
+    ``thumb`` (sweeps: many points, each preview must be cheap): the preview IS a grayscale thumbnail
+    of at most ``thumb`` pixels a side (``block_max``), one file. Otherwise (single runs), with the
+    run's setup values ``info`` (``run.json`` ``info``) holding the geometry
     (``pipeline.view.GEOMETRY_KEYS``) and matplotlib installed, the annotated picture and its
     thumbnail (``mode`` "log": log colour scale, "percentile": linear), else the grayscale PNG."""
     if mode not in MODES:
         raise ValueError(f"preview mode must be one of {', '.join(MODES)}; got {mode!r}")
     path = Path(path)
-    if info is not None and _annotatable(info):
+    if thumb:
+        img = block_max(img, thumb)
+    elif info is not None and _annotatable(info):
         from pipeline import view
         tt, centre, lam = view.geometry_from_info(info, np.shape(img))
         return view.render(np.asarray(img), path, two_theta=tt, centre=centre, wavelength_A=lam, title=title,

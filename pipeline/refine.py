@@ -122,7 +122,13 @@ def _container(cfg: DictConfig, key: str):
 
 def model_spec(cfg: DictConfig):
     """The starting model ``(ExperimentSpec, DeviceSpec)`` of a composed refine config."""
-    return cfg_to_spec(OmegaConf.masked_copy(cfg, _MODEL_KEYS))
+    spec, device = cfg_to_spec(OmegaConf.masked_copy(cfg, _MODEL_KEYS))
+    from nbsim.panels import has_panels
+    if has_panels(spec):
+        raise SpecError("detector.panels" if spec.detector.panels is not None else "detector.geometry_file",
+                        "nbsim.refine fits single-panel detectors only (multi-panel gradients: the Python "
+                        "API, params={'detector.panels.<i>.origin_mm': ...})")
+    return spec, device
 
 
 def refine_settings(cfg: DictConfig) -> dict:

@@ -3,7 +3,10 @@
 A complete entry holds::
 
     float.bin     raw float32 image, nanoBragg layout (slow-major)
-    int.img       SMV uint16 image
+    int.img       SMV uint16 image              (with ``smv`` in ``store.formats``, the default)
+    image.cbf     CBF, int32 counts, miniCBF header            (with ``cbf`` in ``store.formats``)
+    image.nxs     NeXus NXmx, float32    (with ``nexus``; ``image_int32.nxs`` / ``image_bslz4.nxs`` /
+                  ``image_int32_bslz4.nxs`` for ``store.nexus_dtype=int32`` / ``nexus_compression=bslz4``)
     noise.img     Poisson SMV image            (only with write_noise and image.noise)
     image.pgm     nanoBragg's 8-bit PGM         (only with write_pgm)
     preview.png   the picture pipeline.view draws (colour bar, axes, beam centre, rings in Å) and
@@ -16,7 +19,8 @@ A complete entry holds::
 of itself (``run_json_sha256``); an entry is verified (``verify_entry``) before it is reused, and a
 damaged one is reported in one line and recomputed.
 
-Asking a stored entry for more products (``write_noise``, ``write_pgm``, another ``preview`` mode)
+Asking a stored entry for more products (``write_noise``, ``write_pgm``, another ``preview`` mode,
+another format of ``store.formats``)
 adds them to it from its ``float.bin`` (``add_products``): nothing is recomputed and no file is
 dropped. ``preview.png`` is rendered in the mode of the first run; another mode asked later is added
 as ``preview_<mode>.png`` (``run.json`` ``previews``: mode -> file).
@@ -39,7 +43,7 @@ from typing import Callable, Optional, Tuple, Union
 
 from omegaconf import OmegaConf
 
-from nbsim.io.atomic import atomic_dir, file_sha256
+from nbsim.io.atomic import atomic_dir, file_sha256, unsynced_files
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
 from pipeline.preview import preview_png
@@ -49,13 +53,73 @@ STAT_KEYS = ("max_I", "max_I_at_m", "mean", "rms", "rmsd", "sum")
 PRODUCT_KEYS = ("intfile_scale", "pgm_scale", "photons", "overloads", "noise_seed")
 
 
-def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: bool = False) -> list:
-    names = ["float.bin", "int.img", "preview.png", "config.yaml", "run.json"]
+FORMATS = ("smv", "cbf", "nexus")     # store.formats: output files besides float.bin
+
+
+def nexus_name(nexus_dtype: str = "float32", nexus_compression: str = "none") -> str:
+    """The entry's NeXus file for these writer options (each variant is its own file)."""
+    return ("image" + ("" if nexus_dtype == "float32" else f"_{nexus_dtype}")
+            + ("" if nexus_compression == "none" else f"_{nexus_compression}") + ".nxs")
+
+
+def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: bool = False,
+                 formats=("smv",), nexus_dtype: str = "float32", nexus_compression: str = "none") -> list:
+    from nbsim.panels import has_panels
+    if has_panels(spec):
+        # several panels: float.bin holds them one after another (geometry order, each slow-major);
+        # SMV, CBF, PGM and the preview hold one image each and are not written
+        for key, on in (("store.write_noise", write_noise), ("store.write_pgm", write_pgm),
+                        ("store.formats", "cbf" in formats or "nexus" in formats)):
+            if on:
+                raise SpecError(key, "not available with several panels (detector.panels / "
+                                "detector.geometry_file): the entry holds float.bin, the panels one "
+                                "after another")
+        return ["float.bin", "config.yaml", "run.json"]
+    names = ["float.bin", "preview.png", "config.yaml", "run.json"]
+    if "smv" in formats:
+        names.insert(1, "int.img")
+    if "cbf" in formats:
+        names.append("image.cbf")
+    if "nexus" in formats:
+        names.append(nexus_name(nexus_dtype, nexus_compression))
     if write_noise and spec.image.noise:
         names.append("noise.img")
     if write_pgm:
         names.append("image.pgm")
     return names
+
+
+def _writer_paths(folder: Path, names) -> dict:
+    """``write_products`` keyword arguments for the product files ``names`` in ``folder``."""
+    kw = {}
+    for n in names:
+        if n == "int.img":
+            kw["int_path"] = str(folder / n)
+        elif n == "noise.img":
+            kw["noise_path"] = str(folder / n)
+        elif n == "image.pgm":
+            kw["pgm_path"] = str(folder / n)
+        elif n == "image.cbf":
+            kw["cbf_path"] = str(folder / n)
+        elif n.endswith(".nxs"):
+            kw["nexus_path"] = str(folder / n)
+            kw["nexus_dtype"] = "int32" if "_int32" in n else "float32"
+            kw["nexus_compression"] = "bslz4" if "_bslz4" in n else "none"
+    return kw
+
+
+def _info_for_writers(info: dict, spec: ExperimentSpec) -> dict:
+    """``run.json`` ``info`` of an entry written before the NeXus/CBF writers existed lacks
+    ``exposure_s`` and ``spectrum_A``: take them from the spec when it has one wavelength."""
+    info = dict(info)
+    info.setdefault("exposure_s", spec.beam.exposure_s)
+    if "spectrum_A" not in info:
+        b = spec.beam
+        if b.source_file is not None or (b.dispersion_pct > 0 and (b.dispsteps or 2) > 1):
+            raise SpecError("store.formats", "this stored entry predates the NeXus writer and its beam has "
+                            "several wavelengths; recompute it with store.force=true")
+        info["spectrum_A"] = [[float(info["wavelength_A"]), 1.0]]
+    return info
 
 
 def check_device(device: DeviceSpec) -> None:
@@ -160,12 +224,14 @@ def missing_products(doc: dict, want, preview: str) -> list:
     """Files of ``want`` (and the preview in mode ``preview``) that the intact entry ``doc`` lacks."""
     files = doc.get(MANIFEST_KEY) or {}
     names = [n for n in want if n not in ("run.json", "preview.png")]
-    names.append(preview_name(doc, preview))
+    if "preview.png" in want:
+        names.append(preview_name(doc, preview))
     return [n for n in names if n not in files]
 
 
 def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, preview: str) -> dict:
-    """Add the products ``names`` (``noise.img``, ``image.pgm``, ``preview*.png``) to the intact entry
+    """Add the products ``names`` (``int.img``, ``noise.img``, ``image.pgm``, ``image.cbf``, ``*.nxs``,
+    ``preview*.png``) to the intact entry
     ``folder`` from its ``float.bin``, without simulating; return the updated ``run.json``.
 
     The files are bit-identical to those a fresh run writes: the writers take the same float32 image,
@@ -178,23 +244,25 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     from nbsim.io.atomic import atomic_write_bytes
 
     info = dict(doc.get("info") or {})
+    if any(n == "image.cbf" or n.endswith(".nxs") for n in names):
+        info = _info_for_writers(info, spec)
     s, f = int(info["spixels"]), int(info["fpixels"])
     img = np.fromfile(folder / "float.bin", dtype=np.float32).reshape(s, f)
     roi_mask = np.zeros((s, f), dtype=bool)
     xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
-    prod, new = {}, [n for n in names if n in ("noise.img", "image.pgm")]
+    new = [n for n in names if not n.startswith("preview")]
+    prod = {}
     if new:
         with np.errstate(all="ignore"):
-            prod = products.write_stored(
-                img, roi_mask, info, spec.image, noise_path=str(folder / "noise.img") if "noise.img" in new else None,
-                pgm_path=str(folder / "image.pgm") if "image.pgm" in new else None) or {}
+            prod = products.write_stored(img, roi_mask, info, spec.image, **_writer_paths(folder, new)) or {}
     doc = dict(doc)
     previews = dict(doc.get("previews") or {"log": "preview.png"})
     thumbs = []
     for n in names:
         if n.startswith("preview"):
-            written = preview_png(img, folder / n, preview, info=info, title=entry_title(folder.name, info))
+            written = preview_png(img, folder / n, preview, info=info, title=entry_title(folder.name, info),
+                                  thumb=doc.get("preview_thumb_px"))          # a sweep's: the thumbnail
             thumbs += [p.name for p in written if p.name != n]
             previews[preview] = n
     doc["previews"] = previews
@@ -246,7 +314,8 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
                  log: Callable[[str], None] = print,
-                 progress: Optional[bool] = None) -> Tuple[Path, bool, dict]:
+                 progress: Optional[bool] = None, formats=("smv",), nexus_dtype: str = "float32",
+                 nexus_compression: str = "none", thumb: Optional[int] = None) -> Tuple[Path, bool, dict]:
     """Return ``(folder, reused, run_json)`` for ``spec`` simulated on ``device``.
 
     The spec is checked first (``nbsim.checks.preflight``: input files, geometry, size), and the
@@ -255,7 +324,10 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     and recomputed; ``force=True`` recomputes and replaces the entry. Relative input paths in
     ``spec`` and a relative ``root`` are taken from ``base_dir``. ``progress``: a progress bar on
     stderr while simulating (True/False; None: on a terminal, or when the run is estimated to take
-    more than a few seconds, see ``nbsim.progress``).
+    more than a few seconds, see ``nbsim.progress``). ``formats``: files besides ``float.bin``
+    (``FORMATS``: ``smv`` int.img, ``cbf`` image.cbf, ``nexus`` the NeXus file of ``nexus_name``).
+    ``thumb``: the preview is a grayscale thumbnail of at most this many pixels a side (a point of a
+    sweep, ``pipeline.preview``); None: the annotated picture and its thumbnail.
     """
     from nbsim.checks import preflight
     base_dir = Path(base_dir)
@@ -265,7 +337,7 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     est = preflight(spec, device, base_dir)
     h = config_hash(spec, device, base_dir)
     final, shown = root_abs / h, root / h
-    want = wanted_files(spec, write_noise, write_pgm)
+    want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
 
     if (final / "run.json").is_file() and not force:
         doc, why = verify_entry(final, h)
@@ -293,7 +365,7 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                 import sys
                 print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)",
                       file=sys.stderr)
-            run = _compute(final, spec, device, want, preview, base_dir, est, progress)
+            run = _compute(final, spec, device, want, preview, base_dir, est, progress, thumb=thumb)
     except OSError as e:
         _remove_if_empty(root_abs, created)
         raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
@@ -301,6 +373,107 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
         _remove_if_empty(root_abs, created)
         raise
     return final, False, run
+
+
+def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
+             write_noise: bool = False, write_pgm: bool = False, preview: str = "log",
+             base_dir: Union[str, Path] = ".", log: Callable[[str], None] = print,
+             thumb: Optional[int] = None, formats=("smv",), nexus_dtype: str = "float32",
+             nexus_compression: str = "none") -> list:
+    """``run_or_reuse`` for many ``(spec, device)`` pairs in one process: ``[(folder, reused, run_json)]``
+    in the order of ``items``.
+
+    Every pair is checked (``preflight``, device) and hashed first; stored intact entries are reused
+    (products asked for are added, as in ``run_or_reuse``); the others are rendered by
+    ``nbsim.batch.iter_many`` (grouped by kernel shapes, a compiled kernel built once per group) and
+    each is stored, atomically and under its entry lock, as soon as its image is done, so a batch
+    killed half-way leaves complete entries only. ``thumb``: previews as thumbnails of at most this
+    many pixels a side. A
+    point that fails (e.g. an image that overflows) does not stop the others; the first such
+    ``SpecError`` is raised after all of them ran."""
+    from nbsim.batch import iter_many
+    from nbsim.checks import preflight
+    base_dir = Path(base_dir)
+    root = Path(root)
+    root_abs = root if root.is_absolute() else base_dir / root
+    out: list = [None] * len(items)
+    todo, ests, hs = [], {}, []
+    for i, (spec, device) in enumerate(items):
+        check_device(device)
+        ests[i] = preflight(spec, device, base_dir)
+        h = config_hash(spec, device, base_dir)      # after preflight (resolved ROI), as run_or_reuse
+        hs.append(h)
+        final = root_abs / h
+        want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
+        if (final / "run.json").is_file() and not force:
+            doc, why = verify_entry(final, h)
+            if doc is not None and not missing_products(doc, want, preview):
+                out[i] = (final, True, doc)
+                continue
+            if doc is None:
+                log(f"stored result {root / h}: {why}; recomputing")
+        todo.append(i)
+    if not todo:
+        return out
+    created = _prepare_root(root_abs, root)
+    first_error = None
+    try:
+        specs = [items[i][0] for i in todo]
+        devs = [items[i][1] for i in todo]
+        # a point whose entry only lacks products is completed without simulating
+        rest = []
+        for j, i in enumerate(todo):
+            spec, device = items[i]
+            final = root_abs / hs[i]
+            if not force and (final / "run.json").is_file():
+                with entry_lock(root_abs, hs[i]):
+                    doc = verify_entry(final, hs[i])[0]
+                    if doc is not None:
+                        extra = missing_products(doc, wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression), preview)
+                        if extra:
+                            doc = add_products(final, doc, spec, extra, preview)
+                        out[i] = (final, True, doc)
+                        continue
+            rest.append(j)
+        specs, devs = [specs[j] for j in rest], [devs[j] for j in rest]
+        index = [todo[j] for j in rest]
+        results = iter_many(specs, devices=devs, base_dir=str(base_dir))
+        while True:
+            try:
+                k, result = next(results)
+            except StopIteration:
+                break
+            except SpecError as e:                   # an image refused while rendering
+                first_error = first_error or e
+                break
+            i = index[k]
+            spec, device = items[i]
+            h = hs[i]
+            final = root_abs / h
+            want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
+            with entry_lock(root_abs, h):
+                if not force and (final / "run.json").is_file() and verify_entry(final, h)[0] is not None:
+                    doc = verify_entry(final, h)[0]
+                    out[i] = (final, True, doc)         # stored meanwhile by another process
+                    continue
+                try:
+                    with unsynced_files():           # entries are verified by checksum when reused
+                        run = _compute(final, spec, device, want, preview, base_dir, ests[i], False,
+                                       result=result, thumb=thumb)
+                except SpecError as e:
+                    log(f"point {i} ({h}): {e}")
+                    first_error = first_error or e
+                    continue
+            out[i] = (final, False, run)
+    except OSError as e:
+        _remove_if_empty(root_abs, created)
+        raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
+    except BaseException:
+        _remove_if_empty(root_abs, created)
+        raise
+    if first_error is not None:
+        raise first_error
+    return out
 
 
 def _remove_if_empty(root_abs: Path, created: bool) -> None:
@@ -311,9 +484,22 @@ def _remove_if_empty(root_abs: Path, created: bool) -> None:
             pass
 
 
+def config_yaml(doc: dict, h: str) -> str:
+    """The text of an entry's ``config.yaml``: the resolved spec and device as YAML (block style,
+    keys in schema order; read back by ``OmegaConf.load``). PyYAML's C emitter where available
+    (OmegaConf's own ``to_yaml`` costs ~25 ms a point)."""
+    import yaml
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return f"# nbsim configuration, hash {h}\n" + yaml.dump(doc, Dumper=dumper, default_flow_style=False,
+                                                            allow_unicode=True, sort_keys=False)
+
+
 def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, preview: str,
-             base_dir: Path, est=None, progress: Optional[bool] = None) -> dict:
-    """Simulate, write every file of the entry into a temp folder, rename it to ``final``."""
+             base_dir: Path, est=None, progress: Optional[bool] = None, result=None,
+             thumb: Optional[int] = None) -> dict:
+    """Simulate (or take the already simulated ``result``: a ``SimResult`` of ``spec`` on ``device``),
+    write every file of the entry into a temp folder, rename it to ``final``. ``thumb``: the preview
+    is a thumbnail of at most this many pixels a side (sweeps; ``pipeline.preview``)."""
     import numpy as np
 
     from nbsim import api                        # looked up at call time (tests monkeypatch it)
@@ -324,23 +510,30 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
-        from nbsim.progress import progress_bar
-        spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
-        with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
-            # an overflow is reported once, by check_image
-            result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar,
-                                  inputs=getattr(est, "inputs", None))   # as the preflight read them
-        wall = time.perf_counter() - t0
+        if result is None:
+            from nbsim.progress import progress_bar
+            spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
+            with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
+                # an overflow is reported once, by check_image
+                result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar,
+                                      inputs=getattr(est, "inputs", None))   # as the preflight read them
+            wall = time.perf_counter() - t0
+        else:
+            st = getattr(result, "stats", None)
+            wall = float(st.wall_s or 0.0) if st is not None else 0.0
         img = result.float32()
         check_image(img, spec)
         info = dict(result.info)
-        prod = products.write_result(
-            result, spec.image, float_path=str(tmp / "float.bin"), int_path=str(tmp / "int.img"),
-            noise_path=str(tmp / "noise.img") if "noise.img" in want else None,
-            pgm_path=str(tmp / "image.pgm") if "image.pgm" in want else None) or {}
-        preview_png(img, tmp / "preview.png", preview, info=info, title=entry_title(h, info))
+        if getattr(result, "panels", None) is not None:            # several panels: float.bin only (wanted_files)
+            from nbsim.io.images import write_float
+            write_float(tmp / "float.bin", img[None, :])
+            prod = {}
+        else:
+            prod = products.write_result(
+                result, spec.image, float_path=str(tmp / "float.bin"), **_writer_paths(tmp, want)) or {}
+            preview_png(img, tmp / "preview.png", preview, info=info, title=entry_title(h, info), thumb=thumb)
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
-        (tmp / "config.yaml").write_text(f"# nbsim configuration, hash {h}\n" + OmegaConf.to_yaml(doc))
+        (tmp / "config.yaml").write_text(config_yaml(doc, h))
         from nbsim.report import solid_angle_lines
         lines = (list(getattr(result, "log", None) or [])           # C's setup echo, solid angle, products
                  + solid_angle_lines(getattr(getattr(result, "stats", None), "omega_sum_sr", None))
@@ -356,7 +549,8 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             "stats": {k: prod.get(k, info.get(k)) for k in STAT_KEYS if k in prod or k in info},
             **{k: prod.get(k) for k in PRODUCT_KEYS},
             "files": sorted(want),
-            "previews": {preview: "preview.png"},
+            "previews": {preview: "preview.png"} if getattr(result, "panels", None) is None else {},
+            **({"preview_thumb_px": thumb} if thumb and getattr(result, "panels", None) is None else {}),
             "inputs_sha256": input_digests(spec, base_dir),
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,

@@ -413,10 +413,11 @@ def test_outputs():
     assert (o.floatfile, o.intfile, o.noisefile, o.pgmfile) == ("floatimage.bin", "intimage.img",
                                                                 "noiseimage.img", "image.pgm")
     assert o.paths() == {"float_path": "floatimage.bin", "int_path": "intimage.img",
-                         "noise_path": "noiseimage.img", "pgm_path": "image.pgm"}
+                         "noise_path": "noiseimage.img", "pgm_path": "image.pgm", "cbf_path": None,
+                         "nexus_path": None}
     p = P("-nonoise -nopgm -floatfile f.bin -intimage i.img")
     assert p.outputs.paths() == {"float_path": "f.bin", "int_path": "i.img", "noise_path": None,
-                                 "pgm_path": None}
+                                 "pgm_path": None, "cbf_path": None, "nexus_path": None}
     assert p.spec.image.noise is False
     p = P("-nonoise -noisefile n.img -nopgm -pgmscale 3")
     assert p.outputs.paths()["noise_path"] == "n.img" and p.spec.image.noise is True
@@ -648,7 +649,9 @@ def test_main_runs_and_writes(monkeypatch, capsys, tmp_path):
         return Result()
 
     def write_products(img, mask, info, image_spec, *, float_path=None, int_path=None,
-                       noise_path=None, pgm_path=None, active=None, stats=None):
+                       noise_path=None, pgm_path=None, cbf_path=None, nexus_path=None,
+                       nexus_dtype=None, nexus_compression=None, active=None, stats=None):
+        assert (cbf_path, nexus_path, nexus_dtype, nexus_compression) == (None, None, "float32", "none")
         calls["write"] = (img.shape, float_path, int_path, noise_path, pgm_path)
         calls["image_spec"] = image_spec
         return {"intfile_scale": 4400.0, "pgm_scale": None, "photons": 123.0, "overloads": 0}

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _source_packages() -> set:
-    """Dotted names of the folders of nbsim/ and pipeline/ holding an __init__.py."""
+    """Dotted names of the folders of nbsim/, pipeline/ and hydra_plugins/ holding an __init__.py."""
     found = set()
-    for top in ("nbsim", "pipeline"):
+    for top in ("nbsim", "pipeline", "hydra_plugins"):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT)
             if "__pycache__" not in rel.parts:
@@ -44,7 +44,7 @@ def test_wheel_runs_outside_checkout(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("nbsim", "pipeline", "conf"):
+    for name in ("nbsim", "pipeline", "conf", "hydra_plugins"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     whl = tmp_path / "whl"
     env = _env_without_checkout()
@@ -73,6 +73,12 @@ def test_wheel_runs_outside_checkout(tmp_path):
     assert app.returncode == 0, app.stderr
     folder = Path(app.stdout.strip().splitlines()[-1])
     assert (folder / "float.bin").stat().st_size == 32 * 32 * 4
+    # the multirun's default launcher (hydra_plugins.nbsim_launcher) ships in the wheel
+    mr = subprocess.run([str(py), "-m", "nbsim", "--multirun", f"store.root={tmp_path / 'out'}",
+                         "detector.fpixels=32", "detector.spixels=32", "crystal.N=2,3"],
+                        env=env, cwd=work, capture_output=True, text=True)
+    assert mr.returncode == 0 and "nbsim_batch launcher" in mr.stderr, mr.stderr
+    assert len(mr.stdout.split()) == 2
 
     fe = subprocess.run([str(py), "-m", "nbsim.nanobragg", "-default_F", "100", "-cell", "100", "100", "100",
                          "90", "90", "90", "-lambda", "1", "-N", "3", "-detpixels", "32", "-distance", "100",

@@ -59,7 +59,7 @@ def _hash_dirs(store: Path) -> dict:
 def local_run(tmp_path_factory):
     """The reference: the same 4 points run locally (Hydra's basic launcher)."""
     wd = tmp_path_factory.mktemp("local")
-    p = subprocess.run([sys.executable, "-m", "nbsim", "--multirun", *BASE,
+    p = subprocess.run([sys.executable, "-m", "nbsim", "--multirun", "hydra/launcher=basic", *BASE,
                         "detector.distance_mm=80,100", "crystal.N=3,5", "store.root=store"],
                        cwd=wd, capture_output=True, text=True, env=_env(), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -86,9 +86,31 @@ def test_snakemake_slurm_executor(tmp_path, local_run):
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-4000:]
-    assert re.search(r"Job \d+ has been submitted with SLURM jobid \d+", log), log[-3000:]
+    # batch_size auto on a cluster: ~10 s of estimated work per job, so the 4 small points are one
+    # batch, one SLURM job
+    assert len(re.findall(r"Job \d+ has been submitted with SLURM jobid \d+", log)) == 1, log[-3000:]
+    (blog,) = (tmp_path / "store" / "logs" / "sweep_batch").glob("*.log")
+    assert "4 points, 4 computed, 0 stored already" in blog.read_text()
     _assert_same(tmp_path / "store", local_run)
     assert (tmp_path / "store" / "sweeps" / "slurm4" / "summary.csv").is_file()
+    # a rerun submits nothing
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_snakemake_slurm_batches_of_two(tmp_path, local_run):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "slurm2", "store_root": "store", "base": BASE, "grid": GRID,
+                                   "batch_size": 2}))
+    (tmp_path / "outputs" / "logs" / "slurm").mkdir(parents=True)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path),
+           "--configfile", str(cfg), "--workflow-profile", str(PROFILE)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-4000:]
+    assert len(re.findall(r"Job \d+ has been submitted with SLURM jobid \d+", log)) == 2, log[-3000:]
+    _assert_same(tmp_path / "store", local_run)
 
 
 def test_hydra_submitit_launcher(tmp_path, local_run):

@@ -156,7 +156,8 @@ def test_sweep_runs_reruns_nothing_and_adds_one_job(tmp_path):
     for pt in pts:
         run = json.loads((store / pt.hash / "run.json").read_text())
         assert run["hash"] == pt.hash
-        assert (tmp_path / "store" / "logs" / "run_point" / f"{pt.hash}.log").is_file()
+    logs = list((store / "logs" / "sweep_batch").glob("*.log"))
+    assert len(logs) == 2, logs            # 2 points, --cores 2, threads 1: one batch per job slot
     rows = list(csv.DictReader(open(store / "sweeps/tiny/summary.csv")))
     assert [r["hash"] for r in rows] == [pt.hash for pt in pts]
     assert [r["crystal.N"] for r in rows] == ["2", "3"]
@@ -172,7 +173,7 @@ def test_sweep_runs_reruns_nothing_and_adds_one_job(tmp_path):
     more = _write(tmp_path / "more.yaml", {**TINY, "grid": {"crystal.N": [2, 3, 4]}})
     dry = snakemake(tmp_path, more, "-n")
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts.get("run_point") == 1 and counts.get("sweep_summary") == 1, dry.stdout
+    assert counts.get("sweep_batch") == 1 and counts.get("sweep_summary") == 1, dry.stdout
 
 
 def test_multirun_and_snakemake_share_hash_folders(tmp_path):
@@ -194,7 +195,7 @@ def test_multirun_and_snakemake_share_hash_folders(tmp_path):
     (sm_dir / "store").symlink_to(mr_dir / "store")
     dry = snakemake(sm_dir, _write(tmp_path / "tiny.yaml", TINY), "-n")
     counts = job_counts(dry.stdout + dry.stderr)
-    assert "run_point" not in counts and counts.get("sweep_summary") == 1
+    assert "sweep_batch" not in counts and counts.get("sweep_summary") == 1
 
     # and a Snakemake run of its own gives the same bytes
     own = tmp_path / "own"

@@ -172,7 +172,15 @@ FLAGS: Tuple[Flag, ...] = (
        help="um: water thickness for the background"),
     # ---- structure factors
     _F("-hkl", kind="s", keys=("crystal.hkl_file",), action="infile", group="F",
-       help="FILE: text h k l F table (also writes the Fdump file)"),
+       help="FILE: text h k l F table, or an MTZ file expanded to P1 (also writes the Fdump file)"),
+    _F("-mtz_column", kind="s", keys=("crystal.mtz_column",), group="F",
+       help="LABEL: amplitude column of an MTZ -hkl file (default: its only F-type column)"),
+    _F("-model", kind="s", keys=("crystal.model_file",), action="infile", group="F",
+       help="FILE: PDB or mmCIF model; F computed with gemmi at the beam's wavelength (instead of -hkl)"),
+    _F("-model_dmin", kind="f", keys=("crystal.model_dmin_A",), group="F",
+       help="A: resolution of the F computed from -model (default: the detector's edge)"),
+    _F("-model_anomalous", keys=("crystal.model_anomalous",), value=True, group="F",
+       help="add f' and f'' (Cromer-Liberman, at the wavelength) to the -model form factors"),
     _F("-default_F", kind="f", keys=("crystal.default_F",), group="F",
        help="F: structure factor of every hkl not in the table"),
     _F("-dump", kind="s", action="dump", group="F",
@@ -305,6 +313,9 @@ FLAGS: Tuple[Flag, ...] = (
        help="FILE: SMV mask (0 = skip); its header sets geometry defaults"),
     _F("-img", kind="s", action="img", group="geometry",
        help="FILE: SMV image whose header sets geometry defaults"),
+    _F("--geom", kind="s", keys=("detector.geometry_file",), action="infile", group="geometry",
+       help="FILE: multi-panel detector from a CrystFEL .geom or DIALS .expt (nbsim only; "
+            "-floatfile holds the panels one after another, -intfile one SMV per panel)"),
     # ---- background tables nanoBragg reads but does not use
     _F("-stol", kind="s", group="background", no_effect="the table is read but unused by nanoBragg",
        help="FILE (no effect)"),
@@ -323,6 +334,14 @@ FLAGS: Tuple[Flag, ...] = (
        help="FILE: SMV image with Poisson noise (default noiseimage.img)"),
     _F("-pgmfile", "-pgmimage", kind="s", action="out_pgm", group="output",
        help="FILE: 8-bit PGM (default image.pgm)"),
+    _F("--cbf", kind="s", action="out_cbf", group="output",
+       help="FILE: also write a CBF (int32 counts, miniCBF header; nbsim)"),
+    _F("--nexus", kind="s", action="out_nexus", group="output",
+       help="FILE: also write a NeXus NXmx HDF5 file (nbsim)"),
+    _F("--nexus-dtype", kind="s", action="nexus_dtype", group="output",
+       help="float32|int32: the NeXus data: the float image (default) or int32 counts"),
+    _F("--nexus-compression", kind="s", action="nexus_compression", group="output",
+       help="none|bslz4: NeXus data compression (bslz4: bitshuffle/LZ4 via hdf5plugin)"),
     _F("-nonoise", action="nonoise", group="output", help="do not write the noise image"),
     _F("-nopgm", action="nopgm", group="output", help="do not write the PGM"),
     _F("-scale", kind="f", keys=("image.int_scale",), group="output",
@@ -405,12 +424,22 @@ class OutputFiles:
     pgmfile: str = "image.pgm"
     write_noise: bool = True               # -nonoise turns off, -noisefile turns on
     write_pgm: bool = True                 # -nopgm turns off, -pgmfile/-pgmscale turn on
+    given: set = field(default_factory=set)  # output flags given explicitly (-noisefile, -pgmfile, -pgmscale)
+    cbffile: Optional[str] = None          # --cbf (nbsim only)
+    nexusfile: Optional[str] = None        # --nexus (nbsim only)
+    nexus_dtype: str = "float32"           # --nexus-dtype
+    nexus_compression: str = "none"        # --nexus-compression
 
     def paths(self) -> Dict[str, Optional[str]]:
-        """Keyword arguments for ``nbsim.io.products.write_products``."""
+        """Output paths, keyword arguments for ``nbsim.io.products.write_products``."""
         return {"float_path": self.floatfile, "int_path": self.intfile,
                 "noise_path": self.noisefile if self.write_noise else None,
-                "pgm_path": self.pgmfile if self.write_pgm else None}
+                "pgm_path": self.pgmfile if self.write_pgm else None,
+                "cbf_path": self.cbffile, "nexus_path": self.nexusfile}
+
+    def options(self) -> Dict[str, str]:
+        """The writers' other keyword arguments (NeXus data type and compression)."""
+        return {"nexus_dtype": self.nexus_dtype, "nexus_compression": self.nexus_compression}
 
 
 @dataclass
@@ -511,6 +540,9 @@ def _split_options(argv: Sequence[str]):
             c_argv.append(word)
             continue
         name, eq, val = word.partition("=")
+        if name in _EXACT:                     # a double-dash flag of the table (--nexus FILE ...)
+            c_argv.extend([name, val] if eq else [name])
+            continue
         key = _DOUBLE.get(name)
         if key is None:
             raise FrontendError(f"unknown option {name}{_suggest(name)}")
@@ -816,13 +848,33 @@ class _Builder:
         self.out.intfile = ev.values[0]
 
     def _act_out_noise(self, ev):
+        self.out.given.add("-noisefile")
         self.out.noisefile = ev.values[0]
         self.out.write_noise = True
         self.set("image.noise", True, ev.word)
 
     def _act_out_pgm(self, ev):
+        self.out.given.add("-pgmfile")
         self.out.pgmfile = ev.values[0]
         self.out.write_pgm = True
+
+    def _act_out_cbf(self, ev):
+        self.out.cbffile = ev.values[0]
+
+    def _act_out_nexus(self, ev):
+        self.out.nexusfile = ev.values[0]
+
+    def _act_nexus_dtype(self, ev):
+        from nbsim.io.nexus import NEXUS_DTYPES
+        if ev.values[0] not in NEXUS_DTYPES:
+            raise FrontendError(f"{ev.word}: expected {' or '.join(NEXUS_DTYPES)}, got {ev.values[0]!r}")
+        self.out.nexus_dtype = ev.values[0]
+
+    def _act_nexus_compression(self, ev):
+        from nbsim.io.nexus import COMPRESSIONS
+        if ev.values[0] not in COMPRESSIONS:
+            raise FrontendError(f"{ev.word}: expected {' or '.join(COMPRESSIONS)}, got {ev.values[0]!r}")
+        self.out.nexus_compression = ev.values[0]
 
     def _act_nonoise(self, ev):
         self.out.write_noise = False
@@ -832,6 +884,7 @@ class _Builder:
         self.out.write_pgm = False
 
     def _act_pgmscale(self, ev):
+        self.out.given.add("-pgmscale")
         self.set("image.pgm_scale", ev.values[0], ev.word)
         self.out.write_pgm = True
 
@@ -912,6 +965,9 @@ class _Builder:
         # Fdump cache (quirk fdump_from_cwd)
         if c.hkl_file is not None:
             self.set("crystal.fdump_file", self.dump_file, "-dump" if self.dump_given else "-hkl")
+        elif c.model_file is not None:
+            if self.dump_given:
+                self.warn(f"-dump {self.dump_file}: not read or written with -model (F comes from the model)")
         else:
             exists = os.path.exists(self._path(self.dump_file))
             if exists and (not self.q.fixed("fdump_from_cwd") or self.dump_given):
@@ -927,8 +983,8 @@ class _Builder:
         # the two upstream usage checks (exit 9 there)
         if c.cell_A_deg is None and c.matrix_file is None:
             raise FrontendError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE")
-        if c.hkl_file is None and c.fdump_file is None and c.default_F == 0.0:
-            raise FrontendError("no structure factors: give -hkl FILE or a nonzero -default_F F "
+        if c.hkl_file is None and c.model_file is None and c.fdump_file is None and c.default_F == 0.0:
+            raise FrontendError("no structure factors: give -hkl FILE, -model FILE or a nonzero -default_F F "
                                 f"(or keep an F cache: -dump FILE, default {DEFAULT_DUMP_FILE})")
         # cell: C's 1..6 value form and its defaults for missing values
         if c.cell_A_deg is not None:

@@ -36,6 +36,10 @@ def spec_to_argv(spec: ExperimentSpec, device: Optional[DeviceSpec] = None) -> L
     Raises ``FrontendError`` for a spec no command line can express.
     """
     d, b, c, im = spec.detector, spec.beam, spec.crystal, spec.image
+    if d.panels is not None or d.geometry_file is not None:
+        # nanoBragg has one panel; nbsim's front end reads a geometry file (--geom), not a panel list
+        raise FrontendError("spec_to_argv: a multi-panel detector (detector.panels / geometry_file) "
+                            "has no nanoBragg command line")
     dflt = ExperimentSpec()
     out: List[str] = []
     if spec.quirks != "faithful":
@@ -102,6 +106,14 @@ def spec_to_argv(spec: ExperimentSpec, device: Optional[DeviceSpec] = None) -> L
             add("-dump", c.fdump_file)
     elif c.fdump_file is not None:
         add("-dump", c.fdump_file)
+    if c.mtz_column is not None:
+        add("-mtz_column", c.mtz_column)
+    if c.model_file is not None:
+        add("-model", c.model_file)
+    if c.model_dmin_A is not None:
+        add("-model_dmin", c.model_dmin_A)
+    if c.model_anomalous:
+        add("-model_anomalous")
     add_if("-default_F", c.default_F, dflt.crystal.default_F)
     if c.N != dflt.crystal.N:
         add("-N", c.N)

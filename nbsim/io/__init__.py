@@ -2,7 +2,8 @@
 
 Submodules: :mod:`.atomic` (atomic writes), :mod:`.smv` (SMV headers/images), :mod:`.images`
 (float/int/pgm pixels and statistics), :mod:`.tables` (HKL, Fdump, matrix, source files),
-:mod:`.products` (all nanoBragg output files at once).
+:mod:`.nexus` (NeXus NXmx, h5py), :mod:`.cbf` (miniCBF, fabio), :mod:`.products` (all output files
+at once).
 """
 
 from .atomic import atomic_dir, atomic_write_bytes

@@ -28,6 +28,7 @@ from .atomic import atomic_write_bytes
 __all__ = [
     "c_uchar",
     "c_ushort",
+    "count_image",
     "default_int_scale",
     "default_pgm_scale",
     "float_bytes",
@@ -154,6 +155,20 @@ def default_pgm_scale(rmsd: float, intfile_scale: float) -> float:
     return 250.0 / (5.0 * rmsd) if rmsd > 0.0 else float(intfile_scale)
 
 
+def _rounded_counts(vals, scale: float, adc: float, top: float) -> np.ndarray:
+    """The int-image formula on float32 pixel values: ``floorf((float)(clip(f*scale + adc, 0, top)
+    + 0.5))`` as float32 (NaN stays NaN).  ``top``: 65535 for the SMV image, 2**31 - 128 (the largest
+    float32 below 2**31) for the int32 count image."""
+    test = vals.astype(np.float64)
+    test *= float(scale)
+    test += float(adc)
+    np.minimum(test, float(top), out=test)   # C: test > 65535 -> 65535; NaN stays NaN
+    np.maximum(test, 0.0, out=test)          # C: test < 0 -> 0
+    test += 0.5
+    t32 = test.astype(np.float32)            # floorf's float argument
+    return np.floor(t32, out=t32)
+
+
 def int_image(img_f32, scale: float, adc: float = 40.0, mask=None) -> np.ndarray:
     """nanoBragg's ``-intfile`` pixels.
 
@@ -172,16 +187,23 @@ def int_image(img_f32, scale: float, adc: float = 40.0, mask=None) -> np.ndarray
     -------
     uint16 (S, F): ``(uint16) floorf((float)(clip(f*scale + adc, 0, 65535) + 0.5))``.
     """
+    return _roi_blockwise(img_f32, mask, np.uint16,
+                          lambda vals: c_ushort(_rounded_counts(vals, scale, adc, 65535.0)))
+
+
+#: the int32 count image's ceiling: the largest float32 below 2**31 (the formula rounds in float32)
+COUNT_MAX = 2147483520
+
+
+def count_image(img_f32, scale: float, adc: float = 40.0, mask=None) -> np.ndarray:
+    """The int image as 32-bit counts (NeXus ``int32``, CBF): the ``-intfile`` formula
+    (:func:`int_image`: same scale, adc, rounding and ROI) clipped to [0, :data:`COUNT_MAX`] instead
+    of [0, 65535], so Bragg spots are never cut at 16 bits.  Where ``int_image`` does not clip the two
+    are equal.  NaN pixels give 0.  Returns int32 (S, F)."""
     def convert(vals):
-        test = vals.astype(np.float64)
-        test *= float(scale)
-        test += float(adc)
-        np.minimum(test, 65535.0, out=test)      # C: test > 65535 -> 65535; NaN stays NaN
-        np.maximum(test, 0.0, out=test)          # C: test < 0 -> 0
-        test += 0.5
-        t32 = test.astype(np.float32)            # floorf's float argument
-        return c_ushort(np.floor(t32, out=t32))
-    return _roi_blockwise(img_f32, mask, np.uint16, convert)
+        t = _rounded_counts(vals, scale, adc, float(COUNT_MAX))
+        return np.nan_to_num(t, nan=0.0).astype(np.int32)
+    return _roi_blockwise(img_f32, mask, np.int32, convert)
 
 
 def pgm_image(img_f32, scale: float, mask=None) -> np.ndarray:

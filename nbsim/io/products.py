@@ -18,7 +18,7 @@ import numpy as np
 from ..noise import noise_image
 from ..rng import Ran1Table
 from .atomic import atomic_write_bytes
-from .images import default_int_scale, default_pgm_scale, float_bytes, image_stats, int_image, pgm_bytes
+from .images import count_image, default_int_scale, default_pgm_scale, float_bytes, image_stats, int_image, pgm_bytes
 from .smv import c_g, smv_bytes
 
 __all__ = ["clock_seed", "write_products"]
@@ -70,7 +70,8 @@ def _spec(spec, name: str, default=None):
 
 
 def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, int_path=None,
-                   noise_path=None, pgm_path=None, active=None,
+                   noise_path=None, pgm_path=None, cbf_path=None, nexus_path=None,
+                   nexus_dtype: str = "float32", nexus_compression: str = "none", active=None,
                    table: Ran1Table | None = None, stats: dict | None = None) -> dict:
     """Write the requested output files and return what nanoBragg prints about them.
 
@@ -90,8 +91,14 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
         Attributes ``adc`` (default 40), ``int_scale`` (None or <= 0 -> 55000/max_I, or 1 when
         max_I == 0), ``pgm_scale`` (None or <= 0 -> 250/(5*rmsd), or the int scale when rmsd == 0),
         ``noise_seed`` (C-internal value, ``-N`` for ``-seed N``; None -> ``-time()``).
-    float_path, int_path, noise_path, pgm_path : path or None
-        Files to write (None = skip).
+    float_path, int_path, noise_path, pgm_path, cbf_path, nexus_path : path or None
+        Files to write (None = skip).  CBF: int32 counts (:func:`nbsim.io.images.count_image`, the
+        int file's formula without the 16-bit clip) with a miniCBF header (:mod:`nbsim.io.cbf`; needs
+        ``info`` like the SMV header plus ``thick_m``, ``exposure_s``).  NeXus NXmx
+        (:mod:`nbsim.io.nexus`; needs the geometry keys of ``SimResult.info``).
+    nexus_dtype : 'float32' (the float image) | 'int32' (the CBF's counts)
+    nexus_compression : 'none' | 'bslz4'
+        Bitshuffle/LZ4 through ``hdf5plugin``.
     active : bool array (S, F), optional
         ROI and not masked (the pixels the C loop computed) for mean/rms; default ``mask``.
     table : Ran1Table, optional
@@ -147,6 +154,17 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
             noise, photons, overloads = noise_image(a, seed, adc, roi, table=table)
             lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
             writer.submit(noise_path, smv_bytes(noise, info))
+        counts = None
+        if cbf_path is not None or (nexus_path is not None and nexus_dtype == "int32"):
+            counts = count_image(a, int_scale, adc, roi)
+        if cbf_path is not None:
+            from .cbf import cbf_bytes
+            writer.submit(cbf_path, cbf_bytes(counts, info))
+        if nexus_path is not None:
+            from .nexus import nexus_bytes
+            data = counts if nexus_dtype == "int32" else a
+            writer.submit(nexus_path, nexus_bytes(data, info, dtype=nexus_dtype, compression=nexus_compression,
+                                                  mask=roi))
     written = writer.paths()
 
     return {

@@ -18,7 +18,7 @@ if REFINE:
             if "store.write_noise=true" not in _p.overrides:
                 raise workflow_error("refine.from_sweep: the sweep's base needs store.write_noise=true "
                                      "(the noise images are what is refined)")
-            REFINE_ITEMS[_p.hash] = (f"{STORE}/{_p.hash}/noise.img", f"{STORE}/{_p.hash}/run.json",
+            REFINE_ITEMS[_p.hash] = (f"{STORE}/{_p.hash}/noise.img", point_target(_p.hash),
                                      _refine.merge_overrides(
                                          [o for o in _p.overrides if not o.startswith("store.")], _start))
     for _i, _img in enumerate(REFINE.get("images") or []):

@@ -1,0 +1,167 @@
+"""Many experiments in one process: ``simulate_many(specs, device)``.
+
+A sweep renders many images that differ in a few numbers. Rendered one process each, every image pays
+for Python, torch and (with ``device.compile``) the compiled kernel; rendered here, they pay once:
+
+* the experiments are put in **groups** of equal kernel shapes (``group_key``: detector size, resolved
+  oversampling, layers, sources, φ steps, mosaic domains, dtype, device) and of equal constants that
+  the compiled kernels bake in (N and the scale factors ``fluence`` × r_e², see below); the groups
+  run one after the other, in the order of their first member, and within a group in the given order;
+* under ``device.compile: auto`` a group is compiled when the **whole group** repays the compilation
+  (the engine's single-image rule ``compile_pays_off`` applied to the sum of the group's samples),
+  so the compiled kernel (``nbsim.kernel_cache``, an AOTInductor package on disk) is built once for
+  the group, by its first image, and loaded by every later image and process; ``true`` / ``false``
+  are taken as given;
+* input files (HKL table, matrix, source list, mask) are read once per distinct file set.
+
+Each image is rendered by ``nbsim.api.simulate`` with the group's compile flag, so it is **bit for
+bit** the image that ``simulate(spec, replace(device, compile=flag))`` renders alone
+(``SimResult.stats.batch_compile``, also in ``SimResult.info``, records the flag; with ``compile: false`` or ``true`` it is the
+flag given). The images are not stacked along a batch dimension of one kernel call: that needs the
+engine to take a leading batch dimension (see ``STACKING_NEEDS``).
+
+What recompiles (measured on the compiled kernels' static configuration, ``CompiledPlan``): the
+detector width (``fpixels``), oversampling, layers, thickness step, μ, Kahn factor, point-pixel and
+polarization switches, the crystal size N (``Nvals``), ``default_F`` (FF), the background and the
+scale ``r_e² · fluence`` and the number of steps: a sweep over these builds one kernel per value.
+Distance, beam centre, rotations, misset, cell, wavelength, divergence and dispersion are tensors:
+sweeping them reuses one kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+from nbsim.spec import DeviceSpec, ExperimentSpec
+
+#: What stacking a group along a leading batch dimension in one kernel call would need of
+#: ``nbsim/engine.py`` (not done here; the engine is another helper's file):
+STACKING_NEEDS = (
+    "Model fields that differ within a group (fdet, sdet, odet, pix0, beam, distance_m, "
+    "close_distance_m, incident, wavelength_m, source_weight, lattice, polar_vector, pixel_m) "
+    "with a leading batch dimension B, and the N / fluence / I_bg / default_F constants of "
+    "CompiledPlan.front_cfg / finish_cfg moved from Python numbers to (B,) tensor inputs, so that "
+    "one compiled graph serves every member of a group",
+    "_k_positions/_k_geometry/_k_front/_k_finish and render_fast broadcasting over B "
+    "(pixels-last layout (B, T, O, S, F, M, P)), and simulate_image's Chunks taking (B, P) "
+    "index chunks and returning (B, S, F) images",
+    "the faithful loop-order quirks (first sub-pixel factors, φ=0 carry-over, tricubic global "
+    "switch-off) carried per batch member",
+)
+
+
+def group_key(spec: ExperimentSpec, device: DeviceSpec, base_dir=".") -> tuple:
+    """The key of the group ``spec`` renders in: resolved sample counts (``nbsim.checks.estimate``),
+    dtype, device, and the constants the compiled kernels bake in. Equal keys: equal kernel shapes
+    and one compiled kernel."""
+    from nbsim.checks import estimate
+    est = estimate(spec, device, base_dir)
+    c, b, d = spec.crystal, spec.beam, spec.detector
+    return (device.device, device.dtype, est.fpixels, est.spixels, est.pixels, est.thicksteps,
+            est.oversample, est.sources, est.phisteps, est.mosaic_domains,
+            (c.N, c.Na, c.Nb, c.Nc), c.default_F, c.hkl_file, c.shape,
+            b.fluence_ph_per_m2, d.thick_um, d.thicksteps)
+
+
+def _samples(spec: ExperimentSpec, device: DeviceSpec, base_dir) -> float:
+    from nbsim.checks import estimate
+    est = estimate(spec, device, base_dir)
+    return float(est.pixels) * est.samples_per_pixel
+
+
+def group_compile(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=".",
+                  inputs=None) -> Optional[bool]:
+    """The compile flag of one group: ``device.compile`` when it is true or false; under ``auto``
+    True when the engine supports compiling the group's kernel (``engine.compile_ok``) and the whole
+    group repays it (the engine's single-image threshold on the sum of the group's samples, CPU),
+    else None (the engine's own per-image ``auto``: a cached kernel is used where one exists)."""
+    from nbsim.spec import compile_mode
+    flag = compile_mode(device.compile)
+    if flag is not None or len(specs) < 2:
+        return flag
+    import torch
+
+    from nbsim import engine
+    from nbsim.api import resolve_device
+    from nbsim.experiment import build_model
+    tdev, tdtype, _ = resolve_device(device)
+    if tdev.type != "cpu":
+        return None
+    model = build_model(specs[0], dtype=torch.float64, device=tdev, base_dir=base_dir, inputs=inputs)
+    if tdtype != torch.float64:
+        model = model.astype(tdtype)
+    if not engine.compile_ok(model):
+        return None
+    total = sum(_samples(s, device, base_dir) for s in specs)
+    threshold = engine._AUTO_COMPILE_SAMPLES[engine.miller_mode(model)]
+    return True if total >= threshold else None
+
+
+def plan_groups(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=".") -> List[List[int]]:
+    """Indices of ``specs`` in groups of equal ``group_key``, groups in order of first member."""
+    groups: dict = {}
+    for i, s in enumerate(specs):
+        groups.setdefault(group_key(s, device, base_dir), []).append(i)
+    return list(groups.values())
+
+
+def _inputs_key(spec: ExperimentSpec) -> tuple:
+    c, b, d = spec.crystal, spec.beam, spec.detector
+    return (c.hkl_file, c.mtz_column, c.model_file, c.model_dmin_A, c.model_anomalous, c.matrix_file,
+            c.fdump_file, b.source_file, d.mask_file, d.geometry_file)
+
+
+def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = None, *, base_dir=".",
+              progress=None, devices: Optional[Sequence[DeviceSpec]] = None
+              ) -> Iterator[Tuple[int, "object"]]:
+    """Render ``specs`` group by group; yield ``(index, SimResult)`` as each image is done (the caller
+    can store it before the next one starts). ``devices``: one DeviceSpec per spec (then ``device``
+    is ignored; specs on different devices or dtypes are never grouped together)."""
+    from nbsim.api import simulate
+    from nbsim.inputs import load_inputs
+    if devices is None:
+        devices = [device or DeviceSpec()] * len(specs)
+    if len(devices) != len(specs):
+        raise ValueError(f"simulate_many: {len(specs)} specs but {len(devices)} devices")
+    by_device: dict = {}
+    for i, d in enumerate(devices):
+        by_device.setdefault(dataclasses.astuple(d), []).append(i)
+    inputs_cache: dict = {}
+    for idx in by_device.values():
+        dev = devices[idx[0]]
+        for group in plan_groups([specs[i] for i in idx], dev, base_dir):
+            members = [idx[j] for j in group]
+            ikey = _inputs_key(specs[members[0]])
+            if ikey not in inputs_cache:
+                inputs_cache[ikey] = load_inputs(specs[members[0]], base_dir)
+            inputs = inputs_cache[ikey]
+            flag = group_compile([specs[i] for i in members], dev, base_dir, inputs=inputs)
+            run_dev = dataclasses.replace(dev, compile="auto" if flag is None else flag)
+            for i in members:
+                r = simulate(specs[i], run_dev, base_dir=base_dir, progress=progress,
+                             inputs=inputs if _inputs_key(specs[i]) == ikey else None)
+                if getattr(r, "stats", None) is not None:
+                    r.stats = dataclasses.replace(r.stats, batch_compile="auto" if flag is None else flag,
+                                                  batch_group=len(members))
+                yield i, r
+
+
+def simulate_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = None, *,
+                  base_dir=".", progress=None, devices: Optional[Sequence[DeviceSpec]] = None,
+                  on_result: Optional[Callable[[int, "object"], None]] = None) -> list:
+    """Render every spec (see the module docstring); return the ``SimResult``s in the order of
+    ``specs``. ``on_result(index, result)`` is called as each image is done (in render order)."""
+    out: list = [None] * len(specs)
+    for i, r in iter_many(specs, device, base_dir=base_dir, progress=progress, devices=devices):
+        if on_result is not None:
+            on_result(i, r)
+        out[i] = r
+    return out
+
+
+def estimated_seconds(spec: ExperimentSpec, device: DeviceSpec, base_dir=".") -> float:
+    """The kernel time ``nbsim.checks.estimate`` predicts for one image (for sizing batches)."""
+    from nbsim.checks import estimate
+    s = estimate(spec, device, base_dir).seconds
+    return s if math.isfinite(s) else 1e9

@@ -1,0 +1,322 @@
+"""Structure factors from an MTZ file or an atomic model (PDB / mmCIF), read with gemmi.
+
+Both give what a text ``-hkl`` table gives (``nbsim.io.tables.read_hkl``): Miller indices ``hkl``
+int64 (n, 3) and amplitudes ``F`` float64 (n,) in electrons, one row per P1 reflection (no index
+twice), which ``nbsim.inputs.load_inputs`` turns into nanoBragg's dense table.
+
+MTZ (:func:`read_mtz`)
+    * The file is recognised by its content (it starts with ``MTZ ``), whatever its name.
+    * The column: ``crystal.mtz_column`` (an ``F``-type column, i.e. amplitudes), or, when not given,
+      the only ``F``-type column of the file; several (``FP`` and ``FC`` ...) are refused, naming them.
+    * Missing values (MTZ stores NaN) are not listed; nanoBragg then uses ``default_F`` there.
+    * Expansion to P1 (:func:`expand_to_p1`): every listed reflection is mapped through the rotation
+      parts of the MTZ's space-group operations, and through Friedel's law (F(-h) = F(h), the column
+      is a mean amplitude). A reflection the file lists keeps its own value; an unlisted one takes the
+      value of the first listed reflection (file order, then operation order; Friedel mates after all
+      symmetry mates) that generates it. A reflection listed twice takes its later row (as in a text
+      table). A P1 file that lists every reflection is therefore read as is.
+    * MTZ stores 32-bit floats. Each is read as the shortest decimal that rounds to it (what a text
+      dump of the file prints, and what ``float32(x)`` came from when ``x`` had at most 7 significant
+      digits), then as a float64: an MTZ written from a text table gives the text table's numbers.
+
+Model (:func:`model_structure_factors`)
+    * |F(h)| from gemmi's direct summation (``gemmi.StructureFactorCalculatorX``: IT92 form factors,
+      isotropic/anisotropic B, occupancies, the space-group images of every atom of the first model)
+      for every reflection h != 0 0 0 with d >= ``d_min_A`` in the model's cell, systematic absences
+      included (their computed F is ~0). F(0 0 0) is not
+      listed (the forward beam; nanoBragg uses ``default_F`` there).
+    * ``anomalous``: f' and f'' of every element at ``wavelength_A`` (Cromer-Liberman,
+      ``gemmi.cromer_liberman``) are added to the form factors: F = F(f0 + f') + i F(f''), so
+      F(h) and F(-h) differ (Bijvoet pairs). Without it, F uses f0 only and F(-h) = F(h).
+    * The calculation runs on the reflections of gemmi's reciprocal asymmetric unit (and their
+      Friedel mates when anomalous) and is expanded to P1 by :func:`expand_to_p1`; symmetry-equivalent
+      reflections have equal |F| (also with anomalous scattering), so this equals the direct
+      calculation at every P1 reflection to float rounding.
+
+Every problem is an ``InputFileError`` (a ``ValueError``) whose one-line message starts with the path.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+from nbsim.frontend.argv import HC_EV_A   # h c in eV A (the energy of a wavelength, for f'/f'')
+
+from .inputs import MAX_TABLE_BYTES, InputFileError, check_regular, gunzip_bounded, read_input_bytes
+
+__all__ = ["MTZ_MAGIC", "HC_EV_A", "is_mtz", "expand_to_p1", "read_mtz", "model_structure_factors",
+           "shortest_float64", "ColumnError"]
+
+MTZ_MAGIC = b"MTZ "
+#: gemmi's denominator of the rotation matrices of its symmetry operations
+_DEN = 24
+
+
+class ColumnError(InputFileError):
+    """The MTZ file has no usable amplitude column (the one named, or a single unnamed one)."""
+
+
+def is_mtz(path) -> bool:
+    """Whether the file ``path`` is an MTZ file (its first 4 bytes are ``MTZ ``); False when unreadable
+    (the text reader then names the problem). A FIFO, device or directory is never opened."""
+    try:
+        check_regular(path, MAX_TABLE_BYTES)
+        with open(path, "rb") as fh:
+            return fh.read(4) == MTZ_MAGIC
+    except (OSError, InputFileError):
+        return False
+
+
+def _gemmi():
+    try:
+        import gemmi
+    except ImportError as e:                                    # pragma: no cover - a dependency
+        raise InputFileError(f"gemmi is needed to read MTZ and model files ({e}); pip install gemmi") from None
+    return gemmi
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _stat_key(path, *extra):
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns) + tuple(extra)
+
+
+class _Cache:
+    """The results of the last few reads, per (file identity, arguments); arrays made read-only."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.data = size, OrderedDict()
+
+    def get(self, fn, path, *args):
+        try:
+            key = _stat_key(path, *args)
+        except (OSError, TypeError):
+            return fn(path, *args)
+        hit = self.data.get(key)
+        if hit is None:
+            hit = fn(path, *args)
+            for a in hit:
+                if isinstance(a, np.ndarray):
+                    a.flags.writeable = False
+            self.data[key] = hit
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+        else:
+            self.data.move_to_end(key)
+        return hit
+
+
+_MTZ_CACHE = _Cache()
+_MODEL_CACHE = _Cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# P1 expansion
+# ---------------------------------------------------------------------------------------------
+
+def expand_to_p1(hkl, F, rotations, friedel: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Expand reflections to P1 (see the module docstring for the rule on overlaps).
+
+    hkl: int (n, 3); F: float (n,); rotations: int (m, 3, 3), the rotation parts of the space-group
+    operations as gemmi gives them (``Op.rot``, integers in units of 1/24; the identity among them),
+    acting on row vectors: h' = h R / 24. ``friedel``: also generate -h'.
+    Returns (hkl int64 (p, 3), F float64 (p,)): every distinct reflection once, the listed ones first
+    in file order, then the symmetry mates (row by row, each in operation order), then the Friedel
+    mates of all these."""
+    hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
+    F = np.asarray(F, dtype=np.float64).reshape(-1)
+    R = np.asarray(rotations, dtype=np.int64).reshape(-1, 3, 3)
+    others = [r for r in R if not (r == _DEN * np.eye(3, dtype=np.int64)).all()]
+    if others:
+        mates = np.stack([(hkl @ r) // _DEN for r in others], axis=1)      # (n, m-1, 3): row by row
+        gen_hkl = np.concatenate([hkl, mates.reshape(-1, 3)])
+        gen_F = np.concatenate([F, np.repeat(F, len(others))])
+    else:
+        gen_hkl, gen_F = hkl, F
+    if friedel:
+        all_hkl, all_F = np.concatenate([gen_hkl, -gen_hkl]), np.concatenate([gen_F, gen_F])
+    else:
+        all_hkl, all_F = gen_hkl, gen_F
+    # first occurrence wins: the listed rows come first, in file order
+    _, first = np.unique(all_hkl, axis=0, return_index=True)
+    first.sort()
+    return all_hkl[first], all_F[first]
+
+
+def _rotations(spacegroup) -> np.ndarray:
+    """(m, 3, 3) int rotation parts of a gemmi SpaceGroup's operations."""
+    return np.array([op.rot for op in spacegroup.operations().sym_ops], dtype=np.int64)
+
+
+def shortest_float64(x32) -> np.ndarray:
+    """float32 values as float64 of their shortest round-tripping decimals (see the module docstring)."""
+    a = np.asarray(x32, dtype=np.float32)
+    return a.astype(str).astype(np.float64) if a.size else a.astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# MTZ
+# ---------------------------------------------------------------------------------------------
+
+def _read_mtz_file(path):
+    gemmi = _gemmi()
+    check_regular(path, MAX_TABLE_BYTES)
+    try:
+        return gemmi.read_mtz_file(str(path))
+    except (RuntimeError, ValueError, OSError, IndexError) as e:
+        raise InputFileError(f"{path}: not a readable MTZ file ({_first_line(e)})") from None
+
+
+def _pick_column(path, mtz, column: Optional[str]):
+    labels = [c.label for c in mtz.columns]
+    amps = [c.label for c in mtz.columns if c.type == "F"]
+    if column is None:
+        if len(amps) == 1:
+            return mtz.column_with_label(amps[0])
+        if not amps:
+            raise ColumnError(f"{path}: no amplitude (type F) column among {', '.join(labels) or 'none'}; "
+                                 "name one with crystal.mtz_column (-mtz_column)")
+        raise ColumnError(f"{path}: several amplitude (type F) columns ({', '.join(amps)}): choose one "
+                             "with crystal.mtz_column (-mtz_column)")
+    col = mtz.column_with_label(column)
+    if col is None:
+        raise ColumnError(f"{path}: no column {column!r} (crystal.mtz_column); the file has "
+                             f"{', '.join(labels) or 'no columns'}; amplitude (type F) columns: "
+                             f"{', '.join(amps) or 'none'}")
+    if col.type != "F":
+        raise ColumnError(f"{path}: column {column!r} (crystal.mtz_column) has MTZ type {col.type!r}, "
+                             f"not F (amplitudes); amplitude columns: {', '.join(amps) or 'none'}")
+    return col
+
+
+def _read_mtz(path, column):
+    mtz = _read_mtz_file(path)
+    col = _pick_column(path, mtz, column)
+    if mtz.nreflections == 0:
+        raise InputFileError(f"{path}: no reflections")
+    data = np.asarray(mtz.array)
+    hkl = data[:, :3]
+    if not np.all(np.isfinite(hkl)) or not np.all(hkl == np.round(hkl)):
+        raise InputFileError(f"{path}: Miller indices H, K, L are not all integers")
+    hkl = hkl.astype(np.int64)
+    f32 = np.asarray(col.array, dtype=np.float32)
+    keep = ~np.isnan(f32)
+    if not keep.any():
+        raise ColumnError(f"{path}: column {col.label!r} holds no values (all missing)")
+    bad = keep & ~np.isfinite(f32)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputFileError(f"{path}: column {col.label!r}: F({' '.join(str(v) for v in hkl[i])}) = "
+                             f"{float(f32[i])!r}; amplitudes must be finite")
+    sg = mtz.spacegroup
+    if sg is None:
+        raise InputFileError(f"{path}: no space group in the header")
+    hkl, F = hkl[keep], shortest_float64(f32[keep])
+    # a reflection listed twice: the later row wins, as in a text table
+    _, last_rev = np.unique(hkl[::-1], axis=0, return_index=True)
+    last = np.sort(len(hkl) - 1 - last_rev)
+    hkl_p1, F_p1 = expand_to_p1(hkl[last], F[last], _rotations(sg), friedel=True)
+    cell = mtz.cell
+    return hkl_p1, F_p1, (cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma), sg.hm, col.label
+
+
+def read_mtz(path, column: Optional[str] = None):
+    """An MTZ amplitude column expanded to P1 (see the module docstring), remembered per file.
+
+    Returns (hkl int64 (p, 3), F float64 (p,), cell (a, b, c, alpha, beta, gamma) A/deg,
+    space-group name, column label)."""
+    return _MTZ_CACHE.get(_read_mtz, Path(path), column)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+def _read_structure(path):
+    """A gemmi Structure from a PDB or mmCIF file (by content; gzip allowed)."""
+    gemmi = _gemmi()
+    raw = read_input_bytes(path, MAX_TABLE_BYTES)
+    if raw[:2] == b"\x1f\x8b":
+        raw = gunzip_bounded(raw, path, MAX_TABLE_BYTES)
+    if b"\0" in raw:
+        raise InputFileError(f"{path}: binary data, not a PDB or mmCIF model")
+    text = raw.decode("latin-1")
+    try:
+        if text.lstrip().startswith("data_"):
+            st = gemmi.make_structure_from_block(gemmi.cif.read_string(text).sole_block())
+        else:
+            st = gemmi.read_pdb_string(text)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise InputFileError(f"{path}: not a readable PDB or mmCIF model ({_first_line(e)})") from None
+    return st
+
+
+def _model_atoms(path, st):
+    if len(st) == 0 or not any(True for _ in st[0].all()):
+        raise InputFileError(f"{path}: no atoms in the model")
+    if not st.cell.is_crystal():
+        raise InputFileError(f"{path}: the model has no unit cell (PDB CRYST1 / mmCIF _cell)")
+    if st.find_spacegroup() is None:
+        raise InputFileError(f"{path}: unknown space group {st.spacegroup_hm!r}")
+    return st[0]
+
+
+def _model_sf(path, wavelength_A, d_min_A, anomalous):
+    gemmi = _gemmi()
+    st = _read_structure(path)
+    model = _model_atoms(path, st)
+    st.setup_cell_images()
+    sg = st.find_spacegroup()
+    # the reciprocal ASU of the space group, systematic absences included (their F is ~0, not
+    # default_F): P1's half sphere (gemmi) filtered by the space group's ASU condition
+    half = gemmi.make_miller_array(st.cell, gemmi.SpaceGroup("P 1"), float(d_min_A), 0.0, True)
+    half = np.asarray(half, dtype=np.int64).reshape(-1, 3)
+    in_asu = gemmi.ReciprocalAsu(sg)
+    asu = half[[in_asu.is_in(h) for h in half.tolist()]] if len(half) else half
+    asu = asu[np.any(asu != 0, axis=1)]
+    if len(asu) == 0:
+        raise InputFileError(f"{path}: no reflection with d >= {d_min_A:g} A in the model's cell")
+    calc = gemmi.StructureFactorCalculatorX(st.cell)
+    elements = sorted({cra.atom.element.name for cra in model.all()})
+    for name in elements:
+        el = gemmi.Element(name)
+        if el.atomic_number == 0 or el.it92 is None:
+            raise InputFileError(f"{path}: no X-ray form factor for element {name!r} (an atom without a "
+                                 "known element)")
+    if not anomalous:
+        F = np.array([abs(calc.calculate_sf_from_model(model, h)) for h in asu.tolist()])
+        hkl_p1, F_p1 = expand_to_p1(asu, F, _rotations(sg), friedel=True)
+        return hkl_p1, F_p1, st.cell.parameters, sg.hm
+    energy_eV = HC_EV_A / float(wavelength_A)
+    fp = {n: gemmi.cromer_liberman(gemmi.Element(n).atomic_number, energy_eV) for n in elements}
+    both = np.concatenate([asu, -asu])
+    F = np.empty(len(both))
+    for i, h in enumerate(both.tolist()):
+        for n in elements:
+            calc.addends.set(gemmi.Element(n), fp[n][0])                        # f'
+        Fa = calc.calculate_sf_from_model(model, h)
+        for n in elements:
+            calc.addends.set(gemmi.Element(n), fp[n][0] + fp[n][1])             # f' + f''
+        G = calc.calculate_sf_from_model(model, h) - Fa                         # sum of f'' terms
+        F[i] = abs(Fa + 1j * G)
+    hkl_p1, F_p1 = expand_to_p1(both, F, _rotations(sg), friedel=False)
+    return hkl_p1, F_p1, st.cell.parameters, sg.hm
+
+
+def model_structure_factors(path, wavelength_A: float, d_min_A: float, anomalous: bool = False):
+    """|F| of a PDB/mmCIF model for every P1 reflection with d >= ``d_min_A`` (see the module docstring),
+    remembered per file and arguments.
+
+    Returns (hkl int64 (p, 3), F float64 (p,) electrons, cell (a, b, c, alpha, beta, gamma), space group)."""
+    if not (math.isfinite(d_min_A) and d_min_A > 0):
+        raise ValueError(f"d_min must be > 0 A, got {d_min_A!r}")
+    return _MODEL_CACHE.get(_model_sf, Path(path), float(wavelength_A), float(d_min_A), bool(anomalous))

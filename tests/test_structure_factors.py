@@ -1,0 +1,555 @@
+"""Structure factors from MTZ files and atomic models (issue 13, "Structure factors").
+
+* An MTZ written here (with gemmi) from the golden ``P1.hkl`` gives the image of ``-hkl P1.hkl``,
+  bit for bit (max |diff| = 0), through the front end and the API, and equals the C reference image.
+* An MTZ holding only the asymmetric unit of a non-P1 space group is expanded to the full P1 table.
+* F from a small model (written here with gemmi) equals gemmi's own calculation at every P1
+  reflection, and with f'/f'' the textbook sum over the atoms and their symmetry images.
+* Bad MTZ files and models give one line naming the flag/key and the file, exit status 2, nothing
+  written.
+* The configuration hash covers the contents of MTZ and model files.
+Nothing is downloaded: every file is written by the tests.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gemmi = pytest.importorskip("gemmi")
+
+import golden_data  # noqa: E402
+from nbsim.io.structure_factors import expand_to_p1, read_mtz  # noqa: E402
+from nbsim.io.tables import hkl_table, parse_hkl  # noqa: E402
+
+GOLDEN_INPUTS = golden_data.GOLDEN / "inputs"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: files written with gemmi
+# ---------------------------------------------------------------------------------------------
+
+def write_mtz(path, hkl, columns: dict, spacegroup="P 1", cell=(50, 60, 70, 90, 90, 90)):
+    """An MTZ file with H K L and ``columns`` {label: (type, values)} (values as float32)."""
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.spacegroup = gemmi.SpaceGroup(spacegroup)
+    mtz.set_cell_for_all(gemmi.UnitCell(*cell))
+    mtz.add_dataset("sim")
+    for label, (typ, _) in columns.items():
+        mtz.add_column(label, typ)
+    data = np.column_stack([np.asarray(hkl, float)] + [np.asarray(v, float) for _, v in columns.values()])
+    mtz.set_data(data.astype(np.float32))
+    mtz.write_to_file(str(path))
+    return Path(path)
+
+
+ATOMS = [("Fe", (3.0, 4.0, 5.0), 15.0, 1.0), ("S", (8.0, 2.5, 11.0), 20.0, 1.0),
+         ("O", (1.0, 9.0, 3.0), 25.0, 0.7), ("N", (12.0, 13.0, 7.0), 22.0, 1.0),
+         ("C", (5.0, 15.0, 20.0), 18.0, 1.0)]
+MODEL_CELL = (30.0, 35.0, 40.0, 90.0, 90.0, 90.0)
+
+
+def make_structure(atoms=ATOMS, cell=MODEL_CELL, spacegroup="P 21 21 21"):
+    st = gemmi.Structure()
+    st.cell = gemmi.UnitCell(*cell)
+    st.spacegroup_hm = spacegroup
+    model, chain = gemmi.Model("1"), gemmi.Chain("A")
+    for i, (el, xyz, b, occ) in enumerate(atoms):
+        res = gemmi.Residue()
+        res.name, res.seqid = "LIG", gemmi.SeqId(i + 1, " ")
+        a = gemmi.Atom()
+        a.name, a.element, a.pos, a.b_iso, a.occ = el.upper(), gemmi.Element(el), gemmi.Position(*xyz), b, occ
+        res.add_atom(a)
+        chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    st.setup_entities()
+    return st
+
+
+def write_pdb(path, **kw) -> Path:
+    make_structure(**kw).write_pdb(str(path))
+    return Path(path)
+
+
+def write_cif(path, **kw) -> Path:
+    make_structure(**kw).make_mmcif_document().write_file(str(path))
+    return Path(path)
+
+
+def golden_p1():
+    return parse_hkl(GOLDEN_INPUTS / "P1.hkl")
+
+
+def table_of(hkl, F):
+    """(ranges, dense, listed) of rows, as nbsim.inputs builds them."""
+    ranges, dense = hkl_table(hkl, F, 0.0)
+    listed = hkl_table(hkl, np.ones(len(F)), 0.0)[1] != 0
+    return ranges, dense, listed
+
+
+# ---------------------------------------------------------------------------------------------
+# MTZ from the golden P1.hkl: the same image, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def golden_workdir(tmp_path, monkeypatch):
+    golden_data.copy_inputs(tmp_path)
+    hkl, F = golden_p1()
+    write_mtz(tmp_path / "P1.mtz", hkl, {"FP": ("F", F)})
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_mtz_table_equals_the_text_table(golden_workdir):
+    from nbsim.frontend import parse_argv
+    from nbsim.inputs import load_inputs
+    base = ["-mat", "A.mat", "-lambda", "1", "-N", "2", "-distance", "90", "-detpixels", "16"]
+    txt = load_inputs(parse_argv(base + ["-hkl", "P1.hkl"]).spec, golden_workdir).structure_factors
+    mtz = load_inputs(parse_argv(base + ["-hkl", "P1.mtz"]).spec, golden_workdir).structure_factors
+    assert mtz.source.name == "P1.mtz" and txt.source.name == "P1.hkl"
+    assert mtz.ranges == txt.ranges == (-8, 8, -8, 8, -8, 8)
+    assert mtz.count == txt.count == 4913
+    assert np.array_equal(mtz.listed, txt.listed)
+    assert np.abs(mtz.dense - txt.dense).max() == 0.0
+    # the MTZ holds float32: read without the shortest-decimal rule the numbers would differ
+    assert np.abs(txt.dense.astype(np.float32).astype(np.float64) - txt.dense).max() > 0
+
+
+@pytest.mark.parametrize("case_id", ["G20_hkl_interp", "G03_mat_hkl"])
+def test_mtz_image_bit_identical_api(golden_workdir, case_id):
+    from nbsim.api import simulate
+    from nbsim.frontend import parse_argv
+    args = golden_data.case(case_id)["args"]
+    assert "P1.hkl" in args
+    mtz_args = [("P1.mtz" if a == "P1.hkl" else a) for a in args]
+    ref = simulate(parse_argv(args).spec, base_dir=golden_workdir).float32()
+    res = simulate(parse_argv(mtz_args).spec, base_dir=golden_workdir)
+    img = res.float32()
+    assert any("column FP of P1.mtz" in w for w in res.warnings)           # the MTZ was read
+    assert img.max() > 0 and np.count_nonzero(img) > 100
+    assert np.abs(img - ref).max() == 0.0
+    golden_data.assert_bit_identical(img, case_id, "MTZ written from P1.hkl")
+
+
+def test_mtz_image_bit_identical_frontend(golden_workdir):
+    from nbsim.nanobragg import main
+    args = golden_data.case("G20_hkl_interp")["args"]
+    mtz_args = [("P1.mtz" if a == "P1.hkl" else a) for a in args]
+    out = ["-nopgm", "-nonoise", "-noprogress"]
+    assert main(args + out + ["-floatfile", "txt.bin", "-dump", "txt.dump"]) == 0
+    assert main(mtz_args + out + ["-floatfile", "mtz.bin", "-dump", "mtz.dump", "-mtz_column", "FP"]) == 0
+    a = np.fromfile(golden_workdir / "txt.bin", np.float32)
+    b = np.fromfile(golden_workdir / "mtz.bin", np.float32)
+    assert a.size == 160 * 160 and a.max() > 0
+    assert np.abs(a - b).max() == 0.0
+    # the Fdump cache written from the MTZ is the one written from the text table
+    assert (golden_workdir / "mtz.dump").read_bytes() == (golden_workdir / "txt.dump").read_bytes()
+
+
+def test_mtz_column_choice(tmp_path):
+    hkl, F = golden_p1()
+    two = write_mtz(tmp_path / "two.mtz", hkl, {"FC": ("F", 2 * F), "FP": ("F", F), "SIGFP": ("Q", F / 10)})
+    with pytest.raises(ValueError, match=r"several amplitude \(type F\) columns \(FC, FP\)"):
+        read_mtz(two)
+    got_hkl, got_F = read_mtz(two, "FP")[:2]
+    assert np.array_equal(got_hkl, hkl) and np.abs(got_F - F).max() == 0.0
+    assert np.abs(read_mtz(two, "FC")[1] - 2 * F).max() == 0.0
+    # a reflection listed twice: the later row wins (as in a text table)
+    dup = write_mtz(tmp_path / "dup.mtz", np.vstack([hkl[:3], hkl[:1]]), {"FP": ("F", [1.5, 2.5, 3.5, 4.5])})
+    got = dict(zip(map(tuple, read_mtz(dup)[0]), read_mtz(dup)[1]))
+    assert got[tuple(hkl[0])] == 4.5 and got[tuple(-hkl[0])] == 4.5 and got[tuple(hkl[1])] == 2.5
+    # missing values (NaN) are not listed
+    Fm = F.copy()
+    Fm[::7] = np.nan
+    part = write_mtz(tmp_path / "part.mtz", hkl, {"F": ("F", Fm)})
+    got_hkl, got_F = read_mtz(part)[:2]
+    keep = ~np.isnan(Fm)
+    # the Friedel mates of the missing reflections come back from their listed mates
+    want = {tuple(h): f for h, f in zip(hkl[keep], F[keep])}
+    for h, f in zip(hkl[keep], F[keep]):
+        want.setdefault(tuple(-h), f)
+    assert {tuple(h): f for h, f in zip(got_hkl, got_F)} == want
+
+
+# ---------------------------------------------------------------------------------------------
+# expansion to P1
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sg_name, cell", [("P 43 21 2", (50, 50, 70, 90, 90, 90)),
+                                           ("C 1 2 1", (60, 50, 70, 90, 100, 90)),
+                                           ("P 1", (50, 60, 70, 80, 85, 95))])
+def test_asu_mtz_expands_to_the_p1_table(tmp_path, sg_name, cell):
+    """A symmetric P1 table (every reflection of the golden P1.hkl box takes the value of its
+    reciprocal-ASU representative, found with gemmi's to_asu, i.e. independently of the expansion)
+    written as its ASU only, in a space group, is read back as the whole P1 table."""
+    sg = gemmi.SpaceGroup(sg_name)
+    ops = sg.operations()
+    asu = gemmi.ReciprocalAsu(sg)
+    hkl, F = golden_p1()
+    value = {tuple(h): f for h, f in zip(hkl, F.astype(np.float32).astype(str).astype(float))}
+    rep = [tuple(asu.to_asu(list(map(int, h)), ops)[0]) for h in hkl]
+    inside = [r in value for r in rep]                      # representative inside the -8..8 box
+    box = hkl[inside]
+    if sg_name.startswith("C"):                              # drop the centring-absent reflections
+        keep = [not ops.is_systematically_absent(list(map(int, h))) for h in box]
+        box = box[keep]
+    rep_box = [tuple(asu.to_asu(list(map(int, h)), ops)[0]) for h in box]
+    want_F = np.array([value[r] for r in rep_box])
+    asu_rows = np.array(sorted(set(rep_box)))
+    asu_F = np.array([value[tuple(r)] for r in asu_rows])
+    path = write_mtz(tmp_path / "asu.mtz", asu_rows, {"FP": ("F", asu_F)}, spacegroup=sg_name, cell=cell)
+    got_hkl, got_F, got_cell, got_sg, label = read_mtz(path)
+    assert label == "FP" and got_sg == sg.hm
+    assert len(asu_rows) < len(box) or sg_name == "P 1"
+    assert len(got_hkl) == len(box)
+    got = table_of(got_hkl, got_F)
+    want = table_of(box, want_F)
+    assert got[0] == want[0]
+    assert np.array_equal(got[2], want[2])
+    assert np.abs(got[1] - want[1]).max() == 0.0
+    # and gemmi's own expansion (plus Friedel mates) gives the same reflections and amplitudes
+    mtz = gemmi.read_mtz_file(str(path))
+    mtz.expand_to_p1()
+    arr = np.asarray(mtz.array)
+    g = {}
+    for h, f in zip(arr[:, :3].astype(int), arr[:, 3].astype(np.float32).astype(str).astype(float)):
+        g.setdefault(tuple(h), f)
+        g.setdefault(tuple(-h), f)
+    assert g == {tuple(h): f for h, f in zip(got_hkl, got_F)}
+
+
+def test_expand_to_p1_listed_rows_win():
+    """A listed reflection keeps its value even where a symmetry mate of another listed one lands."""
+    R = [op.rot for op in gemmi.SpaceGroup("P 2 2 2").operations().sym_ops]
+    hkl = np.array([[1, 2, 3], [-1, -2, 3]])
+    F = np.array([10.0, 20.0])
+    got = dict(zip(map(tuple, expand_to_p1(hkl, F, R)[0]), expand_to_p1(hkl, F, R)[1]))
+    assert got[(1, 2, 3)] == 10.0 and got[(-1, -2, 3)] == 20.0
+    assert got[(1, -2, -3)] == 10.0 and got[(-1, 2, -3)] == 10.0      # mates of the first row
+    assert got[(-1, -2, -3)] == 10.0                                   # Friedel mate of the first
+    assert len(got) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+MODEL_ARGS = ["-cell", *map(str, MODEL_CELL), "-lambda", "1.74", "-N", "3", "-distance", "100",
+              "-detpixels", "48", "-pixel", "0.5"]
+
+
+def _model_table(tmp_path, model, extra=()):
+    from nbsim.frontend import parse_argv
+    from nbsim.inputs import load_inputs
+    spec = parse_argv(MODEL_ARGS + ["-model", str(model), *extra], cwd=str(tmp_path)).spec
+    inputs = load_inputs(spec, tmp_path)
+    sf = inputs.structure_factors
+    idx = np.argwhere(sf.listed)
+    hkl = idx + np.array(sf.ranges[::2])
+    return spec, inputs, hkl, sf.dense[sf.listed]
+
+
+def _d_spacing(cell, hkl):
+    uc = gemmi.UnitCell(*cell)
+    return np.array([uc.calculate_d(list(map(int, h))) for h in hkl])
+
+
+@pytest.mark.parametrize("writer", [write_pdb, write_cif], ids=["pdb", "mmcif"])
+def test_model_F_equals_gemmi(tmp_path, writer):
+    model = writer(tmp_path / ("m.pdb" if writer is write_pdb else "m.cif"))
+    spec, inputs, hkl, F = _model_table(tmp_path, model, ["-model_dmin", "2.45"])
+    # the listed reflections: every h != 000 with d >= 2.45 A (enumerated here over a box; no d is
+    # within rounding of 2.45, where gemmi and this enumeration could disagree)
+    r = np.arange(-17, 18)
+    box = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    box = box[np.any(box != 0, axis=1)]
+    d = 1.0 / np.sqrt(((box / np.array(MODEL_CELL[:3])) ** 2).sum(1))
+    assert np.abs(d - 2.45).min() > 1e-6
+    assert {tuple(h) for h in box[d >= 2.45]} == {tuple(h) for h in hkl}
+    # |F| equals gemmi's direct summation at every P1 reflection
+    st = gemmi.read_structure(str(model))
+    st.setup_cell_images()
+    calc = gemmi.StructureFactorCalculatorX(st.cell)
+    ref = np.array([abs(calc.calculate_sf_from_model(st[0], list(map(int, h)))) for h in hkl])
+    assert ref.max() > 10
+    np.testing.assert_allclose(F, ref, rtol=1e-12, atol=1e-12 * ref.max())
+    # no anomalous scattering: Friedel mates are equal
+    table = {tuple(h): f for h, f in zip(hkl, F)}
+    assert all(table[tuple(-h)] == f for h, f in zip(hkl, F))
+
+
+def _textbook_F(st, hkl, energy_eV):
+    """sum over atoms and symmetry images of occ (f0(s) + f' + i f'') exp(-B s^2/4) exp(2 pi i h.x)."""
+    ops = st.find_spacegroup().operations()
+    out = np.zeros(len(hkl), complex)
+    s2 = np.array([st.cell.calculate_1_d2(list(map(int, h))) for h in hkl])          # 1/d^2
+    for cra in st[0].all():
+        a = cra.atom
+        fp, fdp = gemmi.cromer_liberman(a.element.atomic_number, energy_eV)
+        f0 = np.array([a.element.it92.calculate_sf(x / 4) for x in s2])
+        frac = st.cell.fractionalize(a.pos)
+        for op in ops:
+            x = np.array(op.apply_to_xyz([frac.x, frac.y, frac.z]))
+            out += (a.occ * (f0 + fp + 1j * fdp) * np.exp(-a.b_iso * s2 / 4)
+                    * np.exp(2j * math.pi * (hkl @ x)))
+    return np.abs(out)
+
+
+def test_model_anomalous_F_equals_textbook_sum(tmp_path):
+    model = write_pdb(tmp_path / "m.pdb")
+    spec, inputs, hkl, F = _model_table(tmp_path, model, ["-model_dmin", "4", "-model_anomalous"])
+    st = gemmi.read_structure(str(model))
+    ref = _textbook_F(st, hkl, 12398.42 / 1.74)
+    np.testing.assert_allclose(F, ref, rtol=1e-6, atol=1e-9 * ref.max())   # absences: ~1e-14
+    table = {tuple(h): f for h, f in zip(hkl, F)}
+    bijvoet = np.array([table[tuple(h)] - table[tuple(-h)] for h in hkl])
+    assert np.abs(bijvoet).max() > 0.1                     # Fe at 1.74 A: f'' ~ 3.9 e
+    # without f'/f'' the same sum with f' = f'' = 0
+    spec0, _, hkl0, F0 = _model_table(tmp_path, model, ["-model_dmin", "4"])
+    assert not np.allclose(np.sort(F0), np.sort(F))
+
+
+def test_model_resolution_covers_the_detector(tmp_path):
+    """Without -model_dmin, the reflections reach beyond the highest resolution of any pixel."""
+    from nbsim.geometry import detector_geometry
+    from nbsim.inputs import detector_dmin_A
+    model = write_pdb(tmp_path / "m.pdb")
+    spec, inputs, hkl, F = _model_table(tmp_path, model)
+    info = detector_geometry(spec.detector, spec.beam, spec.crystal).report.to_dict()
+    px = info["pixel_mm"] * 1e-3
+    f, s = np.meshgrid(np.arange(info["fpixels"] + 1), np.arange(info["spixels"] + 1))
+    pos = (np.array(info["pix0_m"]) + f[..., None] * px * np.array(info["fdet"])
+           + s[..., None] * px * np.array(info["sdet"]))
+    cos2t = np.clip((pos @ np.array(info["beam"])) / np.linalg.norm(pos, axis=-1), -1, 1)
+    with np.errstate(divide="ignore"):                     # the pixel on the beam: d = inf
+        d_pixels = spec.beam.wavelength_A / (2 * np.sin(np.arccos(cos2t) / 2))
+    assert detector_dmin_A(spec) <= d_pixels.min() < 1.05 * detector_dmin_A(spec)
+    assert _d_spacing(MODEL_CELL, hkl).min() < d_pixels.min()
+    # every hkl with d >= the detector's d_min is listed
+    r = np.arange(-25, 26)
+    box = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    box = box[np.any(box != 0, axis=1)]
+    d = 1.0 / np.sqrt(((box / np.array(MODEL_CELL[:3])) ** 2).sum(1))
+    assert {tuple(h) for h in box[d >= d_pixels.min()]} <= {tuple(h) for h in hkl}
+
+
+def test_model_image_through_frontend_and_api(tmp_path, monkeypatch):
+    from nbsim.api import simulate
+    from nbsim.frontend import parse_argv
+    from nbsim.nanobragg import main
+    model = write_pdb(tmp_path / "m.pdb")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Fdump.bin").write_bytes(b"not read with -model")
+    args = MODEL_ARGS + ["-model", "m.pdb", "-model_dmin", "3"]
+    assert main(args + ["-floatfile", "fe.bin", "-nopgm", "-nonoise", "-noprogress"]) == 0
+    img = np.fromfile(tmp_path / "fe.bin", np.float32).reshape(48, 48)
+    api = simulate(parse_argv(args, cwd=str(tmp_path)).spec, base_dir=tmp_path).float32()
+    assert img.max() > 0 and np.abs(img - api).max() == 0.0
+    assert (tmp_path / "Fdump.bin").read_bytes() == b"not read with -model"
+
+
+def test_flags_round_trip(tmp_path):
+    """-model/-model_dmin/-model_anomalous and -mtz_column are flags of the table; spec_to_argv
+    writes them back."""
+    from nbsim.frontend import parse_argv
+    from nbsim.frontend.to_argv import spec_to_argv
+    write_pdb(tmp_path / "m.pdb")
+    (tmp_path / "P1.mtz").write_bytes(b"MTZ ")
+    for extra in (["-model", "m.pdb", "-model_dmin", "2.5", "-model_anomalous"], ["-hkl", "P1.mtz", "-mtz_column", "FP"]):
+        spec = parse_argv(MODEL_ARGS + extra, cwd=str(tmp_path)).spec
+        assert parse_argv(spec_to_argv(spec), cwd=str(tmp_path)).spec == spec
+    c = parse_argv(MODEL_ARGS + ["-model", "m.pdb", "-model_dmin", "2.5", "-model_anomalous"], cwd=str(tmp_path)).spec.crystal
+    assert (c.model_file, c.model_dmin_A, c.model_anomalous, c.fdump_file) == ("m.pdb", 2.5, True, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the configuration hash covers the contents
+# ---------------------------------------------------------------------------------------------
+
+def test_config_hash_covers_mtz_and_model_contents(tmp_path):
+    from nbsim.spec import ExperimentSpec
+    from pipeline.hashing import config_hash
+    hkl, F = golden_p1()
+    write_mtz(tmp_path / "a.mtz", hkl, {"FP": ("F", F)})
+    write_mtz(tmp_path / "b.mtz", hkl, {"FP": ("F", F * 1.01)})
+    (tmp_path / "sub").mkdir()
+    shutil.copy(tmp_path / "a.mtz", tmp_path / "sub" / "moved.mtz")
+    spec = ExperimentSpec()
+    spec.crystal.cell_A_deg = [50, 60, 70, 90, 90, 90]
+
+    def h(**kw):
+        s = ExperimentSpec()
+        s.crystal.cell_A_deg = [50, 60, 70, 90, 90, 90]
+        for k, v in kw.items():
+            setattr(s.crystal, k, v)
+        return config_hash(s, base_dir=tmp_path)
+
+    assert h(hkl_file="a.mtz") == h(hkl_file="sub/moved.mtz")
+    assert h(hkl_file="a.mtz") != h(hkl_file="b.mtz")
+    assert h(hkl_file="a.mtz", mtz_column="FP") != h(hkl_file="a.mtz")
+    write_pdb(tmp_path / "m1.pdb")
+    atoms = list(ATOMS)
+    atoms[0] = ("Fe", (3.0, 4.0, 5.5), 15.0, 1.0)
+    write_pdb(tmp_path / "m2.pdb", atoms=atoms)
+    shutil.copy(tmp_path / "m1.pdb", tmp_path / "sub" / "m1.pdb")
+    assert h(model_file="m1.pdb") == h(model_file="sub/m1.pdb")
+    assert h(model_file="m1.pdb") != h(model_file="m2.pdb")
+    assert h(model_file="m1.pdb") != h(model_file="m1.pdb", model_anomalous=True)
+    # a stray Fdump.bin is not an input of a model run
+    before = h(model_file="m1.pdb")
+    (tmp_path / "Fdump.bin").write_bytes(b"x")
+    assert h(model_file="m1.pdb") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line naming the flag/key and the file, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+
+FE_BASE = ["-cell", "30", "35", "40", "90", "90", "90", "-N", "2", "-lambda", "1", "-distance", "100",
+           "-detpixels", "32", "-nonoise", "-nopgm"]
+APP_BASE = ["detector.fpixels=32", "detector.spixels=32", "crystal.N=2"]
+
+
+def _bad_files(d: Path):
+    hkl, F = golden_p1()
+    write_mtz(d / "x.mtz", hkl, {"FP": ("F", F)})
+    write_mtz(d / "two.mtz", hkl, {"FP": ("F", F), "FC": ("F", F)})
+    write_mtz(d / "int.mtz", hkl, {"IMEAN": ("J", F)})
+    write_mtz(d / "nan.mtz", hkl[:5], {"FP": ("F", np.full(5, np.nan))})
+    (d / "corrupt.mtz").write_bytes(b"MTZ " + b"\x00\x01garbage" * 20)
+    (d / "x.hkl").write_text("1 2 3 100\n")
+    (d / "noatoms.pdb").write_text("CRYST1   30.000   35.000   40.000  90.00  90.00  90.00 P 21 21 21\nEND\n")
+    (d / "noatoms.cif").write_text("data_x\n_cell.length_a 30\n_cell.length_b 35\n_cell.length_c 40\n")
+    (d / "broken.cif").write_text("data_x\nloop_\n_atom_site.id\n_atom_site.type_symbol\n'unterminated\n")
+    (d / "binary.pdb").write_bytes(b"\x00\x01\x02\xff")
+    pdb = make_structure()
+    pdb.cell = gemmi.UnitCell()
+    pdb.write_pdb(str(d / "nocell.pdb"))
+    (d / "unknown.pdb").write_text(
+        "CRYST1   30.000   35.000   40.000  90.00  90.00  90.00 P 1\n"
+        "HETATM    1  XX  UNK A   1       1.000   2.000   3.000  1.00 20.00           X\nEND\n")
+    (d / "dir.pdb").mkdir()
+    os.mkfifo(d / "fifo.pdb")
+    os.mkfifo(d / "fifo.mtz")
+
+
+BAD = [
+    # id, front-end words, Hydra overrides, regex of the message (after "error: ")
+    ("mtz_no_column", ["-hkl", "x.mtz", "-mtz_column", "FOO"], ["crystal.hkl_file=x.mtz", "crystal.mtz_column=FOO"],
+     r"^(-mtz_column|crystal\.mtz_column): x\.mtz: no column 'FOO' .*the file has H, K, L, FP"),
+    ("mtz_no_amplitudes", ["-hkl", "int.mtz"], ["crystal.hkl_file=int.mtz"],
+     r"^(-hkl|crystal\.hkl_file): int\.mtz: no amplitude \(type F\) column among H, K, L, IMEAN"),
+    ("mtz_ambiguous", ["-hkl", "two.mtz"], ["crystal.hkl_file=two.mtz"],
+     r"^(-hkl|crystal\.hkl_file): two\.mtz: several amplitude \(type F\) columns \(FP, FC\)"),
+    ("mtz_wrong_type", ["-hkl", "int.mtz", "-mtz_column", "IMEAN"], ["crystal.hkl_file=int.mtz", "crystal.mtz_column=IMEAN"],
+     r"^(-mtz_column|crystal\.mtz_column): int\.mtz: column 'IMEAN' .*has MTZ type 'J', not F"),
+    ("mtz_all_missing", ["-hkl", "nan.mtz"], ["crystal.hkl_file=nan.mtz"],
+     r"^(-hkl|crystal\.hkl_file): nan\.mtz: column 'FP' holds no values"),
+    ("mtz_corrupt", ["-hkl", "corrupt.mtz"], ["crystal.hkl_file=corrupt.mtz"],
+     r"^(-hkl|crystal\.hkl_file): corrupt\.mtz: not a readable MTZ file"),
+    ("mtz_column_text_table", ["-hkl", "x.hkl", "-mtz_column", "FP"], ["crystal.hkl_file=x.hkl", "crystal.mtz_column=FP"],
+     r"^(-mtz_column|crystal\.mtz_column): x\.hkl is not an MTZ file"),
+    ("mtz_column_without_hkl", ["-default_F", "1", "-mtz_column", "FP"], ["crystal.mtz_column=FP"],
+     r"^(-mtz_column|crystal\.mtz_column): applies to an MTZ crystal\.hkl_file"),
+    ("model_no_atoms_pdb", ["-model", "noatoms.pdb"], ["crystal.model_file=noatoms.pdb"],
+     r"^(-model|crystal\.model_file): noatoms\.pdb: no atoms in the model"),
+    ("model_no_atoms_cif", ["-model", "noatoms.cif"], ["crystal.model_file=noatoms.cif"],
+     r"^(-model|crystal\.model_file): noatoms\.cif: no atoms in the model"),
+    ("model_broken_cif", ["-model", "broken.cif"], ["crystal.model_file=broken.cif"],
+     r"^(-model|crystal\.model_file): broken\.cif: not a readable PDB or mmCIF model \(.+\)$"),
+    ("model_binary", ["-model", "binary.pdb"], ["crystal.model_file=binary.pdb"],
+     r"^(-model|crystal\.model_file): binary\.pdb: binary data"),
+    ("model_no_cell", ["-model", "nocell.pdb"], ["crystal.model_file=nocell.pdb"],
+     r"^(-model|crystal\.model_file): nocell\.pdb: the model has no unit cell"),
+    ("model_unknown_element", ["-model", "unknown.pdb"], ["crystal.model_file=unknown.pdb"],
+     r"^(-model|crystal\.model_file): unknown\.pdb: no X-ray form factor for element 'X'"),
+    ("model_missing", ["-model", "nothere.pdb"], ["crystal.model_file=nothere.pdb"],
+     r"^(-model: file not found: nothere\.pdb|crystal\.model_file: .*nothere\.pdb)"),
+    ("model_directory", ["-model", "dir.pdb"], ["crystal.model_file=dir.pdb"],
+     r"^(-model|crystal\.model_file): dir\.pdb: is a directory"),
+    ("model_fifo", ["-model", "fifo.pdb"], ["crystal.model_file=fifo.pdb"],
+     r"^(-model|crystal\.model_file): fifo\.pdb: is a FIFO \(named pipe\), not a regular file"),
+    ("hkl_fifo_not_opened", ["-hkl", "fifo.mtz"], ["crystal.hkl_file=fifo.mtz"],
+     r"^(-hkl|crystal\.hkl_file): fifo\.mtz: is a FIFO \(named pipe\), not a regular file"),
+    ("model_and_hkl", ["-model", "noatoms.pdb", "-hkl", "x.hkl"],
+     ["crystal.model_file=noatoms.pdb", "crystal.hkl_file=x.hkl"],
+     r"^(-model|crystal\.model_file): give either crystal\.model_file or crystal\.hkl_file"),
+    ("model_dmin_negative", ["-model", "noatoms.pdb", "-model_dmin", "-1"],
+     ["crystal.model_file=noatoms.pdb", "crystal.model_dmin_A=-1"],
+     r"^(-model_dmin|crystal\.model_dmin_A): must be > 0"),
+    ("model_anomalous_without_model", ["-default_F", "1", "-model_anomalous"], ["crystal.model_anomalous=true"],
+     r"^(-model_anomalous|crystal\.model_anomalous): applies to crystal\.model_file"),
+]
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, f"stderr is not one line:\n{err}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("row", BAD, ids=[r[0] for r in BAD])
+def test_frontend_bad_input(row, tmp_path, monkeypatch, capsys):
+    from nbsim.nanobragg import main
+    _, fe, _, msg = row
+    _bad_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    rc = main(FE_BASE + fe)
+    out = capsys.readouterr()
+    line = _one_line(out.err)
+    assert rc == 2
+    prefix = "nbsim.nanobragg: error: "
+    assert line.startswith(prefix) and re.search(msg, line[len(prefix):]), line
+    assert "Traceback" not in out.err + out.out
+    assert sorted(os.listdir(tmp_path)) == before          # no image, no Fdump cache
+
+
+@pytest.mark.parametrize("row", BAD, ids=[r[0] for r in BAD])
+def test_app_bad_input(row, tmp_path, monkeypatch, capsys):
+    from pipeline import app
+    _, _, overrides, msg = row
+    _bad_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["nbsim", *APP_BASE, "crystal.cell_A_deg=[30,35,40,90,90,90]", *overrides])
+    with pytest.raises(SystemExit) as exc:
+        app.main()
+    out = capsys.readouterr()
+    line = _one_line(out.err)
+    assert exc.value.code == 2
+    prefix = "nbsim: error: "
+    assert line.startswith(prefix) and re.search(msg, line[len(prefix):]), line
+    assert "Traceback" not in out.err + out.out
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_readers_never_open_a_fifo(tmp_path):
+    """MTZ detection and the MTZ/model readers refuse a FIFO from its stat (opening it would block)."""
+    from nbsim.io.inputs import InputFileError
+    from nbsim.io.structure_factors import is_mtz, model_structure_factors
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    assert is_mtz(fifo) is False
+    with pytest.raises(InputFileError, match="is a FIFO"):
+        read_mtz(fifo)
+    with pytest.raises(InputFileError, match="is a FIFO"):
+        model_structure_factors(fifo, 1.0, 3.0)
+
+
+@pytest.mark.slow
+def test_subprocess_bad_mtz_column(tmp_path):
+    import subprocess
+    _bad_files(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "nbsim.nanobragg", *FE_BASE, "-hkl", "x.mtz", "-mtz_column", "FOO"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert re.search(r"-mtz_column: x\.mtz: no column 'FOO'", _one_line(p.stderr))

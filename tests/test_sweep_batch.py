@@ -1,0 +1,291 @@
+"""Batched sweeps: fast composition, batch planning, the run-batch job, a batch killed half-way,
+an extended grid, and the in-process Hydra launcher (hydra/launcher=nbsim_batch)."""
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline import sweep
+from pipeline.compose import compose_spec, format_error
+from pipeline.hashing import config_hash
+from pipeline.store import verify_entry
+
+SNAKEFILE = ROOT / "workflows" / "Snakefile"
+BIT_FILES = ("float.bin", "int.img", "preview.png", "config.yaml", "log.txt")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("SLURM_CONF", None)
+    return env
+
+
+def _snakemake(workdir: Path, config: dict, *extra, timeout=300):
+    cfgp = workdir / "sweep.yaml"
+    cfgp.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir),
+           "--configfile", str(cfgp), "--cores", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def _entries(store: Path) -> dict:
+    return {d.name: d for d in store.iterdir() if re.fullmatch(r"[0-9a-f]{16}", d.name)} \
+        if store.is_dir() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# composition and planning (pure Python)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    ["detector.fpixels=32", "crystal.N=3"],
+    ["crystal=triclinic", "crystal.misset_deg=[10,20,30]", "detector.distance_mm=80.5"],
+    ["detector=xds", "pivot=sample", "crystal.N=4", "beam.wavelength_A=1.2"],
+    ["beam=divergent", "image.int_scale=null", "quirks=physical", "fix=[phi0_carryover]"],
+    ["detector=custom", "detector.distance_mm=100", "detector.distance_mm=90"],  # the last wins
+    ["store.root='a b'", "device.dtype=float32", "crystal.N=3"],
+])
+def test_composer_equals_hydra_compose(overrides):
+    comp = sweep.Composer()
+    for _ in range(2):                                # the second time from the cached base
+        spec, dev = comp.spec(overrides)
+        ref_spec, ref_dev = compose_spec(overrides)
+        assert spec == ref_spec and dev == ref_dev
+        assert config_hash(spec, dev) == config_hash(ref_spec, ref_dev)
+    assert comp.config(overrides).store == __import__("pipeline.compose", fromlist=["x"]).compose_config(overrides).store
+    assert comp.resolve(overrides)[:2] == compose_spec(overrides)
+
+
+def test_composer_undoes_each_point():
+    """Points resolved one after the other from one cached base: each equals its own composition
+    (a key set by one point is back to its default for the next)."""
+    seq = [["crystal.N=7", "detector.distance_mm=80", "crystal.misset_deg=[1,2,3]", "store.write_pgm=true"],
+           ["crystal.N=2"], ["detector.distance_mm=90", "crystal.cell_A_deg=[60,70,80,90,90,90]"], [],
+           ["crystal.misset_deg=null", "image.noise=false"], ["crystal.N=7"]]
+    comp = sweep.Composer()
+    from pipeline.compose import compose_config
+    for ovr in seq:
+        spec, dev, store, quiet = comp.resolve(ovr)
+        cfg = compose_config(ovr)
+        assert (spec, dev) == compose_spec(ovr)
+        assert store == __import__("omegaconf").OmegaConf.to_container(cfg.store) and quiet is False
+
+
+@pytest.mark.parametrize("bad", [["crystal.NN=3"], ["crystal.N=abc"], ["detector=nope"], ["crystal.N=[1"]])
+def test_composer_errors_read_as_hydra_errors(bad):
+    def message(fn):
+        try:
+            fn(bad)
+        except Exception as e:                        # noqa: BLE001
+            return format_error(e, fallback=True)
+        raise AssertionError("no error")
+    assert message(sweep.Composer().spec) == message(compose_spec)
+
+
+def test_point_hash_is_the_stores_hash_with_a_negative_roi_bound():
+    """The store hashes a spec after its preflight resolved the ROI (a negative bound: the detector
+    edge); the sweep's planned hash is the same."""
+    from nbsim.checks import preflight
+    ovr = ["detector.fpixels=32", "detector.spixels=32", "detector.roi=[-1,10,-1,12]"]
+    spec, dev = compose_spec(ovr)
+    preflight(spec, dev)
+    assert spec.detector.roi == [0, 10, 0, 12]
+    assert sweep.point_hash(ovr) == config_hash(spec, dev)
+    plain = ["detector.fpixels=32", "detector.spixels=32", "detector.roi=[2,10,3,12]"]
+    assert sweep.point_hash(plain) == config_hash(*compose_spec(plain))     # unchanged hashes
+
+
+def _points(n):
+    return [sweep.Point(index=i, params={}, overrides=["detector.fpixels=16", "detector.spixels=16",
+                                                       f"crystal.N={i + 1}"], hash=f"{i:016x}")
+            for i in range(n)]
+
+
+def test_plan_batches():
+    pts = _points(7)
+    assert [len(b.points) for b in sweep.plan_batches(pts, "auto", slots=2)] == [4, 3]
+    assert [len(b.points) for b in sweep.plan_batches(pts, "auto", slots=16)] == [1] * 7
+    assert [len(b.points) for b in sweep.plan_batches(pts, 3)] == [3, 3, 1]
+    # on a cluster: ~batch_seconds of estimated work per job (each tiny point counts 50 ms)
+    assert [len(b.points) for b in sweep.plan_batches(pts, "auto", cluster=True, batch_seconds=0.1)] \
+        == [2, 2, 2, 1]
+    assert len(sweep.plan_batches(pts, "auto", cluster=True)) == 1
+    ids = [b.id for b in sweep.plan_batches(pts, 3)]
+    assert len(set(ids)) == 3 and ids == [b.id for b in sweep.plan_batches(pts, 3)]
+    assert sweep.plan_batches([], "auto") == []
+    with pytest.raises(sweep.SweepError, match="batch_size: must be an integer >= 1 or auto"):
+        sweep.plan_batches(pts, 0)
+
+
+def test_schema_batch_size():
+    assert sweep.validate_config({"grid": {"crystal.N": [3]}, "batch_size": 4})["batch_size"] == 4
+    with pytest.raises(sweep.SweepError, match="batch_size"):
+        sweep.validate_config({"grid": {"crystal.N": [3]}, "batch_size": "big"})
+
+
+# ---------------------------------------------------------------------------------------------
+# the run-batch job
+# ---------------------------------------------------------------------------------------------
+
+def test_run_batch_stores_every_point_and_skips_stored(tmp_path):
+    cfg = sweep.validate_config({"store_root": "store", "base": ["detector.fpixels=24", "detector.spixels=24"],
+                                 "grid": {"crystal.N": [2, 3], "detector.distance_mm": [80, 100]}})
+    pts = sweep.expand(cfg, base_dir=tmp_path)
+    (b,) = sweep.plan_batches(pts, 4)
+    man = sweep.write_manifest(b, tmp_path / "store")
+    run = lambda: subprocess.run([sys.executable, "-m", "pipeline.sweep", "run-batch", str(man), "--done",  # noqa: E731
+                                  str(b.marker(tmp_path / "store"))], cwd=tmp_path, capture_output=True,
+                                 text=True, env=_env(), timeout=300)
+    p = run()
+    assert p.returncode == 0, p.stderr
+    assert "4 points, 4 computed, 0 stored already" in p.stderr
+    for pt in pts:
+        doc, why = verify_entry(tmp_path / "store" / pt.hash, pt.hash)
+        assert doc is not None, why
+        assert doc["preview_thumb_px"] == 200
+    assert b.marker(tmp_path / "store").read_text().split() == [pt.hash for pt in pts]
+    before = {pt.hash: (tmp_path / "store" / pt.hash / "run.json").stat().st_mtime_ns for pt in pts}
+    p = run()
+    assert p.returncode == 0 and "4 points, 0 computed, 4 stored already" in p.stderr
+    assert before == {pt.hash: (tmp_path / "store" / pt.hash / "run.json").stat().st_mtime_ns for pt in pts}
+
+
+def test_run_batch_refuses_a_changed_configuration(tmp_path):
+    pts = sweep.expand(sweep.validate_config({"store_root": "s", "grid": {"crystal.N": [2]}}), base_dir=tmp_path)
+    pts[0].hash = "0" * 16
+    (b,) = sweep.plan_batches(pts, 1)
+    man = sweep.write_manifest(b, tmp_path / "s")
+    p = subprocess.run([sys.executable, "-m", "pipeline.sweep", "run-batch", str(man)], cwd=tmp_path,
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "now hashes to" in p.stderr and "planned 0000000000000000" in p.stderr
+    assert _entries(tmp_path / "s") == {}
+
+
+@pytest.mark.slow
+def test_killed_batch_leaves_complete_entries_and_the_rerun_completes_it(tmp_path):
+    """Snakemake is killed while its one batch is half-way: every entry on disk is complete, and the
+    next run computes only the points still missing."""
+    config = {"name": "kill", "store_root": "store", "batch_size": 6,
+              "base": ["detector.fpixels=160", "detector.spixels=160", "crystal.mosaic_deg=0.5",
+                       "crystal.mosaic_domains=6", "detector.oversample=2"],
+              "grid": {"crystal.N": [3, 4, 5, 6, 7, 8]}}
+    cfgp = tmp_path / "sweep.yaml"
+    cfgp.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path),
+           "--configfile", str(cfgp), "--cores", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    store = tmp_path / "store"
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 240 and proc.poll() is None:
+            if any((d / "run.json").is_file() for d in _entries(store).values()):
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)           # Snakemake and its batch job (as scancel does)
+        proc.wait(timeout=60)
+    done = {h for h, d in _entries(store).items() if (d / "run.json").is_file()}
+    assert 1 <= len(done) < 6, f"{len(done)} of 6 stored when killed (timing)"
+    assert set(_entries(store)) == done               # no entry without its run.json
+    assert not [d for d in store.iterdir() if d.name.endswith(".tmp")]   # the half-built one removed
+    for h in done:
+        assert verify_entry(store / h, h)[0] is not None
+    mtimes = {h: (store / h / "run.json").stat().st_mtime_ns for h in done}
+
+    p = _snakemake(tmp_path, config)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    logs = sorted((store / "logs" / "sweep_batch").glob("*.log"), key=lambda f: f.stat().st_mtime)
+    assert f"{6 - len(done)} points, {6 - len(done)} computed, 0 stored already" in logs[-1].read_text()
+    assert {h: (store / h / "run.json").stat().st_mtime_ns for h in done} == mtimes
+    assert len(_entries(store)) == 6 and all(verify_entry(d, h)[0] for h, d in _entries(store).items())
+
+
+@pytest.mark.slow
+def test_extended_grid_runs_only_the_new_points_and_a_rerun_nothing(tmp_path):
+    """(The default run covers the same with a dry run: tests/test_workflows.py.)"""
+    config = {"name": "ext", "store_root": "store", "base": ["detector.fpixels=16", "detector.spixels=16"],
+              "grid": {"crystal.N": [2, 3]}}
+    assert _snakemake(tmp_path, config).returncode == 0
+    store = tmp_path / "store"
+    first = {h: (d / "run.json").stat().st_mtime_ns for h, d in _entries(store).items()}
+    assert len(first) == 2
+    again = _snakemake(tmp_path, config)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    config["grid"]["crystal.N"] = [2, 3, 4, 5]
+    p = _snakemake(tmp_path, config)
+    assert p.returncode == 0
+    logs = [f.read_text() for f in (store / "logs" / "sweep_batch").glob("*.log")]
+    new = [t for t in logs if "2 stored already" not in t and "computed" in t]
+    assert sum(int(re.search(r"(\d+) computed", t).group(1)) for t in logs) == 4   # 2 + 2, none twice
+    assert new
+    assert {h: (store / h / "run.json").stat().st_mtime_ns for h in first} == first
+    assert len(_entries(store)) == 4
+    again = _snakemake(tmp_path, config)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydra: the in-process launcher
+# ---------------------------------------------------------------------------------------------
+
+def test_batch_launcher_equals_hydra_basic_launcher(tmp_path):
+    """The default launcher (nbsim_batch) and Hydra's basic launcher store the same folders, bit for
+    bit (32x32 images: the preview thumbnail is the full image), and print one folder per point."""
+    args = ["--multirun", "detector.fpixels=32", "detector.spixels=32", "crystal.N=2,3",
+            "detector.distance_mm=80,100"]
+    out = {}
+    for launcher in ("nbsim_batch", "basic"):
+        wd = tmp_path / launcher
+        wd.mkdir()
+        p = subprocess.run([sys.executable, "-m", "nbsim", *args, f"hydra/launcher={launcher}"], cwd=wd,
+                           capture_output=True, text=True, env=_env(), timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out[launcher] = (wd, p.stdout.split())
+    (wb, folders_b), (wr, folders_r) = out["nbsim_batch"], out["basic"]
+    assert folders_b == folders_r and len(folders_b) == 4
+    for f in folders_b:
+        assert [n for n in BIT_FILES if not filecmp.cmp(wb / f / n, wr / f / n, shallow=False)] == []
+    # a rerun reuses everything; a config error of one point stops the multirun before it simulates
+    p = subprocess.run([sys.executable, "-m", "nbsim", *args], cwd=wb, capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert p.returncode == 0 and "0 computed" in p.stderr and "4 reused" in p.stderr
+    bad = subprocess.run([sys.executable, "-m", "nbsim", "--multirun", "detector.fpixels=32",
+                          "detector.spixels=32", "crystal.N=7,-1", "store.root=bad"], cwd=wb,
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert bad.stderr.startswith("nbsim: error: crystal.N")
+    assert _entries(wb / "bad") == {}                 # nothing simulated (Hydra's own .hydra/ aside)
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark's sweep cases
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_sweep_grids_and_flags(capsys):
+    from pipeline import bench, bench_sweep
+    for kind in bench_sweep.GRIDS:
+        full = sweep.expand(sweep.validate_config(bench_sweep.grid_config(kind, False)))
+        quick = sweep.expand(sweep.validate_config(bench_sweep.grid_config(kind, True)))
+        assert (len(full), len(quick)) == (64, 8)
+        spec, _ = compose_spec(full[-1].overrides)
+        assert spec.crystal.misset_deg == [10.0, 20.0, 30.0] and spec.detector.fpixels in (256, 512)
+        assert len(bench_sweep.c_argvs(quick[:1])[0]) > 10
+    for argv, msg in ((["--cases", "none"], "--cases none: needs --sweeps"),
+                      (["--sweeps", "medium"], "--sweeps: expected comma-separated sweep cases"),
+                      (["--sweeps", "light", "--sweep-cores", "0"], "--sweep-cores: must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1, err
