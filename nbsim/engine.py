@@ -1,24 +1,30 @@
-"""The batched simulation kernel.
+"""The batched simulation kernel: stages, accumulation policies, three evaluation strategies.
 
-``Model`` holds every prepared tensor of an experiment; ``render`` evaluates any chunk of pixels as
-one tensor program over pixels × layers (T) × sub-pixels (O = os²) × sources (S) × φ steps (F) ×
-mosaic domains (M), and ``simulate_image`` runs the chunks. There is no Python loop over pixels or
-any of those dimensions, and no host synchronisation inside the chunk loop.
+``Model`` holds every prepared tensor of an experiment. A pixel value is the composition of stages,
+each a small pure function whose formula lives in ``nbsim.physics`` and nowhere else: sample
+positions (``sample_positions``: ``subpixel_offsets``, ``flat_positions``; curved detector in
+``_positions``) → ``airpath`` (direction, distance) → ``scattering_vector`` → ``dmin_executed`` →
+``miller_index`` / ``nearest_index`` → lattice factor (``lattice_axis_factors``, ``sincg``,
+``lattice_factor``) → structure factor (``nearest_F`` on ``HKLTable.bordered()``, or tricubic) →
+``bragg_term`` → factors (``_factors``: ``capture_fraction``, ``polarization_factor``,
+``solid_angle``) → accumulation (``accumulate``, ``finish_outer``, ``finish_inner``,
+``photon_scale``).
 
-Unless fixed (``Model.quirks``, see ``nbsim.quirks``), the C program's loop-order-dependent quirks
-are reproduced with tensor ops:
-* solid angle and polarization from the first sub-pixel / first executed source of a pixel, capture
-  fraction of the last layer (first_subpixel_factors, last_layer_capture); ``-oversample_*``
-  compounding via a reverse cumulative product (oversample_compounding) — see ``factor_layout``;
-* the φ = 0 carry-over (phi0_carryover): steady-state orientations plus the very first loop iteration;
-* the global switch-off of tricubic interpolation at the first out-of-range lookup
-  (tricubic_global_off), carried across chunks as a tensor state.
+C's loop-order quirks are accumulation policies on the stage outputs (``factor_layout``): solid
+angle and polarization of the first sub-pixel / first executed source, capture of the last layer
+(first_subpixel_factors, last_layer_capture); ``-oversample_*`` compounding as a reverse cumulative
+product (oversample_compounding); the φ = 0 carry-over (phi0_carryover) as the very first loop
+iteration's own lattice; the global switch-off of tricubic interpolation at the first out-of-range
+lookup (tricubic_global_off) as a tensor state carried across chunks.
 
-Speed (issue 5): ``render_fast`` computes the same float64 numbers as ``render`` (bit for bit) for
-everything but the loop-order quirks, in cache-sized blocks; ``render_compiled`` fuses it with
-torch.compile (device option ``compile``) where per-sub-pixel geometry dominates. Square roots are
-the correctly rounded ones and Miller indices a fixed arithmetic (``miller_mode``), so an image never
-depends on how its pixels were chunked. Below float64, sincg uses the reduced index (``sincg_reduced``).
+Strategies differ only in how they evaluate the stages, never in what: ``render`` (reference: one
+broadcast over pixels × layers T × sub-pixels O × sources S × φ steps F × domains M, every quirk,
+derivatives; ``nbsim.trace`` observes its stage outputs), ``render_fast`` (cache-sized blocks,
+bit for bit equal to ``render`` in float64 where it applies) and ``render_compiled`` (the stages
+fused by torch.compile, pixels last). One chunk driver (``Chunks``) serves all of them. Square
+roots are the correctly rounded ones and Miller indices a fixed arithmetic (``miller_mode``), so an
+image never depends on how its pixels were chunked. Below float64, sincg uses the reduced index
+(``sincg_reduced``).
 """
 from __future__ import annotations
 
@@ -538,22 +544,18 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
 # fast path: the same numbers as ``render`` (bit for bit in float64), organised for throughput
 # ---------------------------------------------------------------------------------------------
 #
-# ``render`` is the reference: one broadcast expression over (P, T, O, S, F, M) that covers every
-# quirk. ``render_fast`` evaluates the same IEEE operations in the same order wherever ``fast_path_ok``
-# holds (the "outer" and "inner" ``layout_kind``s, without tricubic interpolation, which keeps C's
-# loop-order state), but
-# * computes the geometry component by component on contiguous (P, T, O) tensors, once per
-#   (pixel, layer, sub-pixel, source), and the per-pixel factors (solid angle, polarization,
-#   capture) only where C uses them;
-# * evaluates the per-sample work on blocks of whole pixels sized to the CPU cache, in per-thread
-#   scratch buffers that are reused (no allocation, no page faults), with every elementwise
-#   operation on one contiguous buffer; axes with N == 1 (factor exactly 1) are skipped;
-# * looks structure factors up in a table bordered with default_F (a clamp instead of range tests);
-# * drops ``torch.where(live, ...)``: it only zeroes terms whose F_latt is 0, which are 0 already,
-#   and patches sincg's 0/0 only in blocks whose sums came out NaN.
-# Each pixel's sum is one contiguous inner reduction in C loop order, Miller indices come from
-# ``miller``'s fixed arithmetic and the polarization from whole vectors (``_polar_exact``), so
-# images do not depend on how the pixels are chunked.
+# ``render_fast`` runs the stages of ``render`` (the same functions, so the same IEEE operations in
+# the same order) wherever ``fast_path_ok`` holds (the "outer" and "inner" ``layout_kind``s, without
+# tricubic interpolation, which keeps C's loop-order state). What differs is only how:
+# * the per-sample work (Miller index, lattice factor, F lookup, Bragg term) runs on blocks of whole
+#   pixels sized to the CPU cache, in per-thread scratch buffers that are reused (no allocation, no
+#   page faults), each stage written into its buffer (the stage functions' ``out=`` forms, sines
+#   and products in place); axes with N == 1 (factor exactly 1) are skipped;
+# * the per-pixel factors (solid angle, polarization, capture) are computed only where C uses them;
+# * ``torch.where(live, ...)`` is dropped: it only zeroes terms whose F_latt is 0, which are 0
+#   already, and sincg's 0/0 (NaN in place) is patched only in blocks whose sums came out NaN.
+# Each pixel's sum is one contiguous inner reduction in C loop order, so images do not depend on
+# how the pixels are chunked.
 
 _CACHE_BYTES = 16 << 20         # working set of one sample block (per worker thread)
 _GEO_BYTES = 32 << 20           # geometry working set of one chunk of pixels (per worker thread)
@@ -799,7 +801,7 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 # compiled path (device option ``compile``)
 # ---------------------------------------------------------------------------------------------
 #
-# torch.compile (Inductor) fuses the per-sub-pixel geometry and per-sample arithmetic into a few
+# torch.compile (Inductor) fuses the stage functions (the very ones ``render`` calls) into a few
 # loops, so the CPU no longer streams every intermediate through memory. Miller indices are C's
 # a_x·S_x + a_y·S_y + a_z·S_z, the eager kernel's own numbers in Miller mode "c". Where the eager
 # kernel takes the BLAS product (many φ·domains) its indices differ in the last bit, which the
