@@ -702,9 +702,7 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
         else:
             Nb = plan.Nv.view(1, A, 1) if blas else plan.Nv.view(A, 1, 1)
         G = torch.mul(X, Nb, out=buf(W.g, A))
-        G.sin_()
-        X.sin_()
-        G.div_(X)                         # sin(N·π·h)/sin(π·h); NaN exactly where π·h == 0
+        sincg_from_sines(G.sin_(), X.sin_(), None, inplace=True)   # NaN exactly where π·h == 0
         # (reduced: the sign (−1)^((N−1)·h0) is left out — F_latt only enters squared, and
         # (−F·F²_cell)·(−F) is (F·F²_cell)·F to the last bit)
         if m.device.type != "cpu" or reduced:   # (reduced: whole h are common in float32)
@@ -721,13 +719,7 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
                     F.mul_(axis(G, j))
         else:
             F = F_nonsq
-        term = W.t[:n * FM].view(n, FM)
-        if F_cell is None:
-            torch.mul(F, plan.FF, out=term)
-        else:
-            torch.mul(F_cell, F_cell, out=term)
-            term.mul_(F)
-        term.mul_(F)
+        term = bragg_term(F, F_cell, plan.FF, out=W.t[:n * FM].view(n, FM))
         if ex is not None:
             term.masked_fill_(~ex[:, None], 0.0)
         if plan.outer:

@@ -98,8 +98,12 @@ def nearest_index(h: torch.Tensor, out=None) -> torch.Tensor:
 # lattice factor
 # ---------------------------------------------------------------------------------------------
 
-def sincg_from_sines(sin_nx: torch.Tensor, sin_x: torch.Tensor, n) -> torch.Tensor:
-    """sin(n·x)/sin(x) from its two sines, n where sin(x) == 0 (for a float x only at x == 0)."""
+def sincg_from_sines(sin_nx: torch.Tensor, sin_x: torch.Tensor, n, inplace: bool = False):
+    """sin(n·x)/sin(x) from its two sines, n where sin(x) == 0 (for a float x only at x == 0).
+    ``inplace``: the ratio is written into ``sin_nx`` and the 0/0 there left as NaN, for the caller
+    to set to n (``nan_to_num_``) where it occurs."""
+    if inplace:
+        return sin_nx.div_(sin_x)
     zero = sin_x == 0
     return torch.where(zero, n, sin_nx / torch.where(zero, 1.0, sin_x))
 
@@ -203,9 +207,16 @@ def capture_fraction(diffracted: torch.Tensor, odet: torch.Tensor, layer: torch.
             - torch.exp(-(layer + 1) * thickstep_m * mu_per_m / parallax))
 
 
-def bragg_term(F_latt: torch.Tensor, F_cell=None, F_sqr=None) -> torch.Tensor:
+def bragg_term(F_latt: torch.Tensor, F_cell=None, F_sqr=None, out=None) -> torch.Tensor:
     """F_cell²·F_latt² of one sample, C's (F_cell·F_cell·F_latt)·F_latt; without ``F_cell``,
-    ``F_sqr`` = default_F² (the same number: F_cell·F_cell is rounded once either way)."""
+    ``F_sqr`` = default_F² (the same number: F_cell·F_cell is rounded once either way).
+    ``out``: a buffer to evaluate it in."""
+    if out is not None:
+        if F_cell is None:
+            torch.mul(F_latt, F_sqr, out=out)
+        else:
+            torch.mul(F_cell, F_cell, out=out).mul_(F_latt)
+        return out.mul_(F_latt)
     if F_cell is None:
         return F_latt * F_sqr * F_latt
     return F_cell * F_cell * F_latt * F_latt
