@@ -1,24 +1,30 @@
-"""The batched simulation kernel.
+"""The batched simulation kernel: stages, accumulation policies, three evaluation strategies.
 
-``Model`` holds every prepared tensor of an experiment; ``render`` evaluates any chunk of pixels as
-one tensor program over pixels × layers (T) × sub-pixels (O = os²) × sources (S) × φ steps (F) ×
-mosaic domains (M), and ``simulate_image`` runs the chunks. There is no Python loop over pixels or
-any of those dimensions, and no host synchronisation inside the chunk loop.
+``Model`` holds every prepared tensor of an experiment. A pixel value is the composition of stages,
+each a small pure function whose formula lives in ``nbsim.physics`` and nowhere else: sample
+positions (``sample_positions``: ``subpixel_offsets``, ``flat_positions``; curved detector in
+``_positions``) → ``airpath`` (direction, distance) → ``scattering_vector`` → ``dmin_executed`` →
+``miller_index`` / ``nearest_index`` → lattice factor (``lattice_axis_factors``, ``sincg``,
+``lattice_factor``) → structure factor (``nearest_F`` on ``HKLTable.bordered()``, or tricubic) →
+``bragg_term`` → factors (``_factors``: ``capture_fraction``, ``polarization_factor``,
+``solid_angle``) → accumulation (``accumulate``, ``finish_outer``, ``finish_inner``,
+``photon_scale``).
 
-Unless fixed (``Model.quirks``, see ``nbsim.quirks``), the C program's loop-order-dependent quirks
-are reproduced with tensor ops:
-* solid angle and polarization from the first sub-pixel / first executed source of a pixel, capture
-  fraction of the last layer (first_subpixel_factors, last_layer_capture); ``-oversample_*``
-  compounding via a reverse cumulative product (oversample_compounding) — see ``factor_layout``;
-* the φ = 0 carry-over (phi0_carryover): steady-state orientations plus the very first loop iteration;
-* the global switch-off of tricubic interpolation at the first out-of-range lookup
-  (tricubic_global_off), carried across chunks as a tensor state.
+C's loop-order quirks are accumulation policies on the stage outputs (``factor_layout``): solid
+angle and polarization of the first sub-pixel / first executed source, capture of the last layer
+(first_subpixel_factors, last_layer_capture); ``-oversample_*`` compounding as a reverse cumulative
+product (oversample_compounding); the φ = 0 carry-over (phi0_carryover) as the very first loop
+iteration's own lattice; the global switch-off of tricubic interpolation at the first out-of-range
+lookup (tricubic_global_off) as a tensor state carried across chunks.
 
-Speed (issue 5): ``render_fast`` computes the same float64 numbers as ``render`` (bit for bit) for
-everything but the loop-order quirks, in cache-sized blocks; ``render_compiled`` fuses it with
-torch.compile (device option ``compile``) where per-sub-pixel geometry dominates. Square roots are
-the correctly rounded ones and Miller indices a fixed arithmetic (``miller_mode``), so an image never
-depends on how its pixels were chunked. Below float64, sincg uses the reduced index (``sincg_reduced``).
+Strategies differ only in how they evaluate the stages, never in what: ``render`` (reference: one
+broadcast over pixels × layers T × sub-pixels O × sources S × φ steps F × domains M, every quirk,
+derivatives; ``nbsim.trace`` observes its stage outputs), ``render_fast`` (cache-sized blocks,
+bit for bit equal to ``render`` in float64 where it applies) and ``render_compiled`` (the stages
+fused by torch.compile, pixels last). One chunk driver (``Chunks``) serves all of them. Square
+roots are the correctly rounded ones and Miller indices a fixed arithmetic (``miller_mode``), so an
+image never depends on how its pixels were chunked. Below float64, sincg uses the reduced index
+(``sincg_reduced``).
 """
 from __future__ import annotations
 
@@ -32,8 +38,11 @@ import torch
 import torch.utils.checkpoint
 
 from nbsim.params import value
-from nbsim.physics import (HKLTable, capture_fraction, full_like, lattice_factor,
-                           polarization_factor, solid_angle)
+from nbsim.physics import (BorderedTable, HKLTable, airpath, bragg_term, capture_fraction,
+                           dmin_executed, flat_positions, full_like, lattice_axis_factors,
+                           lattice_factor, miller_index, nearest_F, nearest_index, photon_scale,
+                           polarization_factor, product, scattering_vector, sincg_from_sines,
+                           solid_angle, subpixel_offsets)
 from nbsim.quirks import QuirkSet
 from nbsim.rotation import rotate_axis
 
@@ -125,14 +134,55 @@ class Model:
                 * self.lattice.shape[0] * self.lattice.shape[1])
 
 
+# ---------------------------------------------------------------------------------------------
+# stages: what every strategy evaluates. The formulas live in nbsim.physics (positions, airpath,
+# scattering vector, Miller index, lattice factor, structure-factor lookup, polarization, solid
+# angle, capture fraction, scaling); the functions here arrange them for a Model.
+# ---------------------------------------------------------------------------------------------
+
+def _row_col(idx: torch.Tensor, fpixels: int, dtype):
+    """Slow and fast pixel coordinates (row, column) of flat raster indices ``idx``, in ``dtype``.
+    Computed in float64 (exact for any detector size): unlike int64 division it vectorises, also
+    inside the compiled kernels."""
+    i = idx.to(torch.float64)
+    s = torch.floor(i / fpixels)
+    return s.to(dtype), (i - s * fpixels).to(dtype)
+
+
+def sample_positions(idx, fpixels: int, oversample: int, thicksteps: int, pixel_m, thickstep_m,
+                     fdet, sdet, odet, pix0, pixels_last: bool = False):
+    """[x, y, z] lab-frame positions (m) of the flat detector's samples for flat raster pixel
+    indices ``idx`` (P,): each (P, T, O), or (T, O, P) with ``pixels_last``. Sub-pixels in C's
+    loop order (slow outer, fast inner), layers at Odet = t·thickstep_m; vectors (3,)."""
+    dt, dev = fdet.dtype, fdet.device
+    s, f = _row_col(idx, fpixels, dt)
+    sub = torch.arange(oversample, dtype=dt, device=dev)
+    subS, subF = sub.repeat_interleave(oversample), sub.repeat(oversample)
+    Odet = torch.arange(thicksteps, dtype=dt, device=dev) * thickstep_m
+    if pixels_last:
+        Fd, Sd = subpixel_offsets(s, f, subS[:, None], subF[:, None], oversample, pixel_m)  # (O, P)
+        return flat_positions(Fd[None], Sd[None], Odet[:, None, None], fdet, sdet, odet, pix0)
+    Fd, Sd = subpixel_offsets(s[:, None], f[:, None], subS, subF, oversample, pixel_m)      # (P, O)
+    return flat_positions(Fd[:, None], Sd[:, None], Odet[None, :, None], fdet, sdet, odet, pix0)
+
+
 def _positions(m: Model, idx: torch.Tensor):
-    """Sub-pixel positions (P, T, O, 3) in metres for flat pixel indices ``idx`` (P,)."""
-    pos = torch.stack(_flat_position_components(m, idx), -1)          # (P, T, O, 3)
-    if m.curved:
-        vec = (m.distance_m * m.beam).expand_as(pos)
-        vec = rotate_axis(vec, m.sdet.expand_as(pos), pos[..., 1] / m.distance_m)
-        pos = rotate_axis(vec, m.fdet.expand_as(pos), pos[..., 2] / m.distance_m)
-    return pos
+    """[x, y, z] (P, T, O) sample positions (m) of flat pixel indices ``idx`` (P,), flat or curved
+    detector (the curved one rotates the beam-axis point by the in-plane offsets / distance)."""
+    p = sample_positions(idx, m.fpixels, m.oversample, m.thicksteps, m.pixel_m, m.thickstep_m,
+                         m.fdet, m.sdet, m.odet, m.pix0)
+    if not m.curved:
+        return p
+    pos = torch.stack(p, -1)
+    vec = (m.distance_m * m.beam).expand_as(pos)
+    vec = rotate_axis(vec, m.sdet.expand_as(pos), pos[..., 1] / m.distance_m)
+    return list(rotate_axis(vec, m.fdet.expand_as(pos), pos[..., 2] / m.distance_m).unbind(-1))
+
+
+def _scattering(m: Model, d, out=None):
+    """[Sx, Sy, Sz] (P, T, O, S) (m⁻¹) for diffracted directions ``d`` (3 × (P, T, O))."""
+    return scattering_vector([c[..., None] for c in d], m.incident.unbind(-1), m.wavelength_m,
+                             out=out)
 
 
 def _first_along(mask: torch.Tensor, values: torch.Tensor, dims: int, fill: float):
@@ -180,17 +230,11 @@ def sqrt_exact(x: torch.Tensor) -> torch.Tensor:
     """Correctly rounded square root, as C's ``sqrt``. ATen's CPU ``torch.sqrt`` (MKL VML) is one
     ulp off for about 1 % of inputs; near a Bragg peak that last bit of a distance reaches the
     Miller index, and sin(N·π·h)/sin(π·h) turns it into a ~1e-10 relative change of the pixel.
-    NumPy's CPU sqrt (and CUDA's) is IEEE-exact, so CPU tensors go through NumPy (no copy)."""
+    NumPy's CPU sqrt (and CUDA's) is IEEE-exact, so CPU tensors go through NumPy (no copy).
+    (Inside the compiled kernels Inductor's sqrt is the IEEE one.)"""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return _ExactSqrt.apply(x)
     return torch.sqrt(x)
-
-
-def unitize_exact(v: torch.Tensor):
-    """``rotation.unitize`` with ``sqrt_exact``: (unit vector, magnitude) of (..., 3) vectors."""
-    mag = sqrt_exact((v * v).sum(-1))
-    safe = torch.where(mag == 0, 1.0, mag)
-    return v / safe.unsqueeze(-1), mag
 
 
 _BLAS_MIN_FM = 8                 # φ steps × mosaic domains from which Miller indices use BLAS
@@ -200,8 +244,8 @@ _BLAS_ROWS = 4096                # fixed matmul shape of the reference kernel
 def miller_mode(m: Model) -> str:
     """How Miller indices are computed for this experiment (every kernel uses the same):
 
-    ``"c"``: a_x·S_x + a_y·S_y + a_z·S_z, C's order without fused multiply-add: the C program's
-    indices to the last bit (and what the compiled kernels fuse);
+    ``"c"``: a_x·S_x + a_y·S_y + a_z·S_z, C's order without fused multiply-add
+    (``physics.miller_index``): the C program's indices to the last bit;
     ``"blas"``: one (n, 3) × (3, F·M·3) product, which BLAS evaluates as
     fma(a_z, S_z, fma(a_y, S_y, a_x·S_x)) — within an ulp of C's, and cheaper when many φ steps ×
     mosaic domains share each scattering vector. Below float64 only: which kernel BLAS picks (and
@@ -241,27 +285,76 @@ def miller(scat: torch.Tensor, lattice: torch.Tensor, mode: str = "c") -> torch.
         flat = rows_matmul(scat.reshape(-1, 3), lattice.reshape(-1, 3).T, _BLAS_ROWS)
         return flat.view(*scat.shape[:-1], Fn, Mn, 3)
     sx, sy, sz = (scat[..., c, None, None, None] for c in range(3))
-    return sx * lattice[..., 0] + sy * lattice[..., 1] + sz * lattice[..., 2]
+    return miller_index(sx, sy, sz, lattice.unbind(-1))
 
 
 def reduced_sincg(m: Model) -> bool:
     """Below float64, sin(N·π·h)/sin(π·h) loses all its digits near a Bragg peak far from the origin
     (π·h carries an absolute error of an ulp of π·h, comparable to sin(π·h) itself), so the lower
-    precisions evaluate it from the reduced index h − h0 (``sincg_reduced``). float64 keeps C's
-    expression, bit for bit."""
+    precisions evaluate it from the reduced index h − h0 (``physics.sincg_reduced``). float64 keeps
+    C's expression, bit for bit."""
     return m.dtype != torch.float64
 
 
-def sincg_reduced(h: torch.Tensor, h0: torch.Tensor, n: float) -> torch.Tensor:
-    """sin(n·π·h)/sin(π·h) for whole n from f = h − h0 (h0 = ceil(h − 0.5), a whole number):
-    (−1)^((n−1)·h0) · sin(n·π·f)/sin(π·f), and n where f == 0. Same value, well conditioned."""
-    x = (h - h0) * math.pi
-    sx = torch.sin(x)
-    r = torch.where(sx == 0, n, torch.sin(x * n) / torch.where(sx == 0, 1.0, sx))
-    if int(value(n)) % 2 == 0:
-        r = r * (1.0 - 2.0 * torch.remainder(h0, 2.0))
-    return r
+def _polar_exact(m: Model, incident: torch.Tensor, diffracted: torch.Tensor) -> torch.Tensor:
+    """``polarization_factor`` for (..., 3) vectors, computed so that every element takes ATen's
+    vectorised atan2 path: scalar-tail elements (std::atan2) can differ in the last bit, which would
+    make a pixel's value depend on where it falls in its chunk. Pads to whole vectors and evaluates
+    in pieces below ATen's parallel grain size."""
+    shape = diffracted.shape[:-1]
+    inc = incident.expand_as(diffracted).reshape(-1, 3)
+    dif = diffracted.reshape(-1, 3)
+    n = dif.shape[0]
+    if not (isinstance(m.kahn, (int, float)) and m.kahn == 0):
+        padded = -(-n // 64) * 64
+        if padded != n:
+            inc = torch.cat((inc, inc[:1].expand(padded - n, 3)))
+            dif = torch.cat((dif, dif[:1].expand(padded - n, 3)))
+        piece = 16384
+        out = torch.cat([polarization_factor(m.kahn, inc[i:i + piece], dif[i:i + piece], m.polar_vector)
+                         for i in range(0, padded, piece)])[:n]
+    else:
+        out = polarization_factor(m.kahn, inc, dif, m.polar_vector)
+    return out.reshape(shape)
 
+
+def _factors(m: Model, d, R: torch.Tensor, *, capture: bool, polar: bool, omega: bool):
+    """(capture fraction, polarization, solid angle) for diffracted directions ``d`` (3 × (P, T,
+    O)) at airpaths ``R`` (P, T, O) (m): (P, T, O), (P, T, O, S), (P, T, O) where the flag is True
+    (every layer, sub-pixel, source), else only the value C applies once per pixel (capture of
+    the last layer, polarization and solid angle of the first sub-pixel and source), shaped
+    (P, 1, 1) / (P, 1, 1, 1). C's -nopolar and a zero-thickness sensor give exact ones."""
+    P, T, O = R.shape
+    S = m.incident.shape[0]
+    kw = dict(dtype=m.dtype, device=m.device)
+    om = solid_angle(R if omega else R[:, :1, :1], m.pixel_m, m.close_distance_m, m.point_pixel)
+    if value(m.thick_m) == 0.0 and not m.oversample_thick:
+        cap = torch.ones((P, T, O) if capture else (P, 1, 1), **kw)
+    else:
+        layer = torch.arange(T, **kw)[None, :, None]
+        dc = torch.stack(d if capture else [c[:, -1:, 0:1] for c in d], -1)
+        cap = capture_fraction(dc, m.odet, layer if capture else layer[:, -1:], m.thickstep_m,
+                               m.mu_per_m)
+    Tp, Op, Sp = (T, O, S) if polar else (1, 1, 1)
+    if _polar_off(m):
+        pol = torch.ones(P, Tp, Op, Sp, **kw)
+    else:
+        dp = torch.stack([c[:, :Tp, :Op, None] for c in d], -1).expand(P, Tp, Op, Sp, 3)
+        pol = _polar_exact(m, m.incident[:Sp], dp)
+    return cap, pol, om
+
+
+def _first_polar(m: Model, polar: torch.Tensor, executed: Optional[torch.Tensor]) -> torch.Tensor:
+    """The polarization C applies once per pixel (P,): that of the first executed (layer,
+    sub-pixel, source) (``polar`` (P, T, O, S)), or of the first one without a dmin cut."""
+    if executed is None:
+        return polar[:, 0, 0, 0]
+    return _first_along(executed, polar, 3, 1.0 if m.nopolar else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# accumulation policies: how C's loop order folds the terms F_cell²·F_latt² into a pixel
+# ---------------------------------------------------------------------------------------------
 
 def factor_layout(m: Model):
     """Where capture fraction, polarization and solid angle enter a pixel, as (flags, inside, compounding).
@@ -296,71 +389,113 @@ def layout_kind(m: Model) -> str:
     return "mixed"
 
 
+def _times(val: torch.Tensor, factors) -> torch.Tensor:
+    """``val`` multiplied by each of ``factors`` in turn (None: skipped)."""
+    for f in factors:
+        if f is not None:
+            val = val * f
+    return val
+
+
+def finish_outer(I_sum, I_bg, r_e_sqr, fluence, steps, factors):
+    """Pixel values (P,) of the "outer" layout: C's scaling of I_bg + Σ terms (``I_sum`` (P,)),
+    times the once-per-pixel (capture, polarization, solid angle) ``factors`` (each (P,) or None)."""
+    return _times(photon_scale(I_bg + I_sum, r_e_sqr, fluence, steps), factors)
+
+
+def _water(m: Model, capture, polar, omega, inside) -> torch.Tensor:
+    """The physical water background (P,) (water_fluence_squared fixed): the per-contribution
+    factors averaged over sub-pixels and sources, summed over layers."""
+    one = torch.ones_like(omega)
+    f = ((capture if inside["capture"] else one) * (polar.mean(-1) if inside["polar"] else one)
+         * (omega if inside["omega"] else one))
+    return m.bg_physical * f.mean(dim=2).sum(1)
+
+
+def finish_inner(m: Model, I_tos: torch.Tensor, capture, polar, omega):
+    """(pixel values (P,), weighted sums (P,)) of the "inner" layout from the φ·domain sums
+    ``I_tos`` (P, T, O, S): every factor multiplies its own contribution."""
+    fac = capture[..., None] * polar * omega[..., None]
+    I = (I_tos * fac * m.source_weight).sum(dim=(1, 2, 3))
+    inside = dict.fromkeys(("capture", "polar", "omega"), True)
+    return photon_scale(I, m.r_e_sqr, m.fluence, m.steps) + _water(m, capture, polar, omega, inside), I
+
+
+def accumulate(m: Model, term, capture, polar, omega, executed, live):
+    """(pixel values (P,), I before scaling (P,)) from the terms (P, T, O, S, F, M) and the factors
+    of ``_factors``, as C's loop order does it (``factor_layout``): flagged factors multiply the
+    running sum (compounding, as a reverse cumulative product over the executed iterations) or
+    each contribution; the others multiply the pixel's sum once."""
+    P = term.shape[0]
+    if layout_kind(m) == "inner":
+        return finish_inner(m, term.sum(dim=(4, 5)), capture, polar, omega)
+    flags, inside, comp = factor_layout(m)
+    t, compound = term * m.source_weight[:, None, None], []
+    for k, f in (("capture", capture[..., None, None, None]), ("polar", polar[..., None, None]),
+                 ("omega", omega[..., None, None, None])):
+        if inside[k]:
+            if comp and flags[k]:
+                compound.append(f)
+            else:
+                t = t * f
+    if not compound:
+        I = m.I_bg + t.sum(dim=(1, 2, 3, 4, 5))
+    else:
+        fac = torch.ones_like(term)
+        for f in compound:
+            fac = fac * f
+        fac = torch.where(live, fac, torch.ones_like(fac)).reshape(P, -1)
+        # running-sum compounding: I = I_bg·Πf + Σ_k t_k Π_{j>=k} f_j
+        suffix = torch.flip(torch.cumprod(torch.flip(fac, [1]), 1), [1])
+        I = m.I_bg * suffix[:, 0] + (t.reshape(P, -1) * suffix).sum(1)
+    val = photon_scale(I, m.r_e_sqr, m.fluence, m.steps)
+    if value(m.bg_physical) != 0.0:
+        val = val + _water(m, capture, polar, omega, inside)
+    once = (None if inside["capture"] else capture[:, -1, 0],
+            None if inside["polar"] else _first_polar(m, polar, executed),
+            None if inside["omega"] else omega[:, 0, 0])
+    return _times(val, once), I
+
+
+# ---------------------------------------------------------------------------------------------
+# reference strategy: one broadcast over (P, T, O, S, F, M), every quirk, derivatives
+# ---------------------------------------------------------------------------------------------
+
 def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=None, trace=None):
     """Pixel values (P,) for flat indices ``idx`` (P,) in raster order, and the new interpolation state.
 
     interp_on: 0-d bool tensor, C's global ``interpolate`` flag before this chunk.
     first_local: (p, t, o, s) local index of the run's first loop iteration (quirk 4), or None.
-    trace: optional dict filled with intermediate tensors (for per-pixel traces).
+    trace: optional dict that receives the stage outputs (for per-pixel traces).
     """
-    dt = m.dtype
-    P = idx.shape[0]
-    T, O = m.thicksteps, m.oversample ** 2
-    pos = _positions(m, idx)                                   # (P, T, O, 3)
-    d, R = unitize_exact(pos)
+    p = _positions(m, idx)                                     # 3 × (P, T, O), m
+    d, R = airpath(p, sqrt_exact)
+    scat = torch.stack(_scattering(m, d), -1)                  # (P, T, O, S, 3), m⁻¹
+    executed = dmin_executed(scat, m.dmin_m, sqrt_exact) if m.dmin_m > 0 else None   # (P,T,O,S)
     # C applies the solid angle and polarization of the first sub-pixel and the capture fraction of
     # the last layer once per pixel (first_subpixel_factors, last_layer_capture): only those values
     # are computed unless a factor enters each contribution, the water background needs them all,
     # or the pixel is traced
     flags, inside, comp = factor_layout(m)
     full = trace is not None or layout_kind(m) == "inner" or value(m.bg_physical) != 0.0
-    full_omega = full or inside["omega"]
-    full_capture = full or inside["capture"]
-    sel = (slice(None), slice(None), slice(None)) if full_omega else (slice(None), slice(0, 1), slice(0, 1))
-    omega = solid_angle(R[sel], m.pixel_m, m.close_distance_m, m.point_pixel)   # (P, T, O) or (P, 1, 1)
-    layer = torch.arange(T, dtype=dt, device=m.device)[None, :, None]
-    if value(m.thick_m) == 0.0 and not m.oversample_thick:
-        capture = torch.ones((P, T, O) if full_capture else (P, 1, 1), dtype=dt, device=m.device)
-    elif full_capture:
-        capture = capture_fraction(d, m.odet, layer, m.thickstep_m, m.mu_per_m)  # (P, T, O)
-    else:
-        capture = capture_fraction(d[:, -1:, 0:1], m.odet, layer[:, -1:], m.thickstep_m,
-                                   m.mu_per_m)                                   # (P, 1, 1)
-
-    inc = m.incident                                            # (S, 3)
-    lam = m.wavelength_m                                        # (S,)
-    scat = (d[..., None, :] - inc) / lam[:, None]               # (P, T, O, S, 3), m⁻¹
-    executed = None
-    if m.dmin_m > 0:
-        stol = 0.5 * sqrt_exact((scat * scat).sum(-1))
-        safe = torch.where(stol > 0, stol, torch.ones_like(stol))
-        executed = ~((stol > 0) & (m.dmin_m > 0.5 / safe))     # (P, T, O, S)
-    full_polar = full or inside["polar"] or executed is not None
-    Tp, Op, Sp = (T, O, inc.shape[0]) if full_polar else (1, 1, 1)
-    if _polar_off(m):
-        polar = torch.ones(P, Tp, Op, Sp, dtype=dt, device=m.device)
-    else:
-        polar = _polar_exact(m, inc[:Sp], d[:, :Tp, :Op, None, :].expand(P, Tp, Op, Sp, 3))
-        #                                                       (P, T, O, S) or (P, 1, 1, 1)
+    capture, polar, omega = _factors(m, d, R, capture=full or inside["capture"],
+                                     polar=full or inside["polar"] or executed is not None,
+                                     omega=full or inside["omega"])
 
     # Miller indices for every φ step and mosaic domain: h = a·S
     mode = miller_mode(m)
     hkl = miller(scat, m.lattice, mode)                         # (P, T, O, S, F, M, 3)
     if first_local is not None and m.lattice_first is not None:
-        p, t, o, s = first_local
+        pl, t, o, s = first_local
         hkl = hkl.clone()
-        hkl[p, t, o, s] = miller(scat[p, t, o, s], m.lattice_first, mode)
-    hkl0 = torch.ceil(hkl - 0.5)
-    if m.shape == "square" and reduced_sincg(m):
-        F_latt = None
-        for i, n in enumerate(m.N):
-            if value(n) > 1:
-                s = sincg_reduced(hkl[..., i], hkl0[..., i], n)
-                F_latt = s if F_latt is None else F_latt * s
-        if F_latt is None:
-            F_latt = torch.ones_like(hkl[..., 0])
+        hkl[pl, t, o, s] = miller(scat[pl, t, o, s], m.lattice_first, mode)
+    hkl0 = nearest_index(hkl)
+    F_axes = None
+    if m.shape == "square":
+        F_axes = lattice_axis_factors(hkl.unbind(-1), hkl0.unbind(-1), m.N, reduced_sincg(m))
+        F_latt = product(F_axes, like=hkl[..., 0])             # (P, T, O, S, F, M)
     else:
-        F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)    # (P,T,O,S,F,M)
+        F_latt = lattice_factor(hkl, hkl0, m.shape, m.N, m.fudge, m.recip)
 
     # which loop iterations actually run (dmin skip; C also skips F_latt == 0 without water).
     # Needed where a skipped iteration would change the sum: dmin, interpolation state, the
@@ -393,57 +528,14 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
     else:
         F_cell = m.table.nearest(hkl0)
 
-    term = F_cell * F_cell * F_latt * F_latt                    # (P,T,O,S,F,M)
+    term = bragg_term(F_latt, F_cell)                           # (P, T, O, S, F, M)
     if live is not None:
         term = torch.where(live, term, torch.zeros_like(term))
-    w = m.source_weight[:, None, None]                          # (S,1,1)
-
-    if layout_kind(m) != "inner":
-        # C's running sum: flagged factors multiply it (compounding) or each contribution (fixed);
-        # fixed first_subpixel_factors / last_layer_capture put the factor on each contribution too
-        t, compound = term * w, []
-        for k, f in (("capture", capture[..., None, None, None]), ("polar", polar[..., None, None]),
-                     ("omega", omega[..., None, None, None])):
-            if inside[k]:
-                if comp and flags[k]:
-                    compound.append(f)
-                else:
-                    t = t * f
-        if not compound:
-            I = m.I_bg + t.sum(dim=(1, 2, 3, 4, 5))
-        else:
-            fac = torch.ones_like(term)
-            for f in compound:
-                fac = fac * f
-            fac = torch.where(live, fac, torch.ones_like(fac)).reshape(P, -1)
-            # running-sum compounding: I = I_bg·Πf + Σ_k t_k Π_{j>=k} f_j
-            suffix = torch.flip(torch.cumprod(torch.flip(fac, [1]), 1), [1])
-            I = m.I_bg * suffix[:, 0] + (t.reshape(P, -1) * suffix).sum(1)
-        val = m.r_e_sqr * m.fluence * I / m.steps
-        if value(m.bg_physical) != 0.0:     # water_fluence_squared fixed: per-contribution factors averaged
-            one = torch.ones_like(omega)
-            inner = ((capture if inside["capture"] else one) * (polar.mean(-1) if inside["polar"] else one)
-                     * (omega if inside["omega"] else one))
-            val = val + m.bg_physical * inner.mean(dim=2).sum(1)
-        if not inside["capture"]:
-            val = val * capture[:, -1, 0]
-        if not inside["polar"]:
-            if executed is None:
-                val = val * polar[:, 0, 0, 0]
-            else:
-                val = val * _first_along(executed, polar, 3, 1.0 if m.nopolar else 0.0)
-        if not inside["omega"]:
-            val = val * omega[:, 0, 0]
-    else:
-        fac = capture[..., None] * polar * omega[..., None]        # (P, T, O, S)
-        I = (term.sum(dim=(4, 5)) * fac * m.source_weight).sum(dim=(1, 2, 3))
-        bg = m.bg_physical * (capture * polar.mean(-1) * omega).mean(dim=2).sum(1)
-        val = m.r_e_sqr * m.fluence * (I / m.steps) + bg
-
+    val, I = accumulate(m, term, capture, polar, omega, executed, live)
     if trace is not None:
-        trace.update(pos=pos, d=d, R=R, omega=omega, capture=capture, scat=scat, polar=polar,
-                     hkl=hkl, hkl0=hkl0, F_latt=F_latt, F_cell=F_cell, I=I, val=val,
-                     executed=executed, live=live)
+        trace.update(pos=torch.stack(p, -1), d=torch.stack(d, -1), R=R, omega=omega,
+                     capture=capture, scat=scat, polar=polar, hkl=hkl, hkl0=hkl0, F_axes=F_axes,
+                     F_latt=F_latt, F_cell=F_cell, I=I, val=val, executed=executed, live=live)
     return val, new_state
 
 
@@ -451,22 +543,18 @@ def render(m: Model, idx: torch.Tensor, interp_on: torch.Tensor, *, first_local=
 # fast path: the same numbers as ``render`` (bit for bit in float64), organised for throughput
 # ---------------------------------------------------------------------------------------------
 #
-# ``render`` is the reference: one broadcast expression over (P, T, O, S, F, M) that covers every
-# quirk. ``render_fast`` evaluates the same IEEE operations in the same order wherever ``fast_path_ok``
-# holds (the "outer" and "inner" ``layout_kind``s, without tricubic interpolation, which keeps C's
-# loop-order state), but
-# * computes the geometry component by component on contiguous (P, T, O) tensors, once per
-#   (pixel, layer, sub-pixel, source), and the per-pixel factors (solid angle, polarization,
-#   capture) only where C uses them;
-# * evaluates the per-sample work on blocks of whole pixels sized to the CPU cache, in per-thread
-#   scratch buffers that are reused (no allocation, no page faults), with every elementwise
-#   operation on one contiguous buffer; axes with N == 1 (factor exactly 1) are skipped;
-# * looks structure factors up in a table bordered with default_F (a clamp instead of range tests);
-# * drops ``torch.where(live, ...)``: it only zeroes terms whose F_latt is 0, which are 0 already,
-#   and patches sincg's 0/0 only in blocks whose sums came out NaN.
-# Each pixel's sum is one contiguous inner reduction in C loop order, Miller indices come from
-# ``miller``'s fixed arithmetic and the polarization from whole vectors (``_polar_exact``), so
-# images do not depend on how the pixels are chunked.
+# ``render_fast`` runs the stages of ``render`` (the same functions, so the same IEEE operations in
+# the same order) wherever ``fast_path_ok`` holds (the "outer" and "inner" ``layout_kind``s, without
+# tricubic interpolation, which keeps C's loop-order state). What differs is only how:
+# * the per-sample work (Miller index, lattice factor, F lookup, Bragg term) runs on blocks of whole
+#   pixels sized to the CPU cache, in per-thread scratch buffers that are reused (no allocation, no
+#   page faults), each stage written into its buffer (the stage functions' ``out=`` forms, sines
+#   and products in place); axes with N == 1 (factor exactly 1) are skipped;
+# * the per-pixel factors (solid angle, polarization, capture) are computed only where C uses them;
+# * ``torch.where(live, ...)`` is dropped: it only zeroes terms whose F_latt is 0, which are 0
+#   already, and sincg's 0/0 (NaN in place) is patched only in blocks whose sums came out NaN.
+# Each pixel's sum is one contiguous inner reduction in C loop order, so images do not depend on
+# how the pixels are chunked.
 
 _CACHE_BYTES = 16 << 20         # working set of one sample block (per worker thread)
 _GEO_BYTES = 32 << 20           # geometry working set of one chunk of pixels (per worker thread)
@@ -515,17 +603,7 @@ class FastPlan:
         self.same_N = len(set(self.Nvals)) <= 1
         self.w_one = bool((m.source_weight == 1).all())
         self.FF = float(m.default_F) * float(m.default_F)
-        if m.table is not None:
-            # the structure-factor table with a border of default_F: clamping an index onto the
-            # border gives what HKLTable.nearest gives outside the table, with fewer operations
-            tb = m.table
-            pad = torch.nn.functional.pad(tb.table, (1, 1, 1, 1, 1, 1), value=float(tb.default_F))
-            self.table_flat = pad.reshape(-1).contiguous()
-            self.table_lo = (float(tb.hmin - 1), float(tb.kmin - 1), float(tb.lmin - 1))
-            self.table_hi = (float(tb.hr + 1), float(tb.kr + 1), float(tb.lr + 1))
-            self.table_kl = (float(tb.kr + 2), float(tb.lr + 2))
-            exact_int = 2 ** 53 if m.dtype == torch.float64 else 2 ** 24
-            self.table_index_dtype = m.dtype if self.table_flat.numel() < exact_int else torch.float64
+        self.table = m.table.bordered() if m.table is not None else None   # see nearest_F
         itemsize = torch.finfo(m.dtype).bits // 8
         per_sample = (2 * R + 4 + (12 if m.table is not None else 0)) * itemsize
         samples = max(1, m.thicksteps * m.oversample ** 2 * self.S * self.FM)
@@ -540,17 +618,6 @@ class FastPlan:
         if ws is None:
             ws = self._local.ws = _Workspace(m, self)
         return ws
-
-
-def _nearest_padded(plan: FastPlan, hkl0: torch.Tensor) -> torch.Tensor:
-    """``HKLTable.nearest`` for whole-number indices ``hkl0`` ([h0, k0, l0], each (n, FM)), via the
-    bordered table."""
-    ix = []
-    for a in range(3):
-        v = hkl0[a].to(plan.table_index_dtype) - plan.table_lo[a]
-        ix.append(v.clamp_(0.0, plan.table_hi[a]))
-    flat = ix[0].mul_(plan.table_kl[0]).add_(ix[1]).mul_(plan.table_kl[1]).add_(ix[2])
-    return plan.table_flat[flat.long()]
 
 
 class _Workspace:
@@ -607,17 +674,14 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
             tmp = W.t[:n * FM].view(n, FM)
             sx, sy, sz = sc[:, 0:1], sc[:, 1:2], sc[:, 2:3]
             for r in range(R):
-                Lx, Ly, Lz = plan.Lc[r]
-                h = torch.mul(sx, Lx, out=hkl[r])
-                h.add_(torch.mul(sy, Ly, out=tmp))
-                h.add_(torch.mul(sz, Lz, out=tmp))
+                miller_index(sx, sy, sz, plan.Lc[r], out=hkl[r], tmp=tmp)
     reduced = m.shape == "square" and plan.reduced
     if m.table is not None or m.shape != "square":
-        hkl0 = torch.sub(hkl, 0.5, out=buf(W.h0, R) if W.h0 is not None else None).ceil_()
+        hkl0 = nearest_index(hkl, out=buf(W.h0, R) if W.h0 is not None else None)
     elif reduced:                  # any nearby whole number serves the reduced sincg: one pass
         hkl0 = torch.round(hkl, out=buf(W.h0, R))
     if m.table is not None:
-        F_cell = _nearest_padded(plan, [axis(hkl0, i) for i in range(3)])       # (n, FM)
+        F_cell = nearest_F(plan.table, *[axis(hkl0, i) for i in range(3)])    # (n, FM)
     G = None
     if m.shape != "square":
         perm = (0, 2, 1) if blas else (1, 2, 0)
@@ -637,9 +701,7 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
         else:
             Nb = plan.Nv.view(1, A, 1) if blas else plan.Nv.view(A, 1, 1)
         G = torch.mul(X, Nb, out=buf(W.g, A))
-        G.sin_()
-        X.sin_()
-        G.div_(X)                         # sin(N·π·h)/sin(π·h); NaN exactly where π·h == 0
+        sincg_from_sines(G.sin_(), X.sin_(), None, inplace=True)   # NaN exactly where π·h == 0
         # (reduced: the sign (−1)^((N−1)·h0) is left out — F_latt only enters squared, and
         # (−F·F²_cell)·(−F) is (F·F²_cell)·F to the last bit)
         if m.device.type != "cpu" or reduced:   # (reduced: whole h are common in float32)
@@ -656,13 +718,7 @@ def _block_sums(m: Model, plan: "FastPlan", sc: torch.Tensor, ex: Optional[torch
                     F.mul_(axis(G, j))
         else:
             F = F_nonsq
-        term = W.t[:n * FM].view(n, FM)
-        if F_cell is None:
-            torch.mul(F, plan.FF, out=term)
-        else:
-            torch.mul(F_cell, F_cell, out=term)
-            term.mul_(F)
-        term.mul_(F)
+        term = bragg_term(F, F_cell, plan.FF, out=W.t[:n * FM].view(n, FM))
         if ex is not None:
             term.masked_fill_(~ex[:, None], 0.0)
         if plan.outer:
@@ -691,88 +747,16 @@ def _fix_sincg_zero(plan: "FastPlan", G: torch.Tensor, axis):
             axis(G, j).nan_to_num_(nan=nv)
 
 
-def _row_col(idx: torch.Tensor, fpixels: int, dtype):
-    """Slow and fast pixel coordinates (row, column) of flat raster indices ``idx``, in ``dtype``.
-    Computed in float64 (exact for any detector size): unlike int64 division it vectorises, also
-    inside the compiled kernels."""
-    i = idx.to(torch.float64)
-    s = torch.floor(i / fpixels)
-    return s.to(dtype), (i - s * fpixels).to(dtype)
-
-
-def _position_components(m: Model, idx: torch.Tensor):
-    """x, y, z (P, T, O) of ``_positions(m, idx)``."""
-    if m.curved:
-        return _positions(m, idx).unbind(-1)
-    return _flat_position_components(m, idx)
-
-
-def _flat_position_components(m: Model, idx: torch.Tensor):
-    """x, y, z (P, T, O) in metres of the flat detector's sub-pixel centres
-    pix0 + Fdet·f̂ + Sdet·ŝ + Odet·ô (C's sub-pixel loop order: slow outer, fast inner; layers at
-    Odet = t·thickstep) for flat raster pixel indices ``idx`` (P,)."""
-    os_ = m.oversample
-    dt, dev = m.dtype, m.device
-    s, f = _row_col(idx, m.fpixels, dt)
-    sub = torch.arange(os_, dtype=dt, device=dev)
-    subS = sub.repeat_interleave(os_)
-    subF = sub.repeat(os_)
-    subpix = m.pixel_m / os_
-    Fdet = subpix * (f[:, None] * os_ + subF) + subpix / 2.0      # (P, O)
-    Sdet = subpix * (s[:, None] * os_ + subS) + subpix / 2.0
-    Odet = (torch.arange(m.thicksteps, dtype=dt, device=dev) * m.thickstep_m)[None, :, None]
-    out = []
-    for c in range(3):
-        v = (Fdet * m.fdet[c] + Sdet * m.sdet[c])[:, None, :] + Odet * m.odet[c]
-        out.append(v + m.pix0[c])
-    return out
-
-
-def _polar_exact(m: Model, incident: torch.Tensor, diffracted: torch.Tensor) -> torch.Tensor:
-    """``polarization_factor`` for (..., 3) vectors, computed so that every element takes ATen's
-    vectorised atan2 path: scalar-tail elements (std::atan2) can differ in the last bit, which would
-    make a pixel's value depend on where it falls in its chunk. Pads to whole vectors and evaluates
-    in pieces below ATen's parallel grain size."""
-    shape = diffracted.shape[:-1]
-    inc = incident.expand_as(diffracted).reshape(-1, 3)
-    dif = diffracted.reshape(-1, 3)
-    n = dif.shape[0]
-    if not (isinstance(m.kahn, (int, float)) and m.kahn == 0):
-        padded = -(-n // 64) * 64
-        if padded != n:
-            inc = torch.cat((inc, inc[:1].expand(padded - n, 3)))
-            dif = torch.cat((dif, dif[:1].expand(padded - n, 3)))
-        piece = 16384
-        out = torch.cat([polarization_factor(m.kahn, inc[i:i + piece], dif[i:i + piece], m.polar_vector)
-                         for i in range(0, padded, piece)])[:n]
-    else:
-        out = polarization_factor(m.kahn, inc, dif, m.polar_vector)
-    return out.reshape(shape)
-
-
 def render_fast(m: Model, idx: torch.Tensor, plan: FastPlan, *, first_local=None) -> torch.Tensor:
-    """Pixel values (P,) for flat indices ``idx``, identical to ``render`` where ``fast_path_ok``."""
-    dt, dev = m.dtype, m.device
+    """Pixel values (P,) for flat indices ``idx``, identical to ``render`` where ``fast_path_ok``:
+    the same stages, geometry on contiguous (P, T, O) components, the per-sample work in
+    cache-sized blocks (``_block_sums``)."""
     P = idx.shape[0]
     T, O, S = m.thicksteps, m.oversample ** 2, plan.S
-    # geometry component by component on contiguous (P, T, O) tensors: the same IEEE operations as
-    # _positions / unitize / render, without the slow broadcasting over a trailing dimension of 3
-    px, py, pz = _position_components(m, idx)                 # (P, T, O)
-    R = sqrt_exact(px * px + py * py + pz * pz)                # = unitize's (v*v).sum(-1), C order
-    safe = torch.where(R == 0, torch.ones_like(R), R)
-    dc = (px / safe, py / safe, pz / safe)
-    scat = torch.empty(P, T, O, S, 3, dtype=dt, device=dev)
-    for c in range(3):
-        torch.div(dc[c][..., None] - m.incident[:, c], m.wavelength_m, out=scat[..., c])
-
-    def d_at(t, o):
-        return torch.stack([x[:, t, o] for x in dc], -1)      # (P, 3)
-
-    executed = None
-    if m.dmin_m > 0:
-        stol = 0.5 * sqrt_exact((scat * scat).sum(-1))
-        safe = torch.where(stol > 0, stol, torch.ones_like(stol))
-        executed = ~((stol > 0) & (m.dmin_m > 0.5 / safe))     # (P, T, O, S)
+    d, R = airpath(_positions(m, idx), sqrt_exact)             # 3 × (P, T, O), (P, T, O)
+    scat = torch.empty(P, T, O, S, 3, dtype=m.dtype, device=m.device)
+    _scattering(m, d, out=scat.unbind(-1))                      # (P, T, O, S, 3), m⁻¹
+    executed = dmin_executed(scat, m.dmin_m, sqrt_exact) if m.dmin_m > 0 else None
     rows = T * O * S
     scat = scat.reshape(P * rows, 3)
     ex = executed.reshape(P * rows) if executed is not None else None
@@ -782,38 +766,14 @@ def render_fast(m: Model, idx: torch.Tensor, plan: FastPlan, *, first_local=None
         parts.append(_block_sums(m, plan, scat[b * rows:e * rows],
                                  None if ex is None else ex[b * rows:e * rows], e - b))
     I = parts[0] if len(parts) == 1 else torch.cat(parts)
+    full = not plan.outer
+    capture, polar, omega = _factors(m, d, R, capture=full, polar=full or executed is not None,
+                                     omega=full)
     if plan.outer:
-        I = m.I_bg + I
-        val = m.r_e_sqr * m.fluence * I / m.steps
-        if not (m.thick_m == 0.0 and not m.oversample_thick):
-            layer = torch.full((), float(T - 1), dtype=dt, device=dev)
-            val = val * capture_fraction(d_at(-1, 0), m.odet, layer, m.thickstep_m, m.mu_per_m)
-        if executed is None:
-            if not m.nopolar:
-                val = val * _polar_exact(m, m.incident[0], d_at(0, 0))
-        else:
-            if m.nopolar:
-                polar = torch.ones(P, T, O, S, dtype=dt, device=dev)
-            else:
-                polar = _polar_exact(m, m.incident, torch.stack(dc, -1)[..., None, :].expand(P, T, O, S, 3))
-            val = val * _first_along(executed, polar, 3, 1.0 if m.nopolar else 0.0)
-        val = val * solid_angle(R[:, 0, 0], m.pixel_m, m.close_distance_m, m.point_pixel)
+        val = finish_outer(I, m.I_bg, m.r_e_sqr, m.fluence, m.steps,
+                           (capture[:, -1, 0], _first_polar(m, polar, executed), omega[:, 0, 0]))
     else:
-        omega = solid_angle(R, m.pixel_m, m.close_distance_m, m.point_pixel)       # (P, T, O)
-        if m.thick_m == 0.0 and not m.oversample_thick:
-            capture = torch.ones_like(omega)
-        else:
-            layer = torch.arange(T, dtype=dt, device=dev)[None, :, None]
-            capture = capture_fraction(torch.stack(dc, -1), m.odet, layer, m.thickstep_m,
-                                       m.mu_per_m)
-        if m.nopolar:
-            polar = torch.ones(P, T, O, S, dtype=dt, device=dev)
-        else:
-            polar = _polar_exact(m, m.incident, torch.stack(dc, -1)[..., None, :].expand(P, T, O, S, 3))
-        fac = capture[..., None] * polar * omega[..., None]
-        I = (I.view(P, T, O, S) * fac * m.source_weight).sum(dim=(1, 2, 3))
-        bg = m.bg_physical * (capture * polar.mean(-1) * omega).mean(dim=2).sum(1)
-        val = m.r_e_sqr * m.fluence * (I / m.steps) + bg
+        val, _ = finish_inner(m, I.view(P, T, O, S), capture, polar, omega)
     return _with_first_iteration(m, idx, val, first_local)
 
 
@@ -832,7 +792,7 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 # compiled path (device option ``compile``)
 # ---------------------------------------------------------------------------------------------
 #
-# torch.compile (Inductor) fuses the per-sub-pixel geometry and per-sample arithmetic into a few
+# torch.compile (Inductor) fuses the stage functions (the very ones ``render`` calls) into a few
 # loops, so the CPU no longer streams every intermediate through memory. Miller indices are C's
 # a_x·S_x + a_y·S_y + a_z·S_z, the eager kernel's own numbers in Miller mode "c". Where the eager
 # kernel takes the BLAS product (many φ·domains) its indices differ in the last bit, which the
@@ -882,97 +842,46 @@ def compile_pays_off(m: Model) -> bool:
     return npix * m.per_pixel_elements() >= _AUTO_COMPILE_SAMPLES[miller_mode(m)]
 
 
-def _k_positions(idx, fdet, sdet, odet, pix0, pixel, cfg):
-    """Sub-pixel positions (3, T, O, P) and their squared distance (T, O, P)."""
-    fpix, os_, T, thickstep = cfg
-    dt, dev = fdet.dtype, fdet.device
-    s, f = _row_col(idx, fpix, dt)
-    sub = torch.arange(os_, dtype=dt, device=dev)
-    subS = sub.repeat_interleave(os_)[:, None]
-    subF = sub.repeat(os_)[:, None]
-    subpix = pixel / os_
-    Fdet = subpix * (f * os_ + subF) + subpix / 2.0                      # (O, P)
-    Sdet = subpix * (s * os_ + subS) + subpix / 2.0
-    Odet = (torch.arange(T, dtype=dt, device=dev) * thickstep)[:, None, None]
-    p = torch.stack([(Fdet * fdet[c] + Sdet * sdet[c])[None] + Odet * odet[c] + pix0[c]
-                     for c in range(3)])
-    return p, torch.sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2])    # IEEE sqrt = sqrt_exact
-
-
-def _k_geometry(p, R, odet, incident, wavelength, polar_vector, pixel, close, cfg):
-    """Scattering vectors [x, y, z] (T, O, S, P) and per-pixel capture, polarization, solid angle."""
-    T, thickstep, mu, use_cap, nopolar, kahn, point = cfg
-    dt, dev = p.dtype, p.device
-    safe = torch.where(R == 0, torch.ones_like(R), R)
-    d = [p[c] / safe for c in range(3)]
-    lam = wavelength[:, None]
-    sc = [(d[c][:, :, None, :] - incident[:, c, None]) / lam for c in range(3)]   # (T, O, S, P)
-    d00 = torch.stack([dc[0, 0] for dc in d], -1)                        # (P, 3)
-    val = solid_angle(R[0, 0], pixel, close, point)
-    if use_cap:
-        dl = torch.stack([dc[-1, 0] for dc in d], -1)
-        layer = torch.full((), float(T - 1), dtype=dt, device=dev)
-        cap = capture_fraction(dl, odet, layer, thickstep, mu)
-    else:
-        cap = None
-    pol = None if nopolar else polarization_factor(kahn, incident[0].expand_as(d00), d00,
-                                                   polar_vector)
-    return sc, cap, pol, val
-
-
-def _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced):
-    """Lists over the sincg axes of π·h and N·π·h (or of the reduced π·(h − h0) and N·π·(h − h0),
-    see ``sincg_reduced``; its sign is left out as F_latt only enters squared), and F_cell or None.
-    Separate tensors (no stack) keep Inductor's loops fused."""
-    F_cell = None
-    h0 = [torch.ceil(h - 0.5) for h in hkl] if (tab is not None or reduced) else None
-    if tab is not None:
-        lo, hi, kl = tab
-        ix = [torch.clamp(h0[i] - lo[i], 0.0, hi[i]) for i in range(3)]
-        flat = (ix[0] * kl[0] + ix[1]) * kl[1] + ix[2]
-        F_cell = table_flat[flat.long()]
-    X, G = [], []
-    for i, n in zip(axes, Nvals):
-        x = ((hkl[i] - h0[i]) if reduced else hkl[i]) * math.pi
-        X.append(x)
-        G.append(x * n)
-    return X, G, F_cell
-
-
 def _k_front(idx, fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pixel, close,
              lat, table_flat, cfg):
-    """Geometry and Miller indices: π·h, N·π·h (each (T, O, S, F, M, P)) for the sincg axes,
-    F_cell (T, O, S, F, M, P) or None, and the per-pixel factors."""
-    pos_cfg, geo_cfg, axes, Nvals, tab, reduced = cfg
-    p, R = _k_positions(idx, fdet, sdet, odet, pix0, pixel, pos_cfg)
-    sc, cap, pol, om = _k_geometry(p, R, odet, incident, wavelength, polar_vector, pixel, close,
-                                   geo_cfg)
+    """The stages up to the sines, pixels last: π·h and N·π·h (each (T, O, S, F, M, P)) for the
+    sincg axes (reduced: π·(h − h0), see ``sincg_reduced``; its sign is left out as F_latt only
+    enters squared), F_cell (T, O, S, F, M, P) or None, and the once-per-pixel (capture,
+    polarization, solid angle) (P,) (None: exactly 1). Separate tensors (no stack) keep Inductor's
+    loops fused."""
+    (fpix, os_, T, thickstep, mu, use_cap, nopolar, kahn, point), axes, Nvals, tab, reduced = cfg
+    p = sample_positions(idx, fpix, os_, T, pixel, thickstep, fdet, sdet, odet, pix0,
+                         pixels_last=True)                                # 3 × (T, O, P)
+    d, R = airpath(p)                                                     # IEEE sqrt in Inductor
+    sc = scattering_vector([c[:, :, None, :] for c in d], [incident[:, c, None] for c in range(3)],
+                           wavelength[:, None])                           # 3 × (T, O, S, P)
     sx, sy, sz = (c[:, :, :, None, None] for c in sc)                    # (T, O, S, 1, 1, P)
     L = lat[:, :, None]                                                   # (F, M, 1, 3, 3)
-    hkl = [sx * L[..., i, 0] + sy * L[..., i, 1] + sz * L[..., i, 2]
-           for i in range(3)]                                             # (T, O, S, F, M, P)
-    X, G, F_cell = _k_sincg_inputs(hkl, table_flat, axes, Nvals, tab, reduced)
-    return X, G, F_cell, cap, pol, om
+    hkl = [miller_index(sx, sy, sz, L[..., i, :].unbind(-1)) for i in range(3)]
+    h0 = [nearest_index(h) for h in hkl] if (tab is not None or reduced) else None
+    F_cell = nearest_F(BorderedTable(table_flat, *tab), *h0) if tab is not None else None
+    X = [((hkl[i] - h0[i]) if reduced else hkl[i]) * math.pi for i in axes]
+    G = [x * n for x, n in zip(X, Nvals)]
+    d00 = torch.stack([c[0, 0] for c in d], -1)                           # (P, 3)
+    cap = (capture_fraction(torch.stack([c[-1, 0] for c in d], -1), odet,
+                            torch.full((), float(T - 1), dtype=fdet.dtype, device=fdet.device),
+                            thickstep, mu) if use_cap else None)
+    pol = None if nopolar else polarization_factor(kahn, incident[0].expand_as(d00), d00,
+                                                   polar_vector)
+    return X, G, F_cell, cap, pol, solid_angle(R[0, 0], pixel, close, point)
 
 
 def _k_finish(X, G, F_cell, cap, pol, om, w, cfg):
-    """Pixel values from sin(π·h) (X), sin(N·π·h) (G) (or π·h, N·π·h when ``sin_inside``)."""
-    Nvals, FF, w_one, I_bg, scale, steps, sin_inside = cfg
-    F = None
-    for j, n in enumerate(Nvals):
-        xs, gs = (torch.sin(X[j]), torch.sin(G[j])) if sin_inside else (X[j], G[j])
-        r = torch.where(xs == 0, torch.full_like(xs, n), gs / xs)
-        F = r if F is None else F * r
-    term = F * FF * F if F_cell is None else F_cell * F_cell * F * F
+    """Pixel values (P,) from sin(π·h) (X), sin(N·π·h) (G) (or π·h, N·π·h when ``sin_inside``)."""
+    Nvals, FF, w_one, I_bg, r_e_sqr, fluence, steps, sin_inside = cfg
+    if sin_inside:
+        X, G = [torch.sin(x) for x in X], [torch.sin(g) for g in G]
+    F = product([sincg_from_sines(g, x, n) for x, g, n in zip(X, G, Nvals)], like=X[0])
+    term = bragg_term(F, F_cell, FF)
     if not w_one:
         term = term * w[:, None, None, None]
-    I = I_bg + term.sum(dim=(0, 1, 2, 3, 4))
-    val = scale * I / steps
-    if cap is not None:
-        val = val * cap
-    if pol is not None:
-        val = val * pol
-    return val * om
+    return finish_outer(term.sum(dim=(0, 1, 2, 3, 4)), I_bg, r_e_sqr, fluence, steps,
+                        (cap, pol, om))
 
 
 def _compiled_fn(name):
@@ -1005,20 +914,17 @@ class CompiledPlan:
         # (padded) chunk exceeds the budget, the eager kernel (which also splits samples) runs
         self.fits = self.chunk * per_pixel <= budget_bytes or asked
         self.sin_inside = m.dtype == torch.float32
-        T = m.thicksteps
         use_cap = not (m.thick_m == 0.0 and not m.oversample_thick)
-        self.pos_cfg = (m.fpixels, m.oversample, T, float(m.thickstep_m))
-        self.geo_cfg = (T, float(m.thickstep_m), float(m.mu_per_m), use_cap, bool(m.nopolar),
-                        float(m.kahn), bool(m.point_pixel))
         tab = None
         if m.table is not None:
-            tab = (fast.table_lo, fast.table_hi, fast.table_kl)
-        self.table_flat = (fast.table_flat if m.table is not None
+            tab = (fast.table.lo, fast.table.hi, fast.table.kl)
+        self.table_flat = (fast.table.flat if m.table is not None
                            else torch.zeros(1, dtype=m.dtype, device=m.device))
-        self.front_cfg = (self.pos_cfg, self.geo_cfg, tuple(fast.axes), tuple(fast.Nvals), tab,
-                          fast.reduced)
-        self.finish_cfg = (tuple(fast.Nvals), fast.FF, fast.w_one, float(m.I_bg),
-                           float(m.r_e_sqr * m.fluence), float(m.steps), self.sin_inside)
+        geo_cfg = (m.fpixels, m.oversample, m.thicksteps, float(m.thickstep_m), float(m.mu_per_m),
+                   use_cap, bool(m.nopolar), float(m.kahn), bool(m.point_pixel))
+        self.front_cfg = (geo_cfg, tuple(fast.axes), tuple(fast.Nvals), tab, fast.reduced)
+        self.finish_cfg = (tuple(fast.Nvals), fast.FF, fast.w_one, float(m.I_bg), float(m.r_e_sqr),
+                           float(m.fluence), float(m.steps), self.sin_inside)
         self.aot = None                    # (front, finish) from nbsim.kernel_cache, when used
 
 

@@ -7,7 +7,8 @@ which a new process loads in milliseconds.
 
 An entry's key is a hash of everything that decides the compiled code: the kernel's name, its static
 configuration (detector and crystal constants baked into the code), the shapes, dtypes and devices of
-its inputs, the torch version, the nbsim version and the source text of ``nbsim/engine.py``. Another
+its inputs, the torch version, the nbsim version and the source text of ``nbsim/engine.py`` and
+``nbsim/physics.py`` (the stage functions the kernels call). Another
 torch or nbsim, other shapes or an edited engine give another key, so a stale entry is never used
 (``gc`` removes entries no current key names, nothing else does). Every entry carries a manifest
 with its key fields and the package's SHA-256; an entry whose package is missing, truncated, edited
@@ -41,8 +42,14 @@ def cache_dir() -> Path:
 
 
 def _engine_source_hash() -> str:
+    """Hash of the source of the compiled kernels: ``nbsim/engine.py`` and the stage functions
+    they call (``nbsim/physics.py``)."""
     import nbsim.engine
-    return hashlib.sha256(Path(nbsim.engine.__file__).read_bytes()).hexdigest()
+    import nbsim.physics
+    h = hashlib.sha256()
+    for mod in (nbsim.engine, nbsim.physics):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()
 
 
 def _describe(x):

@@ -6,8 +6,8 @@ that ``python -m pipeline.trace_diff`` can pair them with a C trace line by line
 
 Every pixel-level value comes from the tensors the image itself is made of: the pixel is evaluated by
 ``nbsim.engine.render`` on a one-pixel index with a ``trace`` dict; nothing here recomputes physics
-except reading values out of those tensors (and ``physics.sincg`` for the per-axis F_latt factors that
-the kernel multiplies together).
+except reading values out of those tensors (the stage outputs ``render`` hands to its ``trace`` dict,
+among them the per-axis F_latt factors).
 
 Lines (C names; quirks of the instrumented build are reproduced, not fixed):
 
@@ -231,7 +231,6 @@ def trace_lines(model, pixel: Sequence[int], *, spec=None, interp_on="exact",
     detector: include the detector-level block before ``TRACE_CONFIG``.
     """
     from nbsim.engine import _first_along, render
-    from nbsim.physics import sincg
 
     m = model
     s_pix, f_pix = int(pixel[0]), int(pixel[1])
@@ -277,7 +276,6 @@ def trace_lines(model, pixel: Sequence[int], *, spec=None, interp_on="exact",
     live = None if live is None else live[0]                         # (T,O,S,F,M)
     inc, lam = m.incident, m.wavelength_m
     close = m.close_distance_m
-    Na, Nb, Nc = m.N
     pix0_l = f"TRACE_C: pix0_vector_meters {_vals(m.pix0)}"
     fdet_l = f"TRACE_C: fdet_vec {_vals(m.fdet)}"
     sdet_l = f"TRACE_C: sdet_vec {_vals(m.sdet)}"
@@ -311,8 +309,8 @@ def trace_lines(model, pixel: Sequence[int], *, spec=None, interp_on="exact",
             out.append("TRACE_C: hkl_rounded " + " ".join("%d" % int(_f(x)) for x in hkl0[t, o, 0, 0, 0]))
             fl = F_latt[t, o, 0, 0, 0]
             if m.shape == "square":
-                for n, x, N in (("a", h[0], Na), ("b", h[1], Nb), ("c", h[2], Nc)):
-                    v = sincg(math.pi * x, N) if N > 1 else 1.0
+                for n, fa in zip("abc", tr["F_axes"]):
+                    v = 1.0 if fa is None else fa[0, t, o, 0, 0, 0]
                     out.append(f"TRACE_C: F_latt_{n} {_vals(v)}")
                 out.append(f"TRACE_C: F_latt {_vals(fl)}")
             if _f(fl) == 0.0 and not background:

@@ -117,3 +117,19 @@ def test_command_line(cache, capsys):
     assert kernel_cache.main(["build", *ARGV, "-distance", "-3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "-distance" in err[0]
+
+
+@pytest.mark.parametrize("module", ["engine", "physics"])
+def test_key_follows_the_kernels_source(module, tmp_path, monkeypatch):
+    """The compiled kernels are the stage functions of nbsim.engine and nbsim.physics: editing
+    either file changes every key (no build needed to check)."""
+    import importlib
+    from nbsim import kernel_cache
+    mod = importlib.import_module(f"nbsim.{module}")
+    before = kernel_cache.key_fields("_k_front", (), [])
+    edited = tmp_path / f"{module}.py"
+    edited.write_bytes(open(mod.__file__, "rb").read() + b"\n# edited\n")
+    monkeypatch.setattr(mod, "__file__", str(edited))
+    after = kernel_cache.key_fields("_k_front", (), [])
+    assert before["engine_sha256"] != after["engine_sha256"]
+    assert kernel_cache.entry_key(before) != kernel_cache.entry_key(after)
