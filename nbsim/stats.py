@@ -37,8 +37,8 @@ def solid_angle_sum_sr(model, chunk_pixels: int = 4096) -> float:
     Positions and solid angle come from the engine's stage functions (one formula each)."""
     import torch
 
-    from nbsim.engine import _positions, simulated_indices, unitize_exact
-    from nbsim.physics import solid_angle
+    from nbsim.engine import _positions, simulated_indices, sqrt_exact
+    from nbsim.physics import airpath, solid_angle
     m = model
     idx_all = simulated_indices(m)
     n = m.spixels * m.fpixels if idx_all is None else int(idx_all.numel())
@@ -48,7 +48,7 @@ def solid_angle_sum_sr(model, chunk_pixels: int = 4096) -> float:
         for start in range(0, n, chunk_pixels):
             stop = min(n, start + chunk_pixels)
             idx = (torch.arange(start, stop, device=m.device) if idx_all is None else idx_all[start:stop])
-            _, R = unitize_exact(_positions(m, idx).detach())                   # (P, T, O) metres
+            _, R = airpath([c.detach() for c in _positions(m, idx)], sqrt_exact)   # (P, T, O) metres
             if m.oversample_omega:
                 om = solid_angle(R, m.pixel_m, m.close_distance_m, m.point_pixel).sum()
             else:

@@ -437,7 +437,8 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
             rest.append(j)
         specs, devs = [specs[j] for j in rest], [devs[j] for j in rest]
         index = [todo[j] for j in rest]
-        results = iter_many(specs, devices=devs, base_dir=str(base_dir))
+        results = iter_many(specs, devices=devs, base_dir=str(base_dir),
+                            inputs=[getattr(ests[i], "inputs", None) for i in index])   # as the preflight read them
         while True:
             try:
                 k, result = next(results)

@@ -55,3 +55,21 @@ def test_store_reads_each_file_once(files, counted):
     store.run_or_reuse(spec, DeviceSpec(), root=files / "out", base_dir=files, log=lambda m: None,
                        progress=False)
     assert counted == {"read_hkl": 1, "read_matrix": 1, "read_sourcefile_lines": 1, "read_smv": 1}
+
+
+def test_store_sweep_reads_each_file_once_per_point(files, counted):
+    """A batched sweep (``run_many``): each point's preflight reads its files once and the batch
+    renders from what the preflights read (grouping, compile decision and run read nothing again)."""
+    from nbsim.spec import DeviceSpec
+    from pipeline import store
+    from pipeline.compose import compose_spec
+    items = []
+    for dist in (90, 100):
+        spec, _ = compose_spec(["crystal.matrix_file=A.mat", "crystal.hkl_file=P1.hkl", "crystal.cell_A_deg=null",
+                                "crystal.N=2", "beam.source_file=sources.txt", "detector.mask_file=mask.img",
+                                "detector.fpixels=32", "detector.spixels=24", "detector.pixel_mm=0.4",
+                                "detector.oversample=1", f"detector.distance_mm={dist}"])
+        items.append((spec, DeviceSpec()))
+    out = store.run_many(items, root=files / "out", base_dir=files, log=lambda m: None, thumb=200)
+    assert [reused for _, reused, _ in out] == [False, False]
+    assert counted == {"read_hkl": 2, "read_matrix": 2, "read_sourcefile_lines": 2, "read_smv": 2}
