@@ -23,7 +23,11 @@ Two implementations of the same sequential loop, equal bit for bit:
 ``backend="auto"`` picks the first that applies, except that a process which has not loaded the
 compiled loop yet runs images under :data:`NUMBA_MIN_PIXELS` pixels in Python: importing numba and
 loading the cached machine code costs ~0.4 s once per process, more than the Python loop takes for
-such an image (~0.7 us per pixel).  :data:`last_backend` names the implementation the latest call used.
+such an image (~0.7 us per pixel).  A process that registered a :class:`nbsim.noise_worker.NoiseWorker`
+(:func:`use_worker`; the nanoBragg front end does, before it imports torch) runs ``"auto"`` images in
+that worker instead, where the compiled loop was loaded in parallel ("numba-worker"; it falls back to
+the choices above when the worker cannot serve).  :data:`last_backend` names the implementation the
+latest call used.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ _MAX_CHUNK = 1 << 20  # draws generated ahead at a time (a Python list: ~32 MB)
 BACKENDS = ("auto", "numba", "python")
 #: "auto" in a process without the compiled loop loaded: smaller images run in Python (see above)
 NUMBA_MIN_PIXELS = 1 << 19
-#: the implementation the latest ``poisson_deviates``/``noise_image`` call ran ("numba" or "python")
+#: the implementation the latest ``poisson_deviates``/``noise_image`` call ran ("numba", "numba-worker"
+#: (the compiled loop in the registered worker process) or "python")
 last_backend: str | None = None
+_worker = None               # the NoiseWorker registered by use_worker, or None
 _kernels_mod = None          # nbsim.noise_numba once imported; False when numba is unavailable
 #: why the compiled kernels are unavailable (None while they are, or before the first use)
 numba_unavailable_reason: str | None = None
@@ -100,11 +106,25 @@ def _store_state(rng: Ran1, st: np.ndarray, iv: np.ndarray) -> None:
     rng.ndraws += int(st[2])
 
 
-def _choose(backend: str, rng: Ran1, n: int):
-    """(kernels module, state) for the numba path, or None for the Python path (``n`` pixels)."""
+def use_worker(worker) -> None:
+    """Register ``worker`` (a started :class:`nbsim.noise_worker.NoiseWorker`, or None to drop it):
+    ``backend="auto"`` noise images then run there while it can serve."""
+    global _worker
+    _worker = worker
+
+
+def _choose(backend: str, rng: Ran1, n: int, *, worker_ok: bool = False):
+    """(kernels, state) for the compiled path, or None for the Python path (``n`` pixels).
+    ``kernels``: the :mod:`nbsim.noise_numba` module or, where ``worker_ok`` and ``backend`` is
+    "auto" and this process has not loaded the compiled loop itself, the registered worker."""
     global last_backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if worker_ok and backend == "auto" and _worker is not None and not _kernels_loaded():
+        state = _kernel_state(rng)
+        if state is not None and _worker.ready():
+            last_backend = "numba-worker"
+            return _worker, state
     small = backend == "auto" and n < NUMBA_MIN_PIXELS and not _kernels_loaded()
     if backend != "python" and not small:
         k = _kernels()
@@ -303,14 +323,19 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
         roi = np.asarray(mask, dtype=bool)
         if roi.shape != a.shape:
             raise ValueError(f"noise_image: mask shape {roi.shape} != image shape {a.shape}")
+    from .noise_worker import WorkerError
     rng = _as_stream(seed, table)
     whole = mask is None or bool(roi.all())
     vals = np.ascontiguousarray(a.reshape(-1) if whole else a[roi])
-    chosen = _choose(backend, rng, vals.size)
-    if chosen is not None:
+    chosen = _choose(backend, rng, vals.size, worker_ok=True)
+    while chosen is not None:
         k, (st, iv) = chosen
         counts = np.empty(vals.size, dtype=np.uint16)
-        photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
+        try:
+            photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
+        except WorkerError:                 # the worker is dropped: choose again, in this process
+            chosen = _choose(backend, rng, vals.size)
+            continue
         _store_state(rng, st, iv)
         if whole:
             return counts.reshape(a.shape), float(photons), int(overloads)

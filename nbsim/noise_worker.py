@@ -1,0 +1,169 @@
+"""The compiled noise loop in a helper process, made ready while the front end starts.
+
+Loading numba's cached machine code for :mod:`nbsim.noise_numba` costs a new process ~0.35 s of
+CPU (importing numba, building its typing and target registries), and the C-exact noise loop is
+sequential, so the front end cannot hide that cost behind its own work: torch's import, the setup
+and the kernel all run first. A :class:`NoiseWorker` is a second Python process, started by the
+front end before it imports torch, that imports and loads the compiled loop on the other core and
+then runs ``noise_counts`` on request. The image is the same bit for bit: the worker runs the same
+:func:`nbsim.noise_numba.noise_counts` on the same float32 values and the same stream state, and
+the state it ends in is copied back (:func:`nbsim.noise.noise_image` does that as for the in-process
+kernel).
+
+Being a process of its own, the worker can also skip what numba loads for other programs: its
+optional BLAS support (``scipy.linalg``, ~0.2 s to import) and cffi support. Nothing else runs in
+that process, and the noise loop uses neither.
+
+Protocol (one ``multiprocessing.connection`` socket pair, pickled tuples):
+worker -> parent first ``("ready", None)`` or ``("unavailable", reason)``; then per request
+parent -> worker ``("noise_counts", vals float32 (n,), adc, st int64 (3,), iv int64 (32,))`` and
+worker -> parent ``("ok", counts uint16 (n,), photons, overloads, st, iv)`` or ``("error", text)``.
+The worker exits when the parent closes its end (or exits).
+
+Any failure (no interpreter path, numba missing, the worker dying or timing out) raises
+:class:`WorkerError` or makes :meth:`NoiseWorker.ready` false; :mod:`nbsim.noise` then runs the
+loop in-process as before.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["NoiseWorker", "WorkerError", "READY_TIMEOUT_S"]
+
+#: longest wait for the worker to be ready (it compiles when numba's cache is cold: seconds)
+READY_TIMEOUT_S = 300.0
+#: modules numba imports for optional features the noise loop never uses (blocked in the worker only)
+_SKIPPED_IN_WORKER = ("scipy.linalg.cython_blas", "cffi")
+
+
+class WorkerError(RuntimeError):
+    """The worker cannot serve a request (not ready, died, or replied with an error)."""
+
+
+class NoiseWorker:
+    """Handle of a started worker process (see the module docstring)."""
+
+    def __init__(self, proc: subprocess.Popen, conn) -> None:
+        self._proc = proc
+        self._conn = conn
+        self._state: Optional[bool] = None          # None: not heard from yet; True ready; False dead
+        self.reason: Optional[str] = None           # why the worker is unusable, once it is
+
+    @classmethod
+    def start(cls) -> Optional["NoiseWorker"]:
+        """Start a worker process (returns at once; it loads in the background), or None when no
+        process can be started here."""
+        if not sys.executable:
+            return None
+        try:
+            from multiprocessing.connection import Pipe
+            ours, theirs = Pipe(duplex=True)
+        except OSError:
+            return None
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (f"import sys; sys.path.insert(0, {root!r}); "
+                f"from nbsim.noise_worker import serve; serve({theirs.fileno()})")
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        except (OSError, ValueError):
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        return cls(proc, ours)
+
+    def _fail(self, reason: str) -> None:
+        self._state = False
+        self.reason = reason
+        self.close()
+
+    def ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Wait (at most ``timeout`` s) until the worker has loaded the compiled loop; False when it
+        cannot serve (numba unavailable there, died, or too slow)."""
+        if self._state is None:
+            try:
+                if not self._conn.poll(timeout):
+                    self._fail(f"not ready after {timeout:g} s")
+                    return False
+                status, detail = self._conn.recv()
+            except (EOFError, OSError, ValueError) as e:
+                self._fail(f"worker gone: {type(e).__name__}: {e}")
+                return False
+            if status == "ready":
+                self._state = True
+            else:
+                self._fail(str(detail))
+        return bool(self._state)
+
+    def noise_counts(self, vals: np.ndarray, adc: float, st: np.ndarray, iv: np.ndarray,
+                     counts: np.ndarray):
+        """:func:`nbsim.noise_numba.noise_counts` run by the worker: same arguments, ``counts``,
+        ``st`` and ``iv`` updated in place, returns ``(photons, overloads)``. Raises
+        :class:`WorkerError` (and leaves every argument untouched) when the worker cannot run it."""
+        if not self.ready():
+            raise WorkerError(f"noise worker unavailable: {self.reason}")
+        try:
+            self._conn.send(("noise_counts", vals, float(adc), st, iv))
+            reply = self._conn.recv()
+        except (EOFError, OSError, ValueError) as e:
+            self._fail(f"worker gone: {type(e).__name__}: {e}")
+            raise WorkerError(f"noise worker failed: {self.reason}") from None
+        if reply[0] != "ok":
+            self._fail(str(reply[1]))
+            raise WorkerError(f"noise worker failed: {self.reason}")
+        _, got, photons, overloads, st_out, iv_out = reply
+        counts[...] = got
+        st[...] = st_out
+        iv[...] = iv_out
+        return photons, overloads
+
+    def close(self) -> None:
+        """Let the worker exit (it does when its end of the connection closes); reaps it if done."""
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        if self._state is not False:
+            self._state = False
+            self.reason = self.reason or "closed"
+        self._proc.poll()
+
+
+def serve(fd: int) -> None:
+    """The worker process: load the compiled loop, say so, then answer requests until EOF."""
+    from multiprocessing.connection import Connection
+    conn = Connection(fd)
+    for name in _SKIPPED_IN_WORKER:           # numba then runs without these optional features
+        sys.modules.setdefault(name, None)
+    try:
+        from nbsim import noise_numba as k
+        # the first call loads (or, with a cold cache, compiles) the code for these argument types
+        k.noise_counts(np.zeros(1, np.float32), 0.0, np.array([-1, 0, 0], np.int64),
+                       np.zeros(32, np.int64), np.empty(1, np.uint16))
+    except Exception as e:                     # numba missing or unusable: the parent runs it
+        conn.send(("unavailable", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            _, vals, adc, st, iv = msg
+            counts = np.empty(vals.shape[0], dtype=np.uint16)
+            photons, overloads = k.noise_counts(vals, adc, st, iv, counts)
+            reply = ("ok", counts, photons, overloads, st, iv)
+        except Exception as e:
+            reply = ("error", f"{type(e).__name__}: {e}")
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return
