@@ -107,9 +107,9 @@ def _start_noise_worker(parsed):
     before torch is imported: the worker loads the compiled noise loop on the other core meanwhile."""
     if _noise_pixels(parsed) < NOISE_WORKER_MIN_PIXELS:
         return None
-    from nbsim import noise
     from nbsim.noise_worker import NoiseWorker
     worker = NoiseWorker.start()
+    from nbsim import noise
     noise.use_worker(worker)
     return worker
 
@@ -183,8 +183,9 @@ def _run(parsed) -> int:
         return _error(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
     except InputFileError as e:        # a reader's one-line message (preflight normally catches it)
         return _error(str(e))
+    img = result.float32()                   # converted once: checked, then written
     try:
-        check_image(result.float32(), parsed.spec)
+        check_image(img, parsed.spec)
     except SpecError as e:
         return _error(spec_error_message(e, parsed.origins))
 
@@ -199,7 +200,6 @@ def _run(parsed) -> int:
         print(line)
 
     info = result.info
-    img = result.float32()
     spixels, fpixels = img.shape
     if "omega_sum_sr" in info and not any(str(x).startswith("solid angle") for x in result.log):
         om = info["omega_sum_sr"]
@@ -210,7 +210,7 @@ def _run(parsed) -> int:
     at = info.get("max_I_at_m")
     new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
-        res = write_result(result, parsed.spec.image, **paths) or {}
+        res = write_result(result, parsed.spec.image, img32=img, **paths) or {}
     except OSError as e:
         for p in new_files:                  # no half set of outputs: remove what this run created
             try:

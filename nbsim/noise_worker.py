@@ -31,8 +31,6 @@ import subprocess
 import sys
 from typing import Optional
 
-import numpy as np
-
 __all__ = ["NoiseWorker", "WorkerError", "READY_TIMEOUT_S"]
 
 #: longest wait for the worker to be ready (it compiles when numba's cache is cold: seconds)
@@ -57,7 +55,8 @@ class NoiseWorker:
     @classmethod
     def start(cls) -> Optional["NoiseWorker"]:
         """Start a worker process (returns at once; it loads in the background), or None when no
-        process can be started here."""
+        process can be started here. (This module imports neither numpy nor numba: the front end
+        starts the worker before its own imports.)"""
         if not sys.executable:
             return None
         try:
@@ -102,8 +101,7 @@ class NoiseWorker:
                 self._fail(str(detail))
         return bool(self._state)
 
-    def noise_counts(self, vals: np.ndarray, adc: float, st: np.ndarray, iv: np.ndarray,
-                     counts: np.ndarray):
+    def noise_counts(self, vals, adc: float, st, iv, counts):
         """:func:`nbsim.noise_numba.noise_counts` run by the worker: same arguments, ``counts``,
         ``st`` and ``iv`` updated in place, returns ``(photons, overloads)``. Raises
         :class:`WorkerError` (and leaves every argument untouched) when the worker cannot run it."""
@@ -139,6 +137,8 @@ class NoiseWorker:
 def serve(fd: int) -> None:
     """The worker process: load the compiled loop, say so, then answer requests until EOF."""
     from multiprocessing.connection import Connection
+
+    import numpy as np
     conn = Connection(fd)
     for name in _SKIPPED_IN_WORKER:           # numba then runs without these optional features
         sys.modules.setdefault(name, None)

@@ -155,8 +155,10 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
     }
 
 
-def write_result(result, image_spec, **paths) -> dict:
+def write_result(result, image_spec, *, img32=None, **paths) -> dict:
     """Write a ``SimResult``'s products: the one place where the description meets the writers.
+
+    ``img32``: ``result.float32()`` when the caller already has it (not converted again).
 
     ``image_spec.noise_seed`` is the user's seed (``-seed N``); the writers take C's internal ``-N``.
     The ROI (what nanoBragg writes, 0 outside) comes from ``result.roi_mask``; pixels skipped by a mask
@@ -172,5 +174,5 @@ def write_result(result, image_spec, **paths) -> dict:
     keys = ("max_I", "mean", "rms", "rmsd", "sum")
     # the API computed them with the same call (nbsim.stats: ROI, active = simulated pixels)
     stats = {k: info[k] for k in keys} if all(k in info for k in keys) else None
-    return write_products(result.float32(), result.roi_mask, info, args, active=result.mask,
+    return write_products(result.float32() if img32 is None else img32, result.roi_mask, info, args, active=result.mask,
                           stats=stats, **paths)
