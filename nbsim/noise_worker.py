@@ -14,11 +14,13 @@ Being a process of its own, the worker can also skip what numba loads for other 
 optional BLAS support (``scipy.linalg``, ~0.2 s to import) and cffi support. Nothing else runs in
 that process, and the noise loop uses neither.
 
-Protocol (one ``multiprocessing.connection`` socket pair, pickled tuples):
-worker -> parent first ``("ready", None)`` or ``("unavailable", reason)``; then per request
-parent -> worker ``("noise_counts", vals float32 (n,), adc, st int64 (3,), iv int64 (32,))`` and
-worker -> parent ``("ok", counts uint16 (n,), photons, overloads, st, iv)`` or ``("error", text)``.
-The worker exits when the parent closes its end (or exits).
+Protocol: a ``multiprocessing.connection`` socket pair carries pickled tuples, and a shared file
+(``memfd_create`` where the system has it, else an unlinked temporary file), mapped by both
+processes, carries the pixels: the float32 values ``vals`` (n,) at offset 0 and the uint16 counts
+(n,) after them. worker -> parent first ``("ready", None)`` or ``("unavailable", reason)``; then per
+request parent -> worker ``("noise_counts", n, adc, st int64 (3,), iv int64 (32,))`` and worker ->
+parent ``("ok", photons, overloads, st, iv)`` or ``("error", text)``. The worker exits when the
+parent closes its end (or exits).
 
 Any failure (no interpreter path, numba missing, the worker dying or timing out) raises
 :class:`WorkerError` or makes :meth:`NoiseWorker.ready` false; :mod:`nbsim.noise` then runs the
@@ -46,9 +48,10 @@ class WorkerError(RuntimeError):
 class NoiseWorker:
     """Handle of a started worker process (see the module docstring)."""
 
-    def __init__(self, proc: subprocess.Popen, conn) -> None:
+    def __init__(self, proc: subprocess.Popen, conn, shared_fd: int) -> None:
         self._proc = proc
         self._conn = conn
+        self._fd = shared_fd                        # the shared file of the pixels
         self._state: Optional[bool] = None          # None: not heard from yet; True ready; False dead
         self.reason: Optional[str] = None           # why the worker is unusable, once it is
 
@@ -61,22 +64,28 @@ class NoiseWorker:
             return None
         try:
             from multiprocessing.connection import Pipe
+            fd = _shared_file()
+        except OSError:
+            return None
+        try:
             ours, theirs = Pipe(duplex=True)
         except OSError:
+            os.close(fd)
             return None
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (f"import sys; sys.path.insert(0, {root!r}); "
-                f"from nbsim.noise_worker import serve; serve({theirs.fileno()})")
+                f"from nbsim.noise_worker import serve; serve({theirs.fileno()}, {fd})")
         try:
-            proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
+            proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(), fd),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
         except (OSError, ValueError):
             ours.close()
+            os.close(fd)
             return None
         finally:
             theirs.close()
-        return cls(proc, ours)
+        return cls(proc, ours, fd)
 
     def _fail(self, reason: str) -> None:
         self._state = False
@@ -107,17 +116,21 @@ class NoiseWorker:
         :class:`WorkerError` (and leaves every argument untouched) when the worker cannot run it."""
         if not self.ready():
             raise WorkerError(f"noise worker unavailable: {self.reason}")
+        n = int(vals.shape[0])
         try:
-            self._conn.send(("noise_counts", vals, float(adc), st, iv))
-            reply = self._conn.recv()
+            with _Pixels(self._fd, n, create=True) as px:
+                px.vals[...] = vals
+                self._conn.send(("noise_counts", n, float(adc), st, iv))
+                reply = self._conn.recv()
+                if reply[0] == "ok":
+                    counts[...] = px.counts
         except (EOFError, OSError, ValueError) as e:
             self._fail(f"worker gone: {type(e).__name__}: {e}")
             raise WorkerError(f"noise worker failed: {self.reason}") from None
         if reply[0] != "ok":
             self._fail(str(reply[1]))
             raise WorkerError(f"noise worker failed: {self.reason}")
-        _, got, photons, overloads, st_out, iv_out = reply
-        counts[...] = got
+        _, photons, overloads, st_out, iv_out = reply
         st[...] = st_out
         iv[...] = iv_out
         return photons, overloads
@@ -128,18 +141,62 @@ class NoiseWorker:
             self._conn.close()
         except OSError:
             pass
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
         if self._state is not False:
             self._state = False
             self.reason = self.reason or "closed"
         self._proc.poll()
 
 
-def serve(fd: int) -> None:
+def _shared_file() -> int:
+    """A file descriptor both processes map: an anonymous memory file, else an unlinked temporary
+    file (the same pages through the page cache)."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return os.memfd_create("nbsim-noise", 0)
+        except OSError:
+            pass
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="nbsim-noise-")
+    os.unlink(path)
+    return fd
+
+
+class _Pixels:
+    """The shared file mapped for ``n`` pixels: ``vals`` float32 (n,) at offset 0, then ``counts``
+    uint16 (n,) (``create``: the parent sizes the file first)."""
+
+    def __init__(self, fd: int, n: int, create: bool = False) -> None:
+        self.fd, self.n, self.create = fd, n, create
+
+    def __enter__(self) -> "_Pixels":
+        import mmap
+
+        import numpy as np
+        size = max(1, 6 * self.n)
+        if self.create:
+            os.ftruncate(self.fd, size)
+        self._map = mmap.mmap(self.fd, size)
+        self.vals = np.frombuffer(self._map, dtype=np.float32, count=self.n, offset=0)
+        self.counts = np.frombuffer(self._map, dtype=np.uint16, count=self.n, offset=4 * self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.vals, self.counts                # (no view may outlive the mapping)
+        self._map.close()
+
+
+def serve(conn_fd: int, shared_fd: int) -> None:
     """The worker process: load the compiled loop, say so, then answer requests until EOF."""
     from multiprocessing.connection import Connection
 
     import numpy as np
-    conn = Connection(fd)
+    conn = Connection(conn_fd)
     for name in _SKIPPED_IN_WORKER:           # numba then runs without these optional features
         sys.modules.setdefault(name, None)
     try:
@@ -157,10 +214,10 @@ def serve(fd: int) -> None:
         except (EOFError, OSError):
             return
         try:
-            _, vals, adc, st, iv = msg
-            counts = np.empty(vals.shape[0], dtype=np.uint16)
-            photons, overloads = k.noise_counts(vals, adc, st, iv, counts)
-            reply = ("ok", counts, photons, overloads, st, iv)
+            _, n, adc, st, iv = msg
+            with _Pixels(shared_fd, n) as px:
+                photons, overloads = k.noise_counts(px.vals, adc, st, iv, px.counts)
+            reply = ("ok", photons, overloads, st, iv)
         except Exception as e:
             reply = ("error", f"{type(e).__name__}: {e}")
         try:

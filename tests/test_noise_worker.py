@@ -121,3 +121,21 @@ def test_noise_pixels_follows_the_detector_and_roi():
     assert nanobragg._noise_pixels(parse_argv(base + ["-detpixels", "300"])) == 300 * 300
     assert nanobragg._noise_pixels(parse_argv(base + ["-detpixels", "300", "-roi", "0", "9", "10",
                                                       "29"])) == 10 * 20
+
+
+def test_worker_without_memfd_uses_an_unlinked_temporary_file(monkeypatch):
+    """Where the system has no memfd_create, the pixels travel through an unlinked temporary file."""
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    w = NoiseWorker.start()
+    assert w is not None
+    noise.use_worker(w)
+    try:
+        monkeypatch.setattr(noise, "_kernels_loaded", lambda: False)
+        img = _image(8)
+        got = noise.noise_image(img, -77)
+        assert noise.last_backend == "numba-worker"
+        ref = noise.noise_image(img, -77, backend="python")
+        assert int(np.abs(got[0].astype(int) - ref[0].astype(int)).max()) == 0 and got[2] == ref[2]
+    finally:
+        noise.use_worker(None)
+        w.close()
