@@ -113,18 +113,25 @@ def use_worker(worker) -> None:
     _worker = worker
 
 
-def _choose(backend: str, rng: Ran1, n: int, *, worker_ok: bool = False):
-    """(kernels, state) for the compiled path, or None for the Python path (``n`` pixels).
-    ``kernels``: the :mod:`nbsim.noise_numba` module or, where ``worker_ok`` and ``backend`` is
-    "auto" and this process has not loaded the compiled loop itself, the registered worker."""
+def _worker_for(backend: str, rng: Ran1):
+    """(registered worker, state) where the worker runs this ``backend="auto"`` image (this process
+    has not loaded the compiled loop itself, the state is one the loop takes, the worker is ready),
+    else None."""
+    global last_backend
+    if backend != "auto" or _worker is None or _kernels_loaded():
+        return None
+    state = _kernel_state(rng)
+    if state is None or not _worker.ready():
+        return None
+    last_backend = "numba-worker"
+    return _worker, state
+
+
+def _choose(backend: str, rng: Ran1, n: int):
+    """(kernels module, state) for the numba path, or None for the Python path (``n`` pixels)."""
     global last_backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if worker_ok and backend == "auto" and _worker is not None and not _kernels_loaded():
-        state = _kernel_state(rng)
-        if state is not None and _worker.ready():
-            last_backend = "numba-worker"
-            return _worker, state
     small = backend == "auto" and n < NUMBA_MIN_PIXELS and not _kernels_loaded()
     if backend != "python" and not small:
         k = _kernels()
@@ -314,6 +321,16 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
         ``photons`` is C's double sum of the deviates (printed with ``%.0f``); ``overloads`` counts
         pixels whose deviate + adc exceeded 65535.
     """
+    return noise_image_begin(img, seed, adc, mask, table=table, backend=backend)()
+
+
+def noise_image_begin(img, seed, adc: float = 40.0, mask=None, *, table: Ran1Table | None = None,
+                      backend: str = "auto"):
+    """:func:`noise_image` in two steps: returns a function of no arguments that returns what
+    :func:`noise_image` returns. Where the registered worker (:func:`use_worker`) runs the loop, it
+    starts there now and this process is free until the call (the writers convert the other images
+    meanwhile); otherwise all the work happens in the call. A stream ``seed`` advances in the call."""
+    from .noise_worker import WorkerError
     a = np.asarray(img, dtype=np.float32)
     if a.ndim != 2:
         raise ValueError(f"noise_image: expected a 2-D (slow, fast) image, got shape {a.shape}")
@@ -323,29 +340,55 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
         roi = np.asarray(mask, dtype=bool)
         if roi.shape != a.shape:
             raise ValueError(f"noise_image: mask shape {roi.shape} != image shape {a.shape}")
-    from .noise_worker import WorkerError
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     rng = _as_stream(seed, table)
     whole = mask is None or bool(roi.all())
     vals = np.ascontiguousarray(a.reshape(-1) if whole else a[roi])
-    chosen = _choose(backend, rng, vals.size, worker_ok=True)
-    while chosen is not None:
-        k, (st, iv) = chosen
-        counts = np.empty(vals.size, dtype=np.uint16)
-        try:
-            photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
-        except WorkerError:                 # the worker is dropped: choose again, in this process
-            chosen = _choose(backend, rng, vals.size)
-            continue
-        _store_state(rng, st, iv)
+
+    def placed(counts):
         if whole:
-            return counts.reshape(a.shape), float(photons), int(overloads)
+            return counts.reshape(a.shape)
         out = np.zeros(a.shape, dtype=np.uint16)
         out[roi] = counts
-        return out, float(photons), int(overloads)
+        return out
+
+    def in_process():
+        return _noise_here(vals, rng, adc, backend, placed)
+
+    use = _worker_for(backend, rng)
+    if use is not None:
+        worker, (st, iv) = use
+        counts = np.empty(vals.size, dtype=np.uint16)
+        try:
+            done = worker.begin(vals, float(adc), st, iv, counts)
+        except WorkerError:                   # dropped: this process draws the image
+            return in_process
+        def finish():
+            try:
+                photons, overloads = done()
+            except WorkerError:               # dropped: this process draws the image after all
+                return in_process()
+            _store_state(rng, st, iv)
+            return placed(counts), float(photons), int(overloads)
+        return finish
+    return in_process
+
+
+def _noise_here(vals: np.ndarray, rng: Ran1, adc: float, backend: str, placed):
+    """The noise loop in this process over the ROI values ``vals`` (float32 (n,)), compiled or
+    Python (``_choose``); ``placed(counts)`` puts the uint16 (n,) counts into the image."""
+    chosen = _choose(backend, rng, vals.size)
+    if chosen is not None:
+        k, (st, iv) = chosen
+        counts = np.empty(vals.size, dtype=np.uint16)
+        photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
+        _store_state(rng, st, iv)
+        return placed(counts), float(photons), int(overloads)
     dev = _poisson_deviates_python(vals, rng)
     photons = 0.0
     overloads = 0
-    vals = np.empty(dev.shape, dtype=np.uint16)
+    counts = np.empty(dev.shape, dtype=np.uint16)
     for c0 in range(0, dev.size, _MAX_CHUNK):       # bounded temporaries for any detector size
         d = dev[c0:c0 + _MAX_CHUNK]
         photons = float(np.add.accumulate(np.concatenate(([photons], d)))[-1])   # C's running sum
@@ -353,7 +396,5 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
         over = test > 65535.0
         overloads += int(np.count_nonzero(over))
         test[over] = 65535.0
-        vals[c0:c0 + _MAX_CHUNK] = c_ushort(test)
-    out = np.zeros(a.shape, dtype=np.uint16)
-    out[roi] = vals
-    return out, photons, overloads
+        counts[c0:c0 + _MAX_CHUNK] = c_ushort(test)
+    return placed(counts), photons, overloads

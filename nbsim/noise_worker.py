@@ -114,26 +114,43 @@ class NoiseWorker:
         """:func:`nbsim.noise_numba.noise_counts` run by the worker: same arguments, ``counts``,
         ``st`` and ``iv`` updated in place, returns ``(photons, overloads)``. Raises
         :class:`WorkerError` (and leaves every argument untouched) when the worker cannot run it."""
+        return self.begin(vals, adc, st, iv, counts)()
+
+    def begin(self, vals, adc: float, st, iv, counts):
+        """Start :meth:`noise_counts` in the worker; returns the function (no arguments) that waits
+        for it, fills ``counts``, ``st`` and ``iv`` and returns ``(photons, overloads)``. Either
+        step raises :class:`WorkerError` (arguments untouched) when the worker cannot run it."""
         if not self.ready():
             raise WorkerError(f"noise worker unavailable: {self.reason}")
         n = int(vals.shape[0])
+        px = _Pixels(self._fd, n, create=True)
         try:
-            with _Pixels(self._fd, n, create=True) as px:
-                px.vals[...] = vals
-                self._conn.send(("noise_counts", n, float(adc), st, iv))
+            px.open()
+            px.vals[...] = vals
+            self._conn.send(("noise_counts", n, float(adc), st, iv))
+        except (OSError, ValueError) as e:
+            px.close()
+            self._fail(f"worker gone: {type(e).__name__}: {e}")
+            raise WorkerError(f"noise worker failed: {self.reason}") from None
+
+        def finish():
+            try:
                 reply = self._conn.recv()
                 if reply[0] == "ok":
                     counts[...] = px.counts
-        except (EOFError, OSError, ValueError) as e:
-            self._fail(f"worker gone: {type(e).__name__}: {e}")
-            raise WorkerError(f"noise worker failed: {self.reason}") from None
-        if reply[0] != "ok":
-            self._fail(str(reply[1]))
-            raise WorkerError(f"noise worker failed: {self.reason}")
-        _, photons, overloads, st_out, iv_out = reply
-        st[...] = st_out
-        iv[...] = iv_out
-        return photons, overloads
+            except (EOFError, OSError, ValueError) as e:
+                self._fail(f"worker gone: {type(e).__name__}: {e}")
+                raise WorkerError(f"noise worker failed: {self.reason}") from None
+            finally:
+                px.close()
+            if reply[0] != "ok":
+                self._fail(str(reply[1]))
+                raise WorkerError(f"noise worker failed: {self.reason}")
+            _, photons, overloads, st_out, iv_out = reply
+            st[...] = st_out
+            iv[...] = iv_out
+            return photons, overloads
+        return finish
 
     def close(self) -> None:
         """Let the worker exit (it does when its end of the connection closes); reaps it if done."""
@@ -169,12 +186,13 @@ def _shared_file() -> int:
 
 class _Pixels:
     """The shared file mapped for ``n`` pixels: ``vals`` float32 (n,) at offset 0, then ``counts``
-    uint16 (n,) (``create``: the parent sizes the file first)."""
+    uint16 (n,) (``create``: the parent sizes the file first). ``open``/``close`` or ``with``."""
 
     def __init__(self, fd: int, n: int, create: bool = False) -> None:
         self.fd, self.n, self.create = fd, n, create
+        self._map = None
 
-    def __enter__(self) -> "_Pixels":
+    def open(self) -> "_Pixels":
         import mmap
 
         import numpy as np
@@ -186,9 +204,16 @@ class _Pixels:
         self.counts = np.frombuffer(self._map, dtype=np.uint16, count=self.n, offset=4 * self.n)
         return self
 
+    def close(self) -> None:
+        if self._map is not None:
+            del self.vals, self.counts            # (no view may outlive the mapping)
+            self._map.close()
+            self._map = None
+
+    __enter__ = open
+
     def __exit__(self, *exc) -> None:
-        del self.vals, self.counts                # (no view may outlive the mapping)
-        self._map.close()
+        self.close()
 
 
 def serve(conn_fd: int, shared_fd: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..noise import noise_image
+from ..noise import noise_image_begin
 from ..rng import Ran1Table
 from .atomic import atomic_write_bytes
 from .images import default_int_scale, default_pgm_scale, float_bytes, image_stats, int_image, pgm_bytes
@@ -131,7 +131,12 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
     lines.append(f"mean= {c_g(st['mean'])} rms= {c_g(st['rms'])} rmsd= {c_g(st['rmsd'])}")
     lines.append(f"intfile_scale = {c_g(int_scale)}")
 
-    photons = overloads = seed = None
+    photons = overloads = seed = noise = None
+    if noise_path is not None:
+        # started first: where a noise worker runs the loop, the other images are made meanwhile
+        seed = _spec(image_spec, "noise_seed")
+        seed = clock_seed() if seed is None else int(seed)
+        noise = noise_image_begin(a, seed, adc, roi, table=table)
     with _BackgroundWriter() as writer:
         if float_path is not None:
             writer.submit(float_path, float_bytes(a))
@@ -141,9 +146,7 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
             lines.append(f"pgm_scale = {c_g(pgm_scale)}")
             writer.submit(pgm_path, pgm_bytes(a, pgm_scale, roi))
         if noise_path is not None:
-            seed = _spec(image_spec, "noise_seed")
-            seed = clock_seed() if seed is None else int(seed)
-            noise, photons, overloads = noise_image(a, seed, adc, roi, table=table)
+            noise, photons, overloads = noise()
             lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
             writer.submit(noise_path, smv_bytes(noise, info))
     written = writer.paths()
