@@ -139,3 +139,22 @@ def test_worker_without_memfd_uses_an_unlinked_temporary_file(monkeypatch):
     finally:
         noise.use_worker(None)
         w.close()
+
+
+def test_a_worker_lost_between_begin_and_finish_falls_back(worker, monkeypatch):
+    """noise_image_begin starts the worker; when its reply never comes, the call draws the image in
+    this process from the unchanged stream: the same image and final state."""
+    monkeypatch.setattr(noise, "_kernels_loaded", lambda: False)
+    img = _image(12)
+    r, r_ref = rng.Ran1(-5), rng.Ran1(-5)
+    finish = noise.noise_image_begin(img, r, 40.0)
+    assert noise.last_backend == "numba-worker"
+
+    def lost():
+        raise EOFError("worker gone")
+    monkeypatch.setattr(worker._conn, "recv", lost)
+    got = finish()
+    assert noise.last_backend in ("numba", "python") and not worker.ready()
+    ref = noise.noise_image(img, r_ref, 40.0, backend="python")
+    assert int(np.abs(got[0].astype(int) - ref[0].astype(int)).max()) == 0 and got[2] == ref[2]
+    assert r.state() == r_ref.state() and r.ndraws == r_ref.ndraws
