@@ -114,7 +114,9 @@ def _start_noise_worker(parsed):
     return worker
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, *, console: bool = False) -> int:
+    """The front end; returns the exit status. ``console``: this is the whole process (``run``),
+    which uses numba for the noise loop only (``nbsim.noise.lean_numba_load``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from nbsim.frontend import FrontendError, parse_argv, usage
     from nbsim.spec import SpecError
@@ -128,6 +130,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(usage())
         return 0
     worker = _start_noise_worker(parsed)
+    if console:
+        from nbsim import noise
+        noise.lean_numba_load = True
     try:
         return _run(parsed)
     finally:
@@ -258,9 +263,11 @@ def _run(parsed) -> int:
 def run() -> None:
     """Console entry point: ``main`` then an immediate exit. Every output file is closed and renamed
     into place before ``main`` returns, so the interpreter's teardown (about 0.3 s with torch
-    loaded, a large share of a short run) is skipped."""
+    loaded, a large share of a short run) is skipped. This process uses numba for the noise loop
+    only, so where it loads that loop itself it skips numba's optional features
+    (``nbsim.noise.lean_numba_load``)."""
     try:
-        rc = main()
+        rc = main(console=True)
     except SystemExit as e:                      # pragma: no cover - main returns its status
         rc = e.code if isinstance(e.code, int) else 1
     sys.stdout.flush()

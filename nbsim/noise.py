@@ -32,8 +32,10 @@ latest call used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
+import sys
 
 import numpy as np
 
@@ -52,6 +54,11 @@ NUMBA_MIN_PIXELS = 1 << 19
 #: (the compiled loop in the registered worker process) or "python")
 last_backend: str | None = None
 _worker = None               # the NoiseWorker registered by use_worker, or None
+#: True in a process that uses numba for this loop only (the front end's console entry sets it):
+#: loading the loop there skips numba's optional BLAS and cffi support (importing ``scipy.linalg``
+#: alone costs ~0.2 s), which stay unavailable to numba in that process. Other imports of those
+#: modules work as usual once the loop is loaded.
+lean_numba_load = False
 _kernels_mod = None          # nbsim.noise_numba once imported; False when numba is unavailable
 #: why the compiled kernels are unavailable (None while they are, or before the first use)
 numba_unavailable_reason: str | None = None
@@ -375,14 +382,33 @@ def noise_image_begin(img, seed, adc: float = 40.0, mask=None, *, table: Ran1Tab
     return in_process
 
 
+@contextlib.contextmanager
+def _numba_lean():
+    """While numba loads the loop (under ``lean_numba_load``, before it is loaded): the modules of
+    its optional features (``nbsim.noise_worker.NUMBA_OPTIONAL``) cannot be imported."""
+    from .noise_worker import NUMBA_OPTIONAL
+    blocked = [] if not lean_numba_load or _kernels_loaded() else \
+        [n for n in NUMBA_OPTIONAL if n not in sys.modules]
+    for n in blocked:
+        sys.modules[n] = None
+    try:
+        yield
+    finally:
+        for n in blocked:
+            if n in sys.modules and sys.modules[n] is None:
+                del sys.modules[n]
+
+
 def _noise_here(vals: np.ndarray, rng: Ran1, adc: float, backend: str, placed):
     """The noise loop in this process over the ROI values ``vals`` (float32 (n,)), compiled or
     Python (``_choose``); ``placed(counts)`` puts the uint16 (n,) counts into the image."""
-    chosen = _choose(backend, rng, vals.size)
+    with _numba_lean():
+        chosen = _choose(backend, rng, vals.size)
+        if chosen is not None:
+            k, (st, iv) = chosen
+            counts = np.empty(vals.size, dtype=np.uint16)
+            photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
     if chosen is not None:
-        k, (st, iv) = chosen
-        counts = np.empty(vals.size, dtype=np.uint16)
-        photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
         _store_state(rng, st, iv)
         return placed(counts), float(photons), int(overloads)
     dev = _poisson_deviates_python(vals, rng)

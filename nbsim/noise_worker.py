@@ -37,8 +37,10 @@ __all__ = ["NoiseWorker", "WorkerError", "READY_TIMEOUT_S"]
 
 #: longest wait for the worker to be ready (it compiles when numba's cache is cold: seconds)
 READY_TIMEOUT_S = 300.0
-#: modules numba imports for optional features the noise loop never uses (blocked in the worker only)
-_SKIPPED_IN_WORKER = ("scipy.linalg.cython_blas", "cffi")
+#: modules numba imports for optional features the noise loop never uses: its BLAS support
+#: (``scipy.linalg``, ~0.2 s to import) and its cffi support (blocked in the worker, and in the front
+#: end's console process while it loads the loop itself: see ``nbsim.noise.lean_numba_load``)
+NUMBA_OPTIONAL = ("scipy.linalg.cython_blas", "cffi")
 
 
 class WorkerError(RuntimeError):
@@ -222,7 +224,7 @@ def serve(conn_fd: int, shared_fd: int) -> None:
 
     import numpy as np
     conn = Connection(conn_fd)
-    for name in _SKIPPED_IN_WORKER:           # numba then runs without these optional features
+    for name in NUMBA_OPTIONAL:               # numba then runs without these optional features
         sys.modules.setdefault(name, None)
     try:
         from nbsim import noise_numba as k

@@ -158,3 +158,23 @@ def test_a_worker_lost_between_begin_and_finish_falls_back(worker, monkeypatch):
     ref = noise.noise_image(img, r_ref, 40.0, backend="python")
     assert int(np.abs(got[0].astype(int) - ref[0].astype(int)).max()) == 0 and got[2] == ref[2]
     assert r.state() == r_ref.state() and r.ndraws == r_ref.ndraws
+
+
+def test_lean_in_process_load_skips_numbas_optional_modules_only_while_loading():
+    """The front end's console process, loading the loop itself (no worker), does not import
+    scipy.linalg for numba; the image equals the Python reference; scipy.linalg imports afterwards."""
+    code = (
+        "import sys, numpy as np\n"
+        "from nbsim import noise\n"
+        "noise.lean_numba_load = True\n"
+        "img = np.random.default_rng(3).exponential(2.0, (40, 50)).astype(np.float32)\n"
+        "got = noise.noise_image(img, -9, backend='numba')\n"
+        "assert noise.last_backend == 'numba'\n"
+        "ref = noise.noise_image(img, -9, backend='python')\n"
+        "assert int(np.abs(got[0].astype(int) - ref[0].astype(int)).max()) == 0 and got[1:] == ref[1:]\n"
+        "print('LINALG_LOADED', 'scipy.linalg' in sys.modules)\n"
+        "import scipy.linalg.cython_blas, cffi\n"
+        "print('IMPORTABLE_AFTER', 'scipy.linalg.cython_blas' in sys.modules and sys.modules['cffi'] is not None)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-800:]
+    assert "LINALG_LOADED False" in p.stdout and "IMPORTABLE_AFTER True" in p.stdout
