@@ -146,14 +146,48 @@ def _write_panels(result, parsed, warn) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from nbsim.checks import check_image
-    from nbsim.frontend import FrontendError, parse_argv, usage
-    from nbsim.frontend.argv import spec_error_message
-    from nbsim.io.inputs import InputFileError
-    from nbsim.spec import SpecError
+#: noise images from this many pixels on get a noise worker (below, the Python loop is as quick:
+#: ~2 us per pixel against the worker's ~0.35 s of CPU, spent on the other core)
+NOISE_WORKER_MIN_PIXELS = 1 << 15
 
+
+def _noise_pixels(parsed) -> int:
+    """The pixels the noise image will draw, estimated from the parsed detector (fpixels/spixels,
+    else the detector size over the pixel size (102.4 mm by default), within the ROI); 0 without a
+    noise image."""
+    if parsed.outputs.paths()["noise_path"] is None:
+        return 0
+    d = parsed.spec.detector
+    try:
+        n = [p if p else round((size or 102.4) / d.pixel_mm)
+             for p, size in ((d.fpixels, d.detsize_f_mm), (d.spixels, d.detsize_s_mm))]
+        if d.roi is not None:
+            n = [min(n[k], max(0, hi - max(lo, 0) + 1) if hi >= 0 else n[k])
+                 for k, (lo, hi) in enumerate((d.roi[0:2], d.roi[2:4]))]
+        return int(n[0] * n[1])
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return 0
+
+
+def _start_noise_worker(parsed):
+    """A started :class:`nbsim.noise_worker.NoiseWorker` registered with :mod:`nbsim.noise` when this
+    run writes a noise image of at least ``NOISE_WORKER_MIN_PIXELS`` pixels (None otherwise). Called
+    before torch is imported: the worker loads the compiled noise loop on the other core meanwhile."""
+    if _noise_pixels(parsed) < NOISE_WORKER_MIN_PIXELS:
+        return None
+    from nbsim.noise_worker import NoiseWorker
+    worker = NoiseWorker.start()
+    from nbsim import noise
+    noise.use_worker(worker)
+    return worker
+
+
+def main(argv: Optional[List[str]] = None, *, console: bool = False) -> int:
+    """The front end; returns the exit status. ``console``: this is the whole process (``run``),
+    which uses numba for the noise loop only (``nbsim.noise.lean_numba_load``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from nbsim.frontend import FrontendError, parse_argv, usage
+    from nbsim.spec import SpecError
     try:
         parsed = parse_argv(argv)
     except FrontendError as e:
@@ -163,6 +197,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     if parsed.help:
         sys.stdout.write(usage())
         return 0
+    worker = _start_noise_worker(parsed)
+    if console:
+        from nbsim import noise
+        noise.lean_numba_load = True
+    try:
+        return _run(parsed)
+    finally:
+        if worker is not None:
+            from nbsim import noise
+            noise.use_worker(None)
+            worker.close()
+
+
+def _run(parsed) -> int:
+    """Everything after parsing: checks, simulation, output files and printed lines."""
+    from nbsim.checks import check_image
+    from nbsim.frontend import FrontendError
+    from nbsim.frontend.argv import spec_error_message
+    from nbsim.io.inputs import InputFileError
+    from nbsim.spec import SpecError
 
     def warn(msg: str):
         print(f"WARNING: {msg}")
@@ -203,8 +257,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
     except InputFileError as e:        # a reader's one-line message (preflight normally catches it)
         return _error(str(e))
+    img = result.float32()                   # converted once: checked, then written
     try:
-        check_image(result.float32(), parsed.spec)
+        check_image(img, parsed.spec)
     except SpecError as e:
         return _error(spec_error_message(e, parsed.origins))
 
@@ -221,7 +276,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(result, "panels", None) is not None:
         return _write_panels(result, parsed, warn)
     st = result.stats                        # nbsim.api.RunStats
-    img = result.float32()
     spixels, fpixels = img.shape
     from nbsim.report import solid_angle_lines
     for line in solid_angle_lines(getattr(st, "omega_sum_sr", None)):
@@ -232,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     at = st.max_I_at_m if st is not None else None
     new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
-        res = write_result(result, parsed.spec.image, **paths, **parsed.outputs.options()) or {}
+        res = write_result(result, parsed.spec.image, img32=img, **paths, **parsed.outputs.options()) or {}
     except OSError as e:
         for p in new_files:                  # no half set of outputs: remove what this run created
             try:
@@ -284,9 +338,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run() -> None:
     """Console entry point: ``main`` then an immediate exit. Every output file is closed and renamed
     into place before ``main`` returns, so the interpreter's teardown (about 0.3 s with torch
-    loaded, a large share of a short run) is skipped."""
+    loaded, a large share of a short run) is skipped. This process uses numba for the noise loop
+    only, so where it loads that loop itself it skips numba's optional features
+    (``nbsim.noise.lean_numba_load``)."""
     try:
-        rc = main()
+        rc = main(console=True)
     except SystemExit as e:                      # pragma: no cover - main returns its status
         rc = e.code if isinstance(e.code, int) else 1
     sys.stdout.flush()

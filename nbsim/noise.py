@@ -23,13 +23,19 @@ Two implementations of the same sequential loop, equal bit for bit:
 ``backend="auto"`` picks the first that applies, except that a process which has not loaded the
 compiled loop yet runs images under :data:`NUMBA_MIN_PIXELS` pixels in Python: importing numba and
 loading the cached machine code costs ~0.4 s once per process, more than the Python loop takes for
-such an image (~0.7 us per pixel).  :data:`last_backend` names the implementation the latest call used.
+such an image (~0.7 us per pixel).  A process that registered a :class:`nbsim.noise_worker.NoiseWorker`
+(:func:`use_worker`; the nanoBragg front end does, before it imports torch) runs ``"auto"`` images in
+that worker instead, where the compiled loop was loaded in parallel ("numba-worker"; it falls back to
+the choices above when the worker cannot serve).  :data:`last_backend` names the implementation the
+latest call used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
+import sys
 
 import numpy as np
 
@@ -44,8 +50,15 @@ _MAX_CHUNK = 1 << 20  # draws generated ahead at a time (a Python list: ~32 MB)
 BACKENDS = ("auto", "numba", "python")
 #: "auto" in a process without the compiled loop loaded: smaller images run in Python (see above)
 NUMBA_MIN_PIXELS = 1 << 19
-#: the implementation the latest ``poisson_deviates``/``noise_image`` call ran ("numba" or "python")
+#: the implementation the latest ``poisson_deviates``/``noise_image`` call ran ("numba", "numba-worker"
+#: (the compiled loop in the registered worker process) or "python")
 last_backend: str | None = None
+_worker = None               # the NoiseWorker registered by use_worker, or None
+#: True in a process that uses numba for this loop only (the front end's console entry sets it):
+#: loading the loop there skips numba's optional BLAS and cffi support (importing ``scipy.linalg``
+#: alone costs ~0.2 s), which stay unavailable to numba in that process. Other imports of those
+#: modules work as usual once the loop is loaded.
+lean_numba_load = False
 _kernels_mod = None          # nbsim.noise_numba once imported; False when numba is unavailable
 #: why the compiled kernels are unavailable (None while they are, or before the first use)
 numba_unavailable_reason: str | None = None
@@ -98,6 +111,27 @@ def _store_state(rng: Ran1, st: np.ndarray, iv: np.ndarray) -> None:
     rng.table.iy = int(st[1])
     rng.table.iv[:] = iv.tolist()
     rng.ndraws += int(st[2])
+
+
+def use_worker(worker) -> None:
+    """Register ``worker`` (a started :class:`nbsim.noise_worker.NoiseWorker`, or None to drop it):
+    ``backend="auto"`` noise images then run there while it can serve."""
+    global _worker
+    _worker = worker
+
+
+def _worker_for(backend: str, rng: Ran1):
+    """(registered worker, state) where the worker runs this ``backend="auto"`` image (this process
+    has not loaded the compiled loop itself, the state is one the loop takes, the worker is ready),
+    else None."""
+    global last_backend
+    if backend != "auto" or _worker is None or _kernels_loaded():
+        return None
+    state = _kernel_state(rng)
+    if state is None or not _worker.ready():
+        return None
+    last_backend = "numba-worker"
+    return _worker, state
 
 
 def _choose(backend: str, rng: Ran1, n: int):
@@ -294,6 +328,16 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
         ``photons`` is C's double sum of the deviates (printed with ``%.0f``); ``overloads`` counts
         pixels whose deviate + adc exceeded 65535.
     """
+    return noise_image_begin(img, seed, adc, mask, table=table, backend=backend)()
+
+
+def noise_image_begin(img, seed, adc: float = 40.0, mask=None, *, table: Ran1Table | None = None,
+                      backend: str = "auto"):
+    """:func:`noise_image` in two steps: returns a function of no arguments that returns what
+    :func:`noise_image` returns. Where the registered worker (:func:`use_worker`) runs the loop, it
+    starts there now and this process is free until the call (the writers convert the other images
+    meanwhile); otherwise all the work happens in the call. A stream ``seed`` advances in the call."""
+    from .noise_worker import WorkerError
     a = np.asarray(img, dtype=np.float32)
     if a.ndim != 2:
         raise ValueError(f"noise_image: expected a 2-D (slow, fast) image, got shape {a.shape}")
@@ -303,24 +347,74 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
         roi = np.asarray(mask, dtype=bool)
         if roi.shape != a.shape:
             raise ValueError(f"noise_image: mask shape {roi.shape} != image shape {a.shape}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     rng = _as_stream(seed, table)
     whole = mask is None or bool(roi.all())
     vals = np.ascontiguousarray(a.reshape(-1) if whole else a[roi])
-    chosen = _choose(backend, rng, vals.size)
-    if chosen is not None:
-        k, (st, iv) = chosen
-        counts = np.empty(vals.size, dtype=np.uint16)
-        photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
-        _store_state(rng, st, iv)
+
+    def placed(counts):
         if whole:
-            return counts.reshape(a.shape), float(photons), int(overloads)
+            return counts.reshape(a.shape)
         out = np.zeros(a.shape, dtype=np.uint16)
         out[roi] = counts
-        return out, float(photons), int(overloads)
+        return out
+
+    def in_process():
+        return _noise_here(vals, rng, adc, backend, placed)
+
+    use = _worker_for(backend, rng)
+    if use is not None:
+        worker, (st, iv) = use
+        counts = np.empty(vals.size, dtype=np.uint16)
+        try:
+            done = worker.begin(vals, float(adc), st, iv, counts)
+        except WorkerError:                   # dropped: this process draws the image
+            return in_process
+        def finish():
+            try:
+                photons, overloads = done()
+            except WorkerError:               # dropped: this process draws the image after all
+                return in_process()
+            _store_state(rng, st, iv)
+            return placed(counts), float(photons), int(overloads)
+        return finish
+    return in_process
+
+
+@contextlib.contextmanager
+def _numba_lean():
+    """While numba loads the loop (under ``lean_numba_load``, before it is loaded): the modules of
+    its optional features (``nbsim.noise_worker.NUMBA_OPTIONAL``) cannot be imported."""
+    from .noise_worker import NUMBA_OPTIONAL
+    blocked = [] if not lean_numba_load or _kernels_loaded() else \
+        [n for n in NUMBA_OPTIONAL if n not in sys.modules]
+    for n in blocked:
+        sys.modules[n] = None
+    try:
+        yield
+    finally:
+        for n in blocked:
+            if n in sys.modules and sys.modules[n] is None:
+                del sys.modules[n]
+
+
+def _noise_here(vals: np.ndarray, rng: Ran1, adc: float, backend: str, placed):
+    """The noise loop in this process over the ROI values ``vals`` (float32 (n,)), compiled or
+    Python (``_choose``); ``placed(counts)`` puts the uint16 (n,) counts into the image."""
+    with _numba_lean():
+        chosen = _choose(backend, rng, vals.size)
+        if chosen is not None:
+            k, (st, iv) = chosen
+            counts = np.empty(vals.size, dtype=np.uint16)
+            photons, overloads = k.noise_counts(vals, float(adc), st, iv, counts)
+    if chosen is not None:
+        _store_state(rng, st, iv)
+        return placed(counts), float(photons), int(overloads)
     dev = _poisson_deviates_python(vals, rng)
     photons = 0.0
     overloads = 0
-    vals = np.empty(dev.shape, dtype=np.uint16)
+    counts = np.empty(dev.shape, dtype=np.uint16)
     for c0 in range(0, dev.size, _MAX_CHUNK):       # bounded temporaries for any detector size
         d = dev[c0:c0 + _MAX_CHUNK]
         photons = float(np.add.accumulate(np.concatenate(([photons], d)))[-1])   # C's running sum
@@ -328,7 +422,5 @@ def noise_image(img, seed, adc: float = 40.0, mask=None, *,
         over = test > 65535.0
         overloads += int(np.count_nonzero(over))
         test[over] = 65535.0
-        vals[c0:c0 + _MAX_CHUNK] = c_ushort(test)
-    out = np.zeros(a.shape, dtype=np.uint16)
-    out[roi] = vals
-    return out, photons, overloads
+        counts[c0:c0 + _MAX_CHUNK] = c_ushort(test)
+    return placed(counts), photons, overloads

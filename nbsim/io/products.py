@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..noise import noise_image
+from ..noise import noise_image_begin
 from ..rng import Ran1Table
 from .atomic import atomic_write_bytes
 from .images import count_image, default_int_scale, default_pgm_scale, float_bytes, image_stats, int_image, pgm_bytes
@@ -139,7 +139,12 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
     lines.append(f"mean= {c_g(st['mean'])} rms= {c_g(st['rms'])} rmsd= {c_g(st['rmsd'])}")
     lines.append(f"intfile_scale = {c_g(int_scale)}")
 
-    photons = overloads = seed = None
+    photons = overloads = seed = noise = None
+    if noise_path is not None:
+        # started first: where a noise worker runs the loop, the other images are made meanwhile
+        seed = _spec(image_spec, "noise_seed")
+        seed = clock_seed() if seed is None else int(seed)
+        noise = noise_image_begin(a, seed, adc, roi, table=table)
     with _BackgroundWriter() as writer:
         if float_path is not None:
             writer.submit(float_path, float_bytes(a))
@@ -149,9 +154,7 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
             lines.append(f"pgm_scale = {c_g(pgm_scale)}")
             writer.submit(pgm_path, pgm_bytes(a, pgm_scale, roi))
         if noise_path is not None:
-            seed = _spec(image_spec, "noise_seed")
-            seed = clock_seed() if seed is None else int(seed)
-            noise, photons, overloads = noise_image(a, seed, adc, roi, table=table)
+            noise, photons, overloads = noise()
             lines.append(f"{photons:.0f} photons on noise image ({overloads} overloads)")
             writer.submit(noise_path, smv_bytes(noise, info))
         counts = None
@@ -195,8 +198,10 @@ def write_stored(img_f32, roi_mask, info: Mapping, image_spec, **paths) -> dict:
                           stats=stats, **paths)
 
 
-def write_result(result, image_spec, **paths) -> dict:
+def write_result(result, image_spec, *, img32=None, **paths) -> dict:
     """Write a ``SimResult``'s products: the one place where the description meets the writers.
+
+    ``img32``: ``result.float32()`` when the caller already has it (not converted again).
 
     ``image_spec.noise_seed`` is the user's seed (``-seed N``); the writers take C's internal ``-N``.
     The ROI (what nanoBragg writes, 0 outside) comes from ``result.roi_mask``; pixels skipped by a mask
@@ -209,5 +214,5 @@ def write_result(result, image_spec, **paths) -> dict:
     if st is not None:
         header.update(max_I=st.max_I, max_I_x_m=st.max_I_at_m[0], max_I_y_m=st.max_I_at_m[1])
         stats = {"max_I": st.max_I, "mean": st.mean, "rms": st.rms, "rmsd": st.rmsd, "sum": st.sum}
-    return write_products(result.float32(), result.roi_mask, header, _writer_args(image_spec),
-                          active=result.mask, stats=stats, **paths)
+    return write_products(result.float32() if img32 is None else img32, result.roi_mask, header,
+                          _writer_args(image_spec), active=result.mask, stats=stats, **paths)
