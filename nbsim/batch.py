@@ -16,7 +16,7 @@ for Python, torch and (with ``device.compile``) the compiled kernel; rendered he
 
 Each image is rendered by ``nbsim.api.simulate`` with the group's compile flag, so it is **bit for
 bit** the image that ``simulate(spec, replace(device, compile=flag))`` renders alone
-(``SimResult.info["batch_compile"]`` records the flag; with ``compile: false`` or ``true`` it is the
+(``SimResult.stats.batch_compile``, also in ``SimResult.info``, records the flag; with ``compile: false`` or ``true`` it is the
 flag given). The images are not stacked along a batch dimension of one kernel call: that needs the
 engine to take a leading batch dimension (see ``STACKING_NEEDS``).
 
@@ -51,12 +51,12 @@ STACKING_NEEDS = (
 )
 
 
-def group_key(spec: ExperimentSpec, device: DeviceSpec, base_dir=".") -> tuple:
+def group_key(spec: ExperimentSpec, device: DeviceSpec, base_dir=".", matrix=None) -> tuple:
     """The key of the group ``spec`` renders in: resolved sample counts (``nbsim.checks.estimate``),
     dtype, device, and the constants the compiled kernels bake in. Equal keys: equal kernel shapes
-    and one compiled kernel."""
+    and one compiled kernel. ``matrix``: the matrix file as read (read here when needed and not given)."""
     from nbsim.checks import estimate
-    est = estimate(spec, device, base_dir)
+    est = estimate(spec, device, base_dir, matrix=matrix)
     c, b, d = spec.crystal, spec.beam, spec.detector
     return (device.device, device.dtype, est.fpixels, est.spixels, est.pixels, est.thicksteps,
             est.oversample, est.sources, est.phisteps, est.mosaic_domains,
@@ -64,9 +64,9 @@ def group_key(spec: ExperimentSpec, device: DeviceSpec, base_dir=".") -> tuple:
             b.fluence_ph_per_m2, d.thick_um, d.thicksteps)
 
 
-def _samples(spec: ExperimentSpec, device: DeviceSpec, base_dir) -> float:
+def _samples(spec: ExperimentSpec, device: DeviceSpec, base_dir, matrix=None) -> float:
     from nbsim.checks import estimate
-    est = estimate(spec, device, base_dir)
+    est = estimate(spec, device, base_dir, matrix=matrix)
     return float(est.pixels) * est.samples_per_pixel
 
 
@@ -93,30 +93,36 @@ def group_compile(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=
         model = model.astype(tdtype)
     if not engine.compile_ok(model):
         return None
-    total = sum(_samples(s, device, base_dir) for s in specs)
+    total = sum(_samples(s, device, base_dir, getattr(inputs, "matrix", None)) for s in specs)
     threshold = engine._AUTO_COMPILE_SAMPLES[engine.miller_mode(model)]
     return True if total >= threshold else None
 
 
-def plan_groups(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=".") -> List[List[int]]:
-    """Indices of ``specs`` in groups of equal ``group_key``, groups in order of first member."""
+def plan_groups(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=".",
+                matrices: Optional[Sequence] = None) -> List[List[int]]:
+    """Indices of ``specs`` in groups of equal ``group_key``, groups in order of first member.
+    ``matrices``: per spec, its matrix file as read (or None)."""
     groups: dict = {}
     for i, s in enumerate(specs):
-        groups.setdefault(group_key(s, device, base_dir), []).append(i)
+        m = matrices[i] if matrices is not None else None
+        groups.setdefault(group_key(s, device, base_dir, matrix=m), []).append(i)
     return list(groups.values())
 
 
 def _inputs_key(spec: ExperimentSpec) -> tuple:
     c, b, d = spec.crystal, spec.beam, spec.detector
-    return (c.hkl_file, c.matrix_file, c.fdump_file, b.source_file, d.mask_file)
+    return (c.hkl_file, c.mtz_column, c.model_file, c.model_dmin_A, c.model_anomalous, c.matrix_file,
+            c.fdump_file, b.source_file, d.mask_file, d.geometry_file)
 
 
 def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = None, *, base_dir=".",
-              progress=None, devices: Optional[Sequence[DeviceSpec]] = None
-              ) -> Iterator[Tuple[int, "object"]]:
+              progress=None, devices: Optional[Sequence[DeviceSpec]] = None,
+              inputs: Optional[Sequence] = None) -> Iterator[Tuple[int, "object"]]:
     """Render ``specs`` group by group; yield ``(index, SimResult)`` as each image is done (the caller
     can store it before the next one starts). ``devices``: one DeviceSpec per spec (then ``device``
-    is ignored; specs on different devices or dtypes are never grouped together)."""
+    is ignored; specs on different devices or dtypes are never grouped together). ``inputs``: per
+    spec, its files as already read (``nbsim.inputs.load_inputs``, e.g. the preflight's
+    ``est.inputs``), so nothing is read again; else read once per distinct file set."""
     from nbsim.api import simulate
     from nbsim.inputs import load_inputs
     if devices is None:
@@ -126,22 +132,25 @@ def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = No
     by_device: dict = {}
     for i, d in enumerate(devices):
         by_device.setdefault(dataclasses.astuple(d), []).append(i)
+    given = list(inputs) if inputs is not None else [None] * len(specs)
     inputs_cache: dict = {}
     for idx in by_device.values():
         dev = devices[idx[0]]
-        for group in plan_groups([specs[i] for i in idx], dev, base_dir):
+        for group in plan_groups([specs[i] for i in idx], dev, base_dir,
+                                 matrices=[getattr(given[i], "matrix", None) for i in idx]):
             members = [idx[j] for j in group]
             ikey = _inputs_key(specs[members[0]])
             if ikey not in inputs_cache:
-                inputs_cache[ikey] = load_inputs(specs[members[0]], base_dir)
-            inputs = inputs_cache[ikey]
-            flag = group_compile([specs[i] for i in members], dev, base_dir, inputs=inputs)
+                inputs_cache[ikey] = given[members[0]] or load_inputs(specs[members[0]], base_dir)
+            first = inputs_cache[ikey]
+            flag = group_compile([specs[i] for i in members], dev, base_dir, inputs=first)
             run_dev = dataclasses.replace(dev, compile="auto" if flag is None else flag)
             for i in members:
-                r = simulate(specs[i], run_dev, base_dir=base_dir, progress=progress,
-                             inputs=inputs if _inputs_key(specs[i]) == ikey else None)
-                r.info["batch_compile"] = "auto" if flag is None else flag
-                r.info["batch_group"] = len(members)
+                own = given[i] or (first if _inputs_key(specs[i]) == ikey else None)
+                r = simulate(specs[i], run_dev, base_dir=base_dir, progress=progress, inputs=own)
+                if getattr(r, "stats", None) is not None:
+                    r.stats = dataclasses.replace(r.stats, batch_compile="auto" if flag is None else flag,
+                                                  batch_group=len(members))
                 yield i, r
 
 

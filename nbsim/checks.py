@@ -28,6 +28,7 @@ differentiable path.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -78,57 +79,8 @@ def _resolve(base_dir, name) -> Path:
     return p if p.is_absolute() else Path(base_dir) / p
 
 
-def _as_given(msg: str, full: Path, given: str) -> str:
-    """Show the path as the user wrote it in ``msg`` (the readers name the resolved path)."""
-    return msg.replace(str(full), given) if str(full) != given else msg
-
-
-def _read(key: str, reader, base_dir, name: str):
-    """``reader(path)``, with any ``InputFileError``/``ValueError`` as ``SpecError(key, ...)``."""
-    from nbsim.io.inputs import InputFileError
-    full = _resolve(base_dir, name)
-    try:
-        return reader(full)
-    except (InputFileError, ValueError, OverflowError) as e:
-        raise SpecError(key, _as_given(str(e), full, name)) from None
-    except OSError as e:
-        raise SpecError(key, f"{name}: cannot read ({e.strerror or e})") from None
-
-
-def fdump_is_read(spec: ExperimentSpec, base_dir=".") -> bool:
-    """Whether the model builder will read ``crystal.fdump_file`` (no HKL table or model, and the file
-    exists)."""
-    c = spec.crystal
-    return (c.hkl_file is None and c.model_file is None and c.fdump_file is not None
-            and _resolve(base_dir, c.fdump_file).exists())
-
-
-def _structure_factor_rows(spec: ExperimentSpec, base_dir, matrix, source_rows):
-    """(key, name as given, hkl, F) of the HKL table, MTZ or model (``nbsim.inputs.structure_factor_rows``),
-    with a reader's error as ``SpecError`` naming the key (``crystal.mtz_column`` for a column problem)."""
-    from nbsim.inputs import structure_factor_rows
-    from nbsim.io.inputs import InputFileError
-    from nbsim.io.structure_factors import ColumnError
-    c = spec.crystal
-    key, name = (("crystal.model_file", c.model_file) if c.model_file is not None
-                 else ("crystal.hkl_file", c.hkl_file))
-    full = _resolve(base_dir, name)
-    sources = None if source_rows is None else np.asarray(source_rows, float).reshape(-1, 5)
-    try:
-        _, _, hkl, F, _ = structure_factor_rows(spec, base_dir, matrix, sources)
-    except ColumnError as e:
-        raise SpecError("crystal.mtz_column" if c.mtz_column is not None else key,
-                        _as_given(str(e), full, name)) from None
-    except SpecError:
-        raise
-    except (InputFileError, ValueError, OverflowError) as e:
-        raise SpecError(key, _as_given(str(e), full, name)) from None
-    except OSError as e:
-        raise SpecError(key, f"{name}: cannot read ({e.strerror or e})") from None
-    return key, name, hkl, F
-
-
-def _check_hkl_ranges(key: str, name: str, hkl: np.ndarray) -> None:
+def check_hkl_ranges(key: str, name: str, hkl: np.ndarray) -> None:
+    """Refuse Miller indices whose dense table would exceed ``MAX_HKL_TABLE_BYTES``."""
     lo, hi = hkl.min(axis=0), hkl.max(axis=0)
     cells = int(np.prod((hi - lo + 1).astype(object)))
     if 8 * cells > MAX_HKL_TABLE_BYTES:
@@ -146,36 +98,29 @@ def check_matrix(key: str, name: str, M: np.ndarray) -> None:
                         "a*, b*, c* must be linearly independent")
 
 
-def check_inputs(spec: ExperimentSpec, base_dir=".", beam_dir=None) -> dict:
-    """Read and check every input file ``spec`` names (see the module docstring).
+def check_inputs(spec: ExperimentSpec, base_dir=".", beam_dir=None, inputs=None) -> dict:
+    """Check every input file ``spec`` names (see the module docstring).
 
-    ``beam_dir``: unit vector of the beam (lab frame, from the geometry) used to place the default
-    source positions of a source file; None skips the "source at the sample" test.
-    Returns ``{'sources': n or None, 'hkl_cells': n or None}`` for the size estimate.
-    """
-    from nbsim.io import tables
-    from nbsim.io.smv import read_smv
-
+    ``inputs``: the files already read (``nbsim.inputs.load_inputs``, the one reader of input files;
+    read here when not given). ``beam_dir``: unit vector of the beam (lab frame, from the geometry)
+    used to place the default source positions of a source file; None skips the "source at the
+    sample" test. Returns ``{'sources': n or None, 'hkl_cells': n or None, 'F_max': ...,
+    'inputs': Inputs}`` for the size estimate and the run."""
+    from nbsim.inputs import load_inputs
     d, b, c = spec.detector, spec.beam, spec.crystal
-    out = {"sources": None, "hkl_cells": None, "F_max": None}
-    M = rows = None
-    if c.matrix_file is not None:
-        M = _read("crystal.matrix_file", tables.read_matrix, base_dir, c.matrix_file)
-        check_matrix("crystal.matrix_file", c.matrix_file, M)
-    if b.source_file is not None:
-        rows, lines = _read("beam.source_file", tables.read_sourcefile_lines, base_dir, b.source_file)
-    if c.hkl_file is not None or c.model_file is not None:
-        sf_key, sf_name, hkl, F = _structure_factor_rows(spec, base_dir, M, rows)
-        _check_hkl_ranges(sf_key, sf_name, hkl)
-        out["hkl_cells"] = int(np.prod(hkl.max(axis=0) - hkl.min(axis=0) + 1))
-        out["F_max"] = float(np.abs(F).max())
-    elif fdump_is_read(spec, base_dir):
-        ranges, table = _read("crystal.fdump_file", tables.read_fdump, base_dir, c.fdump_file)
-        out["hkl_cells"] = int(table.size)
-        out["F_max"] = float(np.abs(table).max()) if table.size else 0.0
-    if b.source_file is not None:
+    if inputs is None:
+        inputs = load_inputs(spec, base_dir)
+    out = {"sources": None, "hkl_cells": None, "F_max": None, "inputs": inputs}
+    sf = inputs.structure_factors
+    if sf is not None:
+        r = sf.ranges
+        out["hkl_cells"] = (r[1] - r[0] + 1) * (r[3] - r[2] + 1) * (r[5] - r[4] + 1)
+        out["F_max"] = float(np.abs(sf.dense).max()) if sf.dense.size else 0.0
+    if inputs.matrix is not None:
+        check_matrix("crystal.matrix_file", c.matrix_file, inputs.matrix)
+    if inputs.sources is not None:
         name = b.source_file
-        for (X, Y, Z, _I, lam), ln in zip(rows, lines):
+        for (X, Y, Z, _I, lam), ln in zip(inputs.sources, inputs.source_lines):
             if not math.isnan(lam) and not lam > 0:
                 raise SpecError("beam.source_file", f"{name}:{ln}: wavelength {lam:g} m must be > 0")
             if beam_dir is not None:
@@ -183,14 +128,13 @@ def check_inputs(spec: ExperimentSpec, base_dir=".", beam_dir=None) -> dict:
                 if all(v == 0.0 for v in pos):
                     raise SpecError("beam.source_file", f"{name}:{ln}: source at the sample position "
                                     "(0, 0, 0) has no direction")
-        out["sources"] = len(rows)
-    if d.mask_file is not None:
-        _, data = _read("detector.mask_file", read_smv, base_dir, d.mask_file)
+        out["sources"] = len(inputs.sources)
+    if inputs.mask is not None:
         from nbsim.geometry import resolve_pixels
         fpix, spix = resolve_pixels(d)[:2]
-        if data.shape != (spix, fpix):
-            raise SpecError("detector.mask_file", f"{d.mask_file}: mask is {data.shape[1]}x{data.shape[0]} "
-                            f"pixels, detector is {fpix}x{spix}")
+        if inputs.mask.shape != (spix, fpix):
+            raise SpecError("detector.mask_file", f"{d.mask_file}: mask is {inputs.mask.shape[1]}x"
+                            f"{inputs.mask.shape[0]} pixels, detector is {fpix}x{spix}")
     return out
 
 
@@ -254,8 +198,9 @@ def _sampling(spec: ExperimentSpec):
     return hdiv, vdiv, disp
 
 
-def check_geometry(spec: ExperimentSpec) -> dict:
-    """Refuse geometry that cannot be simulated; return the resolved geometry's ``info`` dict."""
+def check_geometry(spec: ExperimentSpec):
+    """Refuse geometry that cannot be simulated; return the resolved geometry's report
+    (``nbsim.report.DetectorReport``)."""
     from nbsim.geometry import detector_geometry
     d, b, c = spec.detector, spec.beam, spec.crystal
     try:
@@ -264,22 +209,22 @@ def check_geometry(spec: ExperimentSpec) -> dict:
         if isinstance(e, SpecError):
             raise
         raise SpecError("detector.convention", f"the detector geometry cannot be resolved ({e})") from None
-    info = geo.info
+    rep = geo.report
     orient_key = _first_given(
         [(b.beam_vector, "beam.beam_vector"), (d.odet_vector, "detector.odet_vector"),
          (d.twotheta_deg, "detector.twotheta_deg"), (d.rotx_deg, "detector.rotx_deg"),
          (d.roty_deg, "detector.roty_deg"), (d.rotz_deg, "detector.rotz_deg"),
          (d.fdet_vector, "detector.fdet_vector"), (d.sdet_vector, "detector.sdet_vector")],
         "detector.convention")
-    vecs = [info[k] for k in ("fdet", "sdet", "odet", "beam", "pix0_m")]
+    vecs = [rep.fdet, rep.sdet, rep.odet, rep.beam, rep.pix0_m]
     if not all(math.isfinite(x) for v in vecs for x in v):
         raise SpecError(orient_key, "the detector geometry is undefined (NaN): fdet and sdet must not be "
                         "parallel")
-    cos = sum(x * y for x, y in zip(info["beam"], info["odet"]))
+    cos = sum(x * y for x, y in zip(rep.beam, rep.odet))
     if abs(cos) < MIN_BEAM_NORMAL_COS:
         raise SpecError(orient_key, "the beam is parallel to the detector plane (beam . detector normal = "
                         f"{cos:.3g}): it never reaches the detector")
-    close_m = sum(x * y for x, y in zip(info["pix0_m"], info["odet"]))
+    close_m = sum(x * y for x, y in zip(rep.pix0_m, rep.odet))
     if not abs(close_m) > MIN_CLOSE_DISTANCE_M:
         key = _first_given([(d.close_distance_mm, "detector.close_distance_mm"),
                             (d.pix0_vector_mm, "detector.pix0_vector_mm")], "detector.distance_mm")
@@ -297,7 +242,7 @@ def check_geometry(spec: ExperimentSpec) -> dict:
         raise SpecError(key, f"the divergence grid ({hdiv[0]} x {vdiv[0]} steps over {hdiv[1] * 1e3:g} x "
                         f"{vdiv[1] * 1e3:g} mrad, round) selects no source; give a divergence range "
                         "with more steps")
-    return info
+    return rep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +282,7 @@ class Estimate:
     fixed_bytes: float     # image buffers, orientation tables, structure-factor table
     chunk_min_bytes: float  # working set of one pixel (the smallest chunk)
     seconds: float
+    inputs: object = None   # nbsim.inputs.Inputs: the files as the preflight read them
 
     def describe(self) -> str:
         return (f"{self.fpixels}x{self.spixels} pixels x {self.thicksteps} layers x {self.oversample}^2 "
@@ -345,20 +291,23 @@ class Estimate:
                 f"memory, ~{_duration(self.seconds)}")
 
 
-def _lattice_lengths_A(spec: ExperimentSpec, base_dir=".") -> tuple:
-    """Real-space cell edge lengths (A) from the cell or the matrix file (for the oversample rule)."""
+def _lattice_lengths_A(spec: ExperimentSpec, base_dir=".", matrix=None) -> tuple:
+    """Real-space cell edge lengths (A) from the cell or the matrix (``matrix``: the matrix file as
+    read; read here when not given), for the oversample rule."""
     c = spec.crystal
     if c.cell_A_deg is not None:
         return tuple(float(x) for x in c.cell_A_deg[:3])
-    from nbsim.io.tables import read_matrix
-    M = read_matrix(_resolve(base_dir, c.matrix_file)) / spec.beam.wavelength_A   # columns a*, b*, c*
+    if matrix is None:
+        from nbsim.inputs import load_matrix
+        matrix = load_matrix(spec, base_dir)
+    M = np.asarray(matrix, float) / spec.beam.wavelength_A                          # columns a*, b*, c*
     real = np.linalg.inv(M).T                                                     # columns a, b, c
     return tuple(float(x) for x in np.linalg.norm(real, axis=0))
 
 
 def estimate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_dir=".", *,
-             geo_info: Optional[dict] = None, sources: Optional[int] = None,
-             hkl_cells: Optional[int] = None) -> Estimate:
+             geo=None, sources: Optional[int] = None,
+             hkl_cells: Optional[int] = None, matrix=None) -> Estimate:
     """Sample counts, memory and time of ``spec`` on ``device`` (see the module docstring).
 
     The oversampling rule is nanoBragg's (``nbsim.experiment``): ceil(3 * crystal size /
@@ -372,19 +321,19 @@ def estimate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_dir
     if d.roi is not None:
         xmin, xmax, ymin, ymax = d.roi
         npix = max(0, min(xmax, fpix - 1) - max(xmin, 0) + 1) * max(0, min(ymax, spix - 1) - max(ymin, 0) + 1)
-    if geo_info is None:
-        geo_info = check_geometry(spec)
+    if geo is None:
+        geo = check_geometry(spec)
     q = quirks.of(spec)
     thicksteps = resolve_thickness(d.thick_um * 1e-6, d.thicksteps,
                                    c_layers=not q.fixed("thickness_layers"))[0]
     if d.oversample:
         oversample = int(d.oversample)
     else:
-        lengths = _lattice_lengths_A(spec, base_dir)
+        lengths = _lattice_lengths_A(spec, base_dir, matrix)
         counts = [c.N if n is None else n for n in (c.Na, c.Nb, c.Nc)]
         sizes = [s for s in (c.size_x_mm, c.size_y_mm, c.size_z_mm)]
         xtal_m = max((sz * 1e-3 if sz else max(1, n) * L * 1e-10) for L, n, sz in zip(lengths, counts, sizes))
-        dist_m = abs(geo_info["distance_mm"]) * 1e-3
+        dist_m = abs(geo.distance_mm) * 1e-3
         px_m = d.pixel_mm * 1e-3
         ratio = 3.0 * xtal_m / (b.wavelength_A * 1e-10 * dist_m / px_m) if dist_m > 0 else math.inf
         oversample = max(1, math.ceil(ratio)) if math.isfinite(ratio) else 2 ** 62
@@ -481,38 +430,37 @@ def _size_key(est: Estimate, spec: Optional[ExperimentSpec]) -> str:
 
 def preflight(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_dir=".") -> Estimate:
     """Validate ``spec`` and refuse, with one ``SpecError``, anything above. Normalizes a negative
-    ROI bound in place (C's "whole detector"). Reads each input file once; writes nothing."""
+    ROI bound in place (C's "whole detector"). Reads each input file once (``load_inputs``); the
+    files as read are ``est.inputs``, for the run (``simulate(..., inputs=est.inputs)``), so a run
+    reads nothing again. Writes nothing."""
     spec.validate()
     from nbsim.panels import has_panels
     if has_panels(spec):
         return _preflight_panels(spec, device, base_dir)
     normalize_roi(spec)
-    info = check_geometry(spec)
-    files = check_inputs(spec, base_dir, beam_dir=info["beam"])
-    est = estimate(spec, device, base_dir, geo_info=info, sources=files["sources"],
-                   hkl_cells=files["hkl_cells"])
+    geo = check_geometry(spec)
+    files = check_inputs(spec, base_dir, beam_dir=geo.beam)
+    est = estimate(spec, device, base_dir, geo=geo, sources=files["sources"],
+                   hkl_cells=files["hkl_cells"], matrix=files["inputs"].matrix)
     check_size(est, device, spec)
-    return est
+    return dataclasses.replace(est, inputs=files["inputs"])
 
 
 def _preflight_panels(spec: ExperimentSpec, device, base_dir) -> Estimate:
-    """``preflight`` of a multi-panel detector: the geometry file is read (one line naming its
-    file, line and key), the shared frame (``nbsim.panels.frame_spec``) is checked as a single
-    panel, and the estimate counts every panel's pixels (each panel's frame block is allocated)."""
-    import dataclasses
-
-    from nbsim.panels import frame_spec, panel_list
-    geometry = None
-    if spec.detector.geometry_file is not None:
-        from nbsim.io.geom import read_geometry
-        geometry = _read("detector.geometry_file", read_geometry, base_dir, spec.detector.geometry_file)
-    frame = frame_spec(spec, geometry)
-    panels = panel_list(spec, geometry)
-    info = check_geometry(frame)
-    files = check_inputs(frame, base_dir, beam_dir=info["beam"])
-    est = estimate(frame, device, base_dir, geo_info=info, sources=files["sources"],
-                   hkl_cells=files["hkl_cells"])
+    """``preflight`` of a multi-panel detector: the input files, the geometry file among them, are
+    read once (``load_inputs``: one line naming the file, line and key), the shared frame
+    (``nbsim.panels.frame_spec``) is checked as a single panel, and the estimate counts every
+    panel's pixels (each panel's frame block is allocated). ``est.inputs``: the files as read."""
     from nbsim.geometry import resolve_pixels
+    from nbsim.inputs import load_inputs
+    from nbsim.panels import frame_spec, panel_list
+    inputs = load_inputs(spec, base_dir)
+    frame = frame_spec(spec, inputs.geometry)
+    panels = panel_list(spec, inputs.geometry)
+    geo = check_geometry(frame)
+    files = check_inputs(frame, base_dir, beam_dir=geo.beam, inputs=inputs)
+    est = estimate(frame, device, base_dir, geo=geo, sources=files["sources"],
+                   hkl_cells=files["hkl_cells"], matrix=inputs.matrix)
     fpix0, spix0 = resolve_pixels(frame.detector)[:2]
     counts = [((pn.fpixels or fpix0), (pn.spixels or spix0), pn.offset_px) for pn in panels]
     npix = sum(f * s for f, s, _ in counts)
@@ -524,7 +472,7 @@ def _preflight_panels(spec: ExperimentSpec, device, base_dir) -> Estimate:
         fixed_bytes=est.fixed_bytes + (npix + block) * (itemsize + 8),   # images + one panel's block
         seconds=npix * est.samples_per_pixel / rate + est.mosaic_domains * SETUP_S_PER_DOMAIN)
     check_size(est, device, spec)
-    return est
+    return dataclasses.replace(est, inputs=inputs)
 
 
 def check_image(img, spec: Optional[ExperimentSpec] = None) -> None:

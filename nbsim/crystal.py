@@ -99,11 +99,24 @@ def build_lattice(*, cell_A_deg=None, matrix=None, wavelength_A=1.0, misset_rad=
 
 
 def cell_parameters(lat: Lattice):
-    """(a, b, c [Å], α, β, γ [deg]) of the real-space vectors, and the same for the reciprocal ones."""
-    def params(x, y, z):
-        lx, ly, lz = (value(torch.sqrt(dot(v, v))) for v in (x, y, z))
-        ang = lambda u, v, lu, lv: math.degrees(math.acos(max(-1.0, min(1.0, value(dot(u, v)) / lu / lv))))  # noqa
-        return [lx, ly, lz, ang(y, z, ly, lz), ang(x, z, lx, lz), ang(x, y, lx, ly)]
-    real = params(lat.a * 1e10, lat.b * 1e10, lat.c * 1e10)
-    recip = params(lat.a_star, lat.b_star, lat.c_star)
+    """(a, b, c [Å], α, β, γ [deg]) of the real-space vectors, and the same for the reciprocal ones,
+    as C derives them: each angle is atan2(sin, cos) with the sine from the volume
+    (sin α = |a*|·V/(|b||c|), sin α* = |a|·V*/(|b*||c*|)) and the cosine from the dot product, so
+    a cell made inconsistent by the triclinic c* quirk prints C's numbers."""
+    a, b, c = (v * 1e10 for v in (lat.a, lat.b, lat.c))
+    vs = (lat.a_star, lat.b_star, lat.c_star)
+    V = value(lat.V_cell_A3)
+    L = [value(torch.sqrt(dot(v, v))) for v in (a, b, c)]
+    Ls = [value(torch.sqrt(dot(v, v))) for v in vs]
+
+    def angles(vec, lens, other_lens, vol):
+        out = []
+        for i, (j, k) in enumerate(((1, 2), (0, 2), (0, 1))):
+            sin = min(1.0, max(-1.0, other_lens[i] * vol / lens[j] / lens[k]))
+            cos = value(dot(vec[j], vec[k])) / lens[j] / lens[k]
+            cos = 1.0 if cos * cos > 1.0 else cos
+            out.append(math.degrees(math.atan2(sin, cos)))
+        return out
+    real = L + angles((a, b, c), L, Ls, V)
+    recip = Ls + angles(vs, Ls, L, 1.0 / V)
     return real, recip

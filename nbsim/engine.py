@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -95,7 +95,7 @@ class Model:
     mask: Optional[torch.Tensor] = None   # (spixels, fpixels) bool: pixels to simulate
     bg_physical: "float | torch.Tensor" = 0.0   # water background per pixel when water_fluence_squared is fixed
     differentiable: bool = False  # some field is a tensor on a derivative's path (nbsim.params)
-    info: dict = field(default_factory=dict)
+    report: object = None         # nbsim.report.SetupReport: what the setup resolved (frozen)
 
     @property
     def dtype(self):
@@ -126,7 +126,6 @@ class Model:
             t.table = self.table.table.to(dtype)
             t.flat = t.table.reshape(-1)
             kw["table"] = t
-        kw["info"] = dict(self.info)
         return Model(**kw)
 
     def per_pixel_elements(self) -> int:

@@ -5,6 +5,7 @@ nothing of Hydra or of the nanoBragg command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from nbsim.geometry import detector_geometry, radians
 from nbsim.inputs import load_inputs
 from nbsim.params import param_tree, value
 from nbsim.physics import AVOGADRO, R_E_SQR, HKLTable
+from nbsim.report import SetupReport
 from nbsim.rotation import rotate_axis, rotate_umat
 from nbsim.sampling import (make_sources, resolve_dispersion, resolve_divergence, resolve_mosaic,
                             resolve_phi, resolve_thickness)
@@ -80,8 +82,8 @@ def setup_values(tree: dict) -> dict:
 
 def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base_dir=".",
                 params=None, inputs=None) -> Model:
-    """Resolve ``spec`` into a ``Model``. ``model.info`` carries the numbers nanoBragg prints;
-    ``model.info['log']`` the nanoBragg-style setup lines and ``['warnings']`` quirk warnings.
+    """Resolve ``spec`` into a ``Model``. ``model.report`` (``nbsim.report.SetupReport``) carries
+    the numbers nanoBragg prints (``report.echo()``: its setup lines) and this run's quirk warnings.
 
     ``params``: schema key → tensor (``nbsim.params.PARAMS``), taking the place of the spec's value;
     a tensor with ``requires_grad`` (or a forward-mode dual) passes its graph on to the model.
@@ -92,14 +94,13 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         inputs = load_inputs(spec, base_dir)
     d, b, c = spec.detector, spec.beam, spec.crystal
     q = quirks.of(spec)
-    warnings, log = [], []
+    warnings = []
     tkw = dict(dtype=dtype, device=device)
     p = setup_values(param_tree(spec, params, device=device))
     differentiable = any(isinstance(v, torch.Tensor) for v in p.values())
 
     geo = detector_geometry(d, b, c, quirks=q, p=p, **tkw)
     warnings += geo.warnings
-    info = dict(geo.info)
     wavelength_A = p["beam.wavelength_A"]
     lambda0 = wavelength_A * 1e-10
 
@@ -115,7 +116,6 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
             raise SpecError("crystal.misset_seed", "crystal.misset_random needs a misset_seed "
                             "(the C program would use the clock)")
         misset = tuple(random_misset(c_seed(seed)))
-        log.append("random orientation misset angles: %g %g %g deg" % tuple(x * RTD for x in misset))
     elif "crystal.misset_deg" in p:
         misset = tuple(radians(p["crystal.misset_deg"][i]) for i in range(3))
     if "crystal.matrix" in p:
@@ -128,9 +128,6 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
             and max(abs(x - y) for x, y in zip(real, c.cell_A_deg)) > 1e-3):
         warnings.append("quirk triclinic_cstar: -cell c* construction changes the triclinic cell to "
                         + " ".join(f"{x:g}" for x in real) + " (fixed: the textbook c*)")
-    log.append("Unit Cell: " + " ".join(f"{x:g}" for x in real))
-    log.append("Recp Cell: " + " ".join(f"{x:g}" for x in recip))
-    log.append(f"volume = {value(lat.V_cell_A3):g} A^3")
 
     # crystal size
     la, lb, lc = (value(torch.linalg.vector_norm(v)) for v in (lat.a, lat.b, lat.c))
@@ -159,9 +156,9 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     recommended = int(math.ceil(3.0 * xtal_max / (value(lambda0) * distance / px)))
     recommended = max(recommended, 1)
     oversample = d.oversample if d.oversample and d.oversample > 0 else recommended
-    log.append(f"crystal is {la * Nv[0] * 1e6:g} x {lb * Nv[1] * 1e6:g} x {lc * Nv[2] * 1e6:g} microns")
-    if not d.oversample:
-        log.append(f"auto-selected {oversample}-fold oversampling")
+    xtal_size_m = (la * Nv[0], lb * Nv[1], lc * Nv[2])
+    # C's rough estimate: density 1.2e6 g/m^3 over the crystal volume, per unit cell
+    molecular_weight = xtal_size_m[0] * xtal_size_m[1] * xtal_size_m[2] * 1.2e6 * AVOGADRO / (Nv[0] * Nv[1] * Nv[2])
 
     # ---- structure factors
     default_F = p["crystal.default_F"]
@@ -191,15 +188,13 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
                                 f"l {ranges[4]}..{ranges[5]}), got {tuple(given.shape)}")
             F_table = given
         table = HKLTable(ranges, F_table, default_F, count)
+    interpolate_auto = None
     if c.interpolate is None:
-        interpolate = any(x <= 2 for x in N_before_size)
-        log.append("auto-selected " + ("tricubic interpolation of structure factors" if interpolate
-                                       else "no interpolation"))
+        interpolate = interpolate_auto = any(x <= 2 for x in N_before_size)
     else:
         interpolate = bool(c.interpolate)
     if count == 0:
         interpolate = False
-    log.append(f"  {count} initialized hkls (all others ={value(default_F):g})")
 
     # ---- sampling
     phi0 = radians(p["crystal.phi_deg"])
@@ -276,7 +271,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     # quirks that change this run's result (one line each; none for a fixed quirk)
     if d.twotheta_deg != 0.0 and not q.fixed("ratio_ignores_twotheta"):
         warnings.append("quirk ratio_ignores_twotheta: the beam/detector-normal ratio ignores two-theta, so "
-                        f"the recomputed distance is {info['distance_mm']:g} mm (fixed: includes it)")
+                        f"the recomputed distance is {geo.report.distance_mm:g} mm (fixed: includes it)")
     if water > 0 and abs(R_E_SQR * value(fluence) - 1.0) > 1e-12 and water_sq:
         warnings.append("quirk water_fluence_squared: the water background scales with fluence squared "
                         "(fixed: linear in fluence)")
@@ -322,23 +317,41 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     if first_iteration is not None and b.dmin_A > 0:
         warnings.append("quirk: with dmin the first rotated iteration is taken at the first simulated pixel")
 
-    info.update(
+    rep = SetupReport(
+        **dataclasses.asdict(geo.report),
         wavelength_A=value(wavelength_A), phi_deg=value(p["crystal.phi_deg"]), osc_deg=value(osc) * RTD,
         phistep_deg=value(phistep) * RTD,
         phisteps=phisteps, mosaic_domains=mosaic_domains, mosaic_deg=value(spread) * RTD,
         sources=nsrc, divsteps=src.divsteps, dispsteps=src.dispsteps, oversample=oversample,
-        spectrum_A=spectrum(src), exposure_s=b.exposure_s,                 # for the NeXus/CBF writers
+        spectrum_A=tuple(tuple(r) for r in spectrum(src)), exposure_s=float(b.exposure_s),  # NeXus/CBF writers
         recommended_oversample=recommended, thicksteps=thicksteps, thick_m=value(thick),
         mu_per_m=value(mu), steps=steps, Na=Nv[0], Nb=Nv[1], Nc=Nv[2], fluence=value(fluence),
         interpolate=interpolate, hkls=count,
-        roi=roi, unit_cell=real, recp_cell=recip, V_cell_A3=value(lat.V_cell_A3),
-        a_A=[value(x) * 1e10 for x in lat.a], b_A=[value(x) * 1e10 for x in lat.b],
-        c_A=[value(x) * 1e10 for x in lat.c],
-        a_star=[value(x) for x in lat.a_star], b_star=[value(x) for x in lat.b_star],
-        c_star=[value(x) for x in lat.c_star], source_listing=src.listing,
-        hdiv=[value(x) for x in hdiv], vdiv=[value(x) for x in vdiv],
-        dispersion=[value(x) for x in disp], quirks=q.label(), differentiable=differentiable,
-        log=log, warnings=warnings,
+        roi=tuple(roi), unit_cell=tuple(real), recp_cell=tuple(recip), V_cell_A3=value(lat.V_cell_A3),
+        a_A=tuple(value(x) * 1e10 for x in lat.a), b_A=tuple(value(x) * 1e10 for x in lat.b),
+        c_A=tuple(value(x) * 1e10 for x in lat.c),
+        a_star=tuple(value(x) for x in lat.a_star), b_star=tuple(value(x) for x in lat.b_star),
+        c_star=tuple(value(x) for x in lat.c_star), source_listing=tuple(src.listing),
+        hdiv=tuple(value(x) for x in hdiv), vdiv=tuple(value(x) for x in vdiv),
+        dispersion=tuple(value(x) for x in disp), quirks=q.label(), differentiable=differentiable,
+        warnings=tuple(warnings),
+        interpolate_auto=interpolate_auto, oversample_auto=not d.oversample,
+        matrix_file=c.matrix_file, hkl_file=c.hkl_file,
+        fdump_read=(c.fdump_file if sf is not None and sf.from_fdump else None),
+        fdump_written=(c.fdump_file if sf is not None and not sf.from_fdump else None),
+        misset_random_deg=None if not c.misset_random else tuple(x * RTD for x in misset),
+        xtal_size_m=xtal_size_m, molecular_weight=molecular_weight, thickstep_m=value(thickstep),
+        phi_values_deg=tuple(value(phi0 + phistep * i) * RTD for i in range(phisteps)),
+        phi_end_deg=value(phi0 + osc) * RTD,
+        divergence_deviations_rad=tuple(src.deviations), lambdas_m=tuple(src.lambdas_m),
+        source_file=b.source_file if table_src is not None and len(table_src) else None,
+        default_F=value(default_F), shape=c.shape, kahn_factor=value(p["beam.kahn_factor"]),
+        nopolar=bool(b.nopolar), curved=bool(d.curved), point_pixel=bool(d.point_pixel),
+        oversample_flags=tuple(n for n, on in (("thick", d.oversample_thick), ("polar", d.oversample_polar),
+                                               ("omega", d.oversample_omega)) if on),
+        mask_file=d.mask_file, noise=bool(spec.image.noise),
+        noise_seed=None if spec.image.noise_seed is None else -int(spec.image.noise_seed),
+        water_m=water,
     )
     return Model(
         fpixels=fpix, spixels=spix, pixel_m=geo.pixel_m, oversample=oversample,
@@ -353,4 +366,4 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         I_bg=I_bg, fluence=fluence, r_e_sqr=R_E_SQR, steps=steps,
         oversample_thick=d.oversample_thick, oversample_polar=d.oversample_polar,
         oversample_omega=d.oversample_omega, quirks=q, mask=mask_t,
-        bg_physical=bg_physical, differentiable=differentiable, info=info)
+        bg_physical=bg_physical, differentiable=differentiable, report=rep)

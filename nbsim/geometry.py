@@ -18,6 +18,7 @@ from nbsim.params import value
 from nbsim.rotation import cross, dot, rotate_axis, rotate_xyz, unitize
 from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec
 from nbsim.quirks import QuirkSet
+from nbsim.report import DetectorReport
 
 DBL_MIN = 2.2250738585072014e-308
 
@@ -54,7 +55,7 @@ class DetectorGeometry:
     pivot: str
     point_pixel: bool
     curved: bool
-    info: dict = field(default_factory=dict)   # plain numbers for headers / stdout
+    report: DetectorReport        # plain numbers for headers / stdout (nbsim.report)
     warnings: list = field(default_factory=list)
 
 
@@ -236,7 +237,10 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
     dials = 1000.0 * torch.stack((pix0[2], pix0[1], -pix0[0]))
 
     g = value  # (report only)
-    info = dict(
+
+    def v3(v):
+        return tuple(g(x) for x in v)
+    report = DetectorReport(
         convention=conv, pivot=pivot, fpixels=fpixels, spixels=spixels,
         pixel_mm=g(px) * 1e3, detsize_f_mm=g(detsize_f) * 1e3, detsize_s_mm=g(detsize_s) * 1e3,
         distance_mm=g(distance) * 1e3, close_distance_mm=g(close_distance) * 1e3,
@@ -244,16 +248,14 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
         yclose_mm=g(Yclose) * 1e3,
         fbeam_mm=g(Fbeam_t) * 1e3, sbeam_mm=g(Sbeam_t) * 1e3,
         fclose_mm=g(Fclose_t) * 1e3, sclose_mm=g(Sclose_t) * 1e3,
-        orgx_px=g(orgx), orgy_px=g(orgy), dials_origin_mm=[g(x) for x in dials],
+        orgx_px=g(orgx), orgy_px=g(orgy), dials_origin_mm=v3(dials),
         twotheta_deg=g(p["detector.twotheta_deg"]), ratio=g(ratio),
-        fdet=[g(x) for x in fdet], sdet=[g(x) for x in sdet], odet=[g(x) for x in odet],
-        pix0_m=[g(x) for x in pix0], beam=[g(x) for x in beam], spindle=[g(x) for x in spindle],
-        polar_vector=[g(x) for x in polar], twotheta_axis=[g(x) for x in tth_axis],
-        polarization_plane_normal=[g(x) for x in cross(beam, polar)],
+        fdet=v3(fdet), sdet=v3(sdet), odet=v3(odet), pix0_m=v3(pix0), beam=v3(beam), spindle=v3(spindle),
+        polar_vector=v3(polar), twotheta_axis=v3(tth_axis), polarization_plane_normal=v3(cross(beam, polar)),
     )
     return DetectorGeometry(
         fpixels=fpixels, spixels=spixels, pixel_m=_t(px, dtype, device),
         fdet=fdet, sdet=sdet, odet=odet, pix0=pix0, beam=beam, polar=polar, vert=vert, spindle=spindle,
         twotheta_axis=tth_axis, distance_m=distance, close_distance_m=close_distance, ratio=ratio,
-        convention=conv, pivot=pivot, point_pixel=d.point_pixel, curved=d.curved, info=info,
+        convention=conv, pivot=pivot, point_pixel=d.point_pixel, curved=d.curved, report=report,
         warnings=warnings)

@@ -45,6 +45,7 @@ class Inputs:
     matrix: Optional[np.ndarray] = None                  # (3, 3) MOSFLM A matrix (columns a*, b*, c* × λ)
     structure_factors: Optional[StructureFactors] = None
     sources: Optional[np.ndarray] = None                 # (n, 5) X Y Z I λ, NaN for missing values
+    source_lines: Tuple[int, ...] = ()                   # the file line of each source (for messages)
     mask: Optional[np.ndarray] = None                    # (slow, fast) SMV mask image
     geometry: Optional[object] = None                    # nbsim.io.geom.GeometryFile (detector.geometry_file)
     notes: Tuple[str, ...] = field(default_factory=tuple)   # one-line remarks for the run's warnings
@@ -57,6 +58,26 @@ def _path(base_dir, name, key) -> Path:
     if not p.exists():
         raise SpecError(key, f"file not found: {p}")
     return p
+
+
+def _read(key: str, reader, path: Path, given: str, column_key: Optional[str] = None):
+    """``reader(path)``; a reader's one-line error (bad number, binary, FIFO, too large, ...) or an
+    unreadable file becomes ``SpecError(key, ...)`` naming the file as the user gave it (an MTZ
+    column problem, ``ColumnError``, names ``column_key`` when given)."""
+    from nbsim.io.inputs import InputFileError
+    try:
+        return reader(path)
+    except (InputFileError, ValueError, OverflowError) as e:
+        if isinstance(e, SpecError):
+            raise
+        if column_key is not None:
+            from nbsim.io.structure_factors import ColumnError
+            if isinstance(e, ColumnError):
+                key = column_key
+        msg = str(e)
+        raise SpecError(key, msg.replace(str(path), given) if str(path) != given else msg) from None
+    except OSError as e:
+        raise SpecError(key, f"{given}: cannot read ({e.strerror or e})") from None
 
 
 #: relative difference of cell edges (and degrees of angles) above which a note says that the cell of
@@ -93,14 +114,14 @@ def detector_dmin_A(spec: ExperimentSpec, sources=None) -> float:
     from nbsim import quirks
     from nbsim.geometry import detector_geometry
     b = spec.beam
-    info = detector_geometry(spec.detector, b, spec.crystal, quirks=quirks.of(spec)).info
-    px = info["pixel_mm"] * 1e-3
-    pix0, fdet, sdet, beam = (np.asarray(info[k], float) for k in ("pix0_m", "fdet", "sdet", "beam"))
-    fs = (-1.0, info["fpixels"] + 1.0)
-    ss = (-1.0, info["spixels"] + 1.0)
+    rep = detector_geometry(spec.detector, b, spec.crystal, quirks=quirks.of(spec)).report
+    px = rep.pixel_mm * 1e-3
+    pix0, fdet, sdet, beam = (np.asarray(v, float) for v in (rep.pix0_m, rep.fdet, rep.sdet, rep.beam))
+    fs = (-1.0, rep.fpixels + 1.0)
+    ss = (-1.0, rep.spixels + 1.0)
     corners = np.array([pix0 + f * px * fdet + s * px * sdet for f in fs for s in ss])     # (4, 3) m
     if spec.detector.curved:
-        dist = abs(info["distance_mm"]) * 1e-3
+        dist = abs(rep.distance_mm) * 1e-3
         arc = (np.abs(corners @ fdet - (dist * beam) @ fdet).max()
                + np.abs(corners @ sdet - (dist * beam) @ sdet).max()) / dist
         two_theta = min(math.pi, arc)
@@ -150,7 +171,8 @@ def structure_factor_rows(spec: ExperimentSpec, base_dir=".", matrix=None, sourc
         from nbsim.io.structure_factors import model_structure_factors
         path = _path(base_dir, c.model_file, "crystal.model_file")
         dmin = model_dmin_A(spec, matrix, sources)
-        hkl, F, cell, sg = model_structure_factors(path, spec.beam.wavelength_A, dmin, c.model_anomalous)
+        hkl, F, cell, sg = _read("crystal.model_file", lambda p: model_structure_factors(
+            p, spec.beam.wavelength_A, dmin, c.model_anomalous), path, c.model_file)
         note = (f"{len(F)} structure factors computed from {c.model_file} ({sg}, d >= {dmin:.4g} A"
                 + (f", f' f'' at {spec.beam.wavelength_A:g} A" if c.model_anomalous else "") + ")",)
         return "crystal.model_file", path, hkl, F, note + _cell_note(spec, cell, c.model_file)
@@ -158,13 +180,14 @@ def structure_factor_rows(spec: ExperimentSpec, base_dir=".", matrix=None, sourc
         from nbsim.io.structure_factors import is_mtz, read_mtz
         path = _path(base_dir, c.hkl_file, "crystal.hkl_file")
         if is_mtz(path):
-            hkl, F, cell, sg, label = read_mtz(path, c.mtz_column)
+            hkl, F, cell, sg, label = _read("crystal.hkl_file", lambda p: read_mtz(p, c.mtz_column), path,
+                                            c.hkl_file, column_key="crystal.mtz_column" if c.mtz_column else None)
             note = (f"{len(F)} structure factors from column {label} of {c.hkl_file} ({sg}, expanded to P1)",)
             return "crystal.hkl_file", path, hkl, F, note + _cell_note(spec, cell, c.hkl_file)
         if c.mtz_column is not None:
             raise SpecError("crystal.mtz_column", f"{c.hkl_file} is not an MTZ file (a text table has no columns)")
         from nbsim.io.tables import read_hkl
-        hkl, F = read_hkl(path)
+        hkl, F = _read("crystal.hkl_file", read_hkl, path, c.hkl_file)
         return "crystal.hkl_file", path, hkl, F, ()
     return None
 
@@ -174,12 +197,14 @@ def _structure_factors(spec: ExperimentSpec, base_dir, matrix=None,
     c = spec.crystal
     rows = structure_factor_rows(spec, base_dir, matrix, sources)
     if rows is not None:
-        _key, path, hkl, F, notes = rows
+        key, path, hkl, F, notes = rows
+        from nbsim.checks import check_hkl_ranges
+        check_hkl_ranges(key, c.model_file if c.model_file is not None else c.hkl_file, hkl)  # before the dense table
         return _sf_from_table(hkl, F, path), notes
     if c.fdump_file is not None and (Path(base_dir) / c.fdump_file).exists():
         from nbsim.io.tables import read_fdump
         path = Path(base_dir) / c.fdump_file
-        ranges, dense = read_fdump(path)
+        ranges, dense = _read("crystal.fdump_file", read_fdump, path, c.fdump_file)
         hr, kr, lr = ranges[1] - ranges[0] + 1, ranges[3] - ranges[2] + 1, ranges[5] - ranges[4] + 1
         dense = np.asarray(dense)[:hr, :kr, :lr]
         return (StructureFactors(ranges, dense, None, hr * kr * lr, path, from_fdump=True),
@@ -187,34 +212,45 @@ def _structure_factors(spec: ExperimentSpec, base_dir, matrix=None,
     return None, ()
 
 
+def load_matrix(spec: ExperimentSpec, base_dir=".") -> Optional[np.ndarray]:
+    """``crystal.matrix_file`` as (3, 3) float64 (None without one): the one reader of the matrix
+    (``load_inputs``; the size estimate when it is not handed the matrix)."""
+    c = spec.crystal
+    if c.matrix_file is None:
+        return None
+    from nbsim.io.tables import read_matrix
+    path = _path(base_dir, c.matrix_file, "crystal.matrix_file")
+    return np.asarray(_read("crystal.matrix_file", read_matrix, path, c.matrix_file), float)
+
+
 def load_inputs(spec: ExperimentSpec, base_dir=".") -> Inputs:
-    """Read every file ``spec`` names (relative paths from ``base_dir``); ``SpecError`` names the key
-    of a missing file, the readers' errors name the file and line."""
-    c, b, d = spec.crystal, spec.beam, spec.detector
-    matrix = None
-    if c.matrix_file is not None:
-        from nbsim.io.tables import read_matrix
-        matrix = np.asarray(read_matrix(_path(base_dir, c.matrix_file, "crystal.matrix_file")), float)
-    sources = None
+    """Read every file ``spec`` names (relative paths from ``base_dir``), each once, through the
+    bounded readers of ``nbsim.io``. A missing or malformed file is a one-line ``SpecError`` naming
+    the key, and the file and line as the user gave them. The values are checked by
+    ``nbsim.checks.check_inputs`` (the preflight), which takes the ``Inputs`` this returns."""
+    b, d = spec.beam, spec.detector
+    matrix = load_matrix(spec, base_dir)
+    sources, source_lines = None, ()
     if b.source_file is not None:
-        from nbsim.io.tables import read_sourcefile
-        sources = np.asarray(read_sourcefile(_path(base_dir, b.source_file, "beam.source_file")), float)
+        from nbsim.io.tables import read_sourcefile_lines
+        path = _path(base_dir, b.source_file, "beam.source_file")
+        rows, lines = _read("beam.source_file", read_sourcefile_lines, path, b.source_file)
+        sources, source_lines = np.asarray(rows, float).reshape(-1, 5), tuple(lines)
         if len(sources) == 0:
             raise SpecError("beam.source_file", f"no sources in {b.source_file}")
     sf, notes = _structure_factors(spec, base_dir, matrix, sources)
     mask = None
     if d.mask_file is not None:
         from nbsim.io.smv import read_smv
-        _, mask = read_smv(_path(base_dir, d.mask_file, "detector.mask_file"))
+        path = _path(base_dir, d.mask_file, "detector.mask_file")
+        _, mask = _read("detector.mask_file", read_smv, path, d.mask_file)
     geometry = None
     if d.geometry_file is not None:
         from nbsim.io.geom import read_geometry
-        from nbsim.io.inputs import InputFileError
-        try:
-            geometry = read_geometry(_path(base_dir, d.geometry_file, "detector.geometry_file"))
-        except InputFileError as e:
-            raise SpecError("detector.geometry_file", str(e)) from None
-    return Inputs(matrix=matrix, structure_factors=sf, sources=sources, mask=mask, geometry=geometry,
+        path = _path(base_dir, d.geometry_file, "detector.geometry_file")
+        geometry = _read("detector.geometry_file", read_geometry, path, d.geometry_file)
+    return Inputs(matrix=matrix, structure_factors=sf, sources=sources, source_lines=source_lines, mask=mask,
+                  geometry=geometry,
                   notes=notes)
 
 

@@ -56,9 +56,11 @@ def _check_output_paths(parsed) -> None:
             raise FrontendError(f"{flag}: cannot write {p}: directory {parent} is not writable")
 
 
-def _call_simulate(simulate, spec, device, parsed, warn):
+def _call_simulate(simulate, spec, device, parsed, warn, inputs=None):
+    """``simulate`` with the files the preflight read (``inputs``; read here when not given)."""
     from nbsim.inputs import load_inputs, write_fdump_cache
-    inputs = load_inputs(spec, os.getcwd())
+    if inputs is None:
+        inputs = load_inputs(spec, os.getcwd())
     write_fdump_cache(spec, inputs, os.getcwd())          # as C does, before it simulates
     kw = {"base_dir": os.getcwd()}
     try:
@@ -107,9 +109,9 @@ def _write_panels(result, parsed, warn) -> int:
     from nbsim.panels import panel_header_info, panel_path
 
     paths = parsed.outputs.paths()
-    info = result.info
+    st = result.stats                        # nbsim.api.RunStats
     im = parsed.spec.image
-    scale = im.int_scale if im.int_scale is not None and im.int_scale > 0 else default_int_scale(info["max_I"])
+    scale = im.int_scale if im.int_scale is not None and im.int_scale > 0 else default_int_scale(st.max_I)
     float_path = paths["float_path"]
     int_paths = [panel_path(paths["int_path"], p.name) for p in result.panels]
     written = []
@@ -131,10 +133,10 @@ def _write_panels(result, parsed, warn) -> int:
                       f"{e.strerror or e}")
     n = sum(p.mask.size for p in result.panels)
     print(f"writing {float_path} as {n} 4-byte floats ({len(result.panels)} panels one after another)")
-    at = info.get("max_I_at")
-    where = f"  at panel {at['panel']} slow {at['slow']} fast {at['fast']}" if at else ""
-    print(f"max_I = {c_g(info['max_I'])}{where}")
-    print(f"mean= {c_g(info['mean'])} rms= {c_g(info['rms'])} rmsd= {c_g(info['rmsd'])}")
+    at = st.max_I_at                         # (panel, slow, fast)
+    where = f"  at panel {at[0]} slow {at[1]} fast {at[2]}" if at else ""
+    print(f"max_I = {c_g(st.max_I)}{where}")
+    print(f"mean= {c_g(st.mean)} rms= {c_g(st.rms)} rmsd= {c_g(st.rmsd)}")
     print(f"intfile_scale = {c_g(scale)}")
     for ip in int_paths:
         print(f"writing {ip} as 2-byte integers")
@@ -240,13 +242,13 @@ def _run(parsed) -> int:
         from nbsim.api import simulate
         try:
             with np.errstate(all="ignore"):          # an overflow is reported once, by check_image
-                result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
+                result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn, est.inputs)
         except ImportError as e:
             if parsed.trace_pixel is None:
                 raise
             warn(f"-trace_pixel: tracing is not available ({e}); running without it")
             parsed.trace_pixel = None
-            result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn)
+            result = _call_simulate(simulate, parsed.spec, parsed.device, parsed, warn, est.inputs)
     except SpecError as e:
         return _error(spec_error_message(e, parsed.origins))
     except FrontendError as e:
@@ -273,15 +275,15 @@ def _run(parsed) -> int:
 
     if getattr(result, "panels", None) is not None:
         return _write_panels(result, parsed, warn)
-    info = result.info
+    st = result.stats                        # nbsim.api.RunStats
     spixels, fpixels = img.shape
-    if "omega_sum_sr" in info and not any(str(x).startswith("solid angle") for x in result.log):
-        om = info["omega_sum_sr"]
-        print(f"solid angle subtended by detector = {om:g} steradian ( {100 * om / 4 / 3.141592653589793:g}% sphere)")
+    from nbsim.report import solid_angle_lines
+    for line in solid_angle_lines(getattr(st, "omega_sum_sr", None)):
+        print(line)
 
     from nbsim.io.products import write_result
     paths = parsed.outputs.paths()
-    at = info.get("max_I_at_m")
+    at = st.max_I_at_m if st is not None else None
     new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
         res = write_result(result, parsed.spec.image, img32=img, **paths, **parsed.outputs.options()) or {}
@@ -299,11 +301,11 @@ def _run(parsed) -> int:
     lines = res.get("lines")
     if lines is None:                      # writer without printed lines: format them here
         lines = []
-        if at is not None and res.get("max_I", info.get("max_I")) is not None:
-            lines.append(f"max_I = {res.get('max_I', info.get('max_I')):g}  at {at[0]:g} {at[1]:g}")
-        st = {k: res.get(k, info.get(k)) for k in ("mean", "rms", "rmsd")}
-        if all(v is not None for v in st.values()):
-            lines.append(f"mean= {st['mean']:g} rms= {st['rms']:g} rmsd= {st['rmsd']:g}")
+        given = {k: res.get(k, getattr(st, k, None)) for k in ("max_I", "mean", "rms", "rmsd")}
+        if at is not None and given["max_I"] is not None:
+            lines.append(f"max_I = {given['max_I']:g}  at {at[0]:g} {at[1]:g}")
+        if all(given[k] is not None for k in ("mean", "rms", "rmsd")):
+            lines.append(f"mean= {given['mean']:g} rms= {given['rms']:g} rmsd= {given['rmsd']:g}")
         if res.get("intfile_scale") is not None:
             lines.append(f"intfile_scale = {res['intfile_scale']:g}")
         if paths["pgm_path"] is not None and res.get("pgm_scale") is not None:

@@ -54,18 +54,19 @@ class Panel:
     active: np.ndarray            # (spixels, fpixels) bool: pixels simulated (ROI, not bad)
     roi_mask: np.ndarray          # (spixels, fpixels) bool: the ROI (written; 0 outside)
 
-    def info(self) -> dict:
-        """Plain numbers for reports and headers (mm, unit vectors)."""
+    def report(self):
+        """The panel as plain numbers (``nbsim.report.PanelReport``: mm, unit vectors)."""
+        from nbsim.report import PanelReport
         f0, s0 = self.offset
         px = value(self.pixel_m)
         corner = [value(self.pix0[c]) + px * (f0 * value(self.fdet[c]) + s0 * value(self.sdet[c]))
                   for c in range(3)]
-        return dict(name=self.name, fpixels=self.fpixels, spixels=self.spixels, offset_px=[f0, s0],
-                    pixel_mm=px * 1e3, fast=[value(x) for x in self.fdet],
-                    slow=[value(x) for x in self.sdet], normal=[value(x) for x in self.odet],
-                    origin_mm=[value(x) * 1e3 for x in self.pix0],
-                    corner_mm=[x * 1e3 for x in corner],
-                    close_distance_mm=value(dot(self.pix0, self.odet)) * 1e3)
+        return PanelReport(name=self.name, fpixels=self.fpixels, spixels=self.spixels, offset_px=(f0, s0),
+                           pixel_mm=px * 1e3, fast=tuple(value(x) for x in self.fdet),
+                           slow=tuple(value(x) for x in self.sdet), normal=tuple(value(x) for x in self.odet),
+                           origin_mm=tuple(value(x) * 1e3 for x in self.pix0),
+                           corner_mm=tuple(x * 1e3 for x in corner),
+                           close_distance_mm=value(dot(self.pix0, self.odet)) * 1e3)
 
 
 def panel_params(params, n: int) -> dict:
@@ -162,7 +163,7 @@ def panel_model(frame, panel: Panel, *, first: bool):
         close_distance_m=frame.close_distance_m if same else close,
         distance_m=frame.distance_m if same else close,
         mask=None if mask.all() else torch.as_tensor(mask, device=frame.device),
-        first_iteration=first_it, info=dict(frame.info))
+        first_iteration=first_it)
 
 
 def frame_spec(spec: ExperimentSpec, geometry=None) -> ExperimentSpec:
@@ -218,12 +219,18 @@ def panel_list(spec: ExperimentSpec, geometry=None) -> List[PanelSpec]:
 @dataclass
 class PanelImage:
     """One panel's result: ``image`` (spixels, fpixels) tensor, ``mask`` pixels simulated,
-    ``roi_mask`` the ROI (numpy bool), ``info`` the panel's geometry (``Panel.info``)."""
+    ``roi_mask`` the ROI (numpy bool), ``report`` the panel's geometry (``nbsim.report.PanelReport``)."""
     name: str
     image: torch.Tensor
     mask: np.ndarray
     roi_mask: np.ndarray
-    info: dict
+    report: object
+
+    @property
+    def info(self):
+        """Read-only plain view of ``report`` (what ``run.json`` stores under ``info["panels"]``)."""
+        from types import MappingProxyType
+        return MappingProxyType(self.report.to_dict())
 
 
 def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir=".", progress=None,
@@ -233,7 +240,7 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
     ``-floatfile`` writes); ``result.panels[i].image`` is panel i as (spixels, fpixels)."""
     import time
 
-    from nbsim.api import SimResult, _float32, memory_budget_bytes, resolve_device
+    from nbsim.api import RunStats, SimResult, _float32, memory_budget_bytes, resolve_device
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
     from nbsim.inputs import load_inputs
@@ -262,22 +269,21 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
         m = panel_model(frame, pn, first=(i == 0))
         if tdtype != torch.float64:
             m = m.astype(tdtype)
-        report: dict = {}
+        kernel: dict = {}
         full = simulate_image(m, chunk_pixels=chunk_pixels, budget_bytes=budget, progress=progress,
-                              compile=compile_, report=report)
-        kernels.add(report.get("kernel"))
+                              compile=compile_, report=kernel)
+        kernels.add(kernel.get("kernel"))
         f0, s0 = pn.offset
         img = full[s0:, f0:]
         images.append(img)
         results.append(PanelImage(name=pn.name, image=img, mask=pn.active.copy(),
-                                  roi_mask=pn.roi_mask.copy(), info=pn.info()))
+                                  roi_mask=pn.roi_mask.copy(), report=pn.report()))
     image = torch.cat([im.reshape(-1) for im in images])
     if params:
         image = image + sum(0.0 * t.sum() for t in params.values())
     mask = np.concatenate([r.mask.reshape(-1) for r in results])
     roi_mask = np.concatenate([r.roi_mask.reshape(-1) for r in results])
     img32 = _float32(plain(image))
-    info = frame.info
     st = image_stats(img32[None, :], roi_mask[None, :], active=mask[None, :])
     at = None
     if st["max_index"] is not None:
@@ -285,41 +291,35 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
         for r in results:
             n = r.mask.size
             if flat < n:
-                at = dict(panel=r.name, slow=flat // r.mask.shape[1], fast=flat % r.mask.shape[1])
+                at = (r.name, flat // r.mask.shape[1], flat % r.mask.shape[1])
                 break
             flat -= n
-    for key in ("pix0_m", "fdet", "sdet", "odet", "xbeam_mm", "ybeam_mm", "fbeam_mm", "sbeam_mm",
-                "fclose_mm", "sclose_mm", "orgx_px", "orgy_px", "dials_origin_mm", "roi",
-                "detsize_f_mm", "detsize_s_mm", "fpixels", "spixels"):
-        info.pop(key, None)                # the frame's: not the panels' geometry
-    info.update(max_I=st["max_I"], max_I_at=at, mean=st["mean"], rms=st["rms"], rmsd=st["rmsd"],
-                sum=st["sum"], pixels=st["n"], npanels=len(panels),
-                panels=[r.info for r in results], wall_s=time.perf_counter() - t0,
-                kernel=",".join(sorted(k for k in kernels if k)), kernel_cache=False)
-    warnings = list(info.pop("warnings", []))
-    if geometry is not None:
-        warnings += list(geometry.notes)
-    return SimResult(image=image, info=info, mask=mask, roi_mask=roi_mask, warnings=warnings,
-                     log=list(info.pop("log", [])), panels=results)
+    stats = RunStats(max_I=st["max_I"], max_I_at_m=None, max_I_at=at, mean=st["mean"], rms=st["rms"],
+                     rmsd=st["rmsd"], sum=st["sum"], pixels=st["n"], wall_s=time.perf_counter() - t0,
+                     kernel=",".join(sorted(k for k in kernels if k)), kernel_cache=False)
+    setup = frame.report
+    if geometry is not None and geometry.notes:
+        setup = dataclasses.replace(setup, warnings=tuple(setup.warnings) + tuple(geometry.notes))
+    return SimResult(image=image, setup=setup, mask=mask, roi_mask=roi_mask, stats=stats, panels=results)
 
 
 def panel_header_info(result, i: int) -> dict:
-    """SMV header values of panel ``i`` of a multi-panel ``result`` (plain numbers, mm): the panel
-    as a custom-convention detector of its own, with its first pixel's corner as origin (beam centre
-    = where the beam meets the panel's plane, in the panel's fast/slow axes)."""
-    info = result.info
-    p = result.panels[i].info
-    beam = np.asarray(info["beam"], float)
-    f, s, n = (np.asarray(p[k], float) for k in ("fast", "slow", "normal"))
-    corner = np.asarray(p["corner_mm"], float)
+    """SMV header values of panel ``i`` of a multi-panel ``result`` (plain numbers, mm): the run's
+    values (``result.info``) with the panel as a custom-convention detector of its own, its first
+    pixel's corner as origin (beam centre = where the beam meets the panel's plane, in the panel's
+    fast/slow axes)."""
+    p = result.panels[i].report
+    beam = np.asarray(result.setup.beam, float)
+    f, s, n = (np.asarray(v, float) for v in (p.fast, p.slow, p.normal))
+    corner = np.asarray(p.corner_mm, float)
     close = float(corner @ n)
     ratio = float(beam @ n)
     distance = close / ratio
     hit = distance * beam - corner                   # beam spot relative to the corner, mm
     fb, sb = float(f @ hit), float(s @ hit)
-    px = p["pixel_mm"]
-    return dict(info, fpixels=p["fpixels"], spixels=p["spixels"], pixel_mm=px,
-                detsize_f_mm=px * p["fpixels"], detsize_s_mm=px * p["spixels"],
+    px = p.pixel_mm
+    return dict(result.info, fpixels=p.fpixels, spixels=p.spixels, pixel_mm=px,
+                detsize_f_mm=px * p.fpixels, detsize_s_mm=px * p.spixels,
                 distance_mm=distance, close_distance_mm=close, xbeam_mm=fb, ybeam_mm=sb,
                 fbeam_mm=fb, sbeam_mm=sb, orgx_px=float(-(corner @ f)) / px + 0.5,
                 orgy_px=float(-(corner @ s)) / px + 0.5,

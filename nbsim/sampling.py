@@ -9,7 +9,7 @@ that keep its graph. ``make_sources`` builds the tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -156,6 +156,8 @@ class Sources:
     vdiv: tuple
     dispersion: tuple
     listing: list             # C-style lines "X Y Z I lambda" (before unitizing)
+    deviations: list = field(default_factory=list)   # (h, v) divergence angles kept (rad), C's order
+    lambdas_m: list = field(default_factory=list)    # the dispersion's wavelengths (m), C's order
 
 
 def spectrum(src: Sources) -> list:
@@ -225,4 +227,6 @@ def make_sources(*, beam, polar, vert, wavelength_m, hdiv, vdiv, disp, round_div
     pos = torch.stack(dirs)
     direction, _ = unitize(pos)
     lam_t = _stack(lams, dtype, device)
-    return Sources(direction, lam_t, torch.ones_like(lam_t), len(angles), dsteps, hdiv, vdiv, disp, listing)
+    return Sources(direction, lam_t, torch.ones_like(lam_t), len(angles), dsteps, hdiv, vdiv, disp, listing,
+                   deviations=[(value(h), value(v)) for h, v in angles],
+                   lambdas_m=[value(lam) for lam in lam_list])

@@ -1,4 +1,4 @@
-"""Image statistics of a finished run, as nanoBragg prints them (``SimResult.info``)."""
+"""Image statistics of a finished run, as nanoBragg prints them (``nbsim.api.RunStats``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -27,3 +27,31 @@ def image_stats(img32: np.ndarray, active: np.ndarray, model=None,
         at = [sub * (f * os_ + os_ - 1) + sub / 2.0, sub * (s * os_ + os_ - 1) + sub / 2.0]
     return dict(max_I=st["max_I"], max_I_at_m=at, mean=st["mean"], rms=st["rms"], rmsd=st["rmsd"],
                 sum=st["sum"], pixels=st["n"])
+
+
+def solid_angle_sum_sr(model, chunk_pixels: int = 4096) -> float:
+    """C's "solid angle subtended by detector" (steradian): the sum over simulated pixels, sensor
+    layers and sub-pixels of the pixel solid angle C uses there (the first sub-pixel's unless
+    ``-oversample_omega``), divided by ``steps`` (sources × domains × φ steps × oversample²), as C
+    prints it. A report number only: evaluated without gradients, in chunks of ``chunk_pixels``.
+    Positions and solid angle come from the engine's stage functions (one formula each)."""
+    import torch
+
+    from nbsim.engine import _positions, simulated_indices, sqrt_exact
+    from nbsim.physics import airpath, solid_angle
+    m = model
+    idx_all = simulated_indices(m)
+    n = m.spixels * m.fpixels if idx_all is None else int(idx_all.numel())
+    T, O = m.thicksteps, m.oversample ** 2
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, n, chunk_pixels):
+            stop = min(n, start + chunk_pixels)
+            idx = (torch.arange(start, stop, device=m.device) if idx_all is None else idx_all[start:stop])
+            _, R = airpath([c.detach() for c in _positions(m, idx)], sqrt_exact)   # (P, T, O) metres
+            if m.oversample_omega:
+                om = solid_angle(R, m.pixel_m, m.close_distance_m, m.point_pixel).sum()
+            else:
+                om = solid_angle(R[:, 0, 0], m.pixel_m, m.close_distance_m, m.point_pixel).sum() * (T * O)
+            total += float(om)
+    return total / m.steps

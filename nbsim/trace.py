@@ -11,7 +11,7 @@ among them the per-axis F_latt factors).
 
 Lines (C names; quirks of the instrumented build are reproduced, not fixed):
 
-* detector block (nice-to-have, from ``model`` / ``model.info`` and, when given, the spec):
+* detector block (nice-to-have, from ``model`` / ``model.report`` and, when given, the spec):
   ``DETECTOR_FAST_AXIS/SLOW_AXIS/NORMAL_AXIS``, for BEAM pivot the ``TRACE_C:name=...`` geometry lines
   (``detector_convention=MOSFLM`` and ``initial_*`` are hard-coded in C, ``beam_center_m`` is
   Xbeam[m]/1000, the ``*_after_rotz`` vectors are the final ones), then ``DETECTOR_PIX0_VECTOR``.
@@ -154,23 +154,21 @@ def _mat(M) -> str:
 
 
 def _detector_lines(model, spec=None) -> list:
-    info = model.info or {}
+    rep = model.report
     out = [f"DETECTOR_FAST_AXIS {_vals(model.fdet)}",
            f"DETECTOR_SLOW_AXIS {_vals(model.sdet)}",
            f"DETECTOR_NORMAL_AXIS {_vals(model.odet)}"]
-    if info.get("pivot", "beam") == "beam":
+    if rep is None or rep.pivot == "beam":
         d = spec.detector if spec is not None else None
         px = _f(model.pixel_m)
-        conv = info.get("convention", "mosflm")
+        conv = rep.convention if rep is not None else "mosflm"
         angles = None
         if d is not None:
             angles = tuple(math.radians(x) for x in (d.rotx_deg, d.roty_deg, d.rotz_deg, d.twotheta_deg))
-        elif all(k in info for k in ("rotx_deg", "roty_deg", "rotz_deg")):
-            angles = tuple(math.radians(info[k]) for k in ("rotx_deg", "roty_deg", "rotz_deg",
-                                                            "twotheta_deg"))
-        xbeam = info.get("xbeam_mm", float("nan")) * 1e-3
-        ybeam = info.get("ybeam_mm", float("nan")) * 1e-3
-        detsize_s = info.get("detsize_s_mm", float("nan")) * 1e-3
+        nan = float("nan")
+        xbeam = (rep.xbeam_mm if rep is not None else nan) * 1e-3
+        ybeam = (rep.ybeam_mm if rep is not None else nan) * 1e-3
+        detsize_s = (rep.detsize_s_mm if rep is not None else nan) * 1e-3
         if conv == "mosflm":
             Fbeam, Sbeam = ybeam + 0.5 * px, xbeam + 0.5 * px
         elif conv == "denzo":
@@ -184,7 +182,7 @@ def _detector_lines(model, spec=None) -> list:
         beam = [_f(x) for x in model.beam]
         pix0 = [_f(x) for x in model.pix0]
         if d is not None:
-            ratio = info.get("ratio", 1.0)
+            ratio = rep.ratio if rep is not None else 1.0
             close = d.close_distance_mm * 1e-3 if d.close_distance_mm is not None else \
                 abs(ratio * d.distance_mm * 1e-3)
             distance = close / ratio
@@ -204,8 +202,8 @@ def _detector_lines(model, spec=None) -> list:
                     f"TRACE_C:R_total={_mat(R)}"]
         final = (("fdet", model.fdet), ("sdet", model.sdet), ("odet", model.odet))
         out += [f"TRACE_C:{n}_after_rotz={_vals(v)}" for n, v in final]
-        if "twotheta_axis" in info:
-            out.append(f"TRACE_C:twotheta_axis={_vals(info['twotheta_axis'])}")
+        if rep is not None:
+            out.append(f"TRACE_C:twotheta_axis={_vals(rep.twotheta_axis)}")
         out += [f"TRACE_C:{n}_after_twotheta={_vals(v)}" for n, v in final]
         out.append("TRACE_C:convention_mapping=Fbeam←Ybeam_mm(+0.5px),Sbeam←Xbeam_mm(+0.5px),"
                    "beam_vec=[1 0 0]")

@@ -97,6 +97,14 @@ def task(cfg: DictConfig) -> str:
     return run_task(_task, cfg)
 
 
+def _sweep_thumb():
+    """A point of a multirun (any launcher) stores a thumbnail preview, as the batch launcher does."""
+    from hydra.types import RunMode
+
+    from pipeline.preview import SWEEP_THUMB_PX
+    return SWEEP_THUMB_PX if HydraConfig.get().mode == RunMode.MULTIRUN else None
+
+
 def _task(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     spec, device = cfg_to_spec(cfg)
@@ -115,7 +123,7 @@ def _task(cfg: DictConfig) -> str:
         write_pgm=cfg.store.write_pgm, preview=cfg.store.preview, base_dir=base_dir, log=log.info,
         formats=tuple(cfg.store.formats), nexus_dtype=cfg.store.nexus_dtype,
         nexus_compression=cfg.store.nexus_compression,
-        progress=False if quiet else None)
+        progress=False if quiet else None, thumb=_sweep_thumb())
     total = time.perf_counter() - t0
     if reused:
         log.info(f"simulated earlier in {run.get('wall_time_s', float('nan')):.2f} s "

@@ -224,7 +224,7 @@ def run_torch_import(repeat) -> dict:
 def run_steady(case, dtype, compile_, repeat) -> dict:
     """First and best later in-process call of ``nbsim.api.simulate`` with
     ``DeviceSpec(dtype=dtype, compile=compile_)``: what a sweep or refinement loop pays per image.
-    ``compiled``: whether the compiled kernels rendered it (the result's ``info["kernel"]``)."""
+    ``compiled``: whether the compiled kernels rendered it (the result's ``stats.kernel``)."""
     import torch
     from nbsim.api import simulate
     from nbsim.frontend.argv import parse_argv
@@ -245,7 +245,7 @@ def run_steady(case, dtype, compile_, repeat) -> dict:
             res = call()
             times.append(time.perf_counter() - t0)
         out = dict(first_s=first, steady_s=min(times), times=[round(t, 4) for t in times],
-                   via="api", compiled=res.info["kernel"] == "compiled", steps=res.info["steps"])
+                   via="api", compiled=res.stats.kernel == "compiled", steps=res.setup.steps)
         out["image"] = res.image.detach().to("cpu", torch.float64).numpy().reshape(-1)
         return out
     finally:
@@ -615,7 +615,7 @@ def _run_cases(a, cases, repeat, cbin, variants, rec):
             d = case_dir(case)
             m = build_model(parse_argv(case["argv"].split(), cwd=str(d)).spec, base_dir=str(d),
                             dtype=torch.float32)
-            steps = m.info["steps"]
+            steps = m.report.steps
             shutil.rmtree(d, ignore_errors=True)
         npix = int(case["argv"].split("-detpixels ")[1].split()[0]) ** 2
         c["pixels"], c["steps"], c["samples"] = npix, steps, npix * steps

@@ -44,7 +44,7 @@ def _fwd_bwd(spec, device):
     cell = torch.tensor(spec.crystal.cell_A_deg, dtype=torch.float64, requires_grad=True)
     r = nbsim.simulate(spec, device, params={"detector.distance_mm": d, "crystal.cell_A_deg": cell})
     (r.image * r.image.detach()).sum().backward()
-    return r.info["kernel"], float(d.grad)
+    return r.stats.kernel, float(d.grad)
 
 
 def steady(compile_: bool, repeat: int) -> dict:
@@ -54,7 +54,7 @@ def steady(compile_: bool, repeat: int) -> dict:
     spec = _spec(256)
     device = DeviceSpec(dtype="float64", compile=compile_)
     out = {}
-    for name, fn in (("forward", lambda: nbsim.simulate(spec, device).info["kernel"]),
+    for name, fn in (("forward", lambda: nbsim.simulate(spec, device).stats.kernel),
                      ("fwd_bwd", lambda: _fwd_bwd(spec, device)[0])):
         t0 = time.perf_counter()
         kernel = fn()                       # warm-up (and compilation)

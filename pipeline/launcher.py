@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from pipeline.preview import SWEEP_THUMB_PX
+
 log = logging.getLogger("nbsim")
 
 
@@ -28,7 +30,7 @@ def _app_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_idx: int = 0,
-                  thumb: Optional[int] = 200):
+                  thumb: Optional[int] = SWEEP_THUMB_PX):
     """Compute the points ``job_overrides`` in this process; Hydra ``JobReturn``s in their order."""
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 

@@ -1,12 +1,19 @@
-"""A person-readable 8-bit grayscale PNG of a float image (white = bright)."""
+"""The stored preview of a float image: with the run's geometry (``info``) and matplotlib, the
+picture ``pipeline.view`` draws (colour bar, detector axes, beam centre, resolution rings in Å) at
+full size plus ``<name>.thumb.png``; otherwise a person-readable 8-bit grayscale PNG (white = bright).
+Sweeps ask for a thumbnail (``thumb``): then the preview is one cheap grayscale PNG of at most that
+many pixels a side, block maxima so single-pixel spots stay visible."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 from PIL import Image
+
+#: the preview of a sweep point (any multirun launcher, ``run_many``): a thumbnail this many pixels a side
+SWEEP_THUMB_PX = 200
 
 from nbsim.io.atomic import atomic_write_bytes
 
@@ -54,11 +61,37 @@ def block_max(img, thumb: int) -> np.ndarray:
     return pad.reshape(s2, k, f2, k).max(axis=(1, 3))
 
 
-def preview_png(img, path: Union[str, Path], mode: str = "log", thumb: Optional[int] = None) -> Path:
-    """Write ``img`` (S, F; rows = slow axis) as a grayscale PNG, atomically (temp file + rename).
-    ``thumb``: at most this many pixels a side (``block_max``; sweeps write thumbnails)."""
+def preview_png(img, path: Union[str, Path], mode: str = "log", info=None, title: str = "",
+                thumb: Optional[int] = None) -> List[Path]:
+    """Write the preview of ``img`` (S, F; rows = slow axis) atomically; return the written paths.
+
+    ``thumb`` (sweeps: many points, each preview must be cheap): the preview IS a grayscale thumbnail
+    of at most ``thumb`` pixels a side (``block_max``), one file. Otherwise (single runs), with the
+    run's setup values ``info`` (``run.json`` ``info``) holding the geometry
+    (``pipeline.view.GEOMETRY_KEYS``) and matplotlib installed, the annotated picture and its
+    thumbnail (``mode`` "log": log colour scale, "percentile": linear), else the grayscale PNG."""
+    if mode not in MODES:
+        raise ValueError(f"preview mode must be one of {', '.join(MODES)}; got {mode!r}")
+    path = Path(path)
     if thumb:
         img = block_max(img, thumb)
+    elif info is not None and _annotatable(info):
+        from pipeline import view
+        tt, centre, lam = view.geometry_from_info(info, np.shape(img))
+        return view.render(np.asarray(img), path, two_theta=tt, centre=centre, wavelength_A=lam, title=title,
+                           scale="log" if mode == "log" else "linear")
     buf = io.BytesIO()
     Image.fromarray(to_uint8(img, mode)).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return [atomic_write_bytes(path, buf.getvalue())]
+
+
+def _annotatable(info) -> bool:
+    """The run's geometry is known and matplotlib can draw it."""
+    from pipeline.view import GEOMETRY_KEYS
+    if not all(k in info for k in GEOMETRY_KEYS):
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -199,19 +199,20 @@ def refine_settings(cfg: DictConfig) -> dict:
     return {"observed": obs, "refine": keys, "fit": fit}
 
 
-# keys whose derived value the setup reports under another name in ``SimResult.info``
-INFO_NAMES = {"beam.fluence_ph_per_m2": "fluence"}
+# keys whose derived value the setup reports under another name in ``nbsim.report.SetupReport``
+REPORT_NAMES = {"beam.fluence_ph_per_m2": "fluence"}
 
 
-def start_values(spec: ExperimentSpec, info: dict, keys: Sequence[str]) -> Dict[str, np.ndarray]:
+def start_values(spec: ExperimentSpec, setup, keys: Sequence[str]) -> Dict[str, np.ndarray]:
     """The starting value of every refined key: the spec's, else the value the setup derived
-    (``info``, e.g. the beam centre nanoBragg puts at the detector centre, the default fluence)."""
+    (``setup``: the start model's ``SetupReport``, e.g. the beam centre nanoBragg puts at the
+    detector centre, the default fluence)."""
     out = {}
     for key in keys:
         group, name = key.split(".", 1)
         v = getattr(getattr(spec, group), name, None)
         if v is None:
-            v = info.get(INFO_NAMES.get(key, name))
+            v = getattr(setup, REPORT_NAMES.get(key, name), None)
         if v is None:
             raise SpecError("refine", f"{key} has no value in the starting model; set it, e.g. {key}=...")
         out[key] = np.asarray(v, np.float64)
@@ -242,20 +243,21 @@ def _resolve(path: str, base_dir) -> Path:
     return p if p.is_absolute() else Path(base_dir) / p
 
 
-def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, starts_info: dict):
+def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, start):
     """``(Problem, start values)`` from the validated settings: observed images read and checked
-    against the model's shape, weights (valid pixels ∩ ROI ∩ mask ∩ simulated pixels)."""
+    against the model's shape, weights (valid pixels ∩ ROI ∩ mask ∩ simulated pixels).
+    ``start``: the starting model's ``SimResult`` (setup report, simulated pixels, image)."""
     import torch
     from nbsim.inputs import load_inputs
     from nbsim.refine.core import ObservedImage, Problem, make_param
     from nbsim.refine.observed import read_mask, read_observed, roi_mask
     obs_cfg, fit, keys = settings["observed"], settings["fit"], settings["refine"]
-    shape = (int(starts_info["spixels"]), int(starts_info["fpixels"]))
+    shape = (start.setup.spixels, start.setup.fpixels)
     inputs = load_inputs(spec, base_dir)
-    common = roi_mask(shape, obs_cfg["roi"]) & starts_info["_simulated"]
+    common = roi_mask(shape, obs_cfg["roi"]) & np.asarray(start.mask, bool)
     if obs_cfg["near_spots_px"] is not None:
         from nbsim.refine.core import near_spots
-        common &= near_spots(starts_info["_start_image"], obs_cfg["near_spots_px"])
+        common &= near_spots(start.float32(), obs_cfg["near_spots_px"])
     if obs_cfg["mask"] is not None:
         common &= read_mask(_resolve(obs_cfg["mask"], base_dir), shape)
     images = []
@@ -275,7 +277,7 @@ def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, starts
         images.append(ObservedImage(spec=spec, obs=torch.from_numpy(np.where(w, photons, 0.0)),
                                     weight=torch.from_numpy(w.astype(np.float64)), inputs=inputs,
                                     source=str(path)))
-    starts = start_values(spec, starts_info, keys)
+    starts = start_values(spec, start.setup, keys)
     per_image = set(fit["per_image"]) if len(images) > 1 else set()
     own = obs_cfg["start"] or [{} for _ in images]
     fparams = []
@@ -409,10 +411,7 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
     base_dir = Path(base_dir)
     # the starting model once, forward only: shape, derived start values, simulated pixels
     r0 = nbsim.simulate(spec, dataclasses.replace(device, compile=False), base_dir=str(base_dir))
-    info = dict(r0.info)
-    info["_simulated"] = np.asarray(r0.mask, bool)
-    info["_start_image"] = r0.float32()
-    problem, starts = build_problem(spec, device, settings, base_dir, info)
+    problem, starts = build_problem(spec, device, settings, base_dir, r0)
     digests = [file_sha256(_resolve(p, base_dir)) for p in settings["observed"]["paths"]]
     mask_digest = file_sha256(_resolve(settings["observed"]["mask"], base_dir)) \
         if settings["observed"]["mask"] else None

@@ -9,9 +9,10 @@ A complete entry holds::
                   ``image_int32_bslz4.nxs`` for ``store.nexus_dtype=int32`` / ``nexus_compression=bslz4``)
     noise.img     Poisson SMV image            (only with write_noise and image.noise)
     image.pgm     nanoBragg's 8-bit PGM         (only with write_pgm)
-    preview.png   person-readable grayscale preview
+    preview.png   the picture pipeline.view draws (colour bar, axes, beam centre, rings in Å) and
+                  preview.thumb.png; grayscale only without matplotlib
     config.yaml   the resolved experiment description (spec + device)
-    log.txt       the engine's nanoBragg-style setup lines
+    log.txt       nanoBragg's setup lines (SetupReport.echo), solid angle and product lines
     run.json      hash, versions, device, wall time, image statistics, scales   (written last)
 
 ``run.json`` also records the size and sha256 of every other file (``files_sha256``) and a checksum
@@ -46,6 +47,7 @@ from nbsim.io.atomic import atomic_dir, file_sha256, unsynced_files
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
 from pipeline.preview import preview_png
+from pipeline.view import entry_title
 
 STAT_KEYS = ("max_I", "max_I_at_m", "mean", "rms", "rmsd", "sum")
 PRODUCT_KEYS = ("intfile_scale", "pgm_scale", "photons", "overloads", "noise_seed")
@@ -237,9 +239,7 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     atomically, then ``run.json`` (manifest, ``files``, checksum) is replaced atomically; the caller
     holds the entry lock."""
     import numpy as np
-    import torch
 
-    from nbsim.api import SimResult
     from nbsim.io import products
     from nbsim.io.atomic import atomic_write_bytes
 
@@ -251,17 +251,19 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     roi_mask = np.zeros((s, f), dtype=bool)
     xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
-    result = SimResult(image=torch.from_numpy(img), info=info, mask=roi_mask, roi_mask=roi_mask)
     new = [n for n in names if not n.startswith("preview")]
     prod = {}
     if new:
         with np.errstate(all="ignore"):
-            prod = products.write_result(result, spec.image, **_writer_paths(folder, new)) or {}
+            prod = products.write_stored(img, roi_mask, info, spec.image, **_writer_paths(folder, new)) or {}
     doc = dict(doc)
     previews = dict(doc.get("previews") or {"log": "preview.png"})
+    thumbs = []
     for n in names:
         if n.startswith("preview"):
-            preview_png(img, folder / n, preview)
+            written = preview_png(img, folder / n, preview, info=info, title=entry_title(folder.name, info),
+                                  thumb=doc.get("preview_thumb_px"))          # a sweep's: the thumbnail
+            thumbs += [p.name for p in written if p.name != n]
             previews[preview] = n
     doc["previews"] = previews
     if "noise.img" in new:
@@ -272,7 +274,7 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
         log_text = (folder / "log.txt").read_text() + "".join(f"{line}\n" for line in added)
         atomic_write_bytes(folder / "log.txt", log_text.encode())
     doc["files"] = sorted(set(doc.get("files") or []) | set(names))
-    doc[MANIFEST_KEY] = {**doc[MANIFEST_KEY], **manifest(folder, names + (["log.txt"] if added else []))}
+    doc[MANIFEST_KEY] = {**doc[MANIFEST_KEY], **manifest(folder, names + thumbs + (["log.txt"] if added else []))}
     doc = json.loads(json.dumps(doc, default=_jsonable, allow_nan=True))
     doc[CHECKSUM_KEY] = _doc_checksum(doc)
     atomic_write_bytes(folder / "run.json", (json.dumps(doc, indent=2, allow_nan=True) + "\n").encode())
@@ -303,25 +305,9 @@ def entry_lock(root_abs: Path, h: str):
     """Exclusive lock of one entry among processes (``flock`` on ``<root>/.<hash>.lock``): concurrent
     runs of one configuration compute it once, the others wait and then reuse it. The lock file is
     removed by its holder; a waiter that wakes up on a removed file takes the lock again."""
-    import fcntl
-    path = root_abs / f".{h}.lock"
-    while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
+    from nbsim.io.atomic import file_lock
+    with file_lock(root_abs / f".{h}.lock"):
         yield
-    finally:
-        try:
-            os.unlink(path)
-        finally:
-            os.close(fd)                         # closing releases the lock
 
 
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
@@ -329,7 +315,7 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                  preview: str = "log", base_dir: Union[str, Path] = ".",
                  log: Callable[[str], None] = print,
                  progress: Optional[bool] = None, formats=("smv",), nexus_dtype: str = "float32",
-                 nexus_compression: str = "none") -> Tuple[Path, bool, dict]:
+                 nexus_compression: str = "none", thumb: Optional[int] = None) -> Tuple[Path, bool, dict]:
     """Return ``(folder, reused, run_json)`` for ``spec`` simulated on ``device``.
 
     The spec is checked first (``nbsim.checks.preflight``: input files, geometry, size), and the
@@ -340,6 +326,8 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     stderr while simulating (True/False; None: on a terminal, or when the run is estimated to take
     more than a few seconds, see ``nbsim.progress``). ``formats``: files besides ``float.bin``
     (``FORMATS``: ``smv`` int.img, ``cbf`` image.cbf, ``nexus`` the NeXus file of ``nexus_name``).
+    ``thumb``: the preview is a grayscale thumbnail of at most this many pixels a side (a point of a
+    sweep, ``pipeline.preview``); None: the annotated picture and its thumbnail.
     """
     from nbsim.checks import preflight
     base_dir = Path(base_dir)
@@ -377,7 +365,7 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                 import sys
                 print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)",
                       file=sys.stderr)
-            run = _compute(final, spec, device, want, preview, base_dir, est, progress)
+            run = _compute(final, spec, device, want, preview, base_dir, est, progress, thumb=thumb)
     except OSError as e:
         _remove_if_empty(root_abs, created)
         raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
@@ -449,7 +437,8 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
             rest.append(j)
         specs, devs = [specs[j] for j in rest], [devs[j] for j in rest]
         index = [todo[j] for j in rest]
-        results = iter_many(specs, devices=devs, base_dir=str(base_dir))
+        results = iter_many(specs, devices=devs, base_dir=str(base_dir),
+                            inputs=[getattr(ests[i], "inputs", None) for i in index])   # as the preflight read them
         while True:
             try:
                 k, result = next(results)
@@ -527,10 +516,12 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             spp, seconds, npix = (est.samples_per_pixel, est.seconds, est.pixels) if est is not None else (1, 0.0, None)
             with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
                 # an overflow is reported once, by check_image
-                result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar)
+                result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar,
+                                      inputs=getattr(est, "inputs", None))   # as the preflight read them
             wall = time.perf_counter() - t0
         else:
-            wall = float(result.info.get("wall_s", 0.0))
+            st = getattr(result, "stats", None)
+            wall = float(st.wall_s or 0.0) if st is not None else 0.0
         img = result.float32()
         check_image(img, spec)
         info = dict(result.info)
@@ -541,10 +532,13 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         else:
             prod = products.write_result(
                 result, spec.image, float_path=str(tmp / "float.bin"), **_writer_paths(tmp, want)) or {}
-            preview_png(img, tmp / "preview.png", preview, thumb=thumb)
+            preview_png(img, tmp / "preview.png", preview, info=info, title=entry_title(h, info), thumb=thumb)
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
         (tmp / "config.yaml").write_text(config_yaml(doc, h))
-        lines = list(getattr(result, "log", None) or []) + list(prod.get("lines") or [])
+        from nbsim.report import solid_angle_lines
+        lines = (list(getattr(result, "log", None) or [])           # C's setup echo, solid angle, products
+                 + solid_angle_lines(getattr(getattr(result, "stats", None), "omega_sum_sr", None))
+                 + list(prod.get("lines") or []))
         (tmp / "log.txt").write_text("".join(f"{line}\n" for line in lines))
         run = {
             "hash": h,

@@ -112,13 +112,27 @@ def load_entry(folder: Path) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[flo
     if img.size != s_n * f_n:
         raise ViewError(f"{folder}: float.bin has {img.size} pixels, run.json says {f_n}x{s_n}")
     img = img.reshape(s_n, f_n)
+    tt, centre, lam = geometry_from_info(info, (s_n, f_n))
+    return img, tt, centre, lam, entry_title(folder.name, info)
+
+
+GEOMETRY_KEYS = ("pix0_m", "fdet", "sdet", "odet", "beam", "pixel_mm", "wavelength_A")
+
+
+def geometry_from_info(info, shape: Tuple[int, int]):
+    """(2θ map (S, F) rad, beam centre (fast, slow) px or None, wavelength Å) from a run's setup
+    values (``run.json`` ``info`` / ``SetupReport.to_dict()``: ``GEOMETRY_KEYS``)."""
     vec = [info[k] for k in ("pix0_m", "fdet", "sdet", "beam")]
-    tt = two_theta_from_vectors((s_n, f_n), *vec, float(info["pixel_mm"]))
+    tt = two_theta_from_vectors(shape, *vec, float(info["pixel_mm"]))
     centre = beam_centre_from_vectors(info["pix0_m"], info["fdet"], info["sdet"], info["odet"], info["beam"],
                                       float(info["pixel_mm"]))
-    title = f"{folder.name}: {info.get('convention', '?')}, {info.get('distance_mm', float('nan')):g} mm, " \
-            f"λ {float(info['wavelength_A']):g} Å"
-    return img, tt, centre, float(info["wavelength_A"]), title
+    return tt, centre, float(info["wavelength_A"])
+
+
+def entry_title(name: str, info) -> str:
+    """The picture's title: entry, convention, distance, wavelength (what ``info`` holds of them)."""
+    return (f"{name}: {info.get('convention', '?')}, {info.get('distance_mm', float('nan')):g} mm, "
+            f"λ {float(info.get('wavelength_A', float('nan'))):g} Å")
 
 
 def _header_float(h: Dict[str, str], *keys) -> Optional[float]:

@@ -623,9 +623,16 @@ def test_main_runs_and_writes(monkeypatch, capsys, tmp_path):
     from nbsim import nanobragg
     calls = {}
 
+    from nbsim.api import RunStats
+
+    class Setup:                                 # stands in for nbsim.report.SetupReport
+        def to_dict(self):
+            return {"fpixels": 5, "spixels": 4}
+
     class Result:
-        info = {"max_I": 12.5, "max_I_at_m": [0.001, 0.002], "mean": 1.0, "rms": 2.0, "rmsd": 3.0,
-                "omega_sum_sr": 0.1}
+        setup = Setup()
+        stats = RunStats(max_I=12.5, max_I_at_m=(0.001, 0.002), mean=1.0, rms=2.0, rmsd=3.0, sum=0.0,
+                         pixels=20, omega_sum_sr=0.1)
         mask = np.ones((4, 5), bool)
         roi_mask = np.ones((4, 5), bool)
         warnings = ["engine says hi"]
@@ -665,7 +672,8 @@ def test_main_runs_and_writes(monkeypatch, capsys, tmp_path):
                  "WARNING: engine says hi", "TRACE_C: pix0_vector_meters", "100% done",
                  "max_I = 12.5  at 0.001 0.002", "mean= 1 rms= 2 rmsd= 3", "intfile_scale = 4400",
                  "123 photons on noise image (0 overloads)", "writing f.bin as 20 4-byte floats",
-                 "writing noiseimage.img as 2-byte integers"):
+                 "writing noiseimage.img as 2-byte integers",
+                 "\nsolid angle subtended by detector = 0.1 steradian ( 0.795775% sphere)\n"):
         assert line in out, line
     assert "image.pgm" not in out
 

@@ -63,7 +63,7 @@ def test_geometry_matches_golden_stdout(case):
     c = parse_stdout((gd / case["stdout"]).read_text())
     spec = parse_argv(case["args"], cwd=str(gd / "inputs")).spec
     m = build_model(spec, base_dir=gd / "inputs")
-    check(m.info, c)
+    check(m.report.to_dict(), c)
 
 
 GRID = [
@@ -87,5 +87,7 @@ def test_geometry_matches_live_c(conv, rot, c_binary, tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-500:]
     c = parse_stdout(p.stdout)
-    m = build_model(parse_argv(args).spec)
-    check(m.info, c)
+    m = build_model(parse_argv(args + ["-nonoise"]).spec)
+    check(m.report.to_dict(), c)
+    from tests.test_echo import c_setup_lines
+    assert m.report.echo() == c_setup_lines(p.stdout)          # the whole setup echo, as text

@@ -1,6 +1,6 @@
 """NeXus NXmx and CBF output, read back with independent readers (nxmx + h5py, fabio).
 
-The reference values are the run's own geometry (``build_model(spec).info``: what the engine
+The reference values are the run's own geometry (``build_model(spec).report.to_dict()``: what the engine
 simulates with), never the writer's output; the NeXus geometry is rebuilt from the transformation
 chain by ``nxmx`` (distance and beam centre from where the +z beam meets the module plane), and the
 frame mapping is checked against the ``dials origin`` nanoBragg C prints (golden stdout).
@@ -144,7 +144,7 @@ def test_frontend_writes_nexus_and_cbf(tmp_path):
     r = _run("nbsim.nanobragg", RUN + ["--nexus", "o.nxs", "--cbf", "o.cbf"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "writing o.nxs as NeXus NXmx (float32)" in r.stdout
-    info = build_model(parse_argv(RUN).spec).info
+    info = build_model(parse_argv(RUN).spec).report.to_dict()
     S, F = 40, 48
     img = read_float(tmp_path / "floatimage.bin", F, S)
 
@@ -191,7 +191,7 @@ def test_frontend_nexus_int32_bslz4(tmp_path):
     assert nx["data"].dtype == np.int32
     counts = count_image(img, 1e7, 40.0)
     assert counts.max() > 65535 and np.array_equal(nx["data"][0], counts)
-    check_geometry(nx, build_model(parse_argv(RUN).spec).info)
+    check_geometry(nx, build_model(parse_argv(RUN).spec).report.to_dict())
 
 
 @pytest.mark.parametrize("extra,flag", [
@@ -216,7 +216,7 @@ def test_frontend_bad_outputs(tmp_path, monkeypatch, capsys, extra, flag):
 def _golden_info(case_id, extra=()):
     case = next(c for c in golden_cases() if c["id"] == case_id)
     spec = parse_argv(list(case["args"]) + list(extra), cwd=str(golden_dir() / "inputs")).spec
-    return build_model(spec, base_dir=str(golden_dir() / "inputs")).info
+    return build_model(spec, base_dir=str(golden_dir() / "inputs")).report.to_dict()
 
 
 @pytest.mark.parametrize("case_id", ["G01_cubic", "G04_mosflm_beamcenter", "G05_xds_orgx_rot",
@@ -248,7 +248,7 @@ def test_nexus_spectrum():
     """Several wavelengths: incident_wavelength is the spectrum, with weights (sum 1)."""
     spec = parse_argv("-cell 100 100 100 90 90 90 -default_F 100 -lambda 1 -distance 100 -detpixels 16 "
                       "-N 5 -dispersion 2 -dispsteps 5 -divergence 1 -divsteps 3".split()).spec
-    info = build_model(spec).info
+    info = build_model(spec).report.to_dict()
     lam = np.array([r[0] for r in info["spectrum_A"]])
     assert lam.size == 5
     import io

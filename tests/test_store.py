@@ -76,6 +76,8 @@ def engine(monkeypatch):
     products.write_result = lambda result, image_spec, **paths: write_products(
         result.float32(), getattr(result, "roi_mask", None), result.info, image_spec,
         active=getattr(result, "mask", None), **paths)
+    products.write_stored = lambda img, roi_mask, info, image_spec, **paths: write_products(
+        img, roi_mask, info, image_spec, active=roi_mask, **paths)
     monkeypatch.setattr(nbsim.api, "simulate", simulate, raising=False)
     monkeypatch.setitem(sys.modules, "nbsim.io.products", products)
     monkeypatch.setattr(nbsim.io, "products", products, raising=False)
@@ -324,12 +326,28 @@ def test_preview_png(tmp_path, mode):
     img = np.zeros((30, 40), np.float32)
     img[10, 20] = 1e6
     img[5:8, 5:8] = 10.0
-    path = preview_png(img, tmp_path / "p.png", mode)
+    [path] = preview_png(img, tmp_path / "p.png", mode)             # no geometry: grayscale only
     with Image.open(path) as im:
         a = np.asarray(im)
     assert a.shape == (30, 40) and a.dtype == np.uint8
     assert a[10, 20] == 255 and a[0, 0] == 0 and a[6, 6] > 0          # weak spots stay visible
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_stored_preview_is_the_annotated_picture(tmp_path):
+    """A real entry's preview.png is the picture pipeline.view draws (colour, colour bar and axes make
+    it larger than the image; beam-centre marker in red) plus a thumbnail, both in the manifest."""
+    pytest.importorskip("matplotlib")
+    spec, _ = compose_spec(["detector.fpixels=64", "detector.spixels=48", "crystal.N=3"])
+    folder, _, run = store.run_or_reuse(spec, DEV, root=tmp_path / "out", base_dir=tmp_path, log=lambda m: None)
+    with Image.open(folder / "preview.png") as im:
+        a = np.asarray(im.convert("RGB")).astype(int)
+    assert a.shape[0] > 48 and a.shape[1] > 64 + 60                   # axes and colour bar around it
+    red = (a[..., 0] > 180) & (a[..., 1] < 80) & (a[..., 2] < 80)
+    assert red.sum() > 10                                               # the beam-centre cross
+    with Image.open(folder / "preview.thumb.png") as th:
+        assert th.width == 256
+    assert {"preview.png", "preview.thumb.png"} <= set(run[store.MANIFEST_KEY])
 
 
 def test_preview_flat_and_bad_mode(tmp_path):

@@ -235,8 +235,11 @@ def test_asking_for_more_products_adds_them_without_simulating(tmp_path, spec, m
         assert (folder / name).read_bytes() == (fresh / name).read_bytes(), name
     assert run["photons"] == fresh_run["photons"] and run["overloads"] == fresh_run["overloads"]
     img = __import__("numpy").fromfile(folder / "float.bin", dtype="float32").reshape(16, 16)
-    expect = preview_png(img, tmp_path / "p.png", "percentile").read_bytes()
+    from pipeline.view import entry_title
+    expect = preview_png(img, tmp_path / "p.png", "percentile", info=run["info"],
+                         title=entry_title(folder.name, run["info"]))[0].read_bytes()
     assert (folder / "preview_percentile.png").read_bytes() == expect != before["preview.png"]
+    assert "preview_percentile.thumb.png" in run[store.MANIFEST_KEY]          # its thumbnail, checked too
     assert run["previews"] == {"log": "preview.png", "percentile": "preview_percentile.png"}
     doc, why = store.verify_entry(folder, folder.name)
     assert doc == run and why == ""

@@ -322,7 +322,7 @@ def test_model_resolution_covers_the_detector(tmp_path):
     from nbsim.inputs import detector_dmin_A
     model = write_pdb(tmp_path / "m.pdb")
     spec, inputs, hkl, F = _model_table(tmp_path, model)
-    info = detector_geometry(spec.detector, spec.beam, spec.crystal).info
+    info = detector_geometry(spec.detector, spec.beam, spec.crystal).report.to_dict()
     px = info["pixel_mm"] * 1e-3
     f, s = np.meshgrid(np.arange(info["fpixels"] + 1), np.arange(info["spixels"] + 1))
     pos = (np.array(info["pix0_m"]) + f[..., None] * px * np.array(info["fdet"])

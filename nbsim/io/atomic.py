@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_bytes"]
+__all__ = ["atomic_dir", "atomic_write_bytes", "file_lock"]
 
 
 _SYNC = {"files": True}
@@ -82,6 +83,43 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 
 
 @contextlib.contextmanager
+def file_lock(path) -> Iterator[None]:
+    """Exclusive lock among processes: ``flock`` on the file ``path`` (created, and removed by its
+    holder on release, so no lock file is left behind). A waiter that wakes up holding a file the
+    previous holder removed opens the path again. Without ``fcntl`` (not POSIX) it does nothing."""
+    try:
+        import fcntl
+    except ImportError:                                  # pragma: no cover - POSIX only
+        yield
+        return
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666 & ~_umask())
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            os.close(fd)                                 # closing releases the lock
+
+
+def _stale_old(parent: Path, name: str) -> list:
+    """``.<name>.*.old`` trees in ``parent``: replaced versions of ``name`` whose removal did not
+    finish (their publisher was killed, or is still deleting them: removal is idempotent)."""
+    return [p for p in parent.glob(f".{glob.escape(name)}.*.old")]
+
+
+@contextlib.contextmanager
 def atomic_dir(final_path) -> Iterator[Path]:
     """Context manager: yield a sibling temporary directory, rename it to ``final_path`` on success.
 
@@ -95,6 +133,10 @@ def atomic_dir(final_path) -> Iterator[Path]:
     renamed into place, then the old one deleted (``final_path`` is briefly absent between the two
     renames, but never partial).  On an exception inside the block the temporary tree is removed
     and ``final_path`` is left as it was.
+
+    Concurrent writers of one ``final_path`` (processes or threads) are safe: the renames run under
+    a lock (``file_lock`` on ``.<name>.publish.lock``), the last writer's tree wins, none fails, and replaced
+    trees (``.<name>.*.old``, including those a killed writer left) are removed by the next publisher.
     """
     final = Path(final_path)
     parent = final.parent if str(final.parent) else Path(".")
@@ -106,27 +148,33 @@ def atomic_dir(final_path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replaced = []
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        if final.exists() or final.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
-            os.rmdir(old)
-            os.rename(final, old)
-            try:
+        with file_lock(parent / f".{final.name}.publish.lock"):
+            replaced = _stale_old(parent, final.name)
+            if final.exists() or final.is_symlink():
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
+                os.rmdir(old)
+                os.rename(final, old)
+                try:
+                    os.rename(tmp, final)
+                except BaseException:
+                    os.rename(old, final)
+                    raise
+                replaced.append(old)
+            else:
                 os.rename(tmp, final)
-            except BaseException:
-                os.rename(old, final)
-                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for old in replaced:                             # outside the lock: removal may take a while
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(old)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _fsync_dir(parent)
 
 

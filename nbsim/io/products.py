@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -176,6 +177,27 @@ def write_products(img_f32, mask, info: dict, image_spec, *, float_path=None, in
     }
 
 
+def _writer_args(image_spec) -> dict:
+    """``image_spec`` as the writers take it: the user's seed (``-seed N``) becomes C's internal ``-N``."""
+    seed = getattr(image_spec, "noise_seed", None)
+    return {"adc": image_spec.adc, "int_scale": image_spec.int_scale, "pgm_scale": image_spec.pgm_scale,
+            "noise_seed": None if seed is None else -int(seed)}
+
+
+def write_stored(img_f32, roi_mask, info: Mapping, image_spec, **paths) -> dict:
+    """Write products of a stored result from its float image and ``run.json``'s ``info`` (the
+    ``SimResult.info`` view the run stored: header values and statistics), exactly as
+    ``write_result`` wrote them for the live result."""
+    header = dict(info)
+    at = header.get("max_I_at_m")
+    if at is not None:
+        header["max_I_x_m"], header["max_I_y_m"] = at
+    keys = ("max_I", "mean", "rms", "rmsd", "sum")
+    stats = {k: header[k] for k in keys} if all(k in header for k in keys) else None
+    return write_products(img_f32, roi_mask, header, _writer_args(image_spec), active=roi_mask,
+                          stats=stats, **paths)
+
+
 def write_result(result, image_spec, *, img32=None, **paths) -> dict:
     """Write a ``SimResult``'s products: the one place where the description meets the writers.
 
@@ -183,17 +205,14 @@ def write_result(result, image_spec, *, img32=None, **paths) -> dict:
 
     ``image_spec.noise_seed`` is the user's seed (``-seed N``); the writers take C's internal ``-N``.
     The ROI (what nanoBragg writes, 0 outside) comes from ``result.roi_mask``; pixels skipped by a mask
-    file are inside it but not simulated (``result.mask``).
+    file are inside it but not simulated (``result.mask``). Header values come from ``result.setup``,
+    the statistics (computed by the API with the same call) from ``result.stats``.
     """
-    seed = getattr(image_spec, "noise_seed", None)
-    args = {"adc": image_spec.adc, "int_scale": image_spec.int_scale, "pgm_scale": image_spec.pgm_scale,
-            "noise_seed": None if seed is None else -int(seed)}
-    info = dict(result.info)
-    at = info.get("max_I_at_m")
-    if at is not None:
-        info["max_I_x_m"], info["max_I_y_m"] = at
-    keys = ("max_I", "mean", "rms", "rmsd", "sum")
-    # the API computed them with the same call (nbsim.stats: ROI, active = simulated pixels)
-    stats = {k: info[k] for k in keys} if all(k in info for k in keys) else None
-    return write_products(result.float32() if img32 is None else img32, result.roi_mask, info, args, active=result.mask,
-                          stats=stats, **paths)
+    header = result.setup.to_dict()                    # SMV header values
+    stats = None
+    st = result.stats
+    if st is not None:
+        header.update(max_I=st.max_I, max_I_x_m=st.max_I_at_m[0], max_I_y_m=st.max_I_at_m[1])
+        stats = {"max_I": st.max_I, "mean": st.mean, "rms": st.rms, "rmsd": st.rmsd, "sum": st.sum}
+    return write_products(result.float32() if img32 is None else img32, result.roi_mask, header,
+                          _writer_args(image_spec), active=result.mask, stats=stats, **paths)

@@ -1,0 +1,121 @@
+"""The front end's setup echo against the C program's stdout of every golden case.
+
+C prints its setup (convention, pivot, cell, crystal size, sources, mosaic domains, fluence, detector
+geometry, sampling, noise parameters) and, after the pixel loop, the detector's solid angle. nbsim
+prints the same lines from the typed setup report (``nbsim.report.SetupReport.echo``) and the run's
+statistics. Claimed: every C line from "<convention> convention selected." to the end of the setup
+block, except C's WARNING lines (nbsim prints its warnings after the echo), compared line by line as
+text, and the solid-angle line; not claimed: the banner, the progress lines, the output-file lines
+(tested elsewhere)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import golden_data as gd
+
+# C's warnings and their indented continuation lines ("WARNING: maximum dimension ...", "   but ...")
+_WARNING = re.compile(r"^(WARNING: |         (but|intensity|recommend) )")
+
+
+def c_setup_lines(text: str) -> list:
+    """C's setup block: the lines after the banner up to the first progress line (or the blank line
+    before the solid angle), without WARNING lines."""
+    out = []
+    for line in text.splitlines()[1:]:
+        if line.endswith("% done") or line.startswith("solid angle"):
+            break
+        if _WARNING.match(line):
+            continue
+        out.append(line)
+    while out and out[-1] == "":                 # the blank line C prints after the pixel loop
+        out.pop()
+    return out
+
+
+def c_solid_angle_line(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("solid angle"))
+
+
+def case_argv(cid: str) -> list:
+    """The golden case's arguments as the generator ran them: no noise image unless +noise."""
+    c = gd.case(cid)
+    return list(c["args"]) + ([] if c.get("noise") else ["-nonoise"])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return gd.copy_inputs(tmp_path_factory.mktemp("golden_inputs"))
+
+
+@pytest.mark.parametrize("cid", gd.case_ids())
+def test_setup_echo_equals_c(cid, inputs):
+    """Every claimed setup line, and the solid angle, equal C's for this case (text, line by line)."""
+    from nbsim.experiment import build_model
+    from nbsim.frontend import parse_argv
+    from nbsim.report import solid_angle_lines
+    from nbsim.stats import solid_angle_sum_sr
+    text = gd.stdout(cid)
+    parsed = parse_argv(case_argv(cid), cwd=str(inputs))
+    model = build_model(parsed.spec, base_dir=str(inputs))
+    got = model.report.echo()
+    want = c_setup_lines(text)
+    assert len(want) > 40
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"{cid} setup line {i + 1}: nbsim {g!r} != C {w!r}"
+    assert len(got) == len(want), f"{cid}: nbsim prints {len(got)} setup lines, C {len(want)}"
+    assert solid_angle_lines(solid_angle_sum_sr(model))[-1] == c_solid_angle_line(text)
+
+
+def test_report_is_frozen_and_round_trips(inputs):
+    """The report is immutable; ``to_dict`` (what run.json stores) reads back to an equal report
+    apart from the echo-only fields, and holds no echo-only key."""
+    import dataclasses
+
+    from nbsim.experiment import build_model
+    from nbsim.frontend import parse_argv
+    from nbsim.report import SetupReport
+    parsed = parse_argv(case_argv("G12_div_disp_polar"), cwd=str(inputs))
+    rep = build_model(parsed.spec, base_dir=str(inputs)).report
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rep.distance_mm = 1.0
+    d = rep.to_dict()
+    assert "warnings" not in d and "log" not in d and "lambdas_m" not in d
+    back = SetupReport.from_dict(d)
+    assert back.to_dict() == d
+    assert back.sources == rep.sources == 15 and back.fdet == rep.fdet
+
+
+@pytest.mark.slow
+def test_front_end_prints_the_echo(tmp_path):
+    """``python -m nbsim.nanobragg`` prints C's setup lines and solid angle, in order (G12)."""
+    cid = "G12_div_disp_polar"
+    gd.copy_inputs(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-m", "nbsim.nanobragg", *case_argv(cid), "-noprogress",
+                          "-floatfile", "float.bin"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    text = gd.stdout(cid)
+    want = c_setup_lines(text) + ["", c_solid_angle_line(text)]
+    assert lines[:len(want)] == want
+
+
+def test_store_log_keeps_the_echo(tmp_path):
+    """A stored entry's log.txt holds the setup echo and the solid angle, as the front end prints them."""
+    from pipeline.compose import compose_spec
+    from pipeline import store
+    from nbsim.spec import DeviceSpec
+    spec, _ = compose_spec(["detector.fpixels=24", "detector.spixels=20", "crystal.N=2"])
+    folder, reused, run = store.run_or_reuse(spec, DeviceSpec(), root=tmp_path / "out", base_dir=tmp_path,
+                                             log=lambda m: None, progress=False)
+    lines = (folder / "log.txt").read_text().splitlines()
+    assert not reused and lines[0].endswith(" convention selected.") and len(lines) > 50
+    assert any(x.startswith("solid angle subtended by detector = ") for x in lines)
+    assert any(x.startswith("  distance=") for x in lines)
