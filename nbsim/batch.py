@@ -110,9 +110,13 @@ def plan_groups(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=".
 
 
 def _inputs_key(spec: ExperimentSpec) -> tuple:
+    """Specs with equal keys read the same files into the same ``Inputs``. Structure factors computed
+    from a model depend on the whole experiment (wavelength for f'/f'', the detector's resolution for
+    d_min): such specs share them only when they are equal."""
     c, b, d = spec.crystal, spec.beam, spec.detector
+    whole = repr(spec) if c.model_file is not None else None
     return (c.hkl_file, c.mtz_column, c.model_file, c.model_dmin_A, c.model_anomalous, c.matrix_file,
-            c.fdump_file, b.source_file, d.mask_file, d.geometry_file)
+            c.fdump_file, b.source_file, d.mask_file, d.geometry_file, whole)
 
 
 def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = None, *, base_dir=".",

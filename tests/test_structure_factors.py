@@ -553,3 +553,19 @@ def test_subprocess_bad_mtz_column(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert re.search(r"-mtz_column: x\.mtz: no column 'FOO'", _one_line(p.stderr))
+
+
+def test_batch_does_not_share_model_F_across_wavelengths(tmp_path):
+    """Model structure factors depend on the wavelength (f', f'') and the detector's resolution:
+    a batch over wavelengths renders each point from its own F, as unbatched runs do."""
+    from nbsim.api import simulate
+    from nbsim.batch import simulate_many
+    from nbsim.frontend import parse_argv
+    write_pdb(tmp_path / "m.pdb")
+    specs = [parse_argv(MODEL_ARGS + ["-model", "m.pdb", "-model_anomalous", "-lambda", lam],
+                        cwd=str(tmp_path)).spec for lam in ("1.0", "1.9")]
+    batched = simulate_many(specs, base_dir=tmp_path)
+    for spec, r in zip(specs, batched):
+        single = simulate(spec, base_dir=tmp_path).float32()
+        assert single.max() > 0 and np.abs(r.float32() - single).max() == 0.0
+    assert np.abs(batched[0].float32() - batched[1].float32()).max() > 0
