@@ -92,10 +92,9 @@ def _check_panel_outputs(parsed) -> None:
             raise FrontendError(f"{flag}: not available with several panels (--geom): write -floatfile "
                                 "(the panels one after another, raw float32) and -intfile (one SMV per "
                                 "panel, <name>_<panel>.img)")
-    for flag, path in (("--cbf", parsed.outputs.cbffile), ("--nexus", parsed.outputs.nexusfile)):
-        if path is not None:
-            raise FrontendError(f"{flag}: not available with several panels (--geom) yet: write -floatfile "
-                                "(the panels one after another, raw float32) and -intfile (one SMV per panel)")
+    if parsed.outputs.cbffile is not None:
+        raise FrontendError("--cbf: a CBF file holds one panel; with several panels (--geom) write "
+                            "--nexus FILE (one NXdetector_module per panel)")
 
 
 def _write_panels(result, parsed, warn) -> int:
@@ -123,14 +122,22 @@ def _write_panels(result, parsed, warn) -> int:
             data = int_image(a, scale, im.adc, p.roi_mask)
             atomic_write_bytes(ip, smv_bytes(data, panel_header_info(result, i)))
             written.append(ip)
+        if paths.get("nexus_path") is not None:
+            from nbsim.io.products import write_panels_nexus
+            opts = parsed.outputs.options()
+            write_panels_nexus(paths["nexus_path"], result, scale=scale, adc=im.adc,
+                               dtype=opts["nexus_dtype"], compression=opts["nexus_compression"])
+            written.append(paths["nexus_path"])
     except OSError as e:
         for w in written:
             try:
                 os.unlink(w)
             except OSError:
                 pass
-        return _error(f"cannot write output (-floatfile {float_path}, -intfile {paths['int_path']}): "
-                      f"{e.strerror or e}")
+        named = f"-floatfile {float_path}, -intfile {paths['int_path']}"
+        if paths.get("nexus_path") is not None:
+            named += f", --nexus {paths['nexus_path']}"
+        return _error(f"cannot write output ({named}): {e.strerror or e}")
     n = sum(p.mask.size for p in result.panels)
     print(f"writing {float_path} as {n} 4-byte floats ({len(result.panels)} panels one after another)")
     at = st.max_I_at                         # (panel, slow, fast)
@@ -140,6 +147,9 @@ def _write_panels(result, parsed, warn) -> int:
     print(f"intfile_scale = {c_g(scale)}")
     for ip in int_paths:
         print(f"writing {ip} as 2-byte integers")
+    if paths.get("nexus_path") is not None:
+        print(f"writing {paths['nexus_path']} as NeXus NXmx ({parsed.outputs.nexus_dtype}, "
+              f"{len(result.panels)} detector modules)")
     if paths["noise_path"] is not None or paths["pgm_path"] is not None:
         warn("several panels: the noise and PGM images are not written (one image each); "
              "-nonoise -nopgm silence this")

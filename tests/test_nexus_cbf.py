@@ -379,3 +379,55 @@ def test_nexus_pixel_mask():
         pm = f["/entry/instrument/detector/pixel_mask"][()]
         assert pm.shape == (12, F) and pm[:7, F - 10:].all() and pm.sum() == 7 * 10
         assert np.array_equal(f["/entry/data/data"][0] == 0, pm == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-panel detectors (--geom): one NXdetector_module per panel
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_frontend_geom_writes_one_module_per_panel(tmp_path, monkeypatch, capsys, dtype):
+    """A two-panel CrystFEL geometry through the front end: the NeXus file has a module per panel at
+    the panel's own corner and axes (McStas frame of the run's beam), and its data are the panels'
+    images (as -floatfile writes them, or their int32 counts) stacked in geometry order."""
+    from test_geom_files import FE, TWO_PANELS
+    from nbsim.nanobragg import main
+    from nbsim.panels import panel_header_info  # noqa: F401  (multi-panel support present)
+    (tmp_path / "d.geom").write_text(TWO_PANELS)
+    monkeypatch.chdir(tmp_path)
+    rc = main(FE + ["--geom", "d.geom", "-floatfile", "f.bin", "-intfile", "i.img", "-nonoise", "-nopgm",
+                    "--nexus", "d.nxs", "--nexus-dtype", dtype, "-scale", "1e9"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err + out
+    assert "2 detector modules" in out
+    parsed = parse_argv(FE + ["--geom", "d.geom"], cwd=str(tmp_path))
+    import nbsim
+    res = nbsim.simulate(parsed.spec, parsed.device, base_dir=str(tmp_path))
+    f = np.fromfile(tmp_path / "f.bin", "<f4")
+    nx = read_nexus(tmp_path / "d.nxs")
+    assert len(nx["modules"]) == 2
+    panels = res.panel_float32()
+    want = (np.concatenate(panels) if dtype == "float32" else
+            np.concatenate([count_image(a, 1e9, 40.0, p.roi_mask) for a, p in zip(panels, res.panels)]))
+    assert nx["data"].shape == (1, 24, 16) and np.array_equal(nx["data"][0], want)
+    if dtype == "float32":
+        assert np.array_equal(nx["data"][0].reshape(-1), f)
+    R = mcstas_rotation(res.info["beam"])
+    for m, p in zip(nx["modules"], res.panels):
+        rep = p.report
+        assert _close(m["origin"], R @ np.asarray(rep.corner_mm))
+        assert _close(m["fast"], R @ np.asarray(rep.fast)) and _close(m["slow"], R @ np.asarray(rep.slow))
+        assert _close(m["px_f"], rep.pixel_mm) and m["data_size"] == (rep.spixels, rep.fpixels)
+    assert [m["data_origin"] for m in nx["modules"]] == [(0, 0), (12, 0)]
+
+
+def test_frontend_geom_refuses_cbf(tmp_path, monkeypatch, capsys):
+    from test_geom_files import FE, TWO_PANELS
+    from nbsim.nanobragg import main
+    (tmp_path / "d.geom").write_text(TWO_PANELS)
+    monkeypatch.chdir(tmp_path)
+    rc = main(FE + ["--geom", "d.geom", "--cbf", "x.cbf", "-floatfile", "f.bin"])
+    out, err = capsys.readouterr()
+    lines = [ln for ln in (out + err).splitlines() if "error" in ln]
+    assert rc == 2 and len(lines) == 1 and "--cbf: a CBF file holds one panel" in lines[0]
+    assert not (tmp_path / "x.cbf").exists() and not (tmp_path / "f.bin").exists()
