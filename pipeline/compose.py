@@ -25,6 +25,23 @@ from nbsim.spec import (DTYPES, BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec,
                         ImageSpec, SpecError, compile_mode, spec_from_dict)
 
 
+# The default multirun launcher (conf/config.yaml: hydra/launcher=nbsim_batch) registers its config
+# with this import: Hydra's plugin discovery walks the ``hydra_plugins`` namespace on disk, which the
+# import hook of an editable install (the README's ``pip install -e``) does not list, so from any
+# folder but the checkout's root the option would be missing.
+from hydra_plugins.nbsim_launcher.nbsim_launcher import NbsimBatchLauncher  # noqa: E402
+
+
+def _register_launcher() -> None:
+    """Make the in-process launcher a known Hydra plugin where Hydra's scan does not see it (an
+    editable install run outside the checkout's root); a no-op where the scan found it."""
+    from hydra.core.plugins import Plugins
+    name = f"{NbsimBatchLauncher.__module__}.{NbsimBatchLauncher.__name__}"
+    Plugins.instance().class_name_to_class.setdefault(name, NbsimBatchLauncher)
+
+
+_register_launcher()
+
 
 def _conf_dir() -> Path:
     """The Hydra app's config folder: ``nbsim/conf/`` in an installed wheel (pyproject.toml ships the

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,3 +88,26 @@ def test_wheel_runs_outside_checkout(tmp_path):
                         env=env, cwd=work, capture_output=True, text=True)
     assert fe.returncode == 0, fe.stderr
     assert (work / "fe.bin").stat().st_size == 32 * 32 * 4
+
+
+def test_multirun_outside_the_checkout(tmp_path):
+    """The installed app (the README's editable install) from a folder that is not the checkout's
+    root: the default in-process launcher (hydra_plugins.nbsim_launcher) is found, and each point's
+    entry has the files store.formats asks for."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    probe = subprocess.run([sys.executable, "-c", "import nbsim"], cwd=tmp_path, env=env,
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("nbsim is not installed (only importable through PYTHONPATH)")
+    r = subprocess.run([sys.executable, "-m", "nbsim", "--multirun", "crystal.N=3,4", "detector.fpixels=32",
+                        "detector.spixels=32", "store.formats=[smv,cbf]", f"store.root={tmp_path / 'out'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    folders = r.stdout.split()
+    assert len(folders) == 2
+    for f in folders:
+        entry = tmp_path / f if not os.path.isabs(f) else Path(f)
+        assert (entry / "float.bin").is_file() and (entry / "image.cbf").is_file()
