@@ -105,10 +105,18 @@ def load_entry(folder: Path) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[flo
     """(image (S, F) float32, 2θ map, beam centre, wavelength Å, title) of a store entry."""
     try:
         info = json.loads((folder / "run.json").read_text())["info"]
-        s_n, f_n = int(info["spixels"]), int(info["fpixels"])
-        img = np.fromfile(folder / "float.bin", dtype="<f4")
+        panels = info.get("panels") if isinstance(info, dict) else None
+        if panels:
+            sizes = ", ".join(f"{p['name']} {p['fpixels']}x{p['spixels']}" for p in panels)
+        else:
+            s_n, f_n = int(info["spixels"]), int(info["fpixels"])
+            img = np.fromfile(folder / "float.bin", dtype="<f4")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ViewError(f"{folder}: not a readable store entry ({type(e).__name__}: {e})") from None
+    if panels:
+        raise ViewError(f"{folder}: a multi-panel entry ({len(panels)} panels: {sizes}); pipeline.view "
+                        "draws single-panel images (float.bin holds the panels one after another, each "
+                        "slow-major; the front end's --nexus writes them for DIALS)")
     if img.size != s_n * f_n:
         raise ViewError(f"{folder}: float.bin has {img.size} pixels, run.json says {f_n}x{s_n}")
     img = img.reshape(s_n, f_n)

@@ -62,3 +62,18 @@ def test_cli_writes_full_size_and_thumbnail(entry, tmp_path, capsys):
     (tmp_path / "junk.img").write_bytes(b"not an image")
     assert view.main([str(tmp_path / "junk.img")]) == 2
     assert "cannot read it as an SMV or CBF image" in capsys.readouterr().err
+
+
+def test_multi_panel_entry_is_refused_in_one_line(tmp_path, capsys):
+    """A multi-panel entry (float.bin = the panels one after another) is named as such, exit 2."""
+    from nbsim.spec import PanelSpec
+    spec = ExperimentSpec(detector=DetectorSpec(fpixels=32, spixels=16, panels=[
+                              PanelSpec(fpixels=16, spixels=16, offset_px=[0, 0]),
+                              PanelSpec(fpixels=16, spixels=16, offset_px=[16, 0])]),
+                          crystal=CrystalSpec(cell_A_deg=[40, 40, 40, 90, 90, 90], N=3, default_F=100))
+    folder, _, _ = store.run_or_reuse(spec, DeviceSpec(compile=False), root=tmp_path, base_dir=tmp_path,
+                                      log=lambda m: None)
+    assert view.main([str(folder), "-o", str(tmp_path / "v.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a multi-panel entry (2 panels" in err[0]
+    assert not (tmp_path / "v.png").exists()
