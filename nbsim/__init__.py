@@ -12,6 +12,13 @@ def simulate(spec, device=None, **kw):
     return _simulate(spec, device, **kw)
 
 
+def simulate_many(specs, device=None, **kw):
+    """Render a list of ``ExperimentSpec``s in one process, each image bit for bit the image
+    ``simulate`` renders alone; see ``nbsim.batch.simulate_many``."""
+    from nbsim.batch import simulate_many as _simulate_many
+    return _simulate_many(specs, device, **kw)
+
+
 def compose(overrides=()):
     """``(ExperimentSpec, DeviceSpec)`` composed from Hydra overrides exactly as ``python -m nbsim``
     composes them, e.g. ``compose(["crystal=triclinic", "detector.fpixels=64"])``."""
@@ -20,4 +27,4 @@ def compose(overrides=()):
 
 
 __all__ = ["BeamSpec", "CrystalSpec", "DetectorSpec", "DeviceSpec", "ExperimentSpec", "ImageSpec",
-           "SpecError", "compose", "simulate"]
+           "SpecError", "compose", "simulate", "simulate_many"]
