@@ -334,7 +334,8 @@ def test_snakemake_refines_a_sweep_and_writes_the_summary(tmp_path):
     more = dict(cfg, grid={"image.noise_seed": [1, 2, 3]})
     path.write_text(yaml.safe_dump(more, sort_keys=False))
     counts = job_counts(snakemake(tmp_path, path, "-n").stdout)
-    assert counts.get("run_point") == 1 and counts.get("refine_image") == 1 and counts.get("refine_summary") == 1
+    # the new point is rendered by one sweep batch (holding only that point), then refined
+    assert counts.get("sweep_batch") == 1 and counts.get("refine_image") == 1 and counts.get("refine_summary") == 1
 
 
 def test_int_image_with_its_scale_and_least_squares(tmp_path, tiny_truth):
