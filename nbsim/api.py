@@ -193,7 +193,8 @@ def engine_budget(model, budget_bytes: float, *, reverse_mode: bool, chunk_pixel
 
 
 def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, params=None, inputs=None,
-             base_dir=".", progress=None, trace_pixel=None, chunk_pixels=None) -> SimResult:
+             base_dir=".", progress=None, trace_pixel=None, chunk_pixels=None,
+             solid_angle: bool = False) -> SimResult:
     """Simulate one image. See the module docstring for the result's contents.
 
     ``params``: schema key → tensor (the keys of ``nbsim.params.PARAMS``), each replacing the spec's
@@ -201,7 +202,9 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     (``result.image.sum().backward()``); forward-mode AD and ``torch.func`` work the same way.
     A key that cannot carry a gradient raises ``SpecError`` naming it.
     ``inputs``: the files the spec names, already read (``nbsim.inputs.load_inputs(spec, base_dir)``),
-    e.g. once for many calls of a fitting loop; read from ``base_dir`` when not given."""
+    e.g. once for many calls of a fitting loop; read from ``base_dir`` when not given.
+    ``solid_angle``: also sum the detector's solid angle (``stats.omega_sum_sr``, the line C prints;
+    a pass over every pixel's geometry, so off by default: the front end and the store ask for it)."""
     from nbsim.engine import simulate_image
     from nbsim.experiment import build_model
     from nbsim.panels import has_panels, simulate_panels
@@ -243,7 +246,7 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
                      rmsd=st["rmsd"], sum=st["sum"], pixels=st["pixels"], wall_s=time.perf_counter() - t0,
                      kernel=kernel.get("kernel"),                      # which kernel rendered the image
                      kernel_cache=bool(kernel.get("kernel_cache")),   # compiled kernels from the cache
-                     omega_sum_sr=solid_angle_sum_sr(model))
+                     omega_sum_sr=solid_angle_sum_sr(model) if solid_angle else None)
     result = SimResult(image=image, setup=model.report, mask=mask, roi_mask=roi_mask, stats=stats)
     if trace_pixel is not None:
         from nbsim.trace import trace_lines

@@ -121,12 +121,13 @@ def _inputs_key(spec: ExperimentSpec) -> tuple:
 
 def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = None, *, base_dir=".",
               progress=None, devices: Optional[Sequence[DeviceSpec]] = None,
-              inputs: Optional[Sequence] = None) -> Iterator[Tuple[int, "object"]]:
+              inputs: Optional[Sequence] = None, solid_angle: bool = False) -> Iterator[Tuple[int, "object"]]:
     """Render ``specs`` group by group; yield ``(index, SimResult)`` as each image is done (the caller
     can store it before the next one starts). ``devices``: one DeviceSpec per spec (then ``device``
     is ignored; specs on different devices or dtypes are never grouped together). ``inputs``: per
     spec, its files as already read (``nbsim.inputs.load_inputs``, e.g. the preflight's
-    ``est.inputs``), so nothing is read again; else read once per distinct file set."""
+    ``est.inputs``), so nothing is read again; else read once per distinct file set. ``solid_angle``:
+    as ``simulate``'s (the store asks for it, as for a single run)."""
     from nbsim.api import simulate
     from nbsim.inputs import load_inputs
     if devices is None:
@@ -151,7 +152,8 @@ def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = No
             run_dev = dataclasses.replace(dev, compile="auto" if flag is None else flag)
             for i in members:
                 own = given[i] or (first if _inputs_key(specs[i]) == ikey else None)
-                r = simulate(specs[i], run_dev, base_dir=base_dir, progress=progress, inputs=own)
+                r = simulate(specs[i], run_dev, base_dir=base_dir, progress=progress, inputs=own,
+                             solid_angle=solid_angle)
                 if getattr(r, "stats", None) is not None:
                     r.stats = dataclasses.replace(r.stats, batch_compile="auto" if flag is None else flag,
                                                   batch_group=len(members))

@@ -70,6 +70,8 @@ def _call_simulate(simulate, spec, device, parsed, warn, inputs=None):
         params, has_var_kw = {}, True
     if "inputs" in params or has_var_kw:
         kw["inputs"] = inputs                              # the files are read once
+    if "solid_angle" in params or has_var_kw:
+        kw["solid_angle"] = True                           # C prints the detector's solid angle
     if parsed.progress and ("progress" in params or has_var_kw):
         kw["progress"] = _progress_printer()
     if parsed.trace_pixel is not None:

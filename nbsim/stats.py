@@ -29,11 +29,16 @@ def image_stats(img32: np.ndarray, active: np.ndarray, model=None,
                 sum=st["sum"], pixels=st["n"])
 
 
-def solid_angle_sum_sr(model, chunk_pixels: int = 4096) -> float:
+#: sub-pixel samples per chunk of the solid-angle sum (~30 MB of float64 geometry per chunk)
+SOLID_ANGLE_CHUNK_SAMPLES = 1 << 18
+
+
+def solid_angle_sum_sr(model, chunk_pixels=None) -> float:
     """C's "solid angle subtended by detector" (steradian): the sum over simulated pixels, sensor
     layers and sub-pixels of the pixel solid angle C uses there (the first sub-pixel's unless
     ``-oversample_omega``), divided by ``steps`` (sources × domains × φ steps × oversample²), as C
-    prints it. A report number only: evaluated without gradients, in chunks of ``chunk_pixels``.
+    prints it. A report number only: evaluated without gradients, in chunks of ``chunk_pixels``
+    (default: ``SOLID_ANGLE_CHUNK_SAMPLES`` samples).
     Positions and solid angle come from the engine's stage functions (one formula each)."""
     import torch
 
@@ -43,6 +48,7 @@ def solid_angle_sum_sr(model, chunk_pixels: int = 4096) -> float:
     idx_all = simulated_indices(m)
     n = m.spixels * m.fpixels if idx_all is None else int(idx_all.numel())
     T, O = m.thicksteps, m.oversample ** 2
+    chunk_pixels = chunk_pixels or max(1, SOLID_ANGLE_CHUNK_SAMPLES // (T * O))
     total = 0.0
     with torch.no_grad():
         for start in range(0, n, chunk_pixels):

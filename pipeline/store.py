@@ -437,7 +437,7 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
             rest.append(j)
         specs, devs = [specs[j] for j in rest], [devs[j] for j in rest]
         index = [todo[j] for j in rest]
-        results = iter_many(specs, devices=devs, base_dir=str(base_dir),
+        results = iter_many(specs, devices=devs, base_dir=str(base_dir), solid_angle=True,
                             inputs=[getattr(ests[i], "inputs", None) for i in index])   # as the preflight read them
         while True:
             try:
@@ -517,7 +517,8 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             with np.errstate(all="ignore"), progress_bar(spp, seconds, npix, enabled=progress) as bar:
                 # an overflow is reported once, by check_image
                 result = api.simulate(spec, device, base_dir=str(base_dir), progress=bar,
-                                      inputs=getattr(est, "inputs", None))   # as the preflight read them
+                                      inputs=getattr(est, "inputs", None),   # as the preflight read them
+                                      solid_angle=True)                       # log.txt / run.json
             wall = time.perf_counter() - t0
         else:
             st = getattr(result, "stats", None)

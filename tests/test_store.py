@@ -59,7 +59,7 @@ def engine(monkeypatch):
     """Counts calls of the fake ``nbsim.api.simulate``; ``engine.fail`` makes the next step raise."""
     state = types.SimpleNamespace(calls=0, fail=None)
 
-    def simulate(spec, device=None, *, base_dir=".", progress=None, inputs=None):
+    def simulate(spec, device=None, *, base_dir=".", progress=None, inputs=None, solid_angle=False):
         state.calls += 1
         if state.fail == "simulate":
             raise RuntimeError("simulated crash in the engine")
