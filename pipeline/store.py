@@ -301,6 +301,22 @@ def _prepare_root(root_abs: Path, shown: Path) -> bool:
 
 
 @contextlib.contextmanager
+def _store_root(root_abs: Path, shown: Path):
+    """The store root made ready (``_prepare_root``) for the writes inside the block: an ``OSError``
+    becomes one ``SpecError('store.root', ...)`` naming the path the user gave; on any failure a root
+    this block created is removed again if it stayed empty."""
+    created = _prepare_root(root_abs, shown)
+    try:
+        yield
+    except OSError as e:
+        _remove_if_empty(root_abs, created)
+        raise SpecError("store.root", f"cannot write the result under {shown}: {e.strerror or e}") from None
+    except BaseException:
+        _remove_if_empty(root_abs, created)
+        raise
+
+
+@contextlib.contextmanager
 def entry_lock(root_abs: Path, h: str):
     """Exclusive lock of one entry among processes (``flock`` on ``<root>/.<hash>.lock``): concurrent
     runs of one configuration compute it once, the others wait and then reuse it. The lock file is
@@ -347,8 +363,7 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
         if doc is None:
             log(f"stored result {shown}: {why}; recomputing")
 
-    created = _prepare_root(root_abs, root)
-    try:
+    with _store_root(root_abs, root):
         with entry_lock(root_abs, h):
             if not force and (final / "run.json").is_file():
                 doc = verify_entry(final, h)[0]
@@ -366,12 +381,6 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                 print(f"nbsim: estimated {est.describe()} (device.time_limit_s refuses such runs)",
                       file=sys.stderr)
             run = _compute(final, spec, device, want, preview, base_dir, est, progress, thumb=thumb)
-    except OSError as e:
-        _remove_if_empty(root_abs, created)
-        raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
-    except BaseException:
-        _remove_if_empty(root_abs, created)
-        raise
     return final, False, run
 
 
@@ -415,9 +424,8 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
         todo.append(i)
     if not todo:
         return out
-    created = _prepare_root(root_abs, root)
     first_error = None
-    try:
+    with _store_root(root_abs, root):
         specs = [items[i][0] for i in todo]
         devs = [items[i][1] for i in todo]
         # a point whose entry only lacks products is completed without simulating
@@ -453,8 +461,8 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
             final = root_abs / h
             want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
             with entry_lock(root_abs, h):
-                if not force and (final / "run.json").is_file() and verify_entry(final, h)[0] is not None:
-                    doc = verify_entry(final, h)[0]
+                doc = verify_entry(final, h)[0] if not force and (final / "run.json").is_file() else None
+                if doc is not None:
                     out[i] = (final, True, doc)         # stored meanwhile by another process
                     continue
                 try:
@@ -466,12 +474,6 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
                     first_error = first_error or e
                     continue
             out[i] = (final, False, run)
-    except OSError as e:
-        _remove_if_empty(root_abs, created)
-        raise SpecError("store.root", f"cannot write the result under {root}: {e.strerror or e}") from None
-    except BaseException:
-        _remove_if_empty(root_abs, created)
-        raise
     if first_error is not None:
         raise first_error
     return out
