@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -78,11 +78,16 @@ class PanelGeometry:
 
 
 def panels_from_info(info: dict) -> list:
-    """The panels of a run: ``info['panels']`` (a list of dicts with the :class:`PanelGeometry`
-    fields) when the run has several, else the single panel of ``fdet``, ``sdet``, ``pix0_m``,
-    ``pixel_mm``, ``fpixels``, ``spixels``."""
+    """The panels of a run: those of ``info['panels']`` when the run has several (the entries of
+    ``nbsim.report.PanelReport.to_dict``: ``name``, ``fpixels``, ``spixels``, ``pixel_mm``, ``fast``,
+    ``slow`` and ``corner_mm``, the corner of the panel's first pixel), else the single panel of
+    ``fdet``, ``sdet``, ``pix0_m``, ``pixel_mm``, ``fpixels``, ``spixels``."""
     if info.get("panels"):
-        return [PanelGeometry(**{"name": f"module{k}", **dict(p)}) for k, p in enumerate(info["panels"])]
+        return [PanelGeometry(fpixels=int(p["fpixels"]), spixels=int(p["spixels"]),
+                              pixel_mm=float(p["pixel_mm"]), fdet=tuple(map(float, p["fast"])),
+                              sdet=tuple(map(float, p["slow"])),
+                              origin_mm=tuple(map(float, p["corner_mm"])), name=str(p["name"]))
+                for p in info["panels"]]
     return [PanelGeometry(fpixels=int(info["fpixels"]), spixels=int(info["spixels"]),
                           pixel_mm=float(info["pixel_mm"]), fdet=tuple(map(float, info["fdet"])),
                           sdet=tuple(map(float, info["sdet"])),
@@ -120,10 +125,14 @@ def direct_beam(info: dict) -> tuple:
     faithful quirk ``ratio_ignores_twotheta`` with a two-theta angle, where nanoBragg reports a
     distance that ignores two-theta; the files give the true geometry (the one simulated).  NaN when
     the beam is parallel to the panel."""
-    p = panels_from_info(info)[0]
+    return _direct_beam(panels_from_info(info)[0], info["beam"])
+
+
+def _direct_beam(p: PanelGeometry, beam) -> tuple:
+    """``direct_beam`` for the panel ``p`` and the ``beam`` direction (nbsim lab frame)."""
     o = np.asarray(p.origin_mm, dtype=np.float64)
     f, s_ = _unit(p.fdet), _unit(p.sdet)
-    b = _unit(info["beam"])
+    b = _unit(beam)
     n = np.cross(f, s_)
     den = float(np.dot(b, n))
     if den == 0.0:
@@ -253,7 +262,7 @@ def nexus_bytes(data, info: dict, *, dtype: str = "float32", compression: str = 
         _set_class(det, "NXdetector")
         det.create_dataset("description", data="nbsim simulated detector")
         det.create_dataset("depends_on", data=f"{_DET}/transformations/detector_z")
-        distance_mm, fbeam_mm, sbeam_mm = direct_beam({**info, "panels": [asdict(p) for p in panels]})
+        distance_mm, fbeam_mm, sbeam_mm = _direct_beam(panels[0], info["beam"])
         if math.isfinite(distance_mm):
             _scalar(det, "distance", distance_mm, "mm", np.float64)
         else:

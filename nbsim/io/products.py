@@ -221,17 +221,14 @@ def write_result(result, image_spec, *, img32=None, **paths) -> dict:
 def write_panels_nexus(path, result, *, scale: float, adc: float = 40.0, dtype: str = "float32",
                        compression: str = "none") -> None:
     """NeXus NXmx of a multi-panel ``SimResult`` (``nbsim.panels``): one ``NXdetector_module`` per
-    panel (its first pixel's corner, fast/slow axes and pixel size from ``PanelReport``), the panels'
+    panel (its first pixel's corner, fast/slow axes and pixel size: ``result.info['panels']``), the panels'
     images stacked along the slow axis in geometry order: float32 as ``-floatfile`` (0 outside each
     ROI), or int32 counts (``count_image``) with ``scale``, the whole detector's (as the SMV files)."""
     from nbsim.io.images import count_image
-    from nbsim.io.nexus import PanelGeometry, write_nexus
-    geoms = [PanelGeometry(fpixels=p.report.fpixels, spixels=p.report.spixels,
-                           pixel_mm=p.report.pixel_mm, fdet=tuple(p.report.fast),
-                           sdet=tuple(p.report.slow), origin_mm=tuple(p.report.corner_mm), name=p.name)
-             for p in result.panels]
+    from nbsim.io.nexus import panels_from_info, write_nexus
     images = result.panel_float32()
     if dtype == "int32":
         images = [count_image(a, scale, adc, p.roi_mask) for a, p in zip(images, result.panels)]
-    write_nexus(path, images, dict(result.info), dtype=dtype, compression=compression, panels=geoms,
+    write_nexus(path, images, dict(result.info), dtype=dtype, compression=compression,
+                panels=panels_from_info(result.info),
                 mask=[p.roi_mask for p in result.panels])
