@@ -177,13 +177,12 @@ def structure_factor_rows(spec: ExperimentSpec, base_dir=".", matrix=None, sourc
                 + (f", f' f'' at {spec.beam.wavelength_A:g} A" if c.model_anomalous else "") + ")",)
         return "crystal.model_file", path, hkl, F, note + _cell_note(spec, cell, c.model_file)
     if c.hkl_file is not None:
-        from nbsim.io.structure_factors import is_mtz, read_mtz
+        from nbsim.io.structure_factors import is_mtz, mtz_note, read_mtz
         path = _path(base_dir, c.hkl_file, "crystal.hkl_file")
         if is_mtz(path):
-            hkl, F, cell, sg, label = _read("crystal.hkl_file", lambda p: read_mtz(p, c.mtz_column), path,
-                                            c.hkl_file, column_key="crystal.mtz_column" if c.mtz_column else None)
-            note = (f"{len(F)} structure factors from column {label} of {c.hkl_file} ({sg}, expanded to P1)",)
-            return "crystal.hkl_file", path, hkl, F, note + _cell_note(spec, cell, c.hkl_file)
+            t = _read("crystal.hkl_file", lambda p: read_mtz(p, c.mtz_column), path,
+                      c.hkl_file, column_key="crystal.mtz_column" if c.mtz_column else None)
+            return "crystal.hkl_file", path, t.hkl, t.F, (mtz_note(t, c.hkl_file),) + _cell_note(spec, t.cell, c.hkl_file)
         if c.mtz_column is not None:
             raise SpecError("crystal.mtz_column", f"{c.hkl_file} is not an MTZ file (a text table has no columns)")
         from nbsim.io.tables import read_hkl

@@ -138,7 +138,7 @@ class CrystalSpec:
     fudge: float = 1.0                     # scales radius^2 of round/gauss/tophat spots
     default_F: float = 0.0                 # structure factor of every hkl not in the table
     hkl_file: Optional[str] = None         # text table, lines h k l F; or an MTZ file (expanded to P1 with its symmetry)
-    mtz_column: Optional[str] = None       # amplitude (type F) column of an MTZ hkl_file; None: its only F column
+    mtz_column: Optional[str] = None       # column of an MTZ hkl_file: F, J (sqrt), or a pair 'F(+),F(-)' (G/K); None: its only F column
     model_file: Optional[str] = None       # PDB or mmCIF model: F computed with gemmi (instead of hkl_file)
     model_dmin_A: Optional[float] = None   # resolution of the F computed from model_file; None: the detector's edge
     model_anomalous: bool = False          # true: f' and f'' at beam.wavelength_A in the F of model_file

@@ -179,6 +179,173 @@ def test_mtz_column_choice(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# anomalous pairs and intensities
+# ---------------------------------------------------------------------------------------------
+
+def _as_dict(hkl, F):
+    return {tuple(map(int, h)): float(f) for h, f in zip(hkl, F)}
+
+
+def _p1_halves():
+    """The golden P1 table split as an anomalous P1 MTZ lists it: the rows of gemmi's P1 reciprocal
+    ASU (a half sphere), F(+) = F(h) and F(-) = F(-h) as the table gives them (they differ)."""
+    hkl, F = golden_p1()
+    value = _as_dict(hkl, F)
+    asu = gemmi.ReciprocalAsu(gemmi.SpaceGroup("P 1"))
+    half = np.array([h for h in hkl if asu.is_in(list(map(int, h)))])
+    plus = np.array([value[tuple(h)] for h in half])
+    minus = np.array([value[tuple(-h)] for h in half])
+    return half, plus, minus
+
+
+def test_mtz_anomalous_pair_is_the_p1_table(tmp_path):
+    """F(+) goes to (h k l) and F(-) to (-h -k -l): a P1 anomalous MTZ written from the golden P1
+    table's two halves reads back as that table, Bijvoet mates differing as written."""
+    hkl, F = golden_p1()
+    half, plus, minus = _p1_halves()
+    assert 2 * len(half) == len(hkl) + 1 and np.abs(plus - minus).max() > 1     # 000 is its own mate
+    path = write_mtz(tmp_path / "anom.mtz", half, {"F(+)": ("G", plus), "SIGF(+)": ("L", plus / 10),
+                                                   "F(-)": ("G", minus), "SIGF(-)": ("L", minus / 10)})
+    want = _as_dict(hkl, F)
+    for column in ("F(+),F(-)", "F(+)", "F(-)", " F(+) , F(-) "):
+        t = read_mtz(path, column)
+        assert (t.label, t.kind, t.missing, t.negative) == ("F(+),F(-)", "G", 0, 0)
+        assert _as_dict(t.hkl, t.F) == want
+    got = _as_dict(*read_mtz(path, "F(+),F(-)")[:2])
+    differ = [h for h in half if got[tuple(h)] != got[tuple(-h)]]
+    assert len(differ) > 0.9 * len(half)
+    # the pair read the other way round swaps the Bijvoet mates
+    swapped = _as_dict(*read_mtz(path, "F(-),F(+)")[:2])
+    assert all(swapped[tuple(h)] == got[tuple(-h)] for h in half)
+
+
+@pytest.mark.parametrize("sg_name, cell", [("P 21 21 21", (50, 60, 70, 90, 90, 90)),
+                                           ("C 1 2 1", (60, 50, 70, 90, 100, 90))])
+def test_mtz_anomalous_pair_expands_to_p1(tmp_path, sg_name, cell):
+    """An anomalous ASU in a space group: every P1 reflection takes F(+) of its ASU representative when
+    gemmi's to_asu reaches it with a proper operation (odd ISYM), F(-) when through a Friedel mate
+    (even ISYM); centric reflections have F(+) = F(-). Also what gemmi's own Mtz.expand_to_p1 gives
+    (F(+) at h, F(-) at -h). Missing F(-) values stay unlisted and are counted."""
+    sg = gemmi.SpaceGroup(sg_name)
+    ops = sg.operations()
+    asu = gemmi.ReciprocalAsu(sg)
+    r = np.arange(-6, 7)
+    box = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    box = box[[np.any(h != 0) and not ops.is_systematically_absent(list(map(int, h))) for h in box]]
+    rows = np.array(sorted({tuple(asu.to_asu(list(map(int, h)), ops)[0]) for h in box}))
+    rng = np.random.default_rng(3)
+    plus = np.round(rng.uniform(10, 500, len(rows)), 2)
+    minus = np.round(plus * rng.uniform(0.8, 1.2, len(rows)), 2)
+    centric = np.array([ops.is_reflection_centric(list(map(int, h))) for h in rows])
+    minus[centric] = plus[centric]
+    assert centric.any() and (~centric).any()
+    path = write_mtz(tmp_path / "anom.mtz", rows, {"F(+)": ("G", plus), "F(-)": ("G", minus)},
+                     spacegroup=sg_name, cell=cell)
+    t = read_mtz(path, "F(+),F(-)")
+    got = _as_dict(t.hkl, t.F)
+    fp, fm = dict(zip(map(tuple, rows), plus)), dict(zip(map(tuple, rows), minus))
+    want = {}
+    for h in box:
+        rep, isym = asu.to_asu(list(map(int, h)), ops)
+        want[tuple(h)] = (fp if isym % 2 == 1 else fm)[tuple(rep)]
+    assert got == want
+    assert any(got[tuple(h)] != got[tuple(-h)] for h in box)
+    mtz = gemmi.read_mtz_file(str(path))
+    mtz.expand_to_p1()
+    arr = np.asarray(mtz.array)
+    g = {}
+    for h, a, b in zip(arr[:, :3].astype(int), arr[:, 3], arr[:, 4]):
+        g[tuple(h)] = float(np.float32(a).astype(str))
+        g[tuple(-h)] = float(np.float32(b).astype(str))
+    assert g == got
+    # F(-) missing at the acentric rows: -h is not listed (default_F there), and the note says how many
+    minus_nan = minus.copy()
+    minus_nan[~centric] = np.nan
+    path = write_mtz(tmp_path / "part.mtz", rows, {"F(+)": ("G", plus), "F(-)": ("G", minus_nan)},
+                     spacegroup=sg_name, cell=cell)
+    t = read_mtz(path, "F(+)")
+    assert t.missing == int((~centric).sum())
+    is_centric = dict(zip(map(tuple, rows), centric))
+    want_part = {}
+    for h in box:
+        rep, isym = asu.to_asu(list(map(int, h)), ops)
+        if isym % 2 == 1 or is_centric[tuple(rep)]:
+            want_part[tuple(h)] = want[tuple(h)]
+    assert _as_dict(t.hkl, t.F) == want_part and len(want_part) < len(want)
+    from nbsim.io.structure_factors import mtz_note
+    assert f"; {t.missing} missing values skipped" in mtz_note(t, "part.mtz")
+
+
+def _intensity_mtz(tmp_path, name="I.mtz"):
+    hkl, F = golden_p1()
+    return write_mtz(tmp_path / name, hkl, {"IMEAN": ("J", F * F), "SIGIMEAN": ("Q", F)}), hkl, F
+
+
+def test_mtz_intensities_give_the_text_table(tmp_path):
+    """I = F^2 of the golden P1.hkl, as float32 in an MTZ: F = the shortest decimal whose square
+    rounds to I is the table's F, every one (max |diff| = 0); sqrt(I) itself, in float64 or rounded
+    to float32, differs (within a float32 ulp)."""
+    from nbsim.io.structure_factors import shortest_float64, shortest_root
+    path, hkl, F = _intensity_mtz(tmp_path)
+    t = read_mtz(path, "IMEAN")
+    assert (t.kind, t.label, t.missing, t.negative) == ("J", "IMEAN", 0, 0)
+    assert np.array_equal(t.hkl, hkl) and np.abs(t.F - F).max() == 0.0
+    I32 = (F * F).astype(np.float32)
+    for plain in (np.sqrt(I32.astype(np.float64)), shortest_float64(np.sqrt(I32.astype(np.float64)).astype(np.float32))):
+        assert np.abs(plain - F).max() > 0 and np.abs(plain / F - 1).max() < 2.0 ** -22     # 1 float32 ulp
+    # the rule: every F squares to the stored I; zero stays zero; a long decimal is kept to 1e-7
+    x = np.array([0.0, 1.0, 2.0, 0.5, 1e-3, 3.14159265358979, 12345.678, 1e5 / 3, 7e12])
+    i32 = (x * x).astype(np.float32)
+    r = shortest_root(i32)
+    assert r[0] == 0.0 and np.all((r * r).astype(np.float32) == i32)
+    assert np.all(np.abs(r[1:] / x[1:] - 1) < 1e-7)
+    assert list(r[[1, 2, 3, 4, 6]]) == [1.0, 2.0, 0.5, 1e-3, 12345.678]
+    # the anomalous intensities of the golden table's halves
+    half, plus, minus = _p1_halves()
+    pair = write_mtz(tmp_path / "Ipm.mtz", half, {"I(+)": ("K", plus ** 2), "I(-)": ("K", minus ** 2)})
+    t = read_mtz(pair, "I(+)")
+    assert (t.kind, t.label) == ("K", "I(+),I(-)")
+    assert _as_dict(t.hkl, t.F) == _as_dict(hkl, F)
+
+
+def test_mtz_negative_intensities_read_as_zero(tmp_path):
+    hkl, F = golden_p1()
+    I = F * F
+    I[::10] = -I[::10] / 100
+    I[1::10] = np.nan
+    path = write_mtz(tmp_path / "neg.mtz", hkl, {"IMEAN": ("J", I)})
+    t = read_mtz(path, "IMEAN")
+    n_neg, n_nan = len(I[::10]), len(I[1::10])
+    assert (t.negative, t.missing) == (n_neg, n_nan)
+    got = _as_dict(t.hkl, t.F)
+    assert all(got[tuple(h)] == 0.0 for h in hkl[::10])
+    from nbsim.io.structure_factors import mtz_note
+    note = mtz_note(t, "neg.mtz")
+    assert f"{n_neg} negative intensities read as F = 0" in note and f"{n_nan} missing values" in note
+    assert "(intensities, F = sqrt(I))" in note
+
+
+@pytest.mark.parametrize("case_id", ["G20_hkl_interp", "G03_mat_hkl"])
+def test_mtz_intensity_and_anomalous_images_bit_identical(golden_workdir, case_id):
+    """An intensity MTZ (I = F^2) and an anomalous MTZ (the table's halves as F(+), F(-)) made from
+    the golden P1.hkl give the image of -hkl P1.hkl bit for bit (max |diff| = 0)."""
+    from nbsim.api import simulate
+    from nbsim.frontend import parse_argv
+    _intensity_mtz(golden_workdir)
+    half, plus, minus = _p1_halves()
+    write_mtz(golden_workdir / "anom.mtz", half, {"F(+)": ("G", plus), "F(-)": ("G", minus)})
+    args = golden_data.case(case_id)["args"]
+    ref = simulate(parse_argv(args).spec, base_dir=golden_workdir).float32()
+    for name, column, note in (("I.mtz", "IMEAN", "column IMEAN (intensities"),
+                               ("anom.mtz", "F(+),F(-)", "column F(+),F(-) (anomalous pair")):
+        words = [(name if a == "P1.hkl" else a) for a in args] + ["-mtz_column", column]
+        res = simulate(parse_argv(words).spec, base_dir=golden_workdir)
+        img = res.float32()
+        assert any(note in w for w in res.warnings), res.warnings
+        assert img.max() > 0 and np.abs(img - ref).max() == 0.0, name
+
+
+# ---------------------------------------------------------------------------------------------
 # expansion to P1
 # ---------------------------------------------------------------------------------------------
 
@@ -205,7 +372,7 @@ def test_asu_mtz_expands_to_the_p1_table(tmp_path, sg_name, cell):
     asu_rows = np.array(sorted(set(rep_box)))
     asu_F = np.array([value[tuple(r)] for r in asu_rows])
     path = write_mtz(tmp_path / "asu.mtz", asu_rows, {"FP": ("F", asu_F)}, spacegroup=sg_name, cell=cell)
-    got_hkl, got_F, got_cell, got_sg, label = read_mtz(path)
+    got_hkl, got_F, got_cell, got_sg, label = read_mtz(path)[:5]
     assert label == "FP" and got_sg == sg.hm
     assert len(asu_rows) < len(box) or sg_name == "P 1"
     assert len(got_hkl) == len(box)
@@ -421,7 +588,9 @@ def _bad_files(d: Path):
     hkl, F = golden_p1()
     write_mtz(d / "x.mtz", hkl, {"FP": ("F", F)})
     write_mtz(d / "two.mtz", hkl, {"FP": ("F", F), "FC": ("F", F)})
-    write_mtz(d / "int.mtz", hkl, {"IMEAN": ("J", F)})
+    write_mtz(d / "int.mtz", hkl, {"IMEAN": ("J", F), "SIGI": ("Q", F)})
+    write_mtz(d / "anom.mtz", hkl, {"FP": ("F", F), "F(+)": ("G", F), "F(-)": ("G", F)})
+    write_mtz(d / "lone.mtz", hkl, {"F(+)": ("G", F), "FANO": ("G", F)})
     write_mtz(d / "nan.mtz", hkl[:5], {"FP": ("F", np.full(5, np.nan))})
     (d / "corrupt.mtz").write_bytes(b"MTZ " + b"\x00\x01garbage" * 20)
     (d / "x.hkl").write_text("1 2 3 100\n")
@@ -445,11 +614,24 @@ BAD = [
     ("mtz_no_column", ["-hkl", "x.mtz", "-mtz_column", "FOO"], ["crystal.hkl_file=x.mtz", "crystal.mtz_column=FOO"],
      r"^(-mtz_column|crystal\.mtz_column): x\.mtz: no column 'FOO' .*the file has H, K, L, FP"),
     ("mtz_no_amplitudes", ["-hkl", "int.mtz"], ["crystal.hkl_file=int.mtz"],
-     r"^(-hkl|crystal\.hkl_file): int\.mtz: no amplitude \(type F\) column among H, K, L, IMEAN"),
+     r"^(-hkl|crystal\.hkl_file): int\.mtz: no amplitude \(type F\) column among H, K, L, IMEAN, SIGI; "
+     r"name one with crystal\.mtz_column \(-mtz_column\); usable: IMEAN \(J\)$"),
     ("mtz_ambiguous", ["-hkl", "two.mtz"], ["crystal.hkl_file=two.mtz"],
      r"^(-hkl|crystal\.hkl_file): two\.mtz: several amplitude \(type F\) columns \(FP, FC\)"),
-    ("mtz_wrong_type", ["-hkl", "int.mtz", "-mtz_column", "IMEAN"], ["crystal.hkl_file=int.mtz", "crystal.mtz_column=IMEAN"],
-     r"^(-mtz_column|crystal\.mtz_column): int\.mtz: column 'IMEAN' .*has MTZ type 'J', not F"),
+    ("mtz_wrong_type", ["-hkl", "int.mtz", "-mtz_column", "SIGI"], ["crystal.hkl_file=int.mtz", "crystal.mtz_column=SIGI"],
+     r"^(-mtz_column|crystal\.mtz_column): int\.mtz: column 'SIGI' .*has MTZ type 'Q', not F or J; accepted: .*usable: IMEAN \(J\)"),
+    ("mtz_pair_types", ["-hkl", "anom.mtz", "-mtz_column", "FP,F(-)"], ["crystal.hkl_file=anom.mtz", "crystal.mtz_column='FP,F(-)'"],
+     r"^(-mtz_column|crystal\.mtz_column): anom\.mtz: columns 'FP', 'F\(-\)' .*have MTZ types 'F', 'G'; an anomalous pair"),
+    ("mtz_pair_missing_column", ["-hkl", "anom.mtz", "-mtz_column", "F(+),FX(-)"],
+     ["crystal.hkl_file=anom.mtz", "crystal.mtz_column='F(+),FX(-)'"],
+     r"^(-mtz_column|crystal\.mtz_column): anom\.mtz: no column 'FX\(-\)' .*usable: FP \(F\), F\(\+\) \(G\)"),
+    ("mtz_partner_missing", ["-hkl", "lone.mtz", "-mtz_column", "F(+)"], ["crystal.hkl_file=lone.mtz", "crystal.mtz_column='F(+)'"],
+     r"^(-mtz_column|crystal\.mtz_column): lone\.mtz: no column 'F\(-\)'"),
+    ("mtz_unpaired_anomalous", ["-hkl", "lone.mtz", "-mtz_column", "FANO"], ["crystal.hkl_file=lone.mtz", "crystal.mtz_column=FANO"],
+     r"^(-mtz_column|crystal\.mtz_column): lone\.mtz: column 'FANO' .*type 'G' .*one of a pair: name both as PLUS,MINUS"),
+    ("mtz_three_columns", ["-hkl", "anom.mtz", "-mtz_column", "FP,F(+),F(-)"],
+     ["crystal.hkl_file=anom.mtz", "crystal.mtz_column='FP,F(+),F(-)'"],
+     r"^(-mtz_column|crystal\.mtz_column): anom\.mtz: crystal\.mtz_column 'FP,F\(\+\),F\(-\)' names 3 columns"),
     ("mtz_all_missing", ["-hkl", "nan.mtz"], ["crystal.hkl_file=nan.mtz"],
      r"^(-hkl|crystal\.hkl_file): nan\.mtz: column 'FP' holds no values"),
     ("mtz_corrupt", ["-hkl", "corrupt.mtz"], ["crystal.hkl_file=corrupt.mtz"],

@@ -174,7 +174,9 @@ FLAGS: Tuple[Flag, ...] = (
     _F("-hkl", kind="s", keys=("crystal.hkl_file",), action="infile", group="F",
        help="FILE: text h k l F table, or an MTZ file expanded to P1 (also writes the Fdump file)"),
     _F("-mtz_column", kind="s", keys=("crystal.mtz_column",), group="F",
-       help="LABEL: amplitude column of an MTZ -hkl file (default: its only F-type column)"),
+       help="LABEL or PLUS,MINUS: column of an MTZ -hkl file: F (amplitudes) or J (intensities, F = sqrt(I)), "
+            "or an anomalous pair of G or K columns, e.g. 'F(+),F(-)' (F(+)/F(-) alone names the pair); "
+            "default: the file's only F column"),
     _F("-model", kind="s", keys=("crystal.model_file",), action="infile", group="F",
        help="FILE: PDB or mmCIF model; F computed with gemmi at the beam's wavelength (instead of -hkl)"),
     _F("-model_dmin", kind="f", keys=("crystal.model_dmin_A",), group="F",

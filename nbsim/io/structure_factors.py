@@ -6,15 +6,29 @@ twice), which ``nbsim.inputs.load_inputs`` turns into nanoBragg's dense table.
 
 MTZ (:func:`read_mtz`)
     * The file is recognised by its content (it starts with ``MTZ ``), whatever its name.
-    * The column: ``crystal.mtz_column`` (an ``F``-type column, i.e. amplitudes), or, when not given,
-      the only ``F``-type column of the file; several (``FP`` and ``FC`` ...) are refused, naming them.
-    * Missing values (MTZ stores NaN) are not listed; nanoBragg then uses ``default_F`` there.
+    * The column: ``crystal.mtz_column``, one of
+        - an ``F`` column (mean amplitudes) or a ``J`` column (mean intensities);
+        - an anomalous pair ``PLUS,MINUS`` (two labels, comma-separated): two ``G`` columns
+          (F(+), F(-)) or two ``K`` columns (I(+), I(-)); one CCP4-style label ``X(+)`` or ``X(-)``
+          of type G or K stands for the pair ``X(+),X(-)``.
+      When not given, the only ``F``-type column of the file; several (``FP`` and ``FC`` ...) are
+      refused, naming them. Any other type is refused, naming the usable columns.
+    * Intensities: F = sqrt(I), as the decimal with the fewest significant digits whose square rounds
+      to the stored float32 I (:func:`shortest_root`; within the file's precision of sqrt(I)), so an
+      MTZ of float32(F**2) written from a text table gives the table's F. A negative intensity is read
+      as F = 0 (a weak reflection; no French-Wilson estimate, which needs the error model of the data),
+      and the note counts them.
+    * Missing values (MTZ stores NaN) are not listed; nanoBragg then uses ``default_F`` there unless
+      a symmetry mate is listed. The note counts them.
     * Expansion to P1 (:func:`expand_to_p1`): every listed reflection is mapped through the rotation
-      parts of the MTZ's space-group operations, and through Friedel's law (F(-h) = F(h), the column
-      is a mean amplitude). A reflection the file lists keeps its own value; an unlisted one takes the
-      value of the first listed reflection (file order, then operation order; Friedel mates after all
-      symmetry mates) that generates it. A reflection listed twice takes its later row (as in a text
-      table). A P1 file that lists every reflection is therefore read as is.
+      parts of the MTZ's space-group operations. A mean (F or J) also gives its Friedel mates
+      (F(-h) = F(h)). An anomalous pair lists F(+) at h and F(-) at -h, and both are mapped through
+      the operations only (a space-group operation keeps a Bijvoet partner's sign: F(+)(h R) = F(+)(h),
+      as gemmi's ``Mtz.expand_to_p1`` keeps the columns); a Friedel mate is never filled from its
+      partner. A reflection the file lists keeps its own value; an unlisted one takes the
+      value of the first listed reflection (file order, F(+) before F(-), then operation order;
+      Friedel mates after all symmetry mates) that generates it. A reflection listed twice takes its
+      later row (as in a text table). A P1 file that lists every reflection is therefore read as is.
     * MTZ stores 32-bit floats. Each is read as the shortest decimal that rounds to it (what a text
       dump of the file prints, and what ``float32(x)`` came from when ``x`` had at most 7 significant
       digits), then as a float64: an MTZ written from a text table gives the text table's numbers.
@@ -41,7 +55,7 @@ import math
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -49,8 +63,8 @@ from nbsim.frontend.argv import HC_EV_A   # h c in eV A (the energy of a wavelen
 
 from .inputs import MAX_TABLE_BYTES, InputFileError, check_regular, gunzip_bounded, read_input_bytes
 
-__all__ = ["MTZ_MAGIC", "HC_EV_A", "is_mtz", "expand_to_p1", "read_mtz", "model_structure_factors",
-           "shortest_float64", "ColumnError"]
+__all__ = ["MTZ_MAGIC", "MTZ_TYPES", "HC_EV_A", "is_mtz", "expand_to_p1", "read_mtz", "mtz_note", "MtzTable",
+           "model_structure_factors", "shortest_float64", "shortest_root", "ColumnError"]
 
 MTZ_MAGIC = b"MTZ "
 #: gemmi's denominator of the rotation matrices of its symmetry operations
@@ -157,6 +171,30 @@ def _rotations(spacegroup) -> np.ndarray:
     return np.array([op.rot for op in spacegroup.operations().sym_ops], dtype=np.int64)
 
 
+def shortest_root(i32) -> np.ndarray:
+    """sqrt of float32 intensities (>= 0) as float64: per value, the decimal F with the fewest
+    significant digits (1 to 17) whose float64 square rounds to the float32 I, then read as a float64.
+    This is within the file's precision of sqrt(I) (every such F squares to the stored I), and it is
+    the F an intensity was made from as float32(F**2) when F had few digits."""
+    i32 = np.asarray(i32, dtype=np.float32)
+    root = np.sqrt(i32.astype(np.float64))
+    out = root.copy()
+    todo = root > 0
+    exp10 = np.floor(np.log10(np.where(todo, root, 1.0)))
+    for digits in range(1, 18):
+        if not todo.any():
+            break
+        k = exp10 - (digits - 1)                      # round to a multiple of 10**k
+        with np.errstate(over="ignore", invalid="ignore"):
+            up = np.round(root * 10.0 ** -np.minimum(k, 0)) / 10.0 ** -np.minimum(k, 0)
+            down = np.round(root / 10.0 ** np.maximum(k, 0)) * 10.0 ** np.maximum(k, 0)
+        cand = np.where(k < 0, up, down)
+        hit = todo & ((cand * cand).astype(np.float32) == i32)
+        out[hit] = cand[hit]
+        todo &= ~hit
+    return out
+
+
 def shortest_float64(x32) -> np.ndarray:
     """float32 values as float64 of their shortest round-tripping decimals (see the module docstring)."""
     a = np.asarray(x32, dtype=np.float32)
@@ -176,31 +214,113 @@ def _read_mtz_file(path):
         raise InputFileError(f"{path}: not a readable MTZ file ({_first_line(e)})") from None
 
 
-def _pick_column(path, mtz, column: Optional[str]):
+#: MTZ column types nbsim reads: mean amplitudes and intensities (one column), and anomalous
+#: amplitudes and intensities (a pair F(+), F(-) / I(+), I(-)); intensities become F = sqrt(I)
+MTZ_TYPES = {"F": "amplitudes", "J": "intensities", "G": "anomalous amplitudes", "K": "anomalous intensities"}
+_PAIRED, _INTENSITY = ("G", "K"), ("J", "K")
+
+
+class MtzTable(NamedTuple):
+    """The P1 table of an MTZ file (:func:`read_mtz`)."""
+    hkl: np.ndarray          #: int64 (p, 3)
+    F: np.ndarray            #: float64 (p,) amplitudes
+    cell: tuple              #: (a, b, c, alpha, beta, gamma) A/deg
+    spacegroup: str          #: Hermann-Mauguin name
+    label: str               #: the column read, or the pair ``PLUS,MINUS``
+    kind: str                #: its MTZ type: F, J, G or K
+    missing: int             #: values skipped because missing (NaN)
+    negative: int            #: negative intensities read as F = 0
+
+
+def _usable(mtz) -> str:
+    """The columns nbsim can read, as 'LABEL (type)' list, for messages."""
+    return ", ".join(f"{c.label} ({c.type})" for c in mtz.columns if c.type in MTZ_TYPES) or "none"
+
+
+def _partner(label: str) -> Optional[Tuple[str, str]]:
+    """The CCP4 anomalous pair of a label: ``X(+)`` / ``X(-)`` -> (``X(+)``, ``X(-)``); else None."""
+    for a, b in (("(+)", "(-)"), ("(-)", "(+)")):
+        if label.endswith(a):
+            pair = (label, label[:-3] + b)
+            return pair if a == "(+)" else pair[::-1]
+    return None
+
+
+def _pick_columns(path, mtz, column: Optional[str]):
+    """The column(s) named by ``crystal.mtz_column``: one label of type F or J, a pair
+    ``PLUS,MINUS`` of type G or K (both the same type), or one ``X(+)``/``X(-)`` label of type G or K
+    whose partner the CCP4 name gives. None: the file's only F column. Returns a list of 1 or 2 columns."""
     labels = [c.label for c in mtz.columns]
     amps = [c.label for c in mtz.columns if c.type == "F"]
+    accepted = ("accepted: an F (amplitude) or J (intensity) column, or an anomalous pair PLUS,MINUS of "
+                "G (F(+),F(-)) or K (I(+),I(-)) columns")
     if column is None:
         if len(amps) == 1:
-            return mtz.column_with_label(amps[0])
+            return [mtz.column_with_label(amps[0])]
         if not amps:
             raise ColumnError(f"{path}: no amplitude (type F) column among {', '.join(labels) or 'none'}; "
-                                 "name one with crystal.mtz_column (-mtz_column)")
+                              f"name one with crystal.mtz_column (-mtz_column); usable: {_usable(mtz)}")
         raise ColumnError(f"{path}: several amplitude (type F) columns ({', '.join(amps)}): choose one "
-                             "with crystal.mtz_column (-mtz_column)")
-    col = mtz.column_with_label(column)
-    if col is None:
-        raise ColumnError(f"{path}: no column {column!r} (crystal.mtz_column); the file has "
-                             f"{', '.join(labels) or 'no columns'}; amplitude (type F) columns: "
-                             f"{', '.join(amps) or 'none'}")
-    if col.type != "F":
-        raise ColumnError(f"{path}: column {column!r} (crystal.mtz_column) has MTZ type {col.type!r}, "
-                             f"not F (amplitudes); amplitude columns: {', '.join(amps) or 'none'}")
-    return col
+                          "with crystal.mtz_column (-mtz_column)")
+    names = [n.strip() for n in column.split(",")] if "," in column else [column]
+    if len(names) > 2 or not all(names):
+        raise ColumnError(f"{path}: crystal.mtz_column {column!r} names {len(names)} columns; {accepted}")
+    if len(names) == 1:
+        col = mtz.column_with_label(names[0])
+        if col is not None and col.type in _PAIRED:
+            pair = _partner(col.label)
+            if pair is None:
+                raise ColumnError(f"{path}: column {col.label!r} (crystal.mtz_column) has MTZ type "
+                                  f"{col.type!r} ({MTZ_TYPES[col.type]}), one of a pair: name both as "
+                                  f"PLUS,MINUS (usable: {_usable(mtz)})")
+            names = list(pair)
+    cols = []
+    for name in names:
+        col = mtz.column_with_label(name)
+        if col is None:
+            raise ColumnError(f"{path}: no column {name!r} (crystal.mtz_column); the file has "
+                              f"{', '.join(labels) or 'no columns'}; usable: {_usable(mtz)}")
+        cols.append(col)
+    types = [c.type for c in cols]
+    if len(cols) == 1 and types[0] not in ("F", "J"):
+        raise ColumnError(f"{path}: column {cols[0].label!r} (crystal.mtz_column) has MTZ type "
+                          f"{types[0]!r}, not F or J; {accepted}; usable: {_usable(mtz)}")
+    if len(cols) == 2 and (types[0] != types[1] or types[0] not in _PAIRED or cols[0].label == cols[1].label):
+        raise ColumnError(f"{path}: columns {cols[0].label!r}, {cols[1].label!r} (crystal.mtz_column) have "
+                          f"MTZ types {types[0]!r}, {types[1]!r}; an anomalous pair is two distinct columns "
+                          f"of type G or both of type K; usable: {_usable(mtz)}")
+    return cols
+
+
+def _column_values(path, col, hkl):
+    """(listed mask (n,), float64 amplitudes (n,), missing count, negative count) of one column.
+    Missing values (NaN) are not listed; an intensity becomes F = sqrt(I) (:func:`shortest_root`);
+    a negative intensity gives F = 0."""
+    x32 = np.asarray(col.array, dtype=np.float32)
+    keep = ~np.isnan(x32)
+    bad = keep & ~np.isfinite(x32)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputFileError(f"{path}: column {col.label!r}: {' '.join(str(v) for v in hkl[i])}: "
+                             f"{float(x32[i])!r}; values must be finite")
+    if col.type in _INTENSITY:
+        neg = keep & (x32 < 0)
+        F = shortest_root(np.where(keep & ~neg, x32, np.float32(0)))
+        return keep, F, int((~keep).sum()), int(neg.sum())
+    return keep, shortest_float64(np.where(keep, x32, 0)), int((~keep).sum()), 0
+
+
+def _last_of_each(hkl, F):
+    """The rows of the last occurrence of every hkl (a reflection listed twice: the later row wins, as
+    in a text table), in file order."""
+    _, last_rev = np.unique(hkl[::-1], axis=0, return_index=True)
+    last = np.sort(len(hkl) - 1 - last_rev)
+    return hkl[last], F[last]
 
 
 def _read_mtz(path, column):
     mtz = _read_mtz_file(path)
-    col = _pick_column(path, mtz, column)
+    cols = _pick_columns(path, mtz, column)
     if mtz.nreflections == 0:
         raise InputFileError(f"{path}: no reflections")
     data = np.asarray(mtz.array)
@@ -208,33 +328,44 @@ def _read_mtz(path, column):
     if not np.all(np.isfinite(hkl)) or not np.all(hkl == np.round(hkl)):
         raise InputFileError(f"{path}: Miller indices H, K, L are not all integers")
     hkl = hkl.astype(np.int64)
-    f32 = np.asarray(col.array, dtype=np.float32)
-    keep = ~np.isnan(f32)
-    if not keep.any():
-        raise ColumnError(f"{path}: column {col.label!r} holds no values (all missing)")
-    bad = keep & ~np.isfinite(f32)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise InputFileError(f"{path}: column {col.label!r}: F({' '.join(str(v) for v in hkl[i])}) = "
-                             f"{float(f32[i])!r}; amplitudes must be finite")
     sg = mtz.spacegroup
     if sg is None:
         raise InputFileError(f"{path}: no space group in the header")
-    hkl, F = hkl[keep], shortest_float64(f32[keep])
-    # a reflection listed twice: the later row wins, as in a text table
-    _, last_rev = np.unique(hkl[::-1], axis=0, return_index=True)
-    last = np.sort(len(hkl) - 1 - last_rev)
-    hkl_p1, F_p1 = expand_to_p1(hkl[last], F[last], _rotations(sg), friedel=True)
+    values = [_column_values(path, c, hkl) for c in cols]
+    label = ",".join(c.label for c in cols)
+    if not any(v[0].any() for v in values):
+        raise ColumnError(f"{path}: column {label!r} holds no values (all missing)")
+    missing, negative = sum(v[2] for v in values), sum(v[3] for v in values)
+    if len(cols) == 1:               # a mean: F(-h) = F(h), Friedel's law
+        keep, F = values[0][:2]
+        rows = _last_of_each(hkl[keep], F[keep])
+        hkl_p1, F_p1 = expand_to_p1(*rows, _rotations(sg), friedel=True)
+    else:                            # F(+) at h, F(-) at -h; the space group's operations keep the sign
+        (kp, Fp), (km, Fm) = values[0][:2], values[1][:2]
+        rows = _last_of_each(np.concatenate([hkl[kp], -hkl[km]]), np.concatenate([Fp[kp], Fm[km]]))
+        hkl_p1, F_p1 = expand_to_p1(*rows, _rotations(sg), friedel=False)
     cell = mtz.cell
-    return hkl_p1, F_p1, (cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma), sg.hm, col.label
+    return MtzTable(hkl_p1, F_p1, (cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma), sg.hm, label,
+                    cols[0].type, missing, negative)
 
 
-def read_mtz(path, column: Optional[str] = None):
-    """An MTZ amplitude column expanded to P1 (see the module docstring), remembered per file.
-
-    Returns (hkl int64 (p, 3), F float64 (p,), cell (a, b, c, alpha, beta, gamma) A/deg,
-    space-group name, column label)."""
+def read_mtz(path, column: Optional[str] = None) -> MtzTable:
+    """An MTZ column (or anomalous pair) expanded to P1 (see the module docstring), remembered per file."""
     return _MTZ_CACHE.get(_read_mtz, Path(path), column)
+
+
+def mtz_note(table: MtzTable, name: str) -> str:
+    """The one-line note of an MTZ read: what was read from ``name``, how many values were missing and
+    how many negative intensities became F = 0."""
+    what = {"F": "", "J": " (intensities, F = sqrt(I))", "G": " (anomalous pair F(+), F(-))",
+            "K": " (anomalous intensities, F = sqrt(I))"}[table.kind]
+    extra = ""
+    if table.missing:
+        extra += f"; {table.missing} missing values skipped (default_F unless a symmetry mate is given)"
+    if table.negative:
+        extra += f"; {table.negative} negative intensities read as F = 0"
+    return (f"{len(table.F)} structure factors from column {table.label}{what} of {name} "
+            f"({table.spacegroup}, expanded to P1{extra})")
 
 
 # ---------------------------------------------------------------------------------------------
