@@ -34,14 +34,20 @@ MTZ (:func:`read_mtz`)
       digits), then as a float64: an MTZ written from a text table gives the text table's numbers.
 
 Model (:func:`model_structure_factors`)
-    * |F(h)| from gemmi's direct summation (``gemmi.StructureFactorCalculatorX``: IT92 form factors,
-      isotropic/anisotropic B, occupancies, the space-group images of every atom of the first model)
-      for every reflection h != 0 0 0 with d >= ``d_min_A`` in the model's cell, systematic absences
-      included (their computed F is ~0). F(0 0 0) is not
-      listed (the forward beam; nanoBragg uses ``default_F`` there).
+    * |F(h)| by gemmi's direct summation (the arithmetic of ``gemmi.StructureFactorCalculatorX``:
+      IT92 form factors, isotropic/anisotropic B, occupancies, the cell images of every atom of the
+      first model), vectorised over atoms x reflections by :func:`model_sf_complex` (a compiled
+      kernel, :mod:`nbsim.io.sf_kernel`), for every reflection h != 0 0 0 with d >= ``d_min_A`` in
+      the model's cell, systematic absences included (their computed F is ~0). F(0 0 0) is not
+      listed (the forward beam; nanoBragg uses ``default_F`` there). gemmi evaluates the form factor
+      and the isotropic Debye-Waller factor in float32; so does this (the form factor by gemmi's own
+      ``it92.calculate_sf``, the Debye-Waller factor with the C library's ``expf``), so F equals
+      gemmi's to float64 rounding (~1e-15 of the largest F), not only to float32's.
     * ``anomalous``: f' and f'' of every element at ``wavelength_A`` (Cromer-Liberman,
-      ``gemmi.cromer_liberman``) are added to the form factors: F = F(f0 + f') + i F(f''), so
-      F(h) and F(-h) differ (Bijvoet pairs). Without it, F uses f0 only and F(-h) = F(h).
+      ``gemmi.cromer_liberman``, float64) are added to the form factors: F = sum (f0 + f' + i f'') ...,
+      computed as A + i B with A the sum with f0 + f' and B the sum with f'', and
+      F(-h) = conj(A) + i conj(B), so F(h) and F(-h) differ (Bijvoet pairs). Without it, F uses f0
+      only and F(-h) = F(h).
     * The calculation runs on the reflections of gemmi's reciprocal asymmetric unit (and their
       Friedel mates when anomalous) and is expanded to P1 by :func:`expand_to_p1`; symmetry-equivalent
       reflections have equal |F| (also with anomalous scattering), so this equals the direct
@@ -416,31 +422,89 @@ def _model_sf(path, wavelength_A, d_min_A, anomalous):
     asu = asu[np.any(asu != 0, axis=1)]
     if len(asu) == 0:
         raise InputFileError(f"{path}: no reflection with d >= {d_min_A:g} A in the model's cell")
-    calc = gemmi.StructureFactorCalculatorX(st.cell)
     elements = sorted({cra.atom.element.name for cra in model.all()})
     for name in elements:
         el = gemmi.Element(name)
         if el.atomic_number == 0 or el.it92 is None:
             raise InputFileError(f"{path}: no X-ray form factor for element {name!r} (an atom without a "
                                  "known element)")
+    fp = np.zeros(len(elements))
+    fdp = np.zeros(len(elements))
+    if anomalous:
+        energy_eV = HC_EV_A / float(wavelength_A)
+        for i, name in enumerate(elements):
+            fp[i], fdp[i] = gemmi.cromer_liberman(gemmi.Element(name).atomic_number, energy_eV)
+    A, B = model_sf_complex(st, model, elements, asu, fp, fdp)
     if not anomalous:
-        F = np.array([abs(calc.calculate_sf_from_model(model, h)) for h in asu.tolist()])
-        hkl_p1, F_p1 = expand_to_p1(asu, F, _rotations(sg), friedel=True)
+        hkl_p1, F_p1 = expand_to_p1(asu, np.abs(A), _rotations(sg), friedel=True)
         return hkl_p1, F_p1, st.cell.parameters, sg.hm
-    energy_eV = HC_EV_A / float(wavelength_A)
-    fp = {n: gemmi.cromer_liberman(gemmi.Element(n).atomic_number, energy_eV) for n in elements}
+    # F(h) = A + iB, F(-h) = conj(A) + i conj(B) (the phases of -h are the conjugates)
     both = np.concatenate([asu, -asu])
-    F = np.empty(len(both))
-    for i, h in enumerate(both.tolist()):
-        for n in elements:
-            calc.addends.set(gemmi.Element(n), fp[n][0])                        # f'
-        Fa = calc.calculate_sf_from_model(model, h)
-        for n in elements:
-            calc.addends.set(gemmi.Element(n), fp[n][0] + fp[n][1])             # f' + f''
-        G = calc.calculate_sf_from_model(model, h) - Fa                         # sum of f'' terms
-        F[i] = abs(Fa + 1j * G)
+    F = np.concatenate([np.abs(A + 1j * B), np.abs(np.conj(A) + 1j * np.conj(B))])
     hkl_p1, F_p1 = expand_to_p1(both, F, _rotations(sg), friedel=False)
     return hkl_p1, F_p1, st.cell.parameters, sg.hm
+
+
+def _atom_arrays(st, model, elements):
+    """Per atom of ``model`` (gemmi's order): element index int64 (na,), occupancy float64 (na,),
+    B float32 (na,), anisotropic flag (na,), U* = F U F^T float64 (na, 6), and the fractional
+    positions of the atom and its images float64 (na * (1 + ni), 3) with their atom index and rotation,
+    computed as gemmi does (``cell.fractionalize``, then ``image.apply``)."""
+    index = {name: i for i, name in enumerate(elements)}
+    rows = [(index[a.element.name], a.occ, a.b_iso, a.aniso.nonzero(),
+             (a.aniso.u11, a.aniso.u22, a.aniso.u33, a.aniso.u12, a.aniso.u13, a.aniso.u23),
+             (a.pos.x, a.pos.y, a.pos.z)) for a in (cra.atom for cra in model.all())]
+    el = np.array([r[0] for r in rows], np.int64)
+    occ = np.array([r[1] for r in rows], np.float32).astype(np.float64)
+    b_iso = np.array([r[2] for r in rows], np.float32)
+    aniso = np.array([r[3] for r in rows], bool)
+    u = np.array([r[4] for r in rows], np.float32).astype(np.float64)
+    xyz = np.array([r[5] for r in rows], np.float64)
+
+    def apply(mat, vec, p):
+        m = np.asarray(mat.tolist(), np.float64)
+        v = np.asarray(vec.tolist(), np.float64)
+        return np.stack([m[i, 0] * p[:, 0] + m[i, 1] * p[:, 1] + m[i, 2] * p[:, 2] + v[i] for i in range(3)], 1)
+
+    frac = apply(st.cell.frac.mat, st.cell.frac.vec, xyz)
+    F = np.asarray(st.cell.frac.mat.tolist(), np.float64)
+    U = np.empty((len(u), 3, 3))
+    U[:, 0, 0], U[:, 1, 1], U[:, 2, 2] = u[:, 0], u[:, 1], u[:, 2]
+    U[:, 0, 1] = U[:, 1, 0] = u[:, 3]
+    U[:, 0, 2] = U[:, 2, 0] = u[:, 4]
+    U[:, 1, 2] = U[:, 2, 1] = u[:, 5]
+    Us = F @ U @ F.T
+    ustar = np.stack([Us[:, 0, 0], Us[:, 1, 1], Us[:, 2, 2], Us[:, 0, 1], Us[:, 0, 2], Us[:, 1, 2]], 1)
+    images = list(st.cell.images)
+    pos = np.stack([frac] + [apply(im.mat, im.vec, frac) for im in images], 1)          # (na, 1 + ni, 3)
+    rot = np.stack([np.eye(3)] + [np.asarray(im.mat.tolist(), np.float64) for im in images])
+    na, nimg = len(rows), 1 + len(images)
+    return (el, occ, b_iso, aniso, ustar, pos.reshape(-1, 3), np.repeat(np.arange(na), nimg),
+            np.tile(rot, (na, 1, 1)))
+
+
+def model_sf_complex(st, model, elements, hkl, fp, fdp):
+    """The complex sums A(h) (form factors f0 + f') and B(h) (f'') of a gemmi Structure ``st`` (its
+    cell images set up) and its ``model`` at the reflections ``hkl`` int (n, 3); ``elements`` the
+    element names (index of ``fp``/``fdp``, float (ne,)). F(h) = A + i B.
+
+    gemmi's arithmetic (``StructureFactorCalculatorX.calculate_sf_from_model``), vectorised by
+    :func:`nbsim.io.sf_kernel.direct_sum`: (sin theta / lambda)^2 rounded to float32, the IT92 form
+    factor evaluated by gemmi itself (``Element.it92.calculate_sf``, float32, once per element and
+    distinct s), the isotropic Debye-Waller factor in float32 with the C library's expf, charges
+    ignored (gemmi's default). Returns (A, B) complex128 (n,)."""
+    gemmi = _gemmi()
+    from .sf_kernel import direct_sum
+    hkl = np.asarray(hkl, np.int64).reshape(-1, 3)
+    stol2 = (0.25 * st.cell.calculate_1_d2_array(hkl.astype(np.int32))).astype(np.float32)
+    distinct, where = np.unique(stol2, return_inverse=True)
+    f0 = np.empty((len(distinct), len(elements)))
+    for i, name in enumerate(elements):
+        it92 = gemmi.Element(name).it92
+        f0[:, i] = [it92.calculate_sf(float(x)) for x in distinct]
+    f_el = f0[where.reshape(-1)] + np.asarray(fp, np.float64)
+    el, occ, b_iso, aniso, ustar, img_pos, img_atom, img_rot = _atom_arrays(st, model, elements)
+    return direct_sum(hkl, stol2, f_el, fdp, img_pos, img_atom, img_rot, el, occ, b_iso, aniso, ustar)
 
 
 def model_structure_factors(path, wavelength_A: float, d_min_A: float, anomalous: bool = False):
