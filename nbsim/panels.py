@@ -171,7 +171,9 @@ def frame_spec(spec: ExperimentSpec, geometry=None) -> ExperimentSpec:
 
     With a geometry file the frame is the custom convention (beam +x unless the file gives the
     beam) at the nearest panel's distance with the smallest pixel, so that auto oversampling is
-    chosen for the finest panel; an ``.expt`` beam sets the wavelength and beam direction."""
+    chosen for the finest panel; an ``.expt`` beam sets the wavelength and beam direction. An
+    ``.expt`` crystal, when it is the run's (``nbsim.inputs.crystal_from_geometry``), is the frame's
+    ``crystal.matrix_file`` (the file's name; the matrix itself is ``inputs.matrix``)."""
     d, b = spec.detector, spec.beam
     for key, given, what in (("detector.roi", d.roi is not None, "give each panel's roi "
                               "(detector.panels.<i>.roi)"),
@@ -204,6 +206,12 @@ def frame_spec(spec: ExperimentSpec, geometry=None) -> ExperimentSpec:
         if geometry.beam_vector is not None:
             bkw["beam_vector"] = list(geometry.beam_vector)
         b = dataclasses.replace(b, **bkw)
+        from nbsim.inputs import crystal_from_geometry
+        if crystal_from_geometry(spec, geometry):
+            # the file's crystal is the frame's matrix file: its MOSFLM matrix is inputs.matrix
+            # (nbsim.inputs.geometry_crystal), built into the lattice as a -mat matrix is
+            c = dataclasses.replace(spec.crystal, matrix_file=str(spec.detector.geometry_file))
+            return dataclasses.replace(spec, detector=dataclasses.replace(d, **kw), beam=b, crystal=c)
     return dataclasses.replace(spec, detector=dataclasses.replace(d, **kw), beam=b)
 
 

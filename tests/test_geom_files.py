@@ -316,7 +316,17 @@ def test_hydra_app_geometry_file_and_panels_list(tmp_path):
     assert float((a[0].image - b[:, :9]).abs().max()) == 0.0 and float((a[1].image - b[:, 9:]).abs().max()) == 0.0
 
 
-def test_expt_crystal_is_converted_and_said_to_be_unused(tmp_path):
+def _with_crystal(doc, axes_nbsim_A):
+    """``doc`` with a dxtbx crystal whose real-space axes are ``axes_nbsim_A`` (nbsim frame, Å),
+    written in dxtbx's frame: (x_d, y_d, z_d) = (z_n, y_n, -x_n), the inverse of ``from_dxtbx``."""
+    doc["experiment"][0]["crystal"] = 0
+    to_d = [[v[2], v[1], 0.0 - v[0]] for v in axes_nbsim_A]
+    doc["crystal"] = [{"__id__": "crystal", "real_space_a": to_d[0], "real_space_b": to_d[1],
+                       "real_space_c": to_d[2], "space_group_hall_symbol": " P 1"}]
+    return doc
+
+
+def test_expt_crystal_is_converted_to_nbsim_frame(tmp_path):
     doc = expt_doc()
     doc["experiment"][0]["crystal"] = 0
     doc["crystal"] = [{"__id__": "crystal", "real_space_a": [10.0, 0.0, 0.0], "real_space_b": [0.0, 20.0, 0.0],
@@ -324,7 +334,99 @@ def test_expt_crystal_is_converted_and_said_to_be_unused(tmp_path):
     (tmp_path / "d.expt").write_text(json.dumps(doc))
     g = read_geometry(tmp_path / "d.expt")
     assert g.crystal_axes_A == [[0.0, 0.0, 10.0], [0.0, 20.0, 0.0], [-30.0, 0.0, 0.0]]
-    assert any("read but not used" in n for n in g.notes)
+
+
+def _reference_and_expt(tmp_path):
+    """The cell + misset run through a crystal-less .expt, and the .expt holding that run's crystal
+    (the real-space vectors it reports) with no cell of the spec's own."""
+    doc = expt_doc()
+    ref = nbsim.simulate(from_file(tmp_path, "d.expt", json.dumps(doc), oversample=1), DEV,
+                         base_dir=str(tmp_path))
+    axes = [ref.info[k] for k in ("a_A", "b_A", "c_A")]
+    (tmp_path / "x.expt").write_text(json.dumps(_with_crystal(doc, axes)))
+    spec = ExperimentSpec(detector=DetectorSpec(geometry_file="x.expt", oversample=1),
+                          beam=BeamSpec(wavelength_A=1.1, kahn_factor=0.4),
+                          crystal=CrystalSpec(N=3, default_F=100.0)).validate()
+    return ref, axes, spec
+
+
+def test_expt_crystal_sets_cell_and_orientation_of_the_cell_misset_run(tmp_path):
+    from nbsim.crystal import mosflm_matrix
+    ref, axes, spec = _reference_and_expt(tmp_path)
+    assert spec.crystal.cell_A_deg is None and spec.crystal.matrix_file is None
+    r = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    # the matrix: reciprocal vectors x lambda, i.e. lambda * inverse of the rows a, b, c (textbook)
+    A = mosflm_matrix(*axes, 1.1).numpy()
+    assert np.allclose(A, 1.1 * np.linalg.inv(np.array(axes)), rtol=1e-14, atol=0)
+    for k in ("a_A", "b_A", "c_A"):
+        assert np.allclose(r.info[k], ref.info[k], rtol=0, atol=1e-12)
+    assert np.allclose(r.info["unit_cell"], ref.info["unit_cell"], rtol=1e-12, atol=0)
+    # not bit-identical: the lattice is built by other float64 arithmetic (matrix inversion of the
+    # reported vectors, not the cell formula and misset rotation); measured 5e-14 of the maximum
+    top = float(ref.image.max())
+    assert top > 1.0
+    assert float((r.image - ref.image).abs().max()) <= 1e-9 * top
+    assert not any("not used" in w for w in r.warnings)
+
+
+def test_expt_crystal_is_bit_identical_to_the_same_matrix_as_a_matrix_file(tmp_path):
+    from nbsim.crystal import mosflm_matrix
+    ref, axes, spec = _reference_and_expt(tmp_path)
+    r = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    A = mosflm_matrix(*axes, 1.1).numpy()          # written with repr: read back exactly
+    (tmp_path / "x.mat").write_text("\n".join(" ".join(repr(float(x)) for x in row) for row in A) + "\n")
+    mat = ExperimentSpec(detector=DetectorSpec(geometry_file="d.expt", oversample=1),
+                         beam=BeamSpec(wavelength_A=1.1, kahn_factor=0.4),
+                         crystal=CrystalSpec(matrix_file="x.mat", N=3, default_F=100.0)).validate()
+    m = nbsim.simulate(mat, DEV, base_dir=str(tmp_path))
+    assert float(m.image.max()) > 1.0 and r.setup.matrix_file == "x.expt" and m.setup.matrix_file == "x.mat"
+    assert float((r.image - m.image).abs().max()) == 0.0
+
+
+def test_user_cell_takes_precedence_over_the_expt_crystal_with_a_note(tmp_path):
+    doc = expt_doc()
+    plain = nbsim.simulate(from_file(tmp_path, "d.expt", json.dumps(doc), oversample=1), DEV,
+                           base_dir=str(tmp_path))
+    other = [[0.0, 0.0, 30.0], [0.0, 35.0, 0.0], [-40.0, 0.0, 0.0]]
+    r = nbsim.simulate(from_file(tmp_path, "c.expt", json.dumps(_with_crystal(doc, other)), oversample=1), DEV,
+                       base_dir=str(tmp_path))
+    assert float(plain.image.max()) > 1.0
+    assert float((r.image - plain.image).abs().max()) == 0.0
+    assert any("crystal of c.expt (real_space_a/b/c) is not used: crystal.cell_A_deg is given" in w
+               for w in r.warnings)
+
+
+def test_no_cell_and_no_expt_crystal_is_one_line(tmp_path):
+    (tmp_path / "d.expt").write_text(json.dumps(expt_doc()))
+    spec = ExperimentSpec(detector=DetectorSpec(geometry_file="d.expt"), beam=BeamSpec(wavelength_A=1.1),
+                          crystal=CrystalSpec(default_F=100.0)).validate()
+    with pytest.raises(SpecError, match=r"^crystal\.cell_A_deg: a unit cell is required: .*d\.expt has none"):
+        nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    doc = _with_crystal(expt_doc(), [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [2.0, 3.0, 0.0]])
+    (tmp_path / "flat.expt").write_text(json.dumps(doc, indent=1))
+    with pytest.raises(InputFileError, match=r"flat\.expt:\d+: crystal\.real_space_c: .*coplanar"):
+        read_geometry(tmp_path / "flat.expt")
+
+
+def test_front_end_and_hydra_take_the_expt_crystal(tmp_path, monkeypatch, capsys):
+    from pipeline.compose import compose_spec
+    ref, axes, spec = _reference_and_expt(tmp_path)
+    api = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    fe = [a for a in FE if a not in ("-cell", "42", "51", "63", "88", "93", "97", "-misset", "11", "23", "35")]
+    assert len(fe) == len(FE) - 11
+    rc, out, err = _fe(tmp_path, monkeypatch, capsys, fe + ["--geom", "x.expt", "-floatfile", "f.bin",
+                                                            "-intfile", "i.img", "-nonoise", "-nopgm"])
+    assert rc == 0, err
+    assert np.array_equal(np.fromfile(tmp_path / "f.bin", "<f4"), api.float32())
+    # without a crystal in the file and no -cell/-mat: one line, exit 2
+    rc, out, err = _fe(tmp_path, monkeypatch, capsys, fe + ["--geom", "d.expt"])
+    assert rc == 2 and err.count("\n") == 1 and "a unit cell is required" in err and "d.expt has none" in err
+    hspec, dev = compose_spec(["crystal=geometry", "crystal.N=3", "beam.wavelength_A=1.1",
+                               "beam.kahn_factor=0.4", "detector.oversample=1",
+                               f"detector.geometry_file={tmp_path / 'x.expt'}"])
+    assert hspec.crystal.cell_A_deg is None
+    h = nbsim.simulate(hspec, DEV)
+    assert float((h.image - api.image).abs().max()) == 0.0
 
 
 def test_expt_error_line_is_the_faulty_panels_key(tmp_path):

@@ -55,7 +55,8 @@ class GeometryFile:
     panels: List[PanelSpec]
     wavelength_A: Optional[float] = None        # .expt beam
     beam_vector: Optional[List[float]] = None   # direction of travel, nbsim frame
-    crystal_axes_A: Optional[List[List[float]]] = None   # .expt real-space a, b, c (nbsim frame, Å)
+    crystal_axes_A: Optional[List[List[float]]] = None   # .expt real-space a, b, c (nbsim frame, Å):
+    #                                             the run's crystal when the spec gives no cell/matrix
     notes: Tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -409,7 +410,12 @@ def read_expt(path) -> GeometryFile:
     if isinstance(cryst, dict) and all(k in cryst for k in ("real_space_a", "real_space_b", "real_space_c")):
         axes = [from_dxtbx(_vec3(path, text, f"crystal.{k}", cryst[k]))
                 for k in ("real_space_a", "real_space_b", "real_space_c")]
-        notes.append(f"{path.name}: the crystal (real_space_a/b/c) is read but not used: the crystal is "
-                     "crystal.cell_A_deg/misset_deg or crystal.matrix_file")
+        a, b, c = axes
+        triple = (a[0] * (b[1] * c[2] - b[2] * c[1]) + a[1] * (b[2] * c[0] - b[0] * c[2])
+                  + a[2] * (b[0] * c[1] - b[1] * c[0]))
+        lengths = math.prod(math.sqrt(sum(x * x for x in v)) for v in axes)
+        if not abs(triple) > 1e-9 * lengths:
+            raise _fail(path, _json_line(text, '"real_space_c"'), "crystal.real_space_c",
+                        "the axes a, b, c must span a volume (they are coplanar)")
     return GeometryFile(path=path, kind="dxtbx", panels=panels, wavelength_A=wavelength,
                         beam_vector=beam_vec, crystal_axes_A=axes, notes=tuple(notes))
