@@ -302,7 +302,12 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
                 at = (r.name, flat // r.mask.shape[1], flat % r.mask.shape[1])
                 break
             flat -= n
-    stats = RunStats(max_I=st["max_I"], max_I_at_m=None, max_I_at=at, mean=st["mean"], rms=st["rms"],
+    at_m = None
+    if len(panels) == 1 and at is not None:      # one panel: C's "max_I ... at" position, as a single panel's
+        from nbsim.stats import max_position_m
+        at_m = tuple(max_position_m(at[2] + panels[0].offset[0], at[1] + panels[0].offset[1],
+                                    value(panels[0].pixel_m), frame.oversample))
+    stats = RunStats(max_I=st["max_I"], max_I_at_m=at_m, max_I_at=at, mean=st["mean"], rms=st["rms"],
                      rmsd=st["rmsd"], sum=st["sum"], pixels=st["n"], wall_s=time.perf_counter() - t0,
                      kernel=",".join(sorted(k for k in kernels if k)), kernel_cache=False)
     setup = frame.report

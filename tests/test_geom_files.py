@@ -251,13 +251,59 @@ def test_front_end_geom_writes_the_panels_in_order_and_an_smv_per_panel(tmp_path
     assert "2 panels one after another" in out
 
 
+def test_front_end_one_panel_geom_writes_noise_pgm_and_cbf_like_the_single_panel_run(tmp_path, monkeypatch,
+                                                                                    capsys):
+    import fabio
+    (tmp_path / "d.geom").write_text(GEOM)
+    outs = lambda tag: ["-floatfile", f"f{tag}.bin", "-intfile", f"i{tag}.img", "-noisefile", f"n{tag}.img",
+                        "-pgmfile", f"p{tag}.pgm", "--cbf", f"c{tag}.cbf", "-seed", "7"]
+    rc, out1, err = _fe(tmp_path, monkeypatch, capsys, FE + ["--geom", "d.geom"] + outs("g"))
+    assert rc == 0, err
+    assert "noise and PGM images are not written" not in out1 and "several panels" not in out1
+    # the matching custom-vector single-panel run (the vectors test_one_panel_file_... checks)
+    odet = np.cross([0.0, S, -C], [0.0, C, S]).tolist()
+    custom = ["-fdet_vector", "0", str(S), str(-C), "-sdet_vector", "0", str(C), str(S),
+              "-odet_vector"] + [repr(x) for x in odet] + ["-pix0_vector_mm", "61", "-1.5", "4",
+                                                          "-distance", "61", "-detpixels_f", "16",
+                                                          "-detpixels_s", "12", "-pixel", "0.2",
+                                                          "--fix", "pix0_overwritten"]
+    rc, out2, err = _fe(tmp_path, monkeypatch, capsys, FE + custom + outs("s"))
+    assert rc == 0, err
+    f = np.fromfile(tmp_path / "fg.bin", "<f4")
+    assert f.shape == (16 * 12,) and f.max() > 1.0
+    assert np.array_equal(f, np.fromfile(tmp_path / "fs.bin", "<f4"))
+    for name in ("i", "n", "c"):
+        a, b = (fabio.open(str(tmp_path / f"{name}{t}.{'cbf' if name == 'c' else 'img'}")) for t in "gs")
+        assert a.data.shape == (12, 16) and a.data.max() > 0, name
+        assert np.array_equal(a.data, b.data), name
+        if name == "c":
+            continue
+        for k in ("PIXEL_SIZE", "DISTANCE", "WAVELENGTH", "SIZE1", "SIZE2"):
+            assert abs(float(a.header[k]) - float(b.header[k])) <= 1e-6 * abs(float(b.header[k])), k
+        # the beam centre: where the beam (+x) meets the panel, in its fast/slow axes from its corner
+        # (the custom-vector run's header keeps the unused default Xbeam/Ybeam instead)
+        hit = np.array([61.0, 0.0, 0.0]) - np.array([61.0, -1.5, 4.0])
+        fb, sb = hit @ np.array([0.0, S, -C]), hit @ np.array([0.0, C, S])
+        assert abs(float(a.header["BEAM_CENTER_X"]) - fb) <= 1e-4 and abs(float(a.header["BEAM_CENTER_Y"]) - sb) <= 1e-4
+    assert (tmp_path / "pg.pgm").read_bytes() == (tmp_path / "ps.pgm").read_bytes()
+    hdr = lambda t: {ln.split()[1]: ln.split()[2] for ln in
+                     fabio.open(str(tmp_path / f"c{t}.cbf")).header["_array_data.header_contents"].splitlines()
+                     if ln.startswith("# ") and ln.split()[1] in ("Pixel_size", "Detector_distance", "Wavelength")}
+    assert hdr("g") and all(abs(float(hdr("g")[k]) - float(hdr("s")[k])) <= 1e-6 * abs(float(hdr("s")[k]))
+                            for k in hdr("s"))
+    photons = [ln for ln in out1.splitlines() if "photons on noise image" in ln]
+    assert photons and photons == [ln for ln in out2.splitlines() if "photons on noise image" in ln]
+    at = lambda out: [ln for ln in out.splitlines() if ln.startswith("max_I")]
+    assert at(out1) == at(out2) and " at " in at(out1)[0]
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["-noisefile", "n.img"], r"^nbsim\.nanobragg: error: -noisefile: not available with several panels"),
     (["-pgmfile", "x.pgm"], r"^nbsim\.nanobragg: error: -pgmfile: not available with several panels"),
 ])
 def test_front_end_refuses_single_image_outputs_with_panels(tmp_path, monkeypatch, capsys, extra, msg):
     import re
-    (tmp_path / "d.geom").write_text(GEOM)
+    (tmp_path / "d.geom").write_text(TWO_PANELS)
     rc, out, err = _fe(tmp_path, monkeypatch, capsys, FE + ["--geom", "d.geom"] + extra)
     assert rc == 2 and re.match(msg, err) and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.geom"]
