@@ -273,6 +273,8 @@ def load_inputs(spec: ExperimentSpec, base_dir=".") -> Inputs:
         path = _path(base_dir, d.geometry_file, "detector.geometry_file")
         geometry = _read("detector.geometry_file", read_geometry, path, d.geometry_file)
         matrix, geometry_notes = geometry_crystal(spec, geometry, matrix)
+        from nbsim.panels import sensor_from_geometry
+        geometry_notes += sensor_from_geometry(spec, geometry)[1]
     sf, notes = _structure_factors(spec, base_dir, matrix, sources)
     notes = tuple(notes) + geometry_notes
     mask = None

@@ -48,7 +48,7 @@ def expt_doc(**beam):
                          "panels": [{"name": "Panel", "type": "SENSOR_PAD", "fast_axis": [-C, S, 0.0],
                                      "slow_axis": [S, C, 0.0], "origin": [4.0, -1.5, -61.0],
                                      "pixel_size": [0.2, 0.2], "image_size": [16, 12],
-                                     "thickness": 0.45, "material": "Si"}]}],
+                                     "thickness": 0.0, "material": "", "mu": 0.0, "mask": []}]}],
            "beam": [dict({"__id__": "monochromatic", "direction": [0.0, 0.0, 1.0], "wavelength": 1.1},
                          **beam)]}
     return doc
@@ -93,11 +93,20 @@ def test_dxtbx_conversion_inverts_the_dials_origin_nbsim_reports():
     assert np.allclose(back, np.array(info["pix0_m"]) * 1e3, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,det", [("geom", {}), ("expt", {}),
-                                      ("geom", {"thick_um": 320.0, "thicksteps": 3, "attenuation_um": 250.0})])
+SENSOR = {"thick_um": 320.0, "thicksteps": 3, "attenuation_um": 250.0}
+
+
+@pytest.mark.parametrize("kind,det", [("geom", {}), ("expt", {}), ("geom", SENSOR), ("expt", SENSOR),
+                                      ("expt-sensor", SENSOR)])
 def test_one_panel_file_reproduces_the_custom_vector_single_panel_run(tmp_path, kind, det):
-    text = GEOM if kind == "geom" else json.dumps(expt_doc())
-    spec = from_file(tmp_path, f"d.{kind}", text, oversample=2, **det)
+    doc = expt_doc()
+    given = det
+    if kind == "expt-sensor":       # the sensor from the file: thickness 0.32 mm, mu 4 / mm = 250 um
+        doc["detector"][0]["panels"][0].update(thickness=0.32, mu=4.0, material="Si")
+        given = {"thicksteps": 3}
+        kind = "expt"
+    text = GEOM if kind == "geom" else json.dumps(doc)
+    spec = from_file(tmp_path, f"d.{kind}", text, oversample=2, **given)
     multi = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
     pn = read_geometry(tmp_path / f"d.{kind}").panels[0]
     # the vectors a reader of the file expects in nbsim's frame, written out by hand
@@ -136,7 +145,7 @@ def test_expt_beam_sets_wavelength_and_direction(tmp_path):
     r = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
     assert r.info["wavelength_A"] == 0.9
     assert np.allclose(r.info["beam"], [2.0 / n, 0.0, -0.02 / n], rtol=0, atol=1e-15)
-    assert any("thickness" in w for w in r.warnings)
+    assert not any("sensor" in w for w in r.warnings) and r.info["thick_m"] == 0.0
 
 
 def test_geom_bad_regions_mask_pixels_and_notes(tmp_path):
@@ -186,6 +195,11 @@ BAD_EXPT = [
     (lambda d: d["beam"][0].update(wavelength=-1), "beam.wavelength: must be > 0"),
     (lambda d: d["detector"][0]["hierarchy"].update(origin=[0, 0, 5]), "detector.hierarchy: group frames"),
     (lambda d: d.pop("detector"), "detector: missing"),
+    (lambda d: d["detector"][0]["panels"][0].update(thickness=-0.1), "detector.panels.0.thickness: must be a number >= 0 (mm)"),
+    (lambda d: d["detector"][0]["panels"][0].update(mu="x"), "detector.panels.0.mu: must be a number >= 0 (1/mm)"),
+    (lambda d: d["detector"][0]["panels"][0].update(mask=[[1, 2, 3]]), "detector.panels.0.mask: each rectangle must be 4 integers"),
+    (lambda d: d["detector"][0]["panels"][0].update(mask=[[5, 2, 5, 4]]), "detector.panels.0.mask: rectangle [5, 2, 5, 4]"),
+    (lambda d: d["detector"][0]["panels"][0].update(mask=[[20, 0, 30, 4]]), "covers no pixel of the 16x12 panel"),
 ]
 
 
@@ -195,6 +209,47 @@ def test_bad_expt_files_name_file_line_and_key(tmp_path, mut, msg):
     with pytest.raises(InputFileError) as e:
         read_geometry(tmp_path / "d.expt")
     assert msg in str(e.value) and "\n" not in str(e.value) and "d.expt" in str(e.value)
+
+
+def test_expt_mask_rectangles_are_not_simulated(tmp_path):
+    # dxtbx untrusted rectangles [x0, y0, x1, y1], half-open: fast 2..4 and slow 3..5; fast 14..15, slow 0
+    doc = expt_doc()
+    plain = nbsim.simulate(from_file(tmp_path, "a.expt", json.dumps(doc), oversample=1), DEV, base_dir=str(tmp_path))
+    doc["detector"][0]["panels"][0]["mask"] = [[2, 3, 5, 6], [14, -3, 99, 1]]
+    r = nbsim.simulate(from_file(tmp_path, "m.expt", json.dumps(doc), oversample=1), DEV, base_dir=str(tmp_path))
+    assert read_geometry(tmp_path / "m.expt").panels[0].bad == [[2, 4, 3, 5], [14, 15, 0, 0]]
+    masked = np.zeros((12, 16), bool)
+    masked[3:6, 2:5] = True
+    masked[0:1, 14:16] = True
+    img, ref = r.panels[0].image.numpy(), plain.panels[0].image.numpy()
+    assert np.array_equal(r.panels[0].mask, ~masked) and (img[masked] == 0).all() and (ref[masked] > 0).all()
+    assert np.array_equal(img[~masked], ref[~masked])
+    assert any("2 untrusted rectangle(s)" in w for w in r.warnings)
+
+
+def test_expt_sensor_precedence_and_panels_that_differ(tmp_path):
+    doc = expt_doc()
+    doc["detector"][0]["panels"][0].update(thickness=0.45, mu=3.0)
+    (tmp_path / "s.expt").write_text(json.dumps(doc))
+    r = nbsim.simulate(from_file(tmp_path, "s.expt", json.dumps(doc), oversample=1), DEV, base_dir=str(tmp_path))
+    assert r.info["thick_m"] == pytest.approx(450e-6, rel=1e-15)
+    assert any(w.startswith("sensor from s.expt: thickness 450 um, attenuation length 333.333 um") for w in r.warnings)
+    # the spec's own thick_um wins: the same pixels as without the file's sensor, and a note
+    own = nbsim.simulate(from_file(tmp_path, "s.expt", json.dumps(doc), oversample=1, thick_um=200.0), DEV,
+                         base_dir=str(tmp_path))
+    bare = expt_doc()
+    ref = nbsim.simulate(from_file(tmp_path, "b.expt", json.dumps(bare), oversample=1, thick_um=200.0), DEV,
+                         base_dir=str(tmp_path))
+    assert own.info["thick_m"] == pytest.approx(200e-6, rel=1e-15)
+    assert float((own.image - ref.image).abs().max()) == 0.0 and float(ref.image.max()) > 0
+    assert any("is not used: detector.thick_um 200 is given" in w for w in own.warnings)
+    # two panels with different sensors: one line naming the key
+    p1 = dict(doc["detector"][0]["panels"][0], name="q1", origin=[-0.2, 0.8, -61.0], thickness=0.32)
+    doc["detector"][0]["panels"].append(p1)
+    (tmp_path / "two.expt").write_text(json.dumps(doc))
+    with pytest.raises(SpecError, match=r"^detector\.geometry_file: two\.expt: the panels differ in sensor "
+                                        r"thickness/mu .*give detector\.thick_um"):
+        nbsim.simulate(from_file(tmp_path, "two.expt", json.dumps(doc)), DEV, base_dir=str(tmp_path))
 
 
 def test_broken_json_names_the_line(tmp_path):
