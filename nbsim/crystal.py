@@ -63,6 +63,19 @@ def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
     return a_star, b_star, c_star, V, (a, b, c)
 
 
+def mosflm_matrix(a_A, b_A, c_A, wavelength_A):
+    """The MOSFLM A matrix (what a ``-mat`` / ``crystal.matrix_file`` holds) of real-space axes.
+
+    a_A, b_A, c_A: (3,) real-space cell vectors in nbsim's lab frame, Å (e.g. a dxtbx crystal,
+    ``nbsim.io.geom``). Returns a float64 (3, 3) tensor whose columns are a* = (b × c)/V,
+    b* = (c × a)/V, c* = (a × b)/V (1/Å, V = a·(b × c)) times ``wavelength_A``: ``build_lattice``
+    divides by the wavelength again, as nanoBragg does with a matrix file.
+    """
+    a, b, c = (torch.as_tensor(v, dtype=torch.float64) for v in (a_A, b_A, c_A))
+    V = dot(a, cross(b, c))
+    return torch.stack((cross(b, c), cross(c, a), cross(a, b)), dim=1) * (wavelength_A / V)
+
+
 def build_lattice(*, cell_A_deg=None, matrix=None, wavelength_A=1.0, misset_rad=None,
                   faithful: bool = True, dtype=torch.float64, device="cpu") -> Lattice:
     """Lattice from a cell and/or a MOSFLM A matrix (columns a*, b*, c* × λ), then misset (rad, xyz).

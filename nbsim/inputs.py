@@ -222,6 +222,35 @@ def load_matrix(spec: ExperimentSpec, base_dir=".") -> Optional[np.ndarray]:
     return np.asarray(_read("crystal.matrix_file", read_matrix, path, c.matrix_file), float)
 
 
+def crystal_from_geometry(spec: ExperimentSpec, geometry) -> bool:
+    """True when the run's crystal is the one of ``geometry`` (an ``.expt``'s real_space_a/b/c): the
+    file has one and the spec gives neither ``crystal.cell_A_deg`` nor ``crystal.matrix_file`` (the
+    user's own cell or matrix takes precedence)."""
+    c = spec.crystal
+    return (geometry is not None and geometry.crystal_axes_A is not None
+            and c.cell_A_deg is None and c.matrix_file is None)
+
+
+def geometry_crystal(spec: ExperimentSpec, geometry, matrix):
+    """(matrix, notes): the MOSFLM A matrix of the geometry file's crystal at the run's wavelength
+    (the file's beam, else ``beam.wavelength_A``) when it is the run's crystal
+    (``crystal_from_geometry``), else ``matrix`` unchanged, with a note when the file's crystal is
+    not used. Without any crystal: ``SpecError`` naming crystal.cell_A_deg."""
+    c, d = spec.crystal, spec.detector
+    if crystal_from_geometry(spec, geometry):
+        from nbsim.crystal import mosflm_matrix
+        wavelength_A = geometry.wavelength_A if geometry.wavelength_A is not None else spec.beam.wavelength_A
+        return mosflm_matrix(*geometry.crystal_axes_A, wavelength_A).numpy(), ()
+    if c.cell_A_deg is None and c.matrix_file is None:
+        raise SpecError("crystal.cell_A_deg", "a unit cell is required: give crystal.cell_A_deg, "
+                        f"crystal.matrix_file or a .expt with a crystal ({d.geometry_file} has none)")
+    if geometry.crystal_axes_A is not None:
+        given = "crystal.cell_A_deg" if c.cell_A_deg is not None else "crystal.matrix_file"
+        return matrix, (f"the crystal of {d.geometry_file} (real_space_a/b/c) is not used: {given} "
+                        "is given and takes precedence",)
+    return matrix, ()
+
+
 def load_inputs(spec: ExperimentSpec, base_dir=".") -> Inputs:
     """Read every file ``spec`` names (relative paths from ``base_dir``), each once, through the
     bounded readers of ``nbsim.io``. A missing or malformed file is a one-line ``SpecError`` naming
@@ -237,17 +266,21 @@ def load_inputs(spec: ExperimentSpec, base_dir=".") -> Inputs:
         sources, source_lines = np.asarray(rows, float).reshape(-1, 5), tuple(lines)
         if len(sources) == 0:
             raise SpecError("beam.source_file", f"no sources in {b.source_file}")
+    geometry, geometry_notes = None, ()
+    if d.geometry_file is not None:       # first: an .expt's crystal is the matrix of the steps below
+        from nbsim.io.geom import read_geometry
+        path = _path(base_dir, d.geometry_file, "detector.geometry_file")
+        geometry = _read("detector.geometry_file", read_geometry, path, d.geometry_file)
+        matrix, geometry_notes = geometry_crystal(spec, geometry, matrix)
+        from nbsim.panels import sensor_from_geometry
+        geometry_notes += sensor_from_geometry(spec, geometry)[1]
     sf, notes = _structure_factors(spec, base_dir, matrix, sources)
+    notes = tuple(notes) + geometry_notes
     mask = None
     if d.mask_file is not None:
         from nbsim.io.smv import read_smv
         path = _path(base_dir, d.mask_file, "detector.mask_file")
         _, mask = _read("detector.mask_file", read_smv, path, d.mask_file)
-    geometry = None
-    if d.geometry_file is not None:
-        from nbsim.io.geom import read_geometry
-        path = _path(base_dir, d.geometry_file, "detector.geometry_file")
-        geometry = _read("detector.geometry_file", read_geometry, path, d.geometry_file)
     return Inputs(matrix=matrix, structure_factors=sf, sources=sources, source_lines=source_lines, mask=mask,
                   geometry=geometry,
                   notes=notes)

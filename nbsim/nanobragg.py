@@ -82,12 +82,21 @@ def _call_simulate(simulate, spec, device, parsed, warn, inputs=None):
     return simulate(spec, device, **kw)
 
 
-def _check_panel_outputs(parsed) -> None:
-    """With several panels: SMV and PGM hold one image, so ``-noisefile``/``-pgmfile``/``-pgmscale``
-    given explicitly are refused (``FrontendError``); the int image is written per panel."""
-    from nbsim.frontend import FrontendError
-    from nbsim.panels import has_panels
+def _panel_count(parsed, inputs) -> int:
+    """The number of panels of the run (1 for a single-panel detector); ``inputs``: the files the
+    preflight read (the geometry file among them)."""
+    from nbsim.panels import has_panels, panel_list
     if not has_panels(parsed.spec):
+        return 1
+    return len(panel_list(parsed.spec, inputs.geometry if inputs is not None else None))
+
+
+def _check_panel_outputs(parsed, inputs=None) -> None:
+    """With several panels: SMV and PGM hold one image, so ``-noisefile``/``-pgmfile``/``-pgmscale``
+    given explicitly are refused (``FrontendError``); the int image is written per panel. A
+    one-panel detector (a one-panel geometry file) writes them as a single-panel run does."""
+    from nbsim.frontend import FrontendError
+    if _panel_count(parsed, inputs) == 1:
         return
     for flag in ("-noisefile", "-pgmfile", "-pgmscale"):
         if flag in parsed.outputs.given:
@@ -238,7 +247,7 @@ def _run(parsed) -> int:
         from nbsim.checks import preflight
         est = preflight(parsed.spec, parsed.device, os.getcwd())
         _check_output_paths(parsed)
-        _check_panel_outputs(parsed)
+        _check_panel_outputs(parsed, est.inputs)
     except SpecError as e:
         return _error(spec_error_message(e, parsed.origins))
     except FrontendError as e:
@@ -269,7 +278,9 @@ def _run(parsed) -> int:
         return _error(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
     except InputFileError as e:        # a reader's one-line message (preflight normally catches it)
         return _error(str(e))
-    img = result.float32()                   # converted once: checked, then written
+    one_panel = getattr(result, "panels", None) is not None and len(result.panels) == 1
+    # converted once: checked, then written (a one-panel geometry: that panel as a single image)
+    img = result.panel_float32()[0] if one_panel else result.float32()
     try:
         check_image(img, parsed.spec)
     except SpecError as e:
@@ -285,7 +296,7 @@ def _run(parsed) -> int:
     for line in getattr(result, "trace", None) or []:
         print(line)
 
-    if getattr(result, "panels", None) is not None:
+    if getattr(result, "panels", None) is not None and not one_panel:
         return _write_panels(result, parsed, warn)
     st = result.stats                        # nbsim.api.RunStats
     spixels, fpixels = img.shape
@@ -293,12 +304,16 @@ def _run(parsed) -> int:
     for line in solid_angle_lines(getattr(st, "omega_sum_sr", None)):
         print(line)
 
-    from nbsim.io.products import write_result
+    from nbsim.io.products import write_panel_result, write_result
     paths = parsed.outputs.paths()
     at = st.max_I_at_m if st is not None else None
     new_files = [p for p in paths.values() if p is not None and not os.path.lexists(p)]
     try:
-        res = write_result(result, parsed.spec.image, img32=img, **paths, **parsed.outputs.options()) or {}
+        if one_panel:
+            res = write_panel_result(result, 0, parsed.spec.image, img32=img, **paths,
+                                     **parsed.outputs.options())
+        else:
+            res = write_result(result, parsed.spec.image, img32=img, **paths, **parsed.outputs.options()) or {}
     except OSError as e:
         for p in new_files:                  # no half set of outputs: remove what this run created
             try:

@@ -166,12 +166,43 @@ def panel_model(frame, panel: Panel, *, first: bool):
         first_iteration=first_it)
 
 
+def sensor_from_geometry(spec: ExperimentSpec, geometry):
+    """(detector keys, notes): the sensor an ``.expt`` gives (its panels' ``thickness`` mm and ``mu``
+    1/mm) as ``detector.thick_um`` and ``detector.attenuation_um`` (= 1000/mu; left to the spec, or
+    its default, when mu is 0 or the spec gives one). nbsim's sensor is one for the whole detector:
+    used when the spec's ``detector.thick_um`` is 0 (its default) and every panel gives the same
+    values; a ``thick_um`` > 0 of the spec wins (a note says so); panels that differ raise
+    ``SpecError`` (give ``detector.thick_um``)."""
+    t = getattr(geometry, "thickness_mm", None)
+    if geometry is None or t is None:
+        return {}, ()
+    d = spec.detector
+    name = d.geometry_file or geometry.path.name
+    mu = geometry.mu_per_mm or [0.0] * len(t)
+    if d.thick_um:
+        return {}, (f"the sensor of {name} (panel thickness {max(t):g} mm) is not used: detector.thick_um "
+                    f"{d.thick_um:g} is given and takes precedence",)
+    if len(set(t)) > 1 or len(set(mu)) > 1:
+        raise SpecError("detector.geometry_file", f"{name}: the panels differ in sensor thickness/mu "
+                        f"(thickness {sorted(set(t))} mm, mu {sorted(set(mu))} 1/mm); nbsim's sensor is one for "
+                        "the detector: give detector.thick_um (and detector.attenuation_um)")
+    kw = {"thick_um": t[0] * 1e3}
+    note = f"sensor from {name}: thickness {t[0] * 1e3:g} um"
+    if mu[0] > 0 and d.attenuation_um is None:
+        kw["attenuation_um"] = 1e3 / mu[0]
+        note += f", attenuation length {1e3 / mu[0]:g} um (mu {mu[0]:g} 1/mm)"
+    return kw, (note,)
+
+
 def frame_spec(spec: ExperimentSpec, geometry=None) -> ExperimentSpec:
     """The single-panel experiment whose model every panel shares (all but the pixel geometry).
 
     With a geometry file the frame is the custom convention (beam +x unless the file gives the
     beam) at the nearest panel's distance with the smallest pixel, so that auto oversampling is
-    chosen for the finest panel; an ``.expt`` beam sets the wavelength and beam direction."""
+    chosen for the finest panel; an ``.expt`` beam sets the wavelength and beam direction. An
+    ``.expt`` crystal, when it is the run's (``nbsim.inputs.crystal_from_geometry``), is the frame's
+    ``crystal.matrix_file`` (the file's name; the matrix itself is ``inputs.matrix``); its panels'
+    sensor sets ``detector.thick_um``/``attenuation_um`` (``sensor_from_geometry``)."""
     d, b = spec.detector, spec.beam
     for key, given, what in (("detector.roi", d.roi is not None, "give each panel's roi "
                               "(detector.panels.<i>.roi)"),
@@ -198,12 +229,19 @@ def frame_spec(spec: ExperimentSpec, geometry=None) -> ExperimentSpec:
                   ybeam_mm=None, xclose_mm=None, yclose_mm=None, orgx_px=None, orgy_px=None,
                   rotx_deg=0.0, roty_deg=0.0, rotz_deg=0.0, twotheta_deg=0.0, fdet_vector=None,
                   sdet_vector=None, odet_vector=None, pix0_vector_mm=None)
+        kw.update(sensor_from_geometry(spec, geometry)[0])
         bkw = {}
         if geometry.wavelength_A is not None:
             bkw["wavelength_A"] = geometry.wavelength_A
         if geometry.beam_vector is not None:
             bkw["beam_vector"] = list(geometry.beam_vector)
         b = dataclasses.replace(b, **bkw)
+        from nbsim.inputs import crystal_from_geometry
+        if crystal_from_geometry(spec, geometry):
+            # the file's crystal is the frame's matrix file: its MOSFLM matrix is inputs.matrix
+            # (nbsim.inputs.geometry_crystal), built into the lattice as a -mat matrix is
+            c = dataclasses.replace(spec.crystal, matrix_file=str(spec.detector.geometry_file))
+            return dataclasses.replace(spec, detector=dataclasses.replace(d, **kw), beam=b, crystal=c)
     return dataclasses.replace(spec, detector=dataclasses.replace(d, **kw), beam=b)
 
 
@@ -294,7 +332,12 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
                 at = (r.name, flat // r.mask.shape[1], flat % r.mask.shape[1])
                 break
             flat -= n
-    stats = RunStats(max_I=st["max_I"], max_I_at_m=None, max_I_at=at, mean=st["mean"], rms=st["rms"],
+    at_m = None
+    if len(panels) == 1 and at is not None:      # one panel: C's "max_I ... at" position, as a single panel's
+        from nbsim.stats import max_position_m
+        at_m = tuple(max_position_m(at[2] + panels[0].offset[0], at[1] + panels[0].offset[1],
+                                    value(panels[0].pixel_m), frame.oversample))
+    stats = RunStats(max_I=st["max_I"], max_I_at_m=at_m, max_I_at=at, mean=st["mean"], rms=st["rms"],
                      rmsd=st["rmsd"], sum=st["sum"], pixels=st["n"], wall_s=time.perf_counter() - t0,
                      kernel=",".join(sorted(k for k in kernels if k)), kernel_cache=False)
     setup = frame.report

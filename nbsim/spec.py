@@ -327,9 +327,11 @@ def validate(spec: ExperimentSpec) -> None:
     _vector("beam.polar_vector", b.polar_vector)
     _nonneg("beam.dmin_A", b.dmin_A)
     # crystal
-    if c.cell_A_deg is None and c.matrix_file is None:
+    if c.cell_A_deg is None and c.matrix_file is None and d.geometry_file is None:
+        # (with a geometry file, an .expt's crystal may be the cell: nbsim.inputs.geometry_crystal)
         raise SpecError("crystal.cell_A_deg", "a unit cell is required: give crystal.cell_A_deg "
-                        "[a b c alpha beta gamma] or crystal.matrix_file")
+                        "[a b c alpha beta gamma] or crystal.matrix_file (or an .expt with a crystal "
+                        "as detector.geometry_file)")
     if c.cell_A_deg is not None:
         cell = c.cell_A_deg
         if not isinstance(cell, (list, tuple)) or len(cell) != 6:

@@ -20,13 +20,17 @@ def image_stats(img32: np.ndarray, active: np.ndarray, model=None,
     at = [0.0, 0.0]
     if st["max_index"] is not None and model is not None:
         s, f = st["max_index"]
-        os_ = model.oversample
         from nbsim.params import value
-        sub = value(model.pixel_m) / os_
-        # C reports the last sub-pixel of the maximum's pixel
-        at = [sub * (f * os_ + os_ - 1) + sub / 2.0, sub * (s * os_ + os_ - 1) + sub / 2.0]
+        at = max_position_m(f, s, value(model.pixel_m), model.oversample)
     return dict(max_I=st["max_I"], max_I_at_m=at, mean=st["mean"], rms=st["rms"], rmsd=st["rmsd"],
                 sum=st["sum"], pixels=st["n"])
+
+
+def max_position_m(f: int, s: int, pixel_m: float, oversample: int) -> list:
+    """[Fdet, Sdet] (m) that C prints for the maximum at pixel (fast ``f``, slow ``s``): the centre
+    of that pixel's last sub-pixel."""
+    sub = pixel_m / oversample
+    return [sub * (f * oversample + oversample - 1) + sub / 2.0, sub * (s * oversample + oversample - 1) + sub / 2.0]
 
 
 #: sub-pixel samples per chunk of the solid-angle sum (~30 MB of float64 geometry per chunk)

@@ -10,6 +10,13 @@ Geometry: for a stored entry, every pixel's scattering angle comes from the entr
 ``wavelength_A``), so rotated and two-theta detectors get exact rings (a curved detector is drawn as
 if flat). For an SMV or CBF file only the header is known: a flat detector normal to the beam at
 ``DISTANCE``, beam centre from ``XDS_ORGX/ORGY`` (nanoBragg headers) or ``BEAM_CENTER_X/Y`` (mm).
+
+A multi-panel entry (``info['panels']``; ``float.bin`` holds the panels one after another, each
+slow-major) is drawn as the detector seen from the sample: every panel's pixel corners are projected
+from the sample onto the plane perpendicular to the beam at the nearest panel's depth (``panel_layout``:
+horizontal = beam × up, vertical = lab y made perpendicular to the beam; for MOSFLM-like axes, fast to
+the right and slow down as in the single-panel picture), one colour scale over all panels, the beam
+at (0, 0) and resolution rings as circles (exact in this projection).
 """
 from __future__ import annotations
 
@@ -114,14 +121,68 @@ def load_entry(folder: Path) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[flo
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ViewError(f"{folder}: not a readable store entry ({type(e).__name__}: {e})") from None
     if panels:
-        raise ViewError(f"{folder}: a multi-panel entry ({len(panels)} panels: {sizes}); pipeline.view "
-                        "draws single-panel images (float.bin holds the panels one after another, each "
-                        "slow-major; the front end's --nexus writes them for DIALS)")
+        raise ViewError(f"{folder}: a multi-panel entry ({len(panels)} panels: {sizes}): read it with "
+                        "load_panels (view() draws it with render_panels)")
     if img.size != s_n * f_n:
         raise ViewError(f"{folder}: float.bin has {img.size} pixels, run.json says {f_n}x{s_n}")
     img = img.reshape(s_n, f_n)
     tt, centre, lam = geometry_from_info(info, (s_n, f_n))
     return img, tt, centre, lam, entry_title(folder.name, info)
+
+
+def load_panels(folder: Path) -> Optional[Tuple[List[np.ndarray], dict]]:
+    """(per-panel images (spixels, fpixels) float32 in geometry order, run.json ``info``) of a
+    multi-panel store entry; None for a single-panel entry."""
+    try:
+        info = json.loads((folder / "run.json").read_text())["info"]
+        panels = info.get("panels") if isinstance(info, dict) else None
+        if not panels:
+            return None
+        sizes = [(int(p["spixels"]), int(p["fpixels"])) for p in panels]
+        flat = np.fromfile(folder / "float.bin", dtype="<f4")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ViewError(f"{folder}: not a readable store entry ({type(e).__name__}: {e})") from None
+    n = sum(s_n * f_n for s_n, f_n in sizes)
+    if flat.size != n:
+        raise ViewError(f"{folder}: float.bin has {flat.size} pixels, run.json's {len(panels)} panels "
+                        f"have {n}")
+    ends = np.cumsum([s_n * f_n for s_n, f_n in sizes])[:-1]
+    return [a.reshape(sz) for a, sz in zip(np.split(flat, ends), sizes)], info
+
+
+def picture_axes(beam) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(b, right, up): unit beam direction and the picture's horizontal and vertical lab axes, seen
+    from the sample looking downstream: up = lab y made perpendicular to the beam (lab z when the
+    beam runs along y), right = b × up."""
+    b = np.asarray(beam, float)
+    b = b / np.linalg.norm(b)
+    ref = np.array([0.0, 1.0, 0.0]) if abs(b[1]) < 0.99 else np.array([0.0, 0.0, 1.0])
+    up = ref - (ref @ b) * b
+    up /= np.linalg.norm(up)
+    return b, np.cross(b, up), up
+
+
+def panel_layout(info) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], float]:
+    """Where each panel's pixels lie in the picture: per panel (X, Y), each (spixels + 1, fpixels + 1)
+    mm, the pixel corners ``corner + f·pixel·fast + s·pixel·slow`` (``info['panels']``, lab mm)
+    projected from the sample onto the plane perpendicular to the beam at depth D (the nearest
+    corner's, mm): X = D (p·right)/(p·b), Y = D (p·up)/(p·b) (``picture_axes``). The beam meets
+    the plane at (0, 0); 2θ at (X, Y) is atan(hypot(X, Y) / D). Returns (layouts, D)."""
+    b, right, up = picture_axes(info["beam"])
+    grids = []
+    for p in info["panels"]:
+        px = float(p["pixel_mm"])
+        f = np.arange(int(p["fpixels"]) + 1) * px
+        s = np.arange(int(p["spixels"]) + 1) * px
+        pos = (np.asarray(p["corner_mm"], float)[None, None, :] + f[None, :, None] * np.asarray(p["fast"], float)
+               + s[:, None, None] * np.asarray(p["slow"], float))
+        depth = pos @ b
+        if not depth.min() > 0:
+            raise ViewError(f"panel {p['name']}: not in front of the sample along the beam (cannot be drawn "
+                            "as seen from the sample)")
+        grids.append((pos, depth))
+    D = min(float(depth.min()) for _, depth in grids)
+    return [(D * (pos @ right) / depth, D * (pos @ up) / depth) for pos, depth in grids], D
 
 
 GEOMETRY_KEYS = ("pix0_m", "fdet", "sdet", "odet", "beam", "pixel_mm", "wavelength_A")
@@ -141,6 +202,11 @@ def entry_title(name: str, info) -> str:
     """The picture's title: entry, convention, distance, wavelength (what ``info`` holds of them)."""
     return (f"{name}: {info.get('convention', '?')}, {info.get('distance_mm', float('nan')):g} mm, "
             f"λ {float(info.get('wavelength_A', float('nan'))):g} Å")
+
+
+def panels_title(name: str, info) -> str:
+    """The multi-panel picture's title: entry, panel count, wavelength."""
+    return f"{name}: {len(info['panels'])} panels, λ {float(info.get('wavelength_A', float('nan'))):g} Å"
 
 
 def _header_float(h: Dict[str, str], *keys) -> Optional[float]:
@@ -201,21 +267,12 @@ def render(img: np.ndarray, out: Path, *, two_theta: Optional[np.ndarray] = None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.colors import LogNorm
 
-    from nbsim.io.atomic import atomic_write_bytes
-
-    a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    a = _finite(img)
     s_n, f_n = a.shape
-    pos = a[a > 0]
-    top = float(np.percentile(pos, 99.9)) if pos.size else 1.0
-    if scale == "log" and pos.size:
-        low = max(float(pos.min()), top * 1e-4)
-        norm = LogNorm(vmin=low, vmax=max(top, low * 10))
-        shown = np.clip(a, low, None)
-    else:
-        norm = Normalize(vmin=float(a.min()), vmax=max(top, float(a.min()) + 1e-30))
-        shown = a
+    norm, low = colour_norm(a, scale)
+    shown = np.clip(a, low, None) if low is not None else a
     dpi = 100
     side = max(6.0, f_n / dpi + 2.5), max(4.5, s_n / dpi + 1.5)
     fig, ax = plt.subplots(figsize=side, dpi=dpi)
@@ -240,9 +297,37 @@ def render(img: np.ndarray, out: Path, *, two_theta: Optional[np.ndarray] = None
     ax.set_ylim(s_n - 0.5, -0.5)
     if title:
         ax.set_title(title, fontsize=9)
+    return save_png(fig, out, thumb=thumb, tight=True)
+
+
+def _finite(img) -> np.ndarray:
+    """float64 copy with NaN and inf as 0 (what the picture shows of them)."""
+    return np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def colour_norm(a: np.ndarray, scale: str):
+    """(matplotlib norm, low clip or None) of the pixel values ``a`` (any shape): log from
+    max(smallest positive, 1e-4 × top) to the 99.9th percentile of the positive values (``top``),
+    or linear from the minimum to ``top``."""
+    from matplotlib.colors import LogNorm, Normalize
+    pos = a[a > 0]
+    top = float(np.percentile(pos, 99.9)) if pos.size else 1.0
+    if scale == "log" and pos.size:
+        low = max(float(pos.min()), top * 1e-4)
+        return LogNorm(vmin=low, vmax=max(top, low * 10)), low
+    return Normalize(vmin=float(a.min()), vmax=max(top, float(a.min()) + 1e-30)), None
+
+
+def save_png(fig, out: Path, *, thumb: bool = True, tight: bool = False) -> List[Path]:
+    """Write ``fig`` to ``out`` (PNG at the figure's dpi; ``tight``: cropped to its content) and
+    ``<out stem>.thumb.png``, each atomically; close the figure; return the written paths."""
     import io
+
+    import matplotlib.pyplot as plt
+
+    from nbsim.io.atomic import atomic_write_bytes
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=fig.dpi, **({"bbox_inches": "tight"} if tight else {}))
     plt.close(fig)
     written = [atomic_write_bytes(out, buf.getvalue())]
     if thumb:
@@ -256,12 +341,87 @@ def render(img: np.ndarray, out: Path, *, two_theta: Optional[np.ndarray] = None
     return written
 
 
+def panel_figure(images: Sequence[np.ndarray], info, *, title: str = "", scale: str = "log",
+                 unit: str = "photons / pixel"):
+    """The matplotlib (figure, axes) of a multi-panel detector: each panel's pixels as quadrilaterals
+    at their ``panel_layout`` places (mm in the picture plane), one colour scale over all panels
+    (``colour_norm``), panel outlines and names, the beam (0, 0) as a cross and resolution rings
+    (circles of radius D tan 2θ). The layout is fixed (no cropping), so ``ax.transData`` after
+    ``fig.canvas.draw()`` maps mm to the saved PNG's pixels (y from the bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    layouts, D = panel_layout(info)
+    arrays = [_finite(a) for a in images]
+    norm, low = colour_norm(np.concatenate([a.reshape(-1) for a in arrays]), scale)
+    xs = np.concatenate([X.reshape(-1) for X, _ in layouts])
+    ys = np.concatenate([Y.reshape(-1) for _, Y in layouts])
+    pad = 0.04 * max(float(xs.max() - xs.min()), float(ys.max() - ys.min()), 1e-9)
+    x0, x1 = min(float(xs.min()), 0.0) - pad, max(float(xs.max()), 0.0) + pad
+    y0, y1 = min(float(ys.min()), 0.0) - pad, max(float(ys.max()), 0.0) + pad
+    finest = min(float(p["pixel_mm"]) for p in info["panels"])
+    dpi = 100
+    w_in = min(max(6.0, (x1 - x0) / finest / dpi * 1.5), 30.0)     # >= 1.5 screen pixels per detector pixel
+    h_in = w_in * (y1 - y0) / (x1 - x0)
+    fig = plt.figure(figsize=(w_in + 2.0, h_in + 1.2), dpi=dpi)
+    W, H = w_in + 2.0, h_in + 1.2
+    ax = fig.add_axes((0.8 / W, 0.6 / H, w_in / W, h_in / H))
+    cax = fig.add_axes(((0.9 + w_in) / W, 0.6 / H, 0.2 / W, h_in / H))
+    mesh = None
+    for (X, Y), a, p in zip(layouts, arrays, info["panels"]):
+        shown = np.clip(a, low, None) if low is not None else a
+        mesh = ax.pcolormesh(X, Y, shown, cmap="gray_r", norm=norm, shading="flat", antialiased=False,
+                             edgecolors="none")
+        edge = np.concatenate([np.stack((X[0, :], Y[0, :]), 1), np.stack((X[:, -1], Y[:, -1]), 1),
+                               np.stack((X[-1, ::-1], Y[-1, ::-1]), 1), np.stack((X[::-1, 0], Y[::-1, 0]), 1)])
+        ax.plot(edge[:, 0], edge[:, 1], color="tab:green", linewidth=0.6, alpha=0.7)
+        # the name just outside the corner of pixel (0, 0): shows where the panel's rows start
+        ax.text(float(2 * X[0, 0] - X[1, 1]), float(2 * Y[0, 0] - Y[1, 1]), str(p["name"]), color="tab:green",
+                fontsize=7, ha="center", va="center", clip_on=True)
+    cb = fig.colorbar(mesh, cax=cax)
+    cb.set_label(unit + (" (log scale)" if isinstance(norm, LogNorm) else ""))
+    lam = float(info.get("wavelength_A", float("nan")))
+    if math.isfinite(lam):
+        r_max = math.hypot(max(abs(x0), abs(x1)), max(abs(y0), abs(y1)))
+        d_px = [d_spacing_A(np.arctan(np.hypot(X, Y) / D), lam).reshape(-1) for X, Y in layouts]
+        t = np.linspace(0.0, 2.0 * math.pi, 361)
+        for d in ring_levels(np.concatenate(d_px)):
+            r = D * math.tan(2.0 * math.asin(min(1.0, lam / (2.0 * d))))
+            if r < r_max:
+                ax.plot(r * np.cos(t), r * np.sin(t), color="tab:blue", linewidth=0.8, alpha=0.8)
+                ax.text(r * math.cos(math.pi / 4), r * math.sin(math.pi / 4), f"{d:g} Å", color="tab:blue",
+                        fontsize=8, clip_on=True)
+    ax.plot([0.0], [0.0], marker="+", color="tab:red", markersize=14, mew=1.5, label="beam")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.7)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel(f"mm → (seen from the sample: the plane normal to the beam at {D:g} mm)")
+    ax.set_ylabel("mm ↑")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig, ax
+
+
+def render_panels(images: Sequence[np.ndarray], info, out: Path, *, title: str = "", scale: str = "log",
+                  thumb: bool = True, unit: str = "photons / pixel") -> List[Path]:
+    """Write the multi-panel picture (``panel_figure``) to ``out`` and its thumbnail, atomically."""
+    fig, _ = panel_figure(images, info, title=title, scale=scale, unit=unit)
+    return save_png(fig, out, thumb=thumb)
+
+
 def view(source: Path, out: Optional[Path] = None, scale: str = "log") -> List[Path]:
     """Render a store entry (folder with run.json) or an SMV/CBF file; default output
     ``<entry hash or file stem>.view.png`` in the current folder."""
     if not source.exists():
         raise ViewError(f"{source}: no such file or folder")
     if source.is_dir():
+        multi = load_panels(source)
+        if multi is not None:
+            images, info = multi
+            out = out or Path(f"{source.name}.view.png")
+            return render_panels(images, info, out, scale=scale, title=panels_title(source.name, info))
         img, tt, centre, lam, title = load_entry(source)
         unit = "photons / pixel"
     elif source.is_file():

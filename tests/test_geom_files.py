@@ -48,7 +48,7 @@ def expt_doc(**beam):
                          "panels": [{"name": "Panel", "type": "SENSOR_PAD", "fast_axis": [-C, S, 0.0],
                                      "slow_axis": [S, C, 0.0], "origin": [4.0, -1.5, -61.0],
                                      "pixel_size": [0.2, 0.2], "image_size": [16, 12],
-                                     "thickness": 0.45, "material": "Si"}]}],
+                                     "thickness": 0.0, "material": "", "mu": 0.0, "mask": []}]}],
            "beam": [dict({"__id__": "monochromatic", "direction": [0.0, 0.0, 1.0], "wavelength": 1.1},
                          **beam)]}
     return doc
@@ -93,11 +93,20 @@ def test_dxtbx_conversion_inverts_the_dials_origin_nbsim_reports():
     assert np.allclose(back, np.array(info["pix0_m"]) * 1e3, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,det", [("geom", {}), ("expt", {}),
-                                      ("geom", {"thick_um": 320.0, "thicksteps": 3, "attenuation_um": 250.0})])
+SENSOR = {"thick_um": 320.0, "thicksteps": 3, "attenuation_um": 250.0}
+
+
+@pytest.mark.parametrize("kind,det", [("geom", {}), ("expt", {}), ("geom", SENSOR), ("expt", SENSOR),
+                                      ("expt-sensor", SENSOR)])
 def test_one_panel_file_reproduces_the_custom_vector_single_panel_run(tmp_path, kind, det):
-    text = GEOM if kind == "geom" else json.dumps(expt_doc())
-    spec = from_file(tmp_path, f"d.{kind}", text, oversample=2, **det)
+    doc = expt_doc()
+    given = det
+    if kind == "expt-sensor":       # the sensor from the file: thickness 0.32 mm, mu 4 / mm = 250 um
+        doc["detector"][0]["panels"][0].update(thickness=0.32, mu=4.0, material="Si")
+        given = {"thicksteps": 3}
+        kind = "expt"
+    text = GEOM if kind == "geom" else json.dumps(doc)
+    spec = from_file(tmp_path, f"d.{kind}", text, oversample=2, **given)
     multi = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
     pn = read_geometry(tmp_path / f"d.{kind}").panels[0]
     # the vectors a reader of the file expects in nbsim's frame, written out by hand
@@ -136,7 +145,7 @@ def test_expt_beam_sets_wavelength_and_direction(tmp_path):
     r = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
     assert r.info["wavelength_A"] == 0.9
     assert np.allclose(r.info["beam"], [2.0 / n, 0.0, -0.02 / n], rtol=0, atol=1e-15)
-    assert any("thickness" in w for w in r.warnings)
+    assert not any("sensor" in w for w in r.warnings) and r.info["thick_m"] == 0.0
 
 
 def test_geom_bad_regions_mask_pixels_and_notes(tmp_path):
@@ -186,6 +195,11 @@ BAD_EXPT = [
     (lambda d: d["beam"][0].update(wavelength=-1), "beam.wavelength: must be > 0"),
     (lambda d: d["detector"][0]["hierarchy"].update(origin=[0, 0, 5]), "detector.hierarchy: group frames"),
     (lambda d: d.pop("detector"), "detector: missing"),
+    (lambda d: d["detector"][0]["panels"][0].update(thickness=-0.1), "detector.panels.0.thickness: must be a number >= 0 (mm)"),
+    (lambda d: d["detector"][0]["panels"][0].update(mu="x"), "detector.panels.0.mu: must be a number >= 0 (1/mm)"),
+    (lambda d: d["detector"][0]["panels"][0].update(mask=[[1, 2, 3]]), "detector.panels.0.mask: each rectangle must be 4 integers"),
+    (lambda d: d["detector"][0]["panels"][0].update(mask=[[5, 2, 5, 4]]), "detector.panels.0.mask: rectangle [5, 2, 5, 4]"),
+    (lambda d: d["detector"][0]["panels"][0].update(mask=[[20, 0, 30, 4]]), "covers no pixel of the 16x12 panel"),
 ]
 
 
@@ -195,6 +209,47 @@ def test_bad_expt_files_name_file_line_and_key(tmp_path, mut, msg):
     with pytest.raises(InputFileError) as e:
         read_geometry(tmp_path / "d.expt")
     assert msg in str(e.value) and "\n" not in str(e.value) and "d.expt" in str(e.value)
+
+
+def test_expt_mask_rectangles_are_not_simulated(tmp_path):
+    # dxtbx untrusted rectangles [x0, y0, x1, y1], half-open: fast 2..4 and slow 3..5; fast 14..15, slow 0
+    doc = expt_doc()
+    plain = nbsim.simulate(from_file(tmp_path, "a.expt", json.dumps(doc), oversample=1), DEV, base_dir=str(tmp_path))
+    doc["detector"][0]["panels"][0]["mask"] = [[2, 3, 5, 6], [14, -3, 99, 1]]
+    r = nbsim.simulate(from_file(tmp_path, "m.expt", json.dumps(doc), oversample=1), DEV, base_dir=str(tmp_path))
+    assert read_geometry(tmp_path / "m.expt").panels[0].bad == [[2, 4, 3, 5], [14, 15, 0, 0]]
+    masked = np.zeros((12, 16), bool)
+    masked[3:6, 2:5] = True
+    masked[0:1, 14:16] = True
+    img, ref = r.panels[0].image.numpy(), plain.panels[0].image.numpy()
+    assert np.array_equal(r.panels[0].mask, ~masked) and (img[masked] == 0).all() and (ref[masked] > 0).all()
+    assert np.array_equal(img[~masked], ref[~masked])
+    assert any("2 untrusted rectangle(s)" in w for w in r.warnings)
+
+
+def test_expt_sensor_precedence_and_panels_that_differ(tmp_path):
+    doc = expt_doc()
+    doc["detector"][0]["panels"][0].update(thickness=0.45, mu=3.0)
+    (tmp_path / "s.expt").write_text(json.dumps(doc))
+    r = nbsim.simulate(from_file(tmp_path, "s.expt", json.dumps(doc), oversample=1), DEV, base_dir=str(tmp_path))
+    assert r.info["thick_m"] == pytest.approx(450e-6, rel=1e-15)
+    assert any(w.startswith("sensor from s.expt: thickness 450 um, attenuation length 333.333 um") for w in r.warnings)
+    # the spec's own thick_um wins: the same pixels as without the file's sensor, and a note
+    own = nbsim.simulate(from_file(tmp_path, "s.expt", json.dumps(doc), oversample=1, thick_um=200.0), DEV,
+                         base_dir=str(tmp_path))
+    bare = expt_doc()
+    ref = nbsim.simulate(from_file(tmp_path, "b.expt", json.dumps(bare), oversample=1, thick_um=200.0), DEV,
+                         base_dir=str(tmp_path))
+    assert own.info["thick_m"] == pytest.approx(200e-6, rel=1e-15)
+    assert float((own.image - ref.image).abs().max()) == 0.0 and float(ref.image.max()) > 0
+    assert any("is not used: detector.thick_um 200 is given" in w for w in own.warnings)
+    # two panels with different sensors: one line naming the key
+    p1 = dict(doc["detector"][0]["panels"][0], name="q1", origin=[-0.2, 0.8, -61.0], thickness=0.32)
+    doc["detector"][0]["panels"].append(p1)
+    (tmp_path / "two.expt").write_text(json.dumps(doc))
+    with pytest.raises(SpecError, match=r"^detector\.geometry_file: two\.expt: the panels differ in sensor "
+                                        r"thickness/mu .*give detector\.thick_um"):
+        nbsim.simulate(from_file(tmp_path, "two.expt", json.dumps(doc)), DEV, base_dir=str(tmp_path))
 
 
 def test_broken_json_names_the_line(tmp_path):
@@ -251,13 +306,59 @@ def test_front_end_geom_writes_the_panels_in_order_and_an_smv_per_panel(tmp_path
     assert "2 panels one after another" in out
 
 
+def test_front_end_one_panel_geom_writes_noise_pgm_and_cbf_like_the_single_panel_run(tmp_path, monkeypatch,
+                                                                                    capsys):
+    import fabio
+    (tmp_path / "d.geom").write_text(GEOM)
+    outs = lambda tag: ["-floatfile", f"f{tag}.bin", "-intfile", f"i{tag}.img", "-noisefile", f"n{tag}.img",
+                        "-pgmfile", f"p{tag}.pgm", "--cbf", f"c{tag}.cbf", "-seed", "7"]
+    rc, out1, err = _fe(tmp_path, monkeypatch, capsys, FE + ["--geom", "d.geom"] + outs("g"))
+    assert rc == 0, err
+    assert "noise and PGM images are not written" not in out1 and "several panels" not in out1
+    # the matching custom-vector single-panel run (the vectors test_one_panel_file_... checks)
+    odet = np.cross([0.0, S, -C], [0.0, C, S]).tolist()
+    custom = ["-fdet_vector", "0", str(S), str(-C), "-sdet_vector", "0", str(C), str(S),
+              "-odet_vector"] + [repr(x) for x in odet] + ["-pix0_vector_mm", "61", "-1.5", "4",
+                                                          "-distance", "61", "-detpixels_f", "16",
+                                                          "-detpixels_s", "12", "-pixel", "0.2",
+                                                          "--fix", "pix0_overwritten"]
+    rc, out2, err = _fe(tmp_path, monkeypatch, capsys, FE + custom + outs("s"))
+    assert rc == 0, err
+    f = np.fromfile(tmp_path / "fg.bin", "<f4")
+    assert f.shape == (16 * 12,) and f.max() > 1.0
+    assert np.array_equal(f, np.fromfile(tmp_path / "fs.bin", "<f4"))
+    for name in ("i", "n", "c"):
+        a, b = (fabio.open(str(tmp_path / f"{name}{t}.{'cbf' if name == 'c' else 'img'}")) for t in "gs")
+        assert a.data.shape == (12, 16) and a.data.max() > 0, name
+        assert np.array_equal(a.data, b.data), name
+        if name == "c":
+            continue
+        for k in ("PIXEL_SIZE", "DISTANCE", "WAVELENGTH", "SIZE1", "SIZE2"):
+            assert abs(float(a.header[k]) - float(b.header[k])) <= 1e-6 * abs(float(b.header[k])), k
+        # the beam centre: where the beam (+x) meets the panel, in its fast/slow axes from its corner
+        # (the custom-vector run's header keeps the unused default Xbeam/Ybeam instead)
+        hit = np.array([61.0, 0.0, 0.0]) - np.array([61.0, -1.5, 4.0])
+        fb, sb = hit @ np.array([0.0, S, -C]), hit @ np.array([0.0, C, S])
+        assert abs(float(a.header["BEAM_CENTER_X"]) - fb) <= 1e-4 and abs(float(a.header["BEAM_CENTER_Y"]) - sb) <= 1e-4
+    assert (tmp_path / "pg.pgm").read_bytes() == (tmp_path / "ps.pgm").read_bytes()
+    hdr = lambda t: {ln.split()[1]: ln.split()[2] for ln in
+                     fabio.open(str(tmp_path / f"c{t}.cbf")).header["_array_data.header_contents"].splitlines()
+                     if ln.startswith("# ") and ln.split()[1] in ("Pixel_size", "Detector_distance", "Wavelength")}
+    assert hdr("g") and all(abs(float(hdr("g")[k]) - float(hdr("s")[k])) <= 1e-6 * abs(float(hdr("s")[k]))
+                            for k in hdr("s"))
+    photons = [ln for ln in out1.splitlines() if "photons on noise image" in ln]
+    assert photons and photons == [ln for ln in out2.splitlines() if "photons on noise image" in ln]
+    at = lambda out: [ln for ln in out.splitlines() if ln.startswith("max_I")]
+    assert at(out1) == at(out2) and " at " in at(out1)[0]
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["-noisefile", "n.img"], r"^nbsim\.nanobragg: error: -noisefile: not available with several panels"),
     (["-pgmfile", "x.pgm"], r"^nbsim\.nanobragg: error: -pgmfile: not available with several panels"),
 ])
 def test_front_end_refuses_single_image_outputs_with_panels(tmp_path, monkeypatch, capsys, extra, msg):
     import re
-    (tmp_path / "d.geom").write_text(GEOM)
+    (tmp_path / "d.geom").write_text(TWO_PANELS)
     rc, out, err = _fe(tmp_path, monkeypatch, capsys, FE + ["--geom", "d.geom"] + extra)
     assert rc == 2 and re.match(msg, err) and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.geom"]
@@ -316,7 +417,17 @@ def test_hydra_app_geometry_file_and_panels_list(tmp_path):
     assert float((a[0].image - b[:, :9]).abs().max()) == 0.0 and float((a[1].image - b[:, 9:]).abs().max()) == 0.0
 
 
-def test_expt_crystal_is_converted_and_said_to_be_unused(tmp_path):
+def _with_crystal(doc, axes_nbsim_A):
+    """``doc`` with a dxtbx crystal whose real-space axes are ``axes_nbsim_A`` (nbsim frame, Å),
+    written in dxtbx's frame: (x_d, y_d, z_d) = (z_n, y_n, -x_n), the inverse of ``from_dxtbx``."""
+    doc["experiment"][0]["crystal"] = 0
+    to_d = [[v[2], v[1], 0.0 - v[0]] for v in axes_nbsim_A]
+    doc["crystal"] = [{"__id__": "crystal", "real_space_a": to_d[0], "real_space_b": to_d[1],
+                       "real_space_c": to_d[2], "space_group_hall_symbol": " P 1"}]
+    return doc
+
+
+def test_expt_crystal_is_converted_to_nbsim_frame(tmp_path):
     doc = expt_doc()
     doc["experiment"][0]["crystal"] = 0
     doc["crystal"] = [{"__id__": "crystal", "real_space_a": [10.0, 0.0, 0.0], "real_space_b": [0.0, 20.0, 0.0],
@@ -324,7 +435,99 @@ def test_expt_crystal_is_converted_and_said_to_be_unused(tmp_path):
     (tmp_path / "d.expt").write_text(json.dumps(doc))
     g = read_geometry(tmp_path / "d.expt")
     assert g.crystal_axes_A == [[0.0, 0.0, 10.0], [0.0, 20.0, 0.0], [-30.0, 0.0, 0.0]]
-    assert any("read but not used" in n for n in g.notes)
+
+
+def _reference_and_expt(tmp_path):
+    """The cell + misset run through a crystal-less .expt, and the .expt holding that run's crystal
+    (the real-space vectors it reports) with no cell of the spec's own."""
+    doc = expt_doc()
+    ref = nbsim.simulate(from_file(tmp_path, "d.expt", json.dumps(doc), oversample=1), DEV,
+                         base_dir=str(tmp_path))
+    axes = [ref.info[k] for k in ("a_A", "b_A", "c_A")]
+    (tmp_path / "x.expt").write_text(json.dumps(_with_crystal(doc, axes)))
+    spec = ExperimentSpec(detector=DetectorSpec(geometry_file="x.expt", oversample=1),
+                          beam=BeamSpec(wavelength_A=1.1, kahn_factor=0.4),
+                          crystal=CrystalSpec(N=3, default_F=100.0)).validate()
+    return ref, axes, spec
+
+
+def test_expt_crystal_sets_cell_and_orientation_of_the_cell_misset_run(tmp_path):
+    from nbsim.crystal import mosflm_matrix
+    ref, axes, spec = _reference_and_expt(tmp_path)
+    assert spec.crystal.cell_A_deg is None and spec.crystal.matrix_file is None
+    r = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    # the matrix: reciprocal vectors x lambda, i.e. lambda * inverse of the rows a, b, c (textbook)
+    A = mosflm_matrix(*axes, 1.1).numpy()
+    assert np.allclose(A, 1.1 * np.linalg.inv(np.array(axes)), rtol=1e-14, atol=0)
+    for k in ("a_A", "b_A", "c_A"):
+        assert np.allclose(r.info[k], ref.info[k], rtol=0, atol=1e-12)
+    assert np.allclose(r.info["unit_cell"], ref.info["unit_cell"], rtol=1e-12, atol=0)
+    # not bit-identical: the lattice is built by other float64 arithmetic (matrix inversion of the
+    # reported vectors, not the cell formula and misset rotation); measured 5e-14 of the maximum
+    top = float(ref.image.max())
+    assert top > 1.0
+    assert float((r.image - ref.image).abs().max()) <= 1e-9 * top
+    assert not any("not used" in w for w in r.warnings)
+
+
+def test_expt_crystal_is_bit_identical_to_the_same_matrix_as_a_matrix_file(tmp_path):
+    from nbsim.crystal import mosflm_matrix
+    ref, axes, spec = _reference_and_expt(tmp_path)
+    r = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    A = mosflm_matrix(*axes, 1.1).numpy()          # written with repr: read back exactly
+    (tmp_path / "x.mat").write_text("\n".join(" ".join(repr(float(x)) for x in row) for row in A) + "\n")
+    mat = ExperimentSpec(detector=DetectorSpec(geometry_file="d.expt", oversample=1),
+                         beam=BeamSpec(wavelength_A=1.1, kahn_factor=0.4),
+                         crystal=CrystalSpec(matrix_file="x.mat", N=3, default_F=100.0)).validate()
+    m = nbsim.simulate(mat, DEV, base_dir=str(tmp_path))
+    assert float(m.image.max()) > 1.0 and r.setup.matrix_file == "x.expt" and m.setup.matrix_file == "x.mat"
+    assert float((r.image - m.image).abs().max()) == 0.0
+
+
+def test_user_cell_takes_precedence_over_the_expt_crystal_with_a_note(tmp_path):
+    doc = expt_doc()
+    plain = nbsim.simulate(from_file(tmp_path, "d.expt", json.dumps(doc), oversample=1), DEV,
+                           base_dir=str(tmp_path))
+    other = [[0.0, 0.0, 30.0], [0.0, 35.0, 0.0], [-40.0, 0.0, 0.0]]
+    r = nbsim.simulate(from_file(tmp_path, "c.expt", json.dumps(_with_crystal(doc, other)), oversample=1), DEV,
+                       base_dir=str(tmp_path))
+    assert float(plain.image.max()) > 1.0
+    assert float((r.image - plain.image).abs().max()) == 0.0
+    assert any("crystal of c.expt (real_space_a/b/c) is not used: crystal.cell_A_deg is given" in w
+               for w in r.warnings)
+
+
+def test_no_cell_and_no_expt_crystal_is_one_line(tmp_path):
+    (tmp_path / "d.expt").write_text(json.dumps(expt_doc()))
+    spec = ExperimentSpec(detector=DetectorSpec(geometry_file="d.expt"), beam=BeamSpec(wavelength_A=1.1),
+                          crystal=CrystalSpec(default_F=100.0)).validate()
+    with pytest.raises(SpecError, match=r"^crystal\.cell_A_deg: a unit cell is required: .*d\.expt has none"):
+        nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    doc = _with_crystal(expt_doc(), [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [2.0, 3.0, 0.0]])
+    (tmp_path / "flat.expt").write_text(json.dumps(doc, indent=1))
+    with pytest.raises(InputFileError, match=r"flat\.expt:\d+: crystal\.real_space_c: .*coplanar"):
+        read_geometry(tmp_path / "flat.expt")
+
+
+def test_front_end_and_hydra_take_the_expt_crystal(tmp_path, monkeypatch, capsys):
+    from pipeline.compose import compose_spec
+    ref, axes, spec = _reference_and_expt(tmp_path)
+    api = nbsim.simulate(spec, DEV, base_dir=str(tmp_path))
+    fe = [a for a in FE if a not in ("-cell", "42", "51", "63", "88", "93", "97", "-misset", "11", "23", "35")]
+    assert len(fe) == len(FE) - 11
+    rc, out, err = _fe(tmp_path, monkeypatch, capsys, fe + ["--geom", "x.expt", "-floatfile", "f.bin",
+                                                            "-intfile", "i.img", "-nonoise", "-nopgm"])
+    assert rc == 0, err
+    assert np.array_equal(np.fromfile(tmp_path / "f.bin", "<f4"), api.float32())
+    # without a crystal in the file and no -cell/-mat: one line, exit 2
+    rc, out, err = _fe(tmp_path, monkeypatch, capsys, fe + ["--geom", "d.expt"])
+    assert rc == 2 and err.count("\n") == 1 and "a unit cell is required" in err and "d.expt has none" in err
+    hspec, dev = compose_spec(["crystal=geometry", "crystal.N=3", "beam.wavelength_A=1.1",
+                               "beam.kahn_factor=0.4", "detector.oversample=1",
+                               f"detector.geometry_file={tmp_path / 'x.expt'}"])
+    assert hspec.crystal.cell_A_deg is None
+    h = nbsim.simulate(hspec, DEV)
+    assert float((h.image - api.image).abs().max()) == 0.0
 
 
 def test_expt_error_line_is_the_faulty_panels_key(tmp_path):

@@ -64,16 +64,73 @@ def test_cli_writes_full_size_and_thumbnail(entry, tmp_path, capsys):
     assert "cannot read it as an SMV or CBF image" in capsys.readouterr().err
 
 
-def test_multi_panel_entry_is_refused_in_one_line(tmp_path, capsys):
-    """A multi-panel entry (float.bin = the panels one after another) is named as such, exit 2."""
+@pytest.fixture(scope="module")
+def four_panels(tmp_path_factory):
+    """A store entry of 4 panels of 16x16 pixels (0.1 mm) normal to the beam at 50 mm, 2x2 around the
+    beam with 0.4 mm gaps (MOSFLM-like axes: fast = lab +z, slow = lab -y)."""
     from nbsim.spec import PanelSpec
-    spec = ExperimentSpec(detector=DetectorSpec(fpixels=32, spixels=16, panels=[
-                              PanelSpec(fpixels=16, spixels=16, offset_px=[0, 0]),
-                              PanelSpec(fpixels=16, spixels=16, offset_px=[16, 0])]),
-                          crystal=CrystalSpec(cell_A_deg=[40, 40, 40, 90, 90, 90], N=3, default_F=100))
-    folder, _, _ = store.run_or_reuse(spec, DeviceSpec(compile=False), root=tmp_path, base_dir=tmp_path,
+    tmp = tmp_path_factory.mktemp("view4")
+    corners = {"ul": (1.8, -1.8), "ur": (1.8, 0.2), "ll": (-0.2, -1.8), "lr": (-0.2, 0.2)}   # (y, z) mm
+    # the pixels next to the beam are the brightest (the 000 reflection): masked (0) in all panels
+    # but "ur", which is then the known bright panel; the masked mirror places are white
+    near_beam = {"ul": [[10, 15, 10, 15]], "ur": [], "ll": [[10, 15, 0, 5]], "lr": [[0, 5, 0, 5]]}
+    panels = [PanelSpec(name=n, fpixels=16, spixels=16, pixel_mm=0.1, fast=[0, 0, 1], slow=[0, -1, 0],
+                        origin_mm=[50.0, y, z], bad=near_beam[n]) for n, (y, z) in corners.items()]
+    spec = ExperimentSpec(detector=DetectorSpec(panels=panels),
+                          crystal=CrystalSpec(cell_A_deg=[12, 13, 14, 90, 90, 90], misset_deg=[10, 20, 30],
+                                              N=3, default_F=100))
+    folder, _, _ = store.run_or_reuse(spec, DeviceSpec(compile=False), root=tmp, base_dir=tmp,
                                       log=lambda m: None)
-    assert view.main([str(folder), "-o", str(tmp_path / "v.png")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a multi-panel entry (2 panels" in err[0]
-    assert not (tmp_path / "v.png").exists()
+    return folder, corners
+
+
+def test_multi_panel_entry_is_drawn_with_each_panel_in_its_place(four_panels, tmp_path, capsys):
+    from matplotlib import colormaps
+    from PIL import Image
+    plt_cmap = colormaps.get_cmap
+    folder, corners = four_panels
+    images, info = view.load_panels(folder)
+    assert [a.shape for a in images] == [(16, 16)] * 4 and len(info["panels"]) == 4
+    # the brightest pixel and the panel that holds it
+    k = int(np.argmax([a.max() for a in images]))
+    s, f = np.unravel_index(int(np.argmax(images[k])), images[k].shape)
+    assert info["panels"][k]["name"] == "ur" and (s, f) == (15, 0)      # next to the beam
+    assert images[k][s, f] > 10 * np.median(np.concatenate([a.ravel() for a in images]))
+    # where it must land, by hand: the panel is normal to the beam (+x), so the picture plane is the
+    # panel's plane: horizontal = lab z, vertical = lab y; the pixel centre is corner + (f+½, s+½) pixels
+    y0, z0 = corners[info["panels"][k]["name"]]
+    X, Y = z0 + (f + 0.5) * 0.1, y0 - (s + 0.5) * 0.1
+    layouts, D = view.panel_layout(info)
+    assert D == pytest.approx(50.0, abs=1e-12)
+    Xg, Yg = layouts[k]
+    assert 0.25 * (Xg[s, f] + Xg[s + 1, f + 1] + Xg[s, f + 1] + Xg[s + 1, f]) == pytest.approx(X, abs=1e-12)
+    assert 0.25 * (Yg[s, f] + Yg[s + 1, f + 1] + Yg[s, f + 1] + Yg[s + 1, f]) == pytest.approx(Y, abs=1e-12)
+    # the PNG written by the CLI: the bright pixel is black (gray_r, one scale), the gap between the
+    # panels is white; the figure's own transform maps mm to PNG pixels (fixed layout)
+    out = tmp_path / "v.png"
+    assert view.main([str(folder), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "v.thumb.png")]
+    fig, ax = view.panel_figure(images, info, title=view.panels_title(folder.name, info))
+    fig.canvas.draw()
+    with Image.open(out) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert rgb.shape[:2] == (round(fig.get_size_inches()[1] * fig.dpi), round(fig.get_size_inches()[0] * fig.dpi))
+    def at(x, y):
+        cx, cy = ax.transData.transform((x, y))
+        return rgb[int(round(rgb.shape[0] - cy)), int(round(cx))]
+    assert at(X, Y).sum() < 60, at(X, Y)                       # black: the maximum
+    for mx, my in ((-X, Y), (X, -Y), (-X, -Y)):                # the masked mirror places: white
+        assert (at(mx, my) >= 250).all(), (mx, my, at(mx, my))
+    # the other panels are drawn with the same colour scale: a mid-grey pixel of "ll" away from its mask
+    ll = [p["name"] for p in info["panels"]].index("ll")
+    v = images[ll][12, 2]
+    assert 0 < v < images[k][s, f]
+    grey = at(-1.8 + 2.5 * 0.1, -0.2 - 12.5 * 0.1)
+    assert 0 < grey.sum() < 765
+    norm, _ = view.colour_norm(np.concatenate([a.ravel().astype(float) for a in images]), "log")
+    expected = 255 * np.asarray(plt_cmap("gray_r")(norm(max(v, norm.vmin)))[:3])
+    assert np.abs(grey - expected).max() <= 2, (grey, expected)
+    for gx, gy in ((0.0, 1.3), (1.3, 0.0), (0.0, -1.3), (-1.3, 0.0)):   # gaps between the panels: white
+        assert (at(gx, gy) >= 250).all(), (gx, gy, at(gx, gy))
+    import matplotlib.pyplot as plt
+    plt.close(fig)

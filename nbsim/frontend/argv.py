@@ -983,8 +983,9 @@ class _Builder:
             elif self.dump_given:
                 self.warn(f"-dump {self.dump_file}: file not found; no structure factor cache read")
         # the two upstream usage checks (exit 9 there)
-        if c.cell_A_deg is None and c.matrix_file is None:
-            raise FrontendError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE")
+        if c.cell_A_deg is None and c.matrix_file is None and self.spec.detector.geometry_file is None:
+            raise FrontendError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE "
+                                "(or --geom FILE.expt with a crystal)")
         if c.hkl_file is None and c.model_file is None and c.fdump_file is None and c.default_F == 0.0:
             raise FrontendError("no structure factors: give -hkl FILE, -model FILE or a nonzero -default_F F "
                                 f"(or keep an F cache: -dump FILE, default {DEFAULT_DUMP_FILE})")

@@ -55,7 +55,10 @@ class GeometryFile:
     panels: List[PanelSpec]
     wavelength_A: Optional[float] = None        # .expt beam
     beam_vector: Optional[List[float]] = None   # direction of travel, nbsim frame
-    crystal_axes_A: Optional[List[List[float]]] = None   # .expt real-space a, b, c (nbsim frame, Å)
+    thickness_mm: Optional[List[float]] = None   # .expt panels' sensor thickness (mm; 0 where not given)
+    mu_per_mm: Optional[List[float]] = None      # .expt panels' sensor attenuation coefficient (1/mm; 0: not given)
+    crystal_axes_A: Optional[List[List[float]]] = None   # .expt real-space a, b, c (nbsim frame, Å):
+    #                                             the run's crystal when the spec gives no cell/matrix
     notes: Tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -316,7 +319,8 @@ def _identity_frame(g: dict) -> bool:
 
 def read_expt(path) -> GeometryFile:
     """Parse a dxtbx experiment list: the first experiment's detector panels (``fast_axis``,
-    ``slow_axis``, ``origin`` (mm, corner of pixel (0, 0)), ``pixel_size``, ``image_size``), its
+    ``slow_axis``, ``origin`` (mm, corner of pixel (0, 0)), ``pixel_size``, ``image_size``, the
+    untrusted rectangles ``mask`` as bad boxes, sensor ``thickness`` (mm) and ``mu`` (1/mm)), its
     beam (``wavelength`` Å, ``direction`` = sample to source) and crystal (``real_space_a/b/c``)."""
     path = Path(path)
     raw = read_input_bytes(path, MAX_GEOMETRY_BYTES)
@@ -385,13 +389,20 @@ def read_expt(path) -> GeometryFile:
         if abs(cosang) > 1e-6:
             raise _fail(path, _json_line(text, '"slow_axis"', i, '"panels"'), f"{where}.slow_axis",
                         f"must be perpendicular to fast_axis (|cos| <= 1e-6), got cos = {cosang:.3g}")
-        if pd.get("mask"):
-            notes.append(f"{path.name}: {where}.mask: {len(pd['mask'])} region(s) not read (ignored)")
+        bad = _expt_mask(path, text, where, pd.get("mask") or [], size, i)
+        if bad:
+            notes.append(f"{path.name}: {where}.mask: {len(bad)} untrusted rectangle(s): their pixels are "
+                         "not simulated (0)")
+        for k in ("thickness", "mu"):
+            v = pd.get(k, 0.0)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise _fail(path, _json_line(text, f'"{k}"', i, '"panels"'), f"{where}.{k}",
+                            f"must be a number >= 0 ({'mm' if k == 'thickness' else '1/mm'}), got {v!r}")
         panels.append(PanelSpec(name=str(pd.get("name") or f"p{i}"), fpixels=size[0], spixels=size[1],
                                 pixel_mm=float(ps[0]), fast=from_dxtbx(fast), slow=from_dxtbx(slow),
-                                origin_mm=from_dxtbx(origin)))
-    if any(pd.get("thickness") for pd in det["panels"] if isinstance(pd, dict)):
-        notes.append(f"{path.name}: panel thickness/material ignored (the sensor is detector.thick_um)")
+                                origin_mm=from_dxtbx(origin), bad=bad))
+    thickness = [float(pd.get("thickness", 0.0)) for pd in det["panels"]]
+    mu = [float(pd.get("mu", 0.0)) for pd in det["panels"]]
     wavelength = beam_vec = None
     beam = pick("beam")
     if isinstance(beam, dict):
@@ -409,7 +420,33 @@ def read_expt(path) -> GeometryFile:
     if isinstance(cryst, dict) and all(k in cryst for k in ("real_space_a", "real_space_b", "real_space_c")):
         axes = [from_dxtbx(_vec3(path, text, f"crystal.{k}", cryst[k]))
                 for k in ("real_space_a", "real_space_b", "real_space_c")]
-        notes.append(f"{path.name}: the crystal (real_space_a/b/c) is read but not used: the crystal is "
-                     "crystal.cell_A_deg/misset_deg or crystal.matrix_file")
+        a, b, c = axes
+        triple = (a[0] * (b[1] * c[2] - b[2] * c[1]) + a[1] * (b[2] * c[0] - b[0] * c[2])
+                  + a[2] * (b[0] * c[1] - b[1] * c[0]))
+        lengths = math.prod(math.sqrt(sum(x * x for x in v)) for v in axes)
+        if not abs(triple) > 1e-9 * lengths:
+            raise _fail(path, _json_line(text, '"real_space_c"'), "crystal.real_space_c",
+                        "the axes a, b, c must span a volume (they are coplanar)")
     return GeometryFile(path=path, kind="dxtbx", panels=panels, wavelength_A=wavelength,
-                        beam_vector=beam_vec, crystal_axes_A=axes, notes=tuple(notes))
+                        beam_vector=beam_vec, crystal_axes_A=axes, notes=tuple(notes),
+                        thickness_mm=thickness if any(thickness) else None, mu_per_mm=mu if any(mu) else None)
+
+
+def _expt_mask(path, text, where, mask, size, nth) -> List[List[int]]:
+    """A dxtbx panel ``mask``: untrusted rectangles [x0, y0, x1, y1] (fast, slow pixels, half-open:
+    x0 <= f < x1, y0 <= s < y1, clipped to the panel; dxtbx ``Panel.apply_untrusted_rectangle_mask``)
+    as nbsim ``bad`` boxes [fmin, fmax, smin, smax] (inclusive)."""
+    line = _json_line(text, '"mask"', nth, '"panels"')
+    if not isinstance(mask, list):
+        raise _fail(path, line, f"{where}.mask", f"must be a list of [x0, y0, x1, y1] rectangles, got {mask!r}")
+    out = []
+    for r in mask:
+        if (not isinstance(r, list) or len(r) != 4
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+            raise _fail(path, line, f"{where}.mask", f"each rectangle must be 4 integers [x0, y0, x1, y1], got {r!r}")
+        x0, y0, x1, y1 = max(r[0], 0), max(r[1], 0), min(r[2], size[0]), min(r[3], size[1])
+        if not (x0 < x1 and y0 < y1):
+            raise _fail(path, line, f"{where}.mask", f"rectangle {r} [x0, y0, x1, y1] covers no pixel of the "
+                        f"{size[0]}x{size[1]} panel (needs x0 < x1, y0 < y1 after clipping)")
+        out.append([x0, x1 - 1, y0, y1 - 1])
+    return out

@@ -218,6 +218,23 @@ def write_result(result, image_spec, *, img32=None, **paths) -> dict:
                           _writer_args(image_spec), active=result.mask, stats=stats, **paths)
 
 
+def write_panel_result(result, i: int, image_spec, *, img32=None, **paths) -> dict:
+    """``write_result`` of panel ``i`` of a multi-panel ``SimResult`` as a single image (a one-panel
+    geometry file: float, int, noise, PGM, CBF and NeXus as for a single-panel run). Header values:
+    ``nbsim.panels.panel_header_info`` (the panel as a detector of its own; ``info['panels']`` for
+    NeXus); statistics: ``result.stats`` (a one-panel run's are the panel's)."""
+    from nbsim.panels import panel_header_info
+    header = panel_header_info(result, i)
+    p = result.panels[i]
+    st = result.stats
+    header.update(max_I=st.max_I)
+    if st.max_I_at_m is not None:
+        header.update(max_I_x_m=st.max_I_at_m[0], max_I_y_m=st.max_I_at_m[1])
+    stats = {"max_I": st.max_I, "mean": st.mean, "rms": st.rms, "rmsd": st.rmsd, "sum": st.sum}
+    a = result.panel_float32()[i] if img32 is None else img32
+    return write_products(a, p.roi_mask, header, _writer_args(image_spec), active=p.mask, stats=stats, **paths)
+
+
 def write_panels_nexus(path, result, *, scale: float, adc: float = 40.0, dtype: str = "float32",
                        compression: str = "none") -> None:
     """NeXus NXmx of a multi-panel ``SimResult`` (``nbsim.panels``): one ``NXdetector_module`` per
