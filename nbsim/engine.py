@@ -150,14 +150,17 @@ def _row_col(idx: torch.Tensor, fpixels: int, dtype):
 
 
 def sample_positions(idx, fpixels: int, oversample: int, thicksteps: int, pixel_m, thickstep_m,
-                     fdet, sdet, odet, pix0, pixels_last: bool = False):
+                     fdet, sdet, odet, pix0, pixels_last: bool = False, first: bool = False):
     """[x, y, z] lab-frame positions (m) of the flat detector's samples for flat raster pixel
     indices ``idx`` (P,): each (P, T, O), or (T, O, P) with ``pixels_last``. Sub-pixels in C's
-    loop order (slow outer, fast inner), layers at Odet = t·thickstep_m; vectors (3,)."""
+    loop order (slow outer, fast inner), layers at Odet = t·thickstep_m; vectors (3,).
+    ``first``: only the first layer and sub-pixel (T = O = 1), the same numbers."""
     dt, dev = fdet.dtype, fdet.device
     s, f = _row_col(idx, fpixels, dt)
-    sub = torch.arange(oversample, dtype=dt, device=dev)
-    subS, subF = sub.repeat_interleave(oversample), sub.repeat(oversample)
+    n = 1 if first else oversample
+    thicksteps = 1 if first else thicksteps
+    sub = torch.arange(n, dtype=dt, device=dev)
+    subS, subF = sub.repeat_interleave(n), sub.repeat(n)
     Odet = torch.arange(thicksteps, dtype=dt, device=dev) * thickstep_m
     if pixels_last:
         Fd, Sd = subpixel_offsets(s, f, subS[:, None], subF[:, None], oversample, pixel_m)  # (O, P)
@@ -166,11 +169,12 @@ def sample_positions(idx, fpixels: int, oversample: int, thicksteps: int, pixel_
     return flat_positions(Fd[:, None], Sd[:, None], Odet[None, :, None], fdet, sdet, odet, pix0)
 
 
-def _positions(m: Model, idx: torch.Tensor):
+def _positions(m: Model, idx: torch.Tensor, first: bool = False):
     """[x, y, z] (P, T, O) sample positions (m) of flat pixel indices ``idx`` (P,), flat or curved
-    detector (the curved one rotates the beam-axis point by the in-plane offsets / distance)."""
+    detector (the curved one rotates the beam-axis point by the in-plane offsets / distance);
+    ``first``: the first layer and sub-pixel only (T = O = 1)."""
     p = sample_positions(idx, m.fpixels, m.oversample, m.thicksteps, m.pixel_m, m.thickstep_m,
-                         m.fdet, m.sdet, m.odet, m.pix0)
+                         m.fdet, m.sdet, m.odet, m.pix0, first=first)
     if not m.curved:
         return p
     pos = torch.stack(p, -1)

@@ -82,7 +82,7 @@ def warm_kernel_cache(argv: List[str], cache: Path) -> dict:
         p = subprocess.run([sys.executable, "-m", "nbsim.kernel_cache", "build", *argv], cwd=d,
                            env=_env(2, cache), capture_output=True, text=True)
         return {"build_s": time.perf_counter() - t0, "rc": p.returncode,
-                "message": (p.stdout + p.stderr).strip()[-300:],
+                "message": (p.stdout if p.returncode == 0 else p.stdout + p.stderr).strip()[-300:],
                 "entries": len(list(cache.iterdir())) if cache.exists() else 0}
     finally:
         shutil.rmtree(d, ignore_errors=True)
