@@ -4,9 +4,9 @@ A sweep renders many images that differ in a few numbers. Rendered one process e
 for Python, torch and (with ``device.compile``) the compiled kernel; rendered here, they pay once:
 
 * the experiments are put in **groups** of equal kernel shapes (``group_key``: detector size, resolved
-  oversampling, layers, sources, φ steps, mosaic domains, dtype, device) and of equal constants that
-  the compiled kernels bake in (N and the scale factors ``fluence`` × r_e², see below); the groups
-  run one after the other, in the order of their first member, and within a group in the given order;
+  oversampling, layers, sources, φ steps, mosaic domains, dtype, device) and of equal discrete
+  choices that the compiled kernels bake in (see below); the groups run one after the other, in the
+  order of their first member, and within a group in the given order;
 * under ``device.compile: auto`` a group is compiled when the **whole group** repays the compilation
   (the engine's single-image rule ``compile_pays_off`` applied to the sum of the group's samples),
   so the compiled kernel (``nbsim.kernel_cache``, an AOTInductor package on disk) is built once for
@@ -20,12 +20,13 @@ bit** the image that ``simulate(spec, replace(device, compile=flag))`` renders a
 flag given). The images are not stacked along a batch dimension of one kernel call: that needs the
 engine to take a leading batch dimension (see ``STACKING_NEEDS``).
 
-What recompiles (measured on the compiled kernels' static configuration, ``CompiledPlan``): the
-detector width (``fpixels``), oversampling, layers, thickness step, μ, Kahn factor, point-pixel and
-polarization switches, the crystal size N (``Nvals``), ``default_F`` (FF), the background and the
-scale ``r_e² · fluence`` and the number of steps: a sweep over these builds one kernel per value.
-Distance, beam centre, rotations, misset, cell, wavelength, divergence and dispersion are tensors:
-sweeping them reuses one kernel.
+What recompiles (the compiled kernels' static configuration, ``CompiledPlan.cfg``, and input
+shapes): the detector size, oversampling, layers, sources, φ steps, mosaic domains, whether the
+sensor absorbs (thickness 0 or not), the point-pixel and polarization switches, Kahn factor 0 or
+not, which crystal axes have N > 1, and the structure-factor table's extent: a sweep over these
+builds one kernel per value. Every continuous number is a tensor input: distance, beam centre,
+rotations, misset, cell, wavelength, divergence, dispersion, N, default_F, fluence, background,
+steps, thickness, μ and the Kahn factor; sweeping them reuses one kernel.
 """
 from __future__ import annotations
 
@@ -36,16 +37,14 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 from nbsim.spec import DeviceSpec, ExperimentSpec
 
 #: What stacking a group along a leading batch dimension in one kernel call would need of
-#: ``nbsim/engine.py`` (not done here; the engine is another helper's file):
+#: ``nbsim/engine.py`` (not done: each image is one call of the group's compiled kernel)
 STACKING_NEEDS = (
-    "Model fields that differ within a group (fdet, sdet, odet, pix0, beam, distance_m, "
-    "close_distance_m, incident, wavelength_m, source_weight, lattice, polar_vector, pixel_m) "
-    "with a leading batch dimension B, and the N / fluence / I_bg / default_F constants of "
-    "CompiledPlan.front_cfg / finish_cfg moved from Python numbers to (B,) tensor inputs, so that "
-    "one compiled graph serves every member of a group",
-    "_k_positions/_k_geometry/_k_front/_k_finish and render_fast broadcasting over B "
-    "(pixels-last layout (B, T, O, S, F, M, P)), and simulate_image's Chunks taking (B, P) "
-    "index chunks and returning (B, S, F) images",
+    "Model fields that differ within a group (fdet, sdet, odet, pix0, incident, wavelength_m, "
+    "source_weight, lattice, polar_vector, pixel_m, close_distance_m and CompiledPlan.consts) "
+    "with a leading batch dimension B",
+    "_k_geometry/_k_sum and render_fast broadcasting over B (pixels-last layout "
+    "(B, T, O, S, F, M, P)), and simulate_image's Chunks taking (B, P) index chunks and "
+    "returning (B, S, F) images",
     "the faithful loop-order quirks (first sub-pixel factors, φ=0 carry-over, tricubic global "
     "switch-off) carried per batch member",
 )
@@ -60,8 +59,9 @@ def group_key(spec: ExperimentSpec, device: DeviceSpec, base_dir=".", matrix=Non
     c, b, d = spec.crystal, spec.beam, spec.detector
     return (device.device, device.dtype, est.fpixels, est.spixels, est.pixels, est.thicksteps,
             est.oversample, est.sources, est.phisteps, est.mosaic_domains,
-            (c.N, c.Na, c.Nb, c.Nc), c.default_F, c.hkl_file, c.shape,
-            b.fluence_ph_per_m2, d.thick_um, d.thicksteps)
+            tuple(min(3, c.N if n is None else n) for n in (c.Na, c.Nb, c.Nc)),   # 1, 2 or more
+            c.hkl_file, c.shape, d.thick_um == 0, d.oversample_thick, d.thicksteps, d.point_pixel,
+            b.nopolar, b.kahn_factor == 0)
 
 
 def _samples(spec: ExperimentSpec, device: DeviceSpec, base_dir, matrix=None) -> float:
@@ -94,8 +94,7 @@ def group_compile(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=
     if not engine.compile_ok(model):
         return None
     total = sum(_samples(s, device, base_dir, getattr(inputs, "matrix", None)) for s in specs)
-    threshold = engine._AUTO_COMPILE_SAMPLES[engine.miller_mode(model)]
-    return True if total >= threshold else None
+    return True if total >= engine._AUTO_COMPILE_SAMPLES else None
 
 
 def plan_groups(specs: Sequence[ExperimentSpec], device: DeviceSpec, base_dir=".",

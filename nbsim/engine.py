@@ -150,14 +150,17 @@ def _row_col(idx: torch.Tensor, fpixels: int, dtype):
 
 
 def sample_positions(idx, fpixels: int, oversample: int, thicksteps: int, pixel_m, thickstep_m,
-                     fdet, sdet, odet, pix0, pixels_last: bool = False):
+                     fdet, sdet, odet, pix0, pixels_last: bool = False, first: bool = False):
     """[x, y, z] lab-frame positions (m) of the flat detector's samples for flat raster pixel
     indices ``idx`` (P,): each (P, T, O), or (T, O, P) with ``pixels_last``. Sub-pixels in C's
-    loop order (slow outer, fast inner), layers at Odet = t·thickstep_m; vectors (3,)."""
+    loop order (slow outer, fast inner), layers at Odet = t·thickstep_m; vectors (3,).
+    ``first``: only the first layer and sub-pixel (T = O = 1), the same numbers."""
     dt, dev = fdet.dtype, fdet.device
     s, f = _row_col(idx, fpixels, dt)
-    sub = torch.arange(oversample, dtype=dt, device=dev)
-    subS, subF = sub.repeat_interleave(oversample), sub.repeat(oversample)
+    n = 1 if first else oversample
+    thicksteps = 1 if first else thicksteps
+    sub = torch.arange(n, dtype=dt, device=dev)
+    subS, subF = sub.repeat_interleave(n), sub.repeat(n)
     Odet = torch.arange(thicksteps, dtype=dt, device=dev) * thickstep_m
     if pixels_last:
         Fd, Sd = subpixel_offsets(s, f, subS[:, None], subF[:, None], oversample, pixel_m)  # (O, P)
@@ -166,11 +169,12 @@ def sample_positions(idx, fpixels: int, oversample: int, thicksteps: int, pixel_
     return flat_positions(Fd[:, None], Sd[:, None], Odet[None, :, None], fdet, sdet, odet, pix0)
 
 
-def _positions(m: Model, idx: torch.Tensor):
+def _positions(m: Model, idx: torch.Tensor, first: bool = False):
     """[x, y, z] (P, T, O) sample positions (m) of flat pixel indices ``idx`` (P,), flat or curved
-    detector (the curved one rotates the beam-axis point by the in-plane offsets / distance)."""
+    detector (the curved one rotates the beam-axis point by the in-plane offsets / distance);
+    ``first``: the first layer and sub-pixel only (T = O = 1)."""
     p = sample_positions(idx, m.fpixels, m.oversample, m.thicksteps, m.pixel_m, m.thickstep_m,
-                         m.fdet, m.sdet, m.odet, m.pix0)
+                         m.fdet, m.sdet, m.odet, m.pix0, first=first)
     if not m.curved:
         return p
     pos = torch.stack(p, -1)
@@ -792,32 +796,41 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 # compiled path (device option ``compile``)
 # ---------------------------------------------------------------------------------------------
 #
-# torch.compile (Inductor) fuses the stage functions (the very ones ``render`` calls) into a few
-# loops, so the CPU no longer streams every intermediate through memory. Miller indices are C's
-# a_x·S_x + a_y·S_y + a_z·S_z, the eager kernel's own numbers in Miller mode "c". Where the eager
-# kernel takes the BLAS product (many φ·domains) its indices differ in the last bit, which the
-# sincg amplifies to ~1e-11 of a pixel: float64 then stays eager (compiled float64 equals eager to
-# 1e-12), float32 (whose own rounding is far larger) compiles. Layout is pixels-last
-# (…, P), so Inductor vectorises across pixels whatever the number of sub-pixels and sources. The
-# in-kernel square root is the IEEE one, like ``sqrt_exact``. In float64 the two sin() calls stay
-# eager (MKL, bit-identical to the eager kernels and several times faster than Inductor's SLEEF
-# sin), so compiled float64 equals eager to rounding of the final sums (~1e-15); in float32
-# Inductor's sin is as fast and everything runs in one kernel. Shapes are static: chunks are padded
-# to a fixed size, so each experiment compiles once (Inductor's on-disk cache serves later
-# processes).
+# torch.compile (Inductor) fuses the stage functions (the very ones ``render`` calls) of a chunk of
+# pixels into ONE loop nest: per pixel, the sum over layers × sub-pixels × sources × φ × domains is
+# a reduction whose every operand (positions, scattering vector, Miller indices, both sines, sincg,
+# F_cell, the Bragg term) is computed in registers, never stored. Inductor normally stores an
+# intermediate that is read by many consumers or is costly to recompute; ``_FUSE_OPTIONS`` raise
+# those thresholds so that nothing is (measured on bench case 2, float64, 2 cores: 0.69 s wall
+# against 1.32 s for the eager kernel; the kernels that stored π·h and N·π·h took 4.5 s).
+# Miller indices are C's a_x·S_x + a_y·S_y + a_z·S_z (Miller mode "c", the float64 eager kernel's
+# own numbers); the sines are Inductor's (SLEEF, within an ulp), so compiled float64 equals eager to
+# rounding (~1e-15 relative, tested to 1e-12). Layout is pixels-last (…, P), so the reduction
+# vectorises across pixels, and Inductor's OpenMP threads share a chunk's pixels.
+#
+# Shapes and discrete choices are static (``CompiledPlan.cfg``); every continuous number (N of each
+# sincg axis, default_F², background, r_e², fluence, steps, layer thickness, μ, Kahn factor) is a
+# tensor input (``CompiledPlan.consts``), like the geometry, so a sweep over any of them reuses one
+# compiled kernel. Chunks are padded to a fixed size: each shape compiles once per process, or once
+# for all processes through ``nbsim.kernel_cache``.
 
 _COMPILE_VEC = 16                # pad chunks to a multiple of this many pixels
-_COMPILE_CHUNK_BYTES = 64 << 20  # CPU working set of one compiled chunk
+_COMPILE_CHUNKS = 16             # chunks per image (progress, and OpenMP load balance)
+_COMPILE_MAX_CHUNK = 1 << 16     # pixels per compiled chunk at most
+_FUSE_OPTIONS = {"_k_geometry": {},
+                 "_k_sum": {"assert_indirect_indexing": False,   # table indices are clamped in range
+                            "realize_opcount_threshold": 100000,
+                            "realize_reads_threshold": 1000,
+                            "realize_acc_reads_threshold": 1000}}
+#: the continuous numbers of ``_k_image``'s ``consts`` after the N of each sincg axis
+CONSTS = ("default_F_sqr", "I_bg", "r_e_sqr", "fluence", "steps", "thickstep_m", "mu_per_m", "kahn")
 _compiled = {}
 
 
 def compile_ok(m: Model) -> bool:
-    """True when ``render_compiled`` supports the model (else the eager fast path runs). In float64
-    with many φ steps × domains (C's Miller-index order, no BLAS) the eager kernel is the faster one
-    (measured on case 2 of the benchmark: 1.2 s eager, 4.5 s compiled)."""
+    """True when ``render_compiled`` supports the model (else the eager fast path runs)."""
     return (fast_path_ok(m) and layout_kind(m) == "outer" and m.dmin_m == 0 and m.shape == "square"
-            and not m.curved and any(n > 1 for n in m.N)
-            and (m.dtype != torch.float64 or _phi_domains(m) < _BLAS_MIN_FM))
+            and not m.curved and any(n > 1 for n in m.N))
 
 
 def _phi_domains(m: Model) -> int:
@@ -825,58 +838,61 @@ def _phi_domains(m: Model) -> int:
     return m.lattice.shape[0] * m.lattice.shape[1]
 
 
-# pixel·samples from which compiling within one process (about 3.5 s with a warm Inductor cache, on
-# the 2-core CPU this was measured on) is repaid by one image: per sample the compiled kernels save
-# ~35 ns·core (float64) and ~20 ns·core (float32) where Miller mode is "c" (few φ·domains: the
-# per-sub-pixel geometry dominates), ~7 ns·core in float32 where the eager kernel takes the BLAS
-# product
-_AUTO_COMPILE_SAMPLES = {"c": 2e8, "blas": 1e9}
+# pixel·samples from which compiling within one process (about 35 s on the 2-core CPU this was
+# measured on, Inductor's caches cold) is repaid by one image: the fused kernel saves about
+# 40 ns·core per sample in float64 (bench case 2: 2.6 → 1.3 CPU-s for 2.9e7 samples). A kernel
+# that ``nbsim.kernel_cache`` holds is used whatever the size.
+_AUTO_COMPILE_SAMPLES = 2e9
 
 
 def compile_pays_off(m: Model) -> bool:
     """Whether compiling is repaid within a single image (``device.compile: auto``). CPU only: the
-    figures behind ``_AUTO_COMPILE_SAMPLES`` were measured there."""
+    figure behind ``_AUTO_COMPILE_SAMPLES`` was measured there."""
     if not compile_ok(m) or m.device.type != "cpu":
         return False
-    npix = m.fpixels * m.spixels
-    return npix * m.per_pixel_elements() >= _AUTO_COMPILE_SAMPLES[miller_mode(m)]
+    return m.fpixels * m.spixels * m.per_pixel_elements() >= _AUTO_COMPILE_SAMPLES
 
 
-def _k_front(idx, fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pixel, close,
-             lat, table_flat, cfg):
-    """The stages up to the sines, pixels last: π·h and N·π·h (each (T, O, S, F, M, P)) for the
-    sincg axes (reduced: π·(h − h0), see ``sincg_reduced``; its sign is left out as F_latt only
-    enters squared), F_cell (T, O, S, F, M, P) or None, and the once-per-pixel (capture,
-    polarization, solid angle) (P,) (None: exactly 1). Separate tensors (no stack) keep Inductor's
-    loops fused."""
-    (fpix, os_, T, thickstep, mu, use_cap, nopolar, kahn, point), axes, Nvals, tab, reduced = cfg
+def _k_geometry(idx, fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pixel, close,
+                consts, cfg):
+    """The first of the two compiled kernels, for the flat pixel indices ``idx`` (P,): scattering
+    vectors 3 × (T, O, S, P) (m⁻¹) and the once-per-pixel (capture, polarization, solid angle)
+    (P,) (None: exactly 1). Vectors (3,) and geometry in m, as in ``Model``; ``consts``: see
+    ``CompiledPlan``."""
+    fpix, os_, T, use_cap, nopolar, kahn0, point, axes, tab, reduced, w_one = cfg
+    FF, I_bg, r_e_sqr, fluence, steps, thickstep, mu, kahn = consts[len(axes):].unbind()
     p = sample_positions(idx, fpix, os_, T, pixel, thickstep, fdet, sdet, odet, pix0,
                          pixels_last=True)                                # 3 × (T, O, P)
     d, R = airpath(p)                                                     # IEEE sqrt in Inductor
     sc = scattering_vector([c[:, :, None, :] for c in d], [incident[:, c, None] for c in range(3)],
                            wavelength[:, None])                           # 3 × (T, O, S, P)
+    d00 = torch.stack([c[0, 0] for c in d], -1)                           # (P, 3)
+    cap = (capture_fraction(torch.stack([c[-1, 0] for c in d], -1), odet,
+                            torch.full((), float(T - 1), dtype=fdet.dtype, device=fdet.device),
+                            thickstep, mu) if use_cap else None)
+    pol = (None if nopolar else
+           polarization_factor(0.0 if kahn0 else kahn, incident[0].expand_as(d00), d00,
+                               polar_vector))
+    return sc, cap, pol, solid_angle(R[0, 0], pixel, close, point)
+
+
+def _k_sum(sc, lat, table_flat, w, consts, cap, pol, om, cfg):
+    """The second compiled kernel: pixel values (P,) from the scattering vectors ``sc`` 3 ×
+    (T, O, S, P) and the per-pixel factors of ``_k_geometry``, every per-sample stage (Miller
+    indices, sincg, F_cell, Bragg term, the sum over (T, O, S, F, M)) in one loop nest. ``lat``
+    (F, M, 3, 3) Å-scaled lattices; ``w`` (S,) source weights."""
+    fpix, os_, T, use_cap, nopolar, kahn0, point, axes, tab, reduced, w_one = cfg
+    Nv = consts[:len(axes)].unbind()
+    FF, I_bg, r_e_sqr, fluence, steps, thickstep, mu, kahn = consts[len(axes):].unbind()
     sx, sy, sz = (c[:, :, :, None, None] for c in sc)                    # (T, O, S, 1, 1, P)
     L = lat[:, :, None]                                                   # (F, M, 1, 3, 3)
     hkl = [miller_index(sx, sy, sz, L[..., i, :].unbind(-1)) for i in range(3)]
     h0 = [nearest_index(h) for h in hkl] if (tab is not None or reduced) else None
     F_cell = nearest_F(BorderedTable(table_flat, *tab), *h0) if tab is not None else None
+    # sincg of each axis; reduced: π·(h − h0) (its sign left out: F_latt only enters squared)
     X = [((hkl[i] - h0[i]) if reduced else hkl[i]) * math.pi for i in axes]
-    G = [x * n for x, n in zip(X, Nvals)]
-    d00 = torch.stack([c[0, 0] for c in d], -1)                           # (P, 3)
-    cap = (capture_fraction(torch.stack([c[-1, 0] for c in d], -1), odet,
-                            torch.full((), float(T - 1), dtype=fdet.dtype, device=fdet.device),
-                            thickstep, mu) if use_cap else None)
-    pol = None if nopolar else polarization_factor(kahn, incident[0].expand_as(d00), d00,
-                                                   polar_vector)
-    return X, G, F_cell, cap, pol, solid_angle(R[0, 0], pixel, close, point)
-
-
-def _k_finish(X, G, F_cell, cap, pol, om, w, cfg):
-    """Pixel values (P,) from sin(π·h) (X), sin(N·π·h) (G) (or π·h, N·π·h when ``sin_inside``)."""
-    Nvals, FF, w_one, I_bg, r_e_sqr, fluence, steps, sin_inside = cfg
-    if sin_inside:
-        X, G = [torch.sin(x) for x in X], [torch.sin(g) for g in G]
-    F = product([sincg_from_sines(g, x, n) for x, g, n in zip(X, G, Nvals)], like=X[0])
+    F = product([sincg_from_sines(torch.sin(x * n), torch.sin(x), n) for x, n in zip(X, Nv)],
+                like=X[0])
     term = bragg_term(F, F_cell, FF)
     if not w_one:
         term = term * w[:, None, None, None]
@@ -884,76 +900,73 @@ def _k_finish(X, G, F_cell, cap, pol, om, w, cfg):
                         (cap, pol, om))
 
 
-def _compiled_fn(name):
+def _compiled_fn(name: str):
     fn = _compiled.get(name)
     if fn is None:
         import torch._dynamo
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # indices into the structure-factor table are clamped in range: no per-element checks
         fn = _compiled[name] = torch.compile(globals()[name], dynamic=False,
-                                             options={"assert_indirect_indexing": False})
+                                             options=_FUSE_OPTIONS[name])
     return fn
 
 
+def _consts(m: Model, plan: FastPlan) -> torch.Tensor:
+    """``_k_image``'s continuous inputs (A + len(CONSTS),) in the model's dtype."""
+    vals = [m.N[i] for i in plan.axes] + [plan.FF, m.I_bg, m.r_e_sqr, m.fluence, m.steps,
+                                          m.thickstep_m, m.mu_per_m, m.kahn]
+    return torch.stack([torch.as_tensor(v, dtype=m.dtype, device=m.device) for v in vals])
+
+
 class CompiledPlan:
-    """Fixed chunk size and the constants of ``render_compiled``."""
+    """Fixed chunk size, static configuration and continuous inputs of ``render_compiled``."""
 
     def __init__(self, m: Model, fast: FastPlan, budget_bytes: float, chunk_pixels=None):
         itemsize = torch.finfo(m.dtype).bits // 8
-        K = max(1, m.per_pixel_elements())
-        A = len(fast.axes)
-        per_pixel = K * (2 * A + 3) * itemsize + 64 * itemsize
         npix = m.fpixels * m.spixels if m.mask is None else max(1, int(m.mask.sum()))
-        asked = chunk_pixels is not None          # an explicit chunk size is taken as given
         if chunk_pixels is None:
-            cap = min(budget_bytes, _COMPILE_CHUNK_BYTES) if m.device.type == "cpu" else budget_bytes
-            chunk_pixels = max(1, int(cap // per_pixel))
+            chunk_pixels = min(_COMPILE_MAX_CHUNK, -(-npix // _COMPILE_CHUNKS))
         chunk = min(chunk_pixels, npix)
         self.chunk = -(-chunk // _COMPILE_VEC) * _COMPILE_VEC
-        # the compiled kernels hold every sample of a chunk at once: where even the smallest
-        # (padded) chunk exceeds the budget, the eager kernel (which also splits samples) runs
-        self.fits = self.chunk * per_pixel <= budget_bytes or asked
-        self.sin_inside = m.dtype == torch.float32
+        # nothing per sample is stored: a chunk holds its inputs, outputs and per-pixel factors
+        self.fits = self.chunk * 64 * itemsize <= budget_bytes
         use_cap = not (m.thick_m == 0.0 and not m.oversample_thick)
-        tab = None
-        if m.table is not None:
-            tab = (fast.table.lo, fast.table.hi, fast.table.kl)
+        tab = (fast.table.lo, fast.table.hi, fast.table.kl) if m.table is not None else None
         self.table_flat = (fast.table.flat if m.table is not None
                            else torch.zeros(1, dtype=m.dtype, device=m.device))
-        geo_cfg = (m.fpixels, m.oversample, m.thicksteps, float(m.thickstep_m), float(m.mu_per_m),
-                   use_cap, bool(m.nopolar), float(m.kahn), bool(m.point_pixel))
-        self.front_cfg = (geo_cfg, tuple(fast.axes), tuple(fast.Nvals), tab, fast.reduced)
-        self.finish_cfg = (tuple(fast.Nvals), fast.FF, fast.w_one, float(m.I_bg), float(m.r_e_sqr),
-                           float(m.fluence), float(m.steps), self.sin_inside)
-        self.aot = None                    # (front, finish) from nbsim.kernel_cache, when used
+        kahn0 = isinstance(m.kahn, (int, float)) and m.kahn == 0     # polarization_factor's branch
+        self.cfg = (m.fpixels, m.oversample, m.thicksteps, use_cap, bool(m.nopolar), kahn0,
+                    bool(m.point_pixel), tuple(fast.axes), tab, fast.reduced, fast.w_one)
+        self.consts = _consts(m, fast)
+        self.aot = None                    # the kernel from nbsim.kernel_cache, when used
 
 
-def _front_inputs(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> tuple:
+def _geometry_inputs(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> tuple:
     return (idx, m.fdet, m.sdet, m.odet, m.pix0, m.incident, m.wavelength_m, m.polar_vector,
-            m.pixel_m, m.close_distance_m, m.lattice, plan.table_flat)
+            m.pixel_m, m.close_distance_m, plan.consts)
 
 
 def cached_kernels(m: Model, plan: CompiledPlan, *, build: bool = False):
-    """The AOT-compiled (``_k_front``, ``_k_finish``) of this plan from ``nbsim.kernel_cache``, or
-    None where the cache has none (``build``: compile them ahead of time into it first)."""
+    """The AOT-compiled (``_k_geometry``, ``_k_sum``) of this plan from ``nbsim.kernel_cache``, or
+    None where the cache has none (``build``: compile them ahead of time into the cache first)."""
     from nbsim import kernel_cache
     if kernel_cache.disabled():
         return None
-    key_in = _front_inputs(m, torch.zeros(plan.chunk, dtype=torch.int64, device=m.device), plan)
-    front = kernel_cache.load("_k_front", plan.front_cfg, key_in)
-    finish = kernel_cache.load("_k_finish", plan.finish_cfg, key_in)
-    if (front is None or finish is None) and build:
+    key_in = _geometry_inputs(m, torch.zeros(plan.chunk, dtype=torch.int64, device=m.device),
+                              plan) + (m.lattice, plan.table_flat, m.source_weight)
+    kernels = [kernel_cache.load(name, plan.cfg, key_in) for name in ("_k_geometry", "_k_sum")]
+    if None in kernels and build:
         idx = torch.arange(plan.chunk, device=m.device) % (m.fpixels * m.spixels)
-        if front is None:
-            front = kernel_cache.build("_k_front", _k_front, plan.front_cfg, key_in,
-                                       _front_inputs(m, idx, plan))
-        X, G, F_cell, cap, pol, om = front(*_front_inputs(m, idx, plan))
-        if finish is None:
-            finish = kernel_cache.build("_k_finish", _k_finish, plan.finish_cfg, key_in,
-                                        (X, G, F_cell, cap, pol, om, m.source_weight))
-    if front is None or finish is None:
-        return None
-    return front, finish
+        geo_in = _geometry_inputs(m, idx, plan)
+        if kernels[0] is None:
+            kernels[0] = kernel_cache.build("_k_geometry", _k_geometry, plan.cfg, key_in, geo_in,
+                                            options=_FUSE_OPTIONS["_k_geometry"])
+        sc, cap, pol, om = kernels[0](*geo_in)
+        if kernels[1] is None:
+            kernels[1] = kernel_cache.build(
+                "_k_sum", _k_sum, plan.cfg, key_in,
+                (sc, m.lattice, plan.table_flat, m.source_weight, plan.consts, cap, pol, om),
+                options=_FUSE_OPTIONS["_k_sum"])
+    return None if None in kernels else tuple(kernels)
 
 
 def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Tensor:
@@ -962,21 +975,11 @@ def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Te
     P = idx.shape[0]
     if P < plan.chunk:
         idx = torch.cat((idx, idx[-1:].expand(plan.chunk - P)))
-    if plan.aot is not None:
-        front, finish = plan.aot
-        X, G, F_cell, cap, pol, om = front(*_front_inputs(m, idx, plan))
-    else:
-        X, G, F_cell, cap, pol, om = _compiled_fn("_k_front")(*_front_inputs(m, idx, plan),
-                                                             plan.front_cfg)
-    X, G = list(X), list(G)
-    if not plan.sin_inside:
-        for t in X + G:
-            t.sin_()
-    if plan.aot is not None:
-        val = finish(X, G, F_cell, cap, pol, om, m.source_weight)
-    else:
-        val = _compiled_fn("_k_finish")(X, G, F_cell, cap, pol, om, m.source_weight, plan.finish_cfg)
-    return val[:P]
+    geometry, total = plan.aot or (_compiled_fn("_k_geometry"), _compiled_fn("_k_sum"))
+    cfg = () if plan.aot else (plan.cfg,)
+    sc, cap, pol, om = geometry(*_geometry_inputs(m, idx, plan), *cfg)
+    return total(sc, m.lattice, plan.table_flat, m.source_weight, plan.consts, cap, pol, om,
+                 *cfg)[:P]
 
 
 def default_chunk_pixels(m: Model, budget_bytes: float, *, plan: Optional[FastPlan] = None,

@@ -1,7 +1,7 @@
 """Compiled kernels that every process can use: AOTInductor packages on disk.
 
 ``torch.compile`` costs a fresh process 3–9 s even with a warm Inductor cache (Dynamo traces the
-kernel again). This cache keeps the compiled kernels of ``nbsim.engine`` (``_k_front``, ``_k_finish``)
+kernel again). This cache keeps the compiled kernel of ``nbsim.engine`` (``_k_image``)
 as AOTInductor packages (``torch._inductor.aoti_compile_and_package`` of a ``torch.export`` program),
 which a new process loads in milliseconds.
 
@@ -148,8 +148,10 @@ class _Bound(torch.nn.Module):
         return self.fn(*inputs, self.cfg)
 
 
-def build(name: str, fn: Callable, cfg, key_inputs: Sequence, inputs: Sequence) -> Callable:
-    """Compile ``fn(*inputs, cfg)`` ahead of time into the cache (atomically) and load it."""
+def build(name: str, fn: Callable, cfg, key_inputs: Sequence, inputs: Sequence,
+          options: Optional[dict] = None) -> Callable:
+    """Compile ``fn(*inputs, cfg)`` ahead of time into the cache (atomically) and load it;
+    ``options``: Inductor's configuration (as ``torch.compile``'s ``options``)."""
     fields = key_fields(name, cfg, key_inputs)
     key = entry_key(fields)
     root = cache_dir()
@@ -158,7 +160,8 @@ def build(name: str, fn: Callable, cfg, key_inputs: Sequence, inputs: Sequence) 
     try:
         program = torch.export.export(_Bound(fn, cfg), tuple(inputs))
         pkg = tmp / "kernel.pt2"
-        torch._inductor.aoti_compile_and_package(program, package_path=str(pkg))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(pkg),
+                                                 inductor_configs=dict(options or {}))
         (tmp / "manifest.json").write_text(json.dumps({"fields": fields, "sha256": file_sha256(pkg)},
                                                       indent=1))
         entry = _entry(key)

@@ -52,13 +52,16 @@ def solid_angle_sum_sr(model, chunk_pixels=None) -> float:
     idx_all = simulated_indices(m)
     n = m.spixels * m.fpixels if idx_all is None else int(idx_all.numel())
     T, O = m.thicksteps, m.oversample ** 2
-    chunk_pixels = chunk_pixels or max(1, SOLID_ANGLE_CHUNK_SAMPLES // (T * O))
+    chunk_pixels = chunk_pixels or max(1, SOLID_ANGLE_CHUNK_SAMPLES // (T * O if m.oversample_omega
+                                                                         else 1))
     total = 0.0
     with torch.no_grad():
         for start in range(0, n, chunk_pixels):
             stop = min(n, start + chunk_pixels)
             idx = (torch.arange(start, stop, device=m.device) if idx_all is None else idx_all[start:stop])
-            _, R = airpath([c.detach() for c in _positions(m, idx)], sqrt_exact)   # (P, T, O) metres
+            # (P, T, O) metres; without -oversample_omega the first sub-pixel's for every sample
+            pos = _positions(m, idx, first=not m.oversample_omega)
+            _, R = airpath([c.detach() for c in pos], sqrt_exact)
             if m.oversample_omega:
                 om = solid_angle(R, m.pixel_m, m.close_distance_m, m.point_pixel).sum()
             else:

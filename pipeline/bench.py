@@ -13,6 +13,8 @@ as upstream builds it with OpenMP) and against nbsim, and reports per case
   arguments and output files (Python start, imports, setup, writing the files), and the same minus
   the wall time of ``python -c "import torch"`` (measured the same way, best of the same number of
   runs): the fixed costs that are nbsim's own, apart from Python's and torch's start-up;
+* the same whole process with a warm kernel cache (``nbsim.kernel_cache build`` into a fresh folder
+  first, its time recorded; cases 1-3), where ``device.compile=auto`` loads the compiled kernel;
 * nbsim in-process steady state: ``nbsim.api.simulate`` called again in a process that already
   ran it once (what a sweep or refinement loop pays per image), float64 eager, float64 compiled
   (``device.compile``), float32 eager and float32 compiled;
@@ -50,22 +52,23 @@ INPUTS = BENCH_DIR / "inputs"
 SUITE = {
     1: dict(name="cubic 1024², N=5, auto oversampling",
             argv="-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 100 "
-                 "-detpixels 1024"),
+                 "-detpixels 1024", kernel_cache=True),
     2: dict(name="triclinic+misset, 10 domains, 3 φ, os 2, 3 λ × 5 div, 256², 0.4 mm",
             argv="-cell 70 80 90 75 85 95 -misset 10 20 30 -default_F 100 -N 5 -lambda 1 "
                  "-distance 100 -detpixels 256 -pixel 0.4 -mosaic 0.5 -mosaic_dom 10 "
                  "-mosaic_seed 7 -phi 0 -osc 0.3 -phisteps 3 -oversample 2 -dispersion 1 "
-                 "-dispsteps 3 -divergence 1 -divsteps 3"),
+                 "-dispsteps 3 -divergence 1 -divsteps 3", kernel_cache=True),
     3: dict(name="2048² with HKL table (A.mat, P1.hkl), N=6",
             argv="-mat A.mat -hkl P1.hkl -lambda 1 -N 6 -distance 100 -detpixels 2048 -pixel 0.1",
-            inputs=["A.mat", "P1.hkl"]),
+            inputs=["A.mat", "P1.hkl"], kernel_cache=True),
     4: dict(name="4096² with 100 mosaic domains",
             argv="-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 100 "
                  "-detpixels 4096 -pixel 0.05 -mosaic 0.5 -mosaic_dom 100 -mosaic_seed 7",
             max_repeat=1),
 }
 OUT_FLAGS = ["-floatfile", "float.bin", "-nopgm", "-nonoise"]
-TARGETS = "steady ≥ 4× C (cases 1-3); case 2 whole ≥ 2× C; float32 ≥ 1.5× float64; case 4 RSS < 4 GB"
+TARGETS = ("steady ≥ 4× C (cases 1-3); case 2 whole ≥ 2× C, ≥ 2.5× with a warm kernel cache; "
+           "float32 ≥ 1.5× float64; case 4 RSS < 4 GB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,15 +202,41 @@ def run_c(cbin, case, repeat) -> dict:
     return out, img
 
 
-def run_nbsim_whole(case, repeat, extra=()) -> dict:
+def run_nbsim_whole(case, repeat, extra=(), kernel_cache="off") -> dict:
+    """``python -m nbsim.nanobragg`` as a whole process, best of ``repeat``; ``kernel_cache``: its
+    ``NBSIM_KERNEL_CACHE`` ("off": no compiled kernel from disk, ``device.compile=auto`` then
+    decides as if none had ever been built)."""
     argv = case["argv"].split()
     runs = []
+    env = dict(os.environ, NBSIM_KERNEL_CACHE=str(kernel_cache))
     for _ in range(repeat):
         d = case_dir(case)
-        r = timed_run([sys.executable, "-m", "nbsim.nanobragg"] + argv + OUT_FLAGS + list(extra), d)
+        r = timed_run([sys.executable, "-m", "nbsim.nanobragg"] + argv + OUT_FLAGS + list(extra), d,
+                      env)
         runs.append(r)
         shutil.rmtree(d, ignore_errors=True)
     return best_of(runs)
+
+
+def run_nbsim_whole_cached(case, repeat) -> dict:
+    """The whole process with a warm kernel cache: ``python -m nbsim.kernel_cache build`` into a
+    fresh folder (its wall time and message recorded as ``build_s``/``build``), then
+    ``run_nbsim_whole`` with that cache, which ``device.compile=auto`` uses."""
+    cache = Path(tempfile.mkdtemp(prefix="nbsim-bench-kernels-"))
+    try:
+        d = case_dir(case)
+        env = dict(os.environ, NBSIM_KERNEL_CACHE=str(cache))
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "nbsim.kernel_cache", "build",
+                            *case["argv"].split()], cwd=d, env=env, capture_output=True, text=True)
+        build_s = time.perf_counter() - t0
+        shutil.rmtree(d, ignore_errors=True)
+        if p.returncode != 0 or not any(cache.iterdir()):
+            return dict(wall_s=None, rc=p.returncode, build=(p.stdout + p.stderr).strip()[-300:])
+        out = run_nbsim_whole(case, repeat, kernel_cache=cache)
+        return dict(out, build_s=build_s, build=p.stdout.strip())
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def run_torch_import(repeat) -> dict:
@@ -285,7 +314,8 @@ def print_table(rec):
     """One row per case; "+c" columns are the compiled path (blank where it does not apply, the
     eager kernel then runs); C/best and f64/f32 use the faster of eager and compiled."""
     rows = []
-    head = ["case", "Msamples", "C s", "nb whole s", "C/whole", "whole-torch s", "f64 s", "f64+c s", "C/best",
+    head = ["case", "Msamples", "C s", "nb whole s", "C/whole", "whole-torch s", "cached s", "C/cached",
+            "f64 s", "f64+c s", "C/best",
             "f32 s", "f32+c s", "f64/f32", "Msamples/s", "C MB", "nb MB", "parity f64 vs C"]
     for cid, c in rec["cases"].items():
         cw = c.get("c", {}).get("wall_s")
@@ -301,6 +331,7 @@ def print_table(rec):
         rows.append([
             str(cid), fmt(c["samples"] / 1e6, 1), fmt(cw), fmt(c.get("nbsim_whole", {}).get("wall_s")),
             fmt(c.get("ratio_whole"), 2), fmt(c.get("nbsim_whole", {}).get("minus_torch_import_s")),
+            fmt(c.get("nbsim_whole_cached", {}).get("wall_s")), fmt(c.get("ratio_whole_cached"), 2),
             fmt(st("steady_f64")), fmt(st("steady_f64_compiled")),
             fmt(ratio(cw, best64), 2), fmt(st("steady_f32")), fmt(st("steady_f32_compiled")),
             fmt(ratio(best64, best32), 2),
@@ -335,7 +366,8 @@ def compare_previous(rec, history: Path):
         return
     print(f"vs previous record ({prev.get('timestamp')}, commit {str(prev.get('git', {}).get('commit'))[:10]}, "
           f"{prev.get('machine', {}).get('cpu')}): new/old time (< 1 is faster)")
-    keys = [("c", "wall_s"), ("nbsim_whole", "wall_s"), ("steady_f64", "steady_s"),
+    keys = [("c", "wall_s"), ("nbsim_whole", "wall_s"), ("nbsim_whole_cached", "wall_s"),
+            ("steady_f64", "steady_s"),
             ("steady_f64_compiled", "steady_s"), ("steady_f32", "steady_s"),
             ("steady_f32_compiled", "steady_s")]
     for cid, c in rec["cases"].items():
@@ -597,6 +629,10 @@ def _run_cases(a, cases, repeat, cbin, variants, rec):
             print(f"  nbsim whole {fmt(c['nbsim_whole']['wall_s'])} s, "
                   f"{fmt(c['nbsim_whole'].get('rss_mb'), 0)} MB "
                   f"{'' if c['nbsim_whole']['rc'] == 0 else c['nbsim_whole'].get('err')}", flush=True)
+            if case.get("kernel_cache"):
+                w = c["nbsim_whole_cached"] = run_nbsim_whole_cached(case, case_repeat)
+                print(f"  nbsim whole, warm kernel cache {fmt(w.get('wall_s'))} s "
+                      f"(cache built in {fmt(w.get('build_s'), 1)} s: {w.get('build')})", flush=True)
         steps = None
         if not a.no_steady and not (cid == 4 and a.quick):
             for key, dt, comp in variants:
@@ -621,6 +657,7 @@ def _run_cases(a, cases, repeat, cbin, variants, rec):
         c["pixels"], c["steps"], c["samples"] = npix, steps, npix * steps
         cw = c.get("c", {}).get("wall_s")
         c["ratio_whole"] = ratio(cw, c.get("nbsim_whole", {}).get("wall_s"))
+        c["ratio_whole_cached"] = ratio(cw, c.get("nbsim_whole_cached", {}).get("wall_s"))
         _minus_torch(c, rec)
         for key, _, _ in variants:
             if key in c:

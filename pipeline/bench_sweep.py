@@ -10,6 +10,10 @@ points) is computed three ways on the same cores, each from scratch in a fresh f
 * **c_loop**: a shell loop over ``$NB_C_BIN`` with the same experiments (``spec_to_argv``), writing a
   float and an SMV image per point (``OMP_NUM_THREADS=C``).
 
+The heavy grid runs with a warm kernel cache (``warm_kernel_cache``: one ``nbsim.kernel_cache
+build`` of its first point into a fresh folder, timed and recorded as ``kernel_cache``), which
+``device.compile=auto`` then loads in every process; the light grid with the cache off.
+
 Reported per grid: the wall time and points per second of each, ``ratio_c`` = C loop's wall time /
 that way's wall time (> 1: faster than the C loop), the sum of nbsim's own simulation times
 (``run.json`` ``wall_time_s``), which kernels rendered the points, and ``outside_kernel_per_point_s``:
@@ -45,7 +49,8 @@ GRIDS = {
                   base=["crystal=triclinic", "detector.fpixels=512", "detector.spixels=512",
                         "crystal.misset_deg=[10,20,30]", "detector.oversample=2",
                         "crystal.mosaic_deg=0.5", "crystal.mosaic_domains=4", "crystal.osc_deg=0.2",
-                        "crystal.phisteps=2"]),
+                        "crystal.phisteps=2"],
+                  kernel_cache=True),
 }
 
 
@@ -57,11 +62,30 @@ def grid_config(kind: str, quick: bool) -> dict:
                      "detector.distance_mm": DISTANCES[:n]}}
 
 
-def _env(threads: int) -> dict:
+def _env(threads: int, kernel_cache="off") -> dict:
+    """The environment of one way of running the grid; ``kernel_cache``: its
+    ``NBSIM_KERNEL_CACHE`` (a folder, or "off")."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NBSIM_KERNEL_CACHE=str(kernel_cache))
     env.pop("SLURM_CONF", None)
     return env
+
+
+def warm_kernel_cache(argv: List[str], cache: Path) -> dict:
+    """``python -m nbsim.kernel_cache build`` of one grid point into ``cache``: the compiled kernel
+    every point of the grid loads (the grid's continuous numbers are kernel inputs). Its wall time
+    and message; the entries it left."""
+    d = Path(tempfile.mkdtemp(prefix="nbsim-bench-sweep-"))
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "nbsim.kernel_cache", "build", *argv], cwd=d,
+                           env=_env(2, cache), capture_output=True, text=True)
+        return {"build_s": time.perf_counter() - t0, "rc": p.returncode,
+                "message": (p.stdout if p.returncode == 0 else p.stdout + p.stderr).strip()[-300:],
+                "entries": len(list(cache.iterdir())) if cache.exists() else 0}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _timed(cmd: List[str], cwd: Path, env: dict, timeout: float = 7200) -> dict:
@@ -85,7 +109,7 @@ def _store_figures(store: Path, hashes: List[str]) -> dict:
     return {"stored": len(sims), "sum_simulate_s": sum(sims), "kernels": kernels}
 
 
-def run_snakemake(cfg: dict, cores: int, hashes: List[str]) -> dict:
+def run_snakemake(cfg: dict, cores: int, hashes: List[str], kernel_cache="off") -> dict:
     import yaml
     d = Path(tempfile.mkdtemp(prefix="nbsim-bench-sweep-"))
     try:
@@ -93,7 +117,7 @@ def run_snakemake(cfg: dict, cores: int, hashes: List[str]) -> dict:
         cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflows" / "Snakefile"),
                "--directory", str(d), "--configfile", str(d / "sweep.yaml"), "--cores", str(cores),
                "--quiet", "all"]
-        r = _timed(cmd, d, _env(1))
+        r = _timed(cmd, d, _env(1, kernel_cache))
         r.update(_store_figures(d / "store", hashes))
         r["jobs"] = len(list((d / "store" / ".sweep_batches").glob("*.done")))
         return r
@@ -101,12 +125,12 @@ def run_snakemake(cfg: dict, cores: int, hashes: List[str]) -> dict:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run_multirun(cfg: dict, cores: int, hashes: List[str]) -> dict:
+def run_multirun(cfg: dict, cores: int, hashes: List[str], kernel_cache="off") -> dict:
     from pipeline.sweep import multirun_command
     d = Path(tempfile.mkdtemp(prefix="nbsim-bench-sweep-"))
     try:
         cmd = [sys.executable] + multirun_command(cfg)[1:] + ["quiet=true"]
-        r = _timed(cmd, d, _env(cores))
+        r = _timed(cmd, d, _env(cores, kernel_cache))
         r.update(_store_figures(d / "store", hashes))
         return r
     finally:
@@ -177,20 +201,21 @@ def run_sweep_case(kind: str, quick: bool, cbin, cores: int) -> Dict:
     n = len(points)
     rec = {"name": GRIDS[kind]["name"], "points": n, "cores": cores, "config": cfg}
     print(f"sweep {kind}: {rec['name']}, {n} points, {cores} cores", flush=True)
+    argvs = c_argvs(points)
     if cbin:
-        rec["c_loop"] = run_c_loop(cbin, c_argvs(points), cores)
+        rec["c_loop"] = run_c_loop(cbin, argvs, cores)
         print(f"  C loop      {rec['c_loop']['wall_s']:.2f} s", flush=True)
-    rec["snakemake"] = run_snakemake(cfg, cores, hashes)
-    print(f"  snakemake   {rec['snakemake']['wall_s']:.2f} s ({rec['snakemake']['jobs']} batch jobs, "
-          f"{rec['snakemake']['sum_simulate_s']:.2f} s simulating) {rec['snakemake']['err'] or ''}", flush=True)
-    rec["multirun"] = run_multirun(cfg, cores, hashes)
-    print(f"  multirun    {rec['multirun']['wall_s']:.2f} s ({rec['multirun']['sum_simulate_s']:.2f} s "
-          f"simulating) {rec['multirun']['err'] or ''}", flush=True)
-    if kind == "light":
-        rec["in_process"] = outside_kernel(points, cores)
-        print(f"  in process  {rec['in_process']['total_s']:.2f} s, outside the kernel "
-              f"{1e3 * rec['in_process']['outside_kernel_per_point_s']:.1f} ms/point (CPU "
-              f"{1e3 * rec['in_process']['outside_kernel_cpu_per_point_s']:.1f} ms/point)", flush=True)
+    cache = "off"
+    if GRIDS[kind].get("kernel_cache"):
+        cache = Path(tempfile.mkdtemp(prefix="nbsim-bench-kernels-"))
+        rec["kernel_cache"] = warm_kernel_cache(argvs[0], cache)
+        print(f"  kernel cache built in {rec['kernel_cache']['build_s']:.1f} s "
+              f"({rec['kernel_cache']['entries']} entries): {rec['kernel_cache']['message']}", flush=True)
+    try:
+        _run_ways(rec, kind, cfg, cores, hashes, points, cache)
+    finally:
+        if cache != "off":
+            shutil.rmtree(cache, ignore_errors=True)
     c_wall = (rec.get("c_loop") or {}).get("wall_s") if (rec.get("c_loop") or {}).get("rc") == 0 else None
     for way in ("c_loop", "snakemake", "multirun"):
         r = rec.get(way)
@@ -200,6 +225,21 @@ def run_sweep_case(kind: str, quick: bool, cbin, cores: int) -> Dict:
         if c_wall and way != "c_loop":
             r["ratio_c"] = c_wall / r["wall_s"]
     return rec
+
+
+def _run_ways(rec, kind, cfg, cores, hashes, points, cache) -> None:
+    """Snakemake, the multirun and (light grid) the in-process figures of one grid."""
+    rec["snakemake"] = run_snakemake(cfg, cores, hashes, cache)
+    print(f"  snakemake   {rec['snakemake']['wall_s']:.2f} s ({rec['snakemake']['jobs']} batch jobs, "
+          f"{rec['snakemake']['sum_simulate_s']:.2f} s simulating) {rec['snakemake']['err'] or ''}", flush=True)
+    rec["multirun"] = run_multirun(cfg, cores, hashes, cache)
+    print(f"  multirun    {rec['multirun']['wall_s']:.2f} s ({rec['multirun']['sum_simulate_s']:.2f} s "
+          f"simulating) {rec['multirun']['err'] or ''}", flush=True)
+    if kind == "light":
+        rec["in_process"] = outside_kernel(points, cores)
+        print(f"  in process  {rec['in_process']['total_s']:.2f} s, outside the kernel "
+              f"{1e3 * rec['in_process']['outside_kernel_per_point_s']:.1f} ms/point (CPU "
+              f"{1e3 * rec['in_process']['outside_kernel_cpu_per_point_s']:.1f} ms/point)", flush=True)
 
 
 def print_sweeps(sweeps: dict) -> None:

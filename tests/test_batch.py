@@ -79,8 +79,9 @@ def test_devices_per_spec_are_never_mixed_in_a_group():
 @pytest.mark.slow
 def test_compile_true_builds_one_kernel_per_group(tmp_path, monkeypatch):
     """device.compile=true: the AOT kernel of a group is built once (by its first image) and loaded
-    by the others; a distance sweep shares one kernel, an N sweep needs one per N (N is a constant
-    of the compiled code). Images equal the unbatched compiled ones bit for bit."""
+    by the others; a sweep over distance or N shares one kernel pair (both are tensor inputs of
+    the compiled code), a sweep over the detector size needs one pair per size. Images equal the
+    unbatched compiled ones bit for bit."""
     monkeypatch.setenv("NBSIM_KERNEL_CACHE", str(tmp_path / "kc"))
     from nbsim import kernel_cache
     base = ["crystal=triclinic", "detector.fpixels=48", "detector.spixels=48", "device.dtype=float32"]
@@ -89,10 +90,16 @@ def test_compile_true_builds_one_kernel_per_group(tmp_path, monkeypatch):
     got = batch.simulate_many(specs, dev)
     assert all(r.info["kernel"] == "compiled" for r in got)
     entries = sorted(p.name for p in kernel_cache.cache_dir().iterdir())
-    assert len(entries) == 2                          # _k_front + _k_finish, once for 3 distances
+    assert len(entries) == 2                          # _k_geometry + _k_sum, once for 3 distances
     for spec, r in zip(specs, got):
         assert _max_abs_diff(r.image, simulate(spec, dev).image) == 0.0
     n_sweep = [base + [f"crystal.N={n}", "detector.distance_mm=100"] for n in (5, 6)]
     specs2, _ = _specs(n_sweep)
-    batch.simulate_many(specs2, dev)
-    assert len(list(kernel_cache.cache_dir().iterdir())) == 2 + 2 * 2   # one kernel pair per N
+    got2 = batch.simulate_many(specs2, dev)
+    assert all(r.info["kernel_cache"] for r in got2)
+    assert len(list(kernel_cache.cache_dir().iterdir())) == 2           # N: the same kernels
+    sizes = [[*base[:1], f"detector.fpixels={n}", f"detector.spixels={n}", *base[3:], "crystal.N=4"]
+             for n in (40, 56)]
+    specs3, _ = _specs(sizes)
+    batch.simulate_many(specs3, dev)
+    assert len(list(kernel_cache.cache_dir().iterdir())) == 2 + 2 * 2   # one pair per size

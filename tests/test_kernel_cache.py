@@ -87,7 +87,7 @@ def test_a_broken_entry_is_rebuilt_never_used(cache, damage):
     from nbsim import kernel_cache
     from nbsim.spec import DeviceSpec
     entry = next(e for e in cache.iterdir() if json.loads((e / "manifest.json").read_text())
-                 ["fields"]["kernel"] == "_k_front")
+                 ["fields"]["kernel"] == "_k_sum")
     pkg = entry / "kernel.pt2"
     if damage == "truncate":
         pkg.write_bytes(pkg.read_bytes()[:1000])
@@ -126,10 +126,10 @@ def test_key_follows_the_kernels_source(module, tmp_path, monkeypatch):
     import importlib
     from nbsim import kernel_cache
     mod = importlib.import_module(f"nbsim.{module}")
-    before = kernel_cache.key_fields("_k_front", (), [])
+    before = kernel_cache.key_fields("_k_sum", (), [])
     edited = tmp_path / f"{module}.py"
     edited.write_bytes(open(mod.__file__, "rb").read() + b"\n# edited\n")
     monkeypatch.setattr(mod, "__file__", str(edited))
-    after = kernel_cache.key_fields("_k_front", (), [])
+    after = kernel_cache.key_fields("_k_sum", (), [])
     assert before["engine_sha256"] != after["engine_sha256"]
     assert kernel_cache.entry_key(before) != kernel_cache.entry_key(after)

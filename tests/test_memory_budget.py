@@ -37,7 +37,7 @@ PROBE = textwrap.dedent("""
         return ExperimentSpec(detector=DetectorSpec(fpixels=n, spixels=n, oversample=2),
                               crystal=CrystalSpec(cell_A_deg=[100, 100, 100, 90, 90, 90], N=5, default_F=100,
                                                   mosaic_deg=0.5, mosaic_domains=domains))
-    domains = 4 if path == "compiled" else 20   # float64 compiles below 8 orientations (engine.compile_ok)
+    domains = 20
     dev = DeviceSpec(memory_budget_mb=budget_mb, compile=(path == "compiled"))
 
     def run(n, chunk_pixels=None):
