@@ -193,7 +193,8 @@ BAD_EXPT = [
     (lambda d: d["detector"][0]["panels"][0].update(fast_axis=[1, 0]), "detector.panels.0.fast_axis: must be a list of 3 finite numbers"),
     (lambda d: d["detector"][0]["panels"][0].pop("origin"), "detector.panels.0.origin: missing"),
     (lambda d: d["beam"][0].update(wavelength=-1), "beam.wavelength: must be > 0"),
-    (lambda d: d["detector"][0]["hierarchy"].update(origin=[0, 0, 5]), "detector.hierarchy: group frames"),
+    (lambda d: d["detector"][0]["hierarchy"].update(children=[{"panel": 3}]), "detector.hierarchy.children.0.panel: must be a panel index in 0..0"),
+    (lambda d: d["detector"][0]["hierarchy"].update(fast_axis=[0, 0, 0]), "detector.hierarchy.fast_axis: must not be the zero vector"),
     (lambda d: d.pop("detector"), "detector: missing"),
     (lambda d: d["detector"][0]["panels"][0].update(thickness=-0.1), "detector.panels.0.thickness: must be a number >= 0 (mm)"),
     (lambda d: d["detector"][0]["panels"][0].update(mu="x"), "detector.panels.0.mu: must be a number >= 0 (1/mm)"),
@@ -558,3 +559,68 @@ def test_panel_whose_fast_x_slow_faces_the_sample_gets_the_outward_normal(tmp_pa
     single = nbsim.simulate(ref, DEV)
     assert float(single.image.min()) > 0
     assert float((r.panels[0].image - single.image).abs().max()) == 0.0
+
+
+def _hierarchy_doc(group_frames, panel_local):
+    """An .expt whose one panel sits in nested groups (outermost first): each frame (fast, slow,
+    origin), the panel's frame local to the innermost group."""
+    doc = expt_doc()
+    node = {"name": "", "fast_axis": [1, 0, 0], "slow_axis": [0, 1, 0], "origin": [0, 0, 0], "children": []}
+    root, cur = node, node
+    for k, (f, s_, o) in enumerate(group_frames):
+        child = {"name": f"g{k}", "fast_axis": f, "slow_axis": s_, "origin": o, "children": []}
+        cur["children"].append(child)
+        cur = child
+    cur["children"].append({"panel": 0})
+    det = doc["detector"][0]
+    det["hierarchy"] = root
+    det["panels"][0].update(fast_axis=panel_local[0], slow_axis=panel_local[1], origin=panel_local[2])
+    return doc
+
+
+def test_expt_hierarchy_group_frames_are_composed_like_dxtbx(tmp_path):
+    """A panel given in its group's frame (90° about z, whole-number offsets: every product exact)
+    is the flat file's panel, bit for bit: same PanelSpec vectors and the same image."""
+    flat = expt_doc()["detector"][0]["panels"][0]
+    v_f, v_s, v_o = flat["fast_axis"], flat["slow_axis"], flat["origin"]
+    po = [10.0, 20.0, -30.0]
+    # group axes: fast (0, 1, 0), slow (-1, 0, 0), normal (0, 0, 1); local = P^T (v - po)
+    def local(v):
+        return [v[1], -v[0], v[2]]
+    doc = _hierarchy_doc([([0, 1, 0], [-1, 0, 0], po)],
+                         (local(v_f), local(v_s), local([a - b for a, b in zip(v_o, po)])))
+    nested = from_file(tmp_path, "h.expt", json.dumps(doc))
+    plain = from_file(tmp_path, "p.expt", json.dumps(expt_doc()))
+    g_n, g_p = read_geometry(tmp_path / "h.expt"), read_geometry(tmp_path / "p.expt")
+    assert [(p.fast, p.slow, p.origin_mm) for p in g_n.panels] == [(p.fast, p.slow, p.origin_mm) for p in g_p.panels]
+    assert any("hierarchy" in n for n in g_n.notes)
+    a = nbsim.simulate(nested, DEV, base_dir=str(tmp_path)).image
+    b = nbsim.simulate(plain, DEV, base_dir=str(tmp_path)).image
+    assert float((a - b).abs().max()) == 0.0 and float(a.max()) > 0
+
+
+def test_expt_hierarchy_two_levels_match_an_independent_composition(tmp_path):
+    """Two nested tilted groups: the panel's lab frame equals the product of 4×4 homogeneous
+    transforms (numpy) to 1e-12, mapped to nbsim's frame."""
+    def rot(axis, deg):
+        a = np.asarray(axis, float) / np.linalg.norm(axis)
+        t = np.radians(deg)
+        K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+        return np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * K @ K
+    R1, o1 = rot([0.3, -0.2, 1.0], 33.0), np.array([1.5, -2.0, -100.0])
+    R2, o2 = rot([1.0, 0.4, 0.1], 7.0), np.array([20.0, 5.5, 0.25])
+    lf, ls, lo = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, -4.0, 0.5]
+    doc = _hierarchy_doc([(R1[:, 0].tolist(), R1[:, 1].tolist(), o1.tolist()),
+                          (R2[:, 0].tolist(), R2[:, 1].tolist(), o2.tolist())], (lf, ls, lo))
+    (tmp_path / "h2.expt").write_text(json.dumps(doc))
+    p = read_geometry(tmp_path / "h2.expt").panels[0]
+
+    def H(R, o):
+        M = np.eye(4)
+        M[:3, :3], M[:3, 3] = R, o
+        return M
+    M = H(R1, o1) @ H(R2, o2)
+    want_f, want_s = M[:3, :3] @ lf, M[:3, :3] @ ls
+    want_o = (M @ np.array([*lo, 1.0]))[:3]
+    for got, want in ((p.fast, want_f), (p.slow, want_s), (p.origin_mm, want_o)):
+        assert np.allclose(got, from_dxtbx(want.tolist()), rtol=0, atol=1e-12)

@@ -312,9 +312,54 @@ def _vec3(path, text, where, v, *, nonzero=True, nth=0) -> List[float]:
     return [float(x) for x in v]
 
 
+_LAB = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, 0.0))   # fast, slow, normal, origin
+
+
+def compose_frame(parent, fast, slow, origin):
+    """dxtbx's global frame of a node (``VirtualPanelFrame::update_global_frame``) from its parent's
+    global frame ``parent`` = (fast, slow, normal, origin) and its local ``fast``, ``slow`` and
+    ``origin`` (mm): each local vector v becomes pf·v₀ + ps·v₁ + pn·v₂, the origin plus the parent's
+    origin. Returns the node's (fast, slow, normal = fast × slow, origin)."""
+    pf, ps, pn, po = parent
+
+    def rot(v):
+        return [pf[c] * v[0] + ps[c] * v[1] + pn[c] * v[2] for c in range(3)]
+    f, s_ = rot(fast), rot(slow)
+    n = [f[1] * s_[2] - f[2] * s_[1], f[2] * s_[0] - f[0] * s_[2], f[0] * s_[1] - f[1] * s_[0]]
+    o = [x + y for x, y in zip(rot(origin), po)]
+    return f, s_, n, o
+
+
 def _identity_frame(g: dict) -> bool:
     return (g.get("fast_axis", [1, 0, 0]) == [1, 0, 0] and g.get("slow_axis", [0, 1, 0]) == [0, 1, 0]
             and g.get("origin", [0, 0, 0]) == [0, 0, 0])
+
+
+def _panel_parents(path, text, hier, npanels: int) -> dict:
+    """Panel index -> the global frame of its group in the dxtbx ``hierarchy`` (panels' own
+    ``fast_axis``/``slow_axis``/``origin`` are local to it, as dxtbx writes them). Groups whose
+    frames are all the identity are left out (their panels' frames are already lab frames)."""
+    parents, stack = {}, [(hier, _LAB, "detector.hierarchy")] if isinstance(hier, dict) else []
+    while stack:
+        g, parent, where = stack.pop()
+        frame = parent
+        if not _identity_frame(g):
+            vecs = [_vec3(path, text, f"{where}.{k}", g.get(k, d), nonzero=(k != "origin"))
+                    for k, d in (("fast_axis", [1, 0, 0]), ("slow_axis", [0, 1, 0]), ("origin", [0, 0, 0]))]
+            frame = compose_frame(parent, *vecs)
+        for j, c in enumerate(g.get("children") or []):
+            if not isinstance(c, dict):
+                raise _fail(path, _json_line(text, '"hierarchy"'), f"{where}.children.{j}", "must be an object")
+            if "panel" in c:
+                i = c["panel"]
+                if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < npanels):
+                    raise _fail(path, _json_line(text, '"hierarchy"'), f"{where}.children.{j}.panel",
+                                f"must be a panel index in 0..{npanels - 1}, got {i!r}")
+                if frame is not _LAB:
+                    parents[i] = frame
+            else:
+                stack.append((c, frame, f"{where}.children.{j}"))
+    return parents
 
 
 def read_expt(path) -> GeometryFile:
@@ -352,15 +397,10 @@ def read_expt(path) -> GeometryFile:
     det = pick("detector")
     if not isinstance(det, dict) or not isinstance(det.get("panels"), list) or not det["panels"]:
         raise _fail(path, _json_line(text, '"panels"'), "detector.panels", "missing or empty")
-    hier = det.get("hierarchy")
-    stack = [hier] if isinstance(hier, dict) else []
-    while stack:
-        g = stack.pop()
-        if "panel" not in g and not _identity_frame(g):
-            raise _fail(path, _json_line(text, '"hierarchy"'), "detector.hierarchy",
-                        "group frames other than the identity are not supported (accepted: panels "
-                        "with lab-frame axes; flatten the hierarchy, e.g. with dials.export_geometry)")
-        stack += [c for c in g.get("children", []) if isinstance(c, dict)]
+    parents = _panel_parents(path, text, det.get("hierarchy"), len(det["panels"]))
+    if parents:
+        notes.append(f"{path.name}: {len(parents)} panel(s) placed through the detector hierarchy's "
+                     "group frames (dxtbx: panel frames are local to their group)")
     panels = []
     for i, pd in enumerate(det["panels"]):
         where = f"detector.panels.{i}"
@@ -389,6 +429,8 @@ def read_expt(path) -> GeometryFile:
         if abs(cosang) > 1e-6:
             raise _fail(path, _json_line(text, '"slow_axis"', i, '"panels"'), f"{where}.slow_axis",
                         f"must be perpendicular to fast_axis (|cos| <= 1e-6), got cos = {cosang:.3g}")
+        if i in parents:                               # local to its group: compose (dxtbx)
+            fast, slow, _, origin = compose_frame(parents[i], fast, slow, origin)
         bad = _expt_mask(path, text, where, pd.get("mask") or [], size, i)
         if bad:
             notes.append(f"{path.name}: {where}.mask: {len(bad)} untrusted rectangle(s): their pixels are "
