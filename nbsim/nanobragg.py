@@ -105,41 +105,36 @@ def _write_panels(result, parsed, warn) -> int:
     (``<stem>_<panel><ext>``), all with the scale of the whole detector (55000 / max over panels,
     or ``-scale``). The noise and PGM images are not written (one line says so)."""
     from nbsim.io.atomic import atomic_write_bytes
-    from nbsim.io.images import default_int_scale, float_bytes, int_image
-    from nbsim.io.smv import c_g, smv_bytes
-    from nbsim.panels import panel_header_info, panel_path
+    from nbsim.io.images import float_bytes
+    from nbsim.io.products import write_panels
+    from nbsim.io.smv import c_g
+    from nbsim.panels import panel_file_tags, panel_path
 
     paths = parsed.outputs.paths()
     st = result.stats                        # nbsim.api.RunStats
     im = parsed.spec.image
-    scale = im.int_scale if im.int_scale is not None and im.int_scale > 0 else default_int_scale(st.max_I)
     float_path = paths["float_path"]
-    int_paths = [panel_path(paths["int_path"], p.name) for p in result.panels]
-    written = []
+    tags = panel_file_tags([p.name for p in result.panels])
+    int_paths = [panel_path(paths["int_path"], t) for t in tags] if paths["int_path"] is not None else []
+    opts = parsed.outputs.options()
     try:
         atomic_write_bytes(float_path, float_bytes(result.float32()[None, :]))   # one row: all panels
-        written.append(float_path)
-        for i, (p, ip) in enumerate(zip(result.panels, int_paths)):
-            a = result.panel_float32()[i]
-            data = int_image(a, scale, im.adc, p.roi_mask)
-            atomic_write_bytes(ip, smv_bytes(data, panel_header_info(result, i)))
-            written.append(ip)
-        if paths.get("nexus_path") is not None:
-            from nbsim.io.products import write_panels_nexus
-            opts = parsed.outputs.options()
-            write_panels_nexus(paths["nexus_path"], result, scale=scale, adc=im.adc,
-                               dtype=opts["nexus_dtype"], compression=opts["nexus_compression"])
-            written.append(paths["nexus_path"])
-    except OSError as e:
-        for w in written:
+        try:
+            prod = write_panels(result.panel_float32(), [p.roi_mask for p in result.panels], result.info,
+                                im, tags, int_path=paths["int_path"], nexus_path=paths.get("nexus_path"),
+                                nexus_dtype=opts["nexus_dtype"], nexus_compression=opts["nexus_compression"])
+        except BaseException:
             try:
-                os.unlink(w)
+                os.unlink(float_path)
             except OSError:
                 pass
+            raise
+    except OSError as e:
         named = f"-floatfile {float_path}, -intfile {paths['int_path']}"
         if paths.get("nexus_path") is not None:
             named += f", --nexus {paths['nexus_path']}"
         return _error(f"cannot write output ({named}): {e.strerror or e}")
+    scale = prod["intfile_scale"]
     n = sum(p.mask.size for p in result.panels)
     print(f"writing {float_path} as {n} 4-byte floats ({len(result.panels)} panels one after another)")
     at = st.max_I_at                         # (panel, slow, fast)
