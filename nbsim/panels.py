@@ -165,8 +165,14 @@ def panel_model(frame, panel: Panel, *, first: bool):
     W, H = f0 + panel.fpixels, s0 + panel.spixels
     mask = np.zeros((H, W), bool)
     mask[s0:, f0:] = panel.active
+    from nbsim.experiment import _carries_derivative
     close = dot(panel.pix0, panel.odet)
     same = (panel.pix0 is frame.pix0 and panel.odet is frame.odet)
+    # a per-panel parameter on a derivative's path (requires_grad, a forward-mode dual, torch.func)
+    # makes the panel's model differentiable, as build_model does for the frame's parameters
+    differentiable = frame.differentiable or any(
+        isinstance(t, torch.Tensor) and _carries_derivative(t)
+        for t in (panel.pix0, panel.fdet, panel.sdet, panel.odet, panel.pixel_m))
     first_it = frame.first_iteration if (first and mask.any()) else None
     return dataclasses.replace(
         frame, fpixels=W, spixels=H, pixel_m=panel.pixel_m, fdet=panel.fdet, sdet=panel.sdet,
@@ -174,7 +180,7 @@ def panel_model(frame, panel: Panel, *, first: bool):
         close_distance_m=frame.close_distance_m if same else close,
         distance_m=frame.distance_m if same else close,
         mask=None if mask.all() else torch.as_tensor(mask, device=frame.device),
-        first_iteration=first_it)
+        first_iteration=first_it, differentiable=differentiable)
 
 
 def frame_spec(spec: ExperimentSpec, geometry=None) -> ExperimentSpec:
