@@ -395,6 +395,22 @@ def entry_lock(root_abs: Path, h: str):
         yield
 
 
+def complete_stored(final: Path, spec: ExperimentSpec, want: list, preview: str, panels: Optional[list],
+                    log: Callable[[str], None], shown: Path) -> Optional[Tuple[dict, list]]:
+    """The stored entry ``final`` (named by its hash) completed with the products of ``want`` it lacks,
+    added from its ``float.bin`` without simulating (``add_products``; one log line names them):
+    ``(run_json, added names)``, or None when no intact entry is stored. The caller holds the entry
+    lock (``entry_lock``); ``shown``: the entry's path as the user gave the root."""
+    doc = verify_entry(final, final.name)[0]
+    if doc is None:
+        return None
+    extra = missing_products(doc, want, preview)
+    if extra:
+        doc = add_products(final, doc, spec, extra, preview, panels)
+        log(f"added {', '.join(extra)} to stored result {shown} (config hash {final.name}); nothing simulated")
+    return doc, extra
+
+
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
@@ -436,14 +452,10 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     with _store_root(root_abs, root):
         with entry_lock(root_abs, h):
             if not force and (final / "run.json").is_file():
-                doc = verify_entry(final, h)[0]
-                if doc is not None:              # intact (maybe computed by another process meanwhile)
-                    extra = missing_products(doc, want, preview)
-                    if extra:
-                        doc = add_products(final, doc, spec, extra, preview, panels)
-                        log(f"added {', '.join(extra)} to stored result {shown} (config hash {h}); "
-                            "nothing simulated")
-                    else:
+                got = complete_stored(final, spec, want, preview, panels, log, shown)
+                if got is not None:              # intact (maybe computed by another process meanwhile)
+                    doc, extra = got
+                    if not extra:
                         log(f"reusing stored result {shown} (config hash {h}), computed meanwhile")
                     return final, True, doc
             if est.seconds > 60 and progress is not False:
@@ -507,13 +519,10 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
             final = root_abs / hs[i]
             if not force and (final / "run.json").is_file():
                 with entry_lock(root_abs, hs[i]):
-                    doc = verify_entry(final, hs[i])[0]
-                    if doc is not None:
-                        extra = missing_products(doc, wants[i], preview)
-                        if extra:
-                            doc = add_products(final, doc, spec, extra, preview, pans[i])
-                        out[i] = (final, True, doc)
-                        continue
+                    got = complete_stored(final, spec, wants[i], preview, pans[i], log, root / hs[i])
+                if got is not None:
+                    out[i] = (final, True, got[0])
+                    continue
             rest.append(j)
         specs, devs = [specs[j] for j in rest], [devs[j] for j in rest]
         index = [todo[j] for j in rest]

@@ -170,7 +170,7 @@ def test_hydra_store_writes_every_format_per_panel_and_reuses(tmp_path, monkeypa
     # a rerun does not simulate
     out = run_app(monkeypatch, capsys, *OVER, fmts)
     assert tmp_path / out.out.strip() == folder and len(counted) == 1
-    assert f"reusing stored result" in out.err
+    assert f"reusing stored result {out.out.strip()} (config hash {folder.name})" in out.err
 
 
 def test_formats_added_later_are_written_from_float_bin(tmp_path, monkeypatch, capsys, counted):
