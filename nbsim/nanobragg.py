@@ -84,7 +84,7 @@ def _call_simulate(simulate, spec, device, parsed, warn, inputs=None):
 
 def _check_panel_outputs(parsed) -> None:
     """With several panels: SMV and PGM hold one image, so ``-noisefile``/``-pgmfile``/``-pgmscale``
-    given explicitly are refused (``FrontendError``); the int image is written per panel."""
+    given explicitly are refused (``FrontendError``); the int image and ``--cbf`` are written per panel."""
     from nbsim.frontend import FrontendError
     from nbsim.panels import has_panels
     if not has_panels(parsed.spec):
@@ -94,16 +94,14 @@ def _check_panel_outputs(parsed) -> None:
             raise FrontendError(f"{flag}: not available with several panels (--geom): write -floatfile "
                                 "(the panels one after another, raw float32) and -intfile (one SMV per "
                                 "panel, <name>_<panel>.img)")
-    if parsed.outputs.cbffile is not None:
-        raise FrontendError("--cbf: a CBF file holds one panel; with several panels (--geom) write "
-                            "--nexus FILE (one NXdetector_module per panel)")
 
 
 def _write_panels(result, parsed, warn) -> int:
     """The outputs of a multi-panel run: ``-floatfile`` = every panel's float32 pixels one after
-    another (geometry order, each slow-major); ``-intfile`` = one SMV file per panel
-    (``<stem>_<panel><ext>``), all with the scale of the whole detector (55000 / max over panels,
-    or ``-scale``). The noise and PGM images are not written (one line says so)."""
+    another (geometry order, each slow-major); ``-intfile`` and ``--cbf`` = one SMV / CBF file per panel
+    (``<stem>_<panel><ext>``, ``nbsim.panels.panel_file_tags``), all with the scale of the whole
+    detector (55000 / max over panels, or ``-scale``); ``--nexus`` = one file, a module per panel. The
+    noise and PGM images are not written (one line says so)."""
     from nbsim.io.atomic import atomic_write_bytes
     from nbsim.io.images import float_bytes
     from nbsim.io.products import write_panels
@@ -121,7 +119,8 @@ def _write_panels(result, parsed, warn) -> int:
         atomic_write_bytes(float_path, float_bytes(result.float32()[None, :]))   # one row: all panels
         try:
             prod = write_panels(result.panel_float32(), [p.roi_mask for p in result.panels], result.info,
-                                im, tags, int_path=paths["int_path"], nexus_path=paths.get("nexus_path"),
+                                im, tags, int_path=paths["int_path"], cbf_path=paths.get("cbf_path"),
+                                nexus_path=paths.get("nexus_path"),
                                 nexus_dtype=opts["nexus_dtype"], nexus_compression=opts["nexus_compression"])
         except BaseException:
             try:
@@ -131,8 +130,9 @@ def _write_panels(result, parsed, warn) -> int:
             raise
     except OSError as e:
         named = f"-floatfile {float_path}, -intfile {paths['int_path']}"
-        if paths.get("nexus_path") is not None:
-            named += f", --nexus {paths['nexus_path']}"
+        for flag, key in (("--cbf", "cbf_path"), ("--nexus", "nexus_path")):
+            if paths.get(key) is not None:
+                named += f", {flag} {paths[key]}"
         return _error(f"cannot write output ({named}): {e.strerror or e}")
     scale = prod["intfile_scale"]
     n = sum(p.mask.size for p in result.panels)
@@ -144,6 +144,9 @@ def _write_panels(result, parsed, warn) -> int:
     print(f"intfile_scale = {c_g(scale)}")
     for ip in int_paths:
         print(f"writing {ip} as 2-byte integers")
+    if paths.get("cbf_path") is not None:
+        for t in tags:
+            print(f"writing {panel_path(paths['cbf_path'], t)} as CBF (4-byte integer counts, miniCBF header)")
     if paths.get("nexus_path") is not None:
         print(f"writing {paths['nexus_path']} as NeXus NXmx ({parsed.outputs.nexus_dtype}, "
               f"{len(result.panels)} detector modules)")
