@@ -93,8 +93,8 @@ def _panel_count(parsed, inputs) -> int:
 
 def _check_panel_outputs(parsed, inputs=None) -> None:
     """With several panels: SMV and PGM hold one image, so ``-noisefile``/``-pgmfile``/``-pgmscale``
-    given explicitly are refused (``FrontendError``); the int image is written per panel. A
-    one-panel detector (a one-panel geometry file) writes them as a single-panel run does."""
+    given explicitly are refused (``FrontendError``); the int image and ``--cbf`` are written per
+    panel. A one-panel detector (a one-panel geometry file) writes them as a single-panel run does."""
     from nbsim.frontend import FrontendError
     if _panel_count(parsed, inputs) == 1:
         return
@@ -103,52 +103,47 @@ def _check_panel_outputs(parsed, inputs=None) -> None:
             raise FrontendError(f"{flag}: not available with several panels (--geom): write -floatfile "
                                 "(the panels one after another, raw float32) and -intfile (one SMV per "
                                 "panel, <name>_<panel>.img)")
-    if parsed.outputs.cbffile is not None:
-        raise FrontendError("--cbf: a CBF file holds one panel; with several panels (--geom) write "
-                            "--nexus FILE (one NXdetector_module per panel)")
 
 
 def _write_panels(result, parsed, warn) -> int:
     """The outputs of a multi-panel run: ``-floatfile`` = every panel's float32 pixels one after
-    another (geometry order, each slow-major); ``-intfile`` = one SMV file per panel
-    (``<stem>_<panel><ext>``), all with the scale of the whole detector (55000 / max over panels,
-    or ``-scale``). The noise and PGM images are not written (one line says so)."""
+    another (geometry order, each slow-major); ``-intfile`` and ``--cbf`` = one SMV / CBF file per panel
+    (``<stem>_<panel><ext>``, ``nbsim.panels.panel_file_tags``), all with the scale of the whole
+    detector (55000 / max over panels, or ``-scale``); ``--nexus`` = one file, a module per panel. The
+    noise and PGM images are not written (one line says so)."""
     from nbsim.io.atomic import atomic_write_bytes
-    from nbsim.io.images import default_int_scale, float_bytes, int_image
-    from nbsim.io.smv import c_g, smv_bytes
-    from nbsim.panels import panel_header_info, panel_path
+    from nbsim.io.images import float_bytes
+    from nbsim.io.products import write_panels
+    from nbsim.io.smv import c_g
+    from nbsim.panels import panel_file_tags, panel_path
 
     paths = parsed.outputs.paths()
     st = result.stats                        # nbsim.api.RunStats
     im = parsed.spec.image
-    scale = im.int_scale if im.int_scale is not None and im.int_scale > 0 else default_int_scale(st.max_I)
     float_path = paths["float_path"]
-    int_paths = [panel_path(paths["int_path"], p.name) for p in result.panels]
-    written = []
+    tags = panel_file_tags([p.name for p in result.panels])
+    int_paths = [panel_path(paths["int_path"], t) for t in tags] if paths["int_path"] is not None else []
+    opts = parsed.outputs.options()
     try:
         atomic_write_bytes(float_path, float_bytes(result.float32()[None, :]))   # one row: all panels
-        written.append(float_path)
-        for i, (p, ip) in enumerate(zip(result.panels, int_paths)):
-            a = result.panel_float32()[i]
-            data = int_image(a, scale, im.adc, p.roi_mask)
-            atomic_write_bytes(ip, smv_bytes(data, panel_header_info(result, i)))
-            written.append(ip)
-        if paths.get("nexus_path") is not None:
-            from nbsim.io.products import write_panels_nexus
-            opts = parsed.outputs.options()
-            write_panels_nexus(paths["nexus_path"], result, scale=scale, adc=im.adc,
-                               dtype=opts["nexus_dtype"], compression=opts["nexus_compression"])
-            written.append(paths["nexus_path"])
-    except OSError as e:
-        for w in written:
+        try:
+            prod = write_panels(result.panel_float32(), [p.roi_mask for p in result.panels], result.info,
+                                im, tags, int_path=paths["int_path"], cbf_path=paths.get("cbf_path"),
+                                nexus_path=paths.get("nexus_path"),
+                                nexus_dtype=opts["nexus_dtype"], nexus_compression=opts["nexus_compression"])
+        except BaseException:
             try:
-                os.unlink(w)
+                os.unlink(float_path)
             except OSError:
                 pass
+            raise
+    except OSError as e:
         named = f"-floatfile {float_path}, -intfile {paths['int_path']}"
-        if paths.get("nexus_path") is not None:
-            named += f", --nexus {paths['nexus_path']}"
+        for flag, key in (("--cbf", "cbf_path"), ("--nexus", "nexus_path")):
+            if paths.get(key) is not None:
+                named += f", {flag} {paths[key]}"
         return _error(f"cannot write output ({named}): {e.strerror or e}")
+    scale = prod["intfile_scale"]
     n = sum(p.mask.size for p in result.panels)
     print(f"writing {float_path} as {n} 4-byte floats ({len(result.panels)} panels one after another)")
     at = st.max_I_at                         # (panel, slow, fast)
@@ -158,6 +153,9 @@ def _write_panels(result, parsed, warn) -> int:
     print(f"intfile_scale = {c_g(scale)}")
     for ip in int_paths:
         print(f"writing {ip} as 2-byte integers")
+    if paths.get("cbf_path") is not None:
+        for t in tags:
+            print(f"writing {panel_path(paths['cbf_path'], t)} as CBF (4-byte integer counts, miniCBF header)")
     if paths.get("nexus_path") is not None:
         print(f"writing {paths['nexus_path']} as NeXus NXmx ({parsed.outputs.nexus_dtype}, "
               f"{len(result.panels)} detector modules)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import List
 
@@ -90,6 +91,19 @@ def _box_mask(shape, box) -> np.ndarray:
     return m
 
 
+def panel_name(pn: PanelSpec, i: int) -> str:
+    """The name of panel ``i``: its own (geometry files: the file's), else ``p<i>``."""
+    return pn.name or f"p{i}"
+
+
+def panel_roi_mask(pn: PanelSpec, spixels: int, fpixels: int) -> np.ndarray:
+    """(spixels, fpixels) bool: the panel's ROI (``roi``; the whole panel without one), the pixels
+    every output writes (0 outside)."""
+    if pn.roi is None:
+        return np.ones((spixels, fpixels), bool)
+    return _box_mask((spixels, fpixels), pn.roi)
+
+
 def resolve_panels(panels: List[PanelSpec], frame, params=None) -> List[Panel]:
     """Resolve ``panels`` against the single-panel frame ``frame`` (an engine ``Model``: its
     pixel size, vectors and ``pix0`` are a panel's defaults). ``params``: schema key → tensor; the
@@ -130,17 +144,14 @@ def resolve_panels(panels: List[PanelSpec], frame, params=None) -> List[Panel]:
             odet = -odet
         if abs(value(dot(pix0, odet))) < 1e-12:
             raise SpecError(f"{key}.origin_mm", "the panel's plane passes through the sample")
-        active = np.ones((spix, fpix), bool)
-        roi_mask = active.copy()
-        if pn.roi is not None:
-            if pn.roi[1] >= fpix or pn.roi[3] >= spix:
-                raise SpecError(f"{key}.roi", f"must lie inside the panel's {fpix}x{spix} pixels "
-                                f"(fast 0..{fpix - 1}, slow 0..{spix - 1}), got {list(pn.roi)}")
-            roi_mask = _box_mask((spix, fpix), pn.roi)
-            active = roi_mask.copy()
+        if pn.roi is not None and (pn.roi[1] >= fpix or pn.roi[3] >= spix):
+            raise SpecError(f"{key}.roi", f"must lie inside the panel's {fpix}x{spix} pixels "
+                            f"(fast 0..{fpix - 1}, slow 0..{spix - 1}), got {list(pn.roi)}")
+        roi_mask = panel_roi_mask(pn, spix, fpix)
+        active = roi_mask.copy()
         for box in pn.bad or []:
             active &= ~_box_mask((spix, fpix), box)
-        out.append(Panel(name=pn.name or f"p{i}", fpixels=fpix, spixels=spix,
+        out.append(Panel(name=panel_name(pn, i), fpixels=fpix, spixels=spix,
                          offset=(int(pn.offset_px[0]), int(pn.offset_px[1])), pixel_m=pixel_m,
                          fdet=fdet, sdet=sdet, odet=odet, pix0=pix0, active=active, roi_mask=roi_mask))
     return out
@@ -154,8 +165,14 @@ def panel_model(frame, panel: Panel, *, first: bool):
     W, H = f0 + panel.fpixels, s0 + panel.spixels
     mask = np.zeros((H, W), bool)
     mask[s0:, f0:] = panel.active
+    from nbsim.experiment import _carries_derivative
     close = dot(panel.pix0, panel.odet)
     same = (panel.pix0 is frame.pix0 and panel.odet is frame.odet)
+    # a per-panel parameter on a derivative's path (requires_grad, a forward-mode dual, torch.func)
+    # makes the panel's model differentiable, as build_model does for the frame's parameters
+    differentiable = frame.differentiable or any(
+        isinstance(t, torch.Tensor) and _carries_derivative(t)
+        for t in (panel.pix0, panel.fdet, panel.sdet, panel.odet, panel.pixel_m))
     first_it = frame.first_iteration if (first and mask.any()) else None
     return dataclasses.replace(
         frame, fpixels=W, spixels=H, pixel_m=panel.pixel_m, fdet=panel.fdet, sdet=panel.sdet,
@@ -163,7 +180,7 @@ def panel_model(frame, panel: Panel, *, first: bool):
         close_distance_m=frame.close_distance_m if same else close,
         distance_m=frame.distance_m if same else close,
         mask=None if mask.all() else torch.as_tensor(mask, device=frame.device),
-        first_iteration=first_it)
+        first_iteration=first_it, differentiable=differentiable)
 
 
 def sensor_from_geometry(spec: ExperimentSpec, geometry):
@@ -346,27 +363,32 @@ def simulate_panels(spec, device=None, *, params=None, inputs=None, base_dir="."
     return SimResult(image=image, setup=setup, mask=mask, roi_mask=roi_mask, stats=stats, panels=results)
 
 
-def panel_header_info(result, i: int) -> dict:
-    """SMV header values of panel ``i`` of a multi-panel ``result`` (plain numbers, mm): the run's
-    values (``result.info``) with the panel as a custom-convention detector of its own, its first
-    pixel's corner as origin (beam centre = where the beam meets the panel's plane, in the panel's
-    fast/slow axes)."""
-    p = result.panels[i].report
-    beam = np.asarray(result.setup.beam, float)
-    f, s, n = (np.asarray(v, float) for v in (p.fast, p.slow, p.normal))
-    corner = np.asarray(p.corner_mm, float)
+def panel_header_info(info, i: int) -> dict:
+    """Header values of panel ``i`` of a multi-panel run as a single-panel run's ``info`` (plain
+    numbers, mm), from the run's ``info`` (``SimResult.info`` or ``run.json``'s: ``beam`` and
+    ``panels[i]``, a ``PanelReport`` dict): the panel as a custom-convention detector of its own, its
+    first pixel's corner as origin (``pix0_m``) and its own axes (``fdet``/``sdet``/``odet``); beam
+    centre = where the beam meets the panel's plane, in the panel's fast/slow axes. What the SMV
+    (``smv_header``) and CBF (``cbf_header``) writers take for that panel."""
+    p = info["panels"][i]
+    beam = np.asarray(info["beam"], float)
+    f, s, n = (np.asarray(p[k], float) for k in ("fast", "slow", "normal"))
+    corner = np.asarray(p["corner_mm"], float)
     close = float(corner @ n)
     ratio = float(beam @ n)
     distance = close / ratio
     hit = distance * beam - corner                   # beam spot relative to the corner, mm
     fb, sb = float(f @ hit), float(s @ hit)
-    px = p.pixel_mm
-    return dict(result.info, fpixels=p.fpixels, spixels=p.spixels, pixel_mm=px,
-                detsize_f_mm=px * p.fpixels, detsize_s_mm=px * p.spixels,
-                distance_mm=distance, close_distance_mm=close, xbeam_mm=fb, ybeam_mm=sb,
-                fbeam_mm=fb, sbeam_mm=sb, orgx_px=float(-(corner @ f)) / px + 0.5,
-                orgy_px=float(-(corner @ s)) / px + 0.5,
-                dials_origin_mm=[float(corner[2]), float(corner[1]), 0.0 - float(corner[0])])
+    px = float(p["pixel_mm"])
+    out = {k: v for k, v in dict(info).items() if k not in ("panels", "npanels")}
+    out.update(fpixels=int(p["fpixels"]), spixels=int(p["spixels"]), pixel_mm=px,
+               detsize_f_mm=px * int(p["fpixels"]), detsize_s_mm=px * int(p["spixels"]),
+               distance_mm=distance, close_distance_mm=close, xbeam_mm=fb, ybeam_mm=sb,
+               fbeam_mm=fb, sbeam_mm=sb, orgx_px=float(-(corner @ f)) / px + 0.5,
+               orgy_px=float(-(corner @ s)) / px + 0.5,
+               fdet=f.tolist(), sdet=s.tolist(), odet=n.tolist(), pix0_m=(corner * 1e-3).tolist(),
+               dials_origin_mm=[float(corner[2]), float(corner[1]), 0.0 - float(corner[0])])
+    return out
 
 
 def panel_path(path: str, name: str) -> str:
@@ -374,3 +396,16 @@ def panel_path(path: str, name: str) -> str:
     import os
     stem, ext = os.path.splitext(path)
     return f"{stem}_{name}{ext}"
+
+
+_FILE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def panel_file_tags(names) -> List[str]:
+    """What names each panel's file of a per-panel output (``panel_path``): the panel names when they
+    are distinct and safe in a file name (letters, digits, ``_ . + -``), else ``panel<i>`` for every
+    panel (so no two panels ever share a file)."""
+    names = [str(n) for n in names]
+    if len(set(names)) == len(names) and all(_FILE_TAG.fullmatch(n) for n in names):
+        return names
+    return [f"panel{i}" for i in range(len(names))]

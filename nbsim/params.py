@@ -84,6 +84,12 @@ def panel_key(key: str) -> Optional[Tuple[int, str]]:
     return int(rest[0]), rest[1]
 
 
+def param_keys_text() -> str:
+    """The keys that can carry a gradient, for messages: every ``PARAMS`` key, then the per-panel
+    ones of ``PANEL_PARAMS`` as ``detector.panels.<i>.<name>``."""
+    return ", ".join(PARAMS) + ", and per panel " + ", ".join(f"{PANEL_PREFIX}<i>.{k}" for k in PANEL_PARAMS)
+
+
 def param_info(key: str) -> Optional[ParamInfo]:
     """The ``ParamInfo`` of a differentiable key (global or per-panel), else None."""
     pk = panel_key(key)
@@ -105,8 +111,7 @@ def check_params(params: Optional[Mapping[str, torch.Tensor]], spec: ExperimentS
         info = param_info(key)
         if info is None:
             raise SpecError(key, "cannot carry a gradient (" + _DISCRETE_HINT + "); keys that can: "
-                            + ", ".join(PARAMS) + ", and per panel "
-                            + ", ".join(f"{PANEL_PREFIX}<i>.{k}" for k in PANEL_PARAMS))
+                            + param_keys_text())
         if panel_key(key) is not None and spec.detector.panels is None and spec.detector.geometry_file is None:
             raise SpecError(key, "needs a multi-panel detector (detector.panels or detector.geometry_file)")
         if not isinstance(value, torch.Tensor):

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -105,6 +106,18 @@ def _sweep_thumb():
     return SWEEP_THUMB_PX if HydraConfig.get().mode == RunMode.MULTIRUN else None
 
 
+def log_computed(folder: Path, run: dict, total: Optional[float] = None) -> None:
+    """Log a computed result: its warnings, then ``computed <folder> (config hash <h>): simulation
+    <s> s on <device> (<dtype>, <kernel> kernel)`` (``, total <s> s`` when ``total`` is given), from its
+    ``run.json`` ``run`` (the app and the batch launcher both)."""
+    for w in run.get("warnings", []):
+        log.warning(f"warning: {w}")
+    kernel = (run.get("info") or {}).get("kernel") or "unknown"
+    log.info(f"computed {_shown(folder)} (config hash {run['hash']}): simulation {run['wall_time_s']:.2f} s "
+             f"on {run.get('device')} ({run.get('dtype')}, {kernel} kernel)"
+             + ("" if total is None else f", total {total:.2f} s"))
+
+
 def _task(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     spec, device = cfg_to_spec(cfg)
@@ -129,11 +142,7 @@ def _task(cfg: DictConfig) -> str:
         log.info(f"simulated earlier in {run.get('wall_time_s', float('nan')):.2f} s "
                  f"({run.get('device')}, {run.get('dtype')}); nothing computed, {total:.2f} s")
     else:
-        for w in run.get("warnings", []):
-            log.warning(f"warning: {w}")
-        log.info(f"computed {_shown(folder)} (config hash {run['hash']}): simulation "
-                 f"{run['wall_time_s']:.2f} s on {device.device} ({device.dtype}, "
-                 f"{run.get('info', {}).get('kernel') or 'unknown'} kernel), total {total:.2f} s")
+        log_computed(folder, run, total)
     print(_shown(folder), flush=True)               # stdout: the result folder, nothing else
     return str(folder)
 

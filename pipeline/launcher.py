@@ -34,7 +34,7 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     """Compute the points ``job_overrides`` in this process; Hydra ``JobReturn``s in their order."""
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 
-    from pipeline.app import _shown
+    from pipeline.app import _shown, log_computed
     from pipeline.store import run_many
     from pipeline.sweep import Composer
     from hydra.core.hydra_config import HydraConfig
@@ -71,11 +71,7 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
         if reused:
             log.info(f"reusing stored result {_shown(folder)} (config hash {run['hash']})")
         else:
-            for w in run.get("warnings", []):
-                log.warning(f"warning: {w}")
-            log.info(f"computed {_shown(folder)} (config hash {run['hash']}): simulation "
-                     f"{run['wall_time_s']:.2f} s on {run.get('device')} ({run.get('dtype')}, "
-                     f"{(run.get('info') or {}).get('kernel') or 'unknown'} kernel)")
+            log_computed(folder, run)
         print(_shown(folder), flush=True)
         ret = JobReturn(overrides=list(ovr), cfg=config, hydra_cfg=config, working_dir=str(base_dir),
                         task_name=config.hydra.job.name, status=JobStatus.COMPLETED,

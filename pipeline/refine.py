@@ -122,13 +122,7 @@ def _container(cfg: DictConfig, key: str):
 
 def model_spec(cfg: DictConfig):
     """The starting model ``(ExperimentSpec, DeviceSpec)`` of a composed refine config."""
-    spec, device = cfg_to_spec(OmegaConf.masked_copy(cfg, _MODEL_KEYS))
-    from nbsim.panels import has_panels
-    if has_panels(spec):
-        raise SpecError("detector.panels" if spec.detector.panels is not None else "detector.geometry_file",
-                        "nbsim.refine fits single-panel detectors only (multi-panel gradients: the Python "
-                        "API, params={'detector.panels.<i>.origin_mm': ...})")
-    return spec, device
+    return cfg_to_spec(OmegaConf.masked_copy(cfg, _MODEL_KEYS))
 
 
 def refine_settings(cfg: DictConfig) -> dict:
@@ -203,26 +197,55 @@ def refine_settings(cfg: DictConfig) -> dict:
 REPORT_NAMES = {"beam.fluence_ph_per_m2": "fluence"}
 
 
-def start_values(spec: ExperimentSpec, setup, keys: Sequence[str]) -> Dict[str, np.ndarray]:
+def start_values(spec: ExperimentSpec, start, keys: Sequence[str], panels=None) -> Dict[str, np.ndarray]:
     """The starting value of every refined key: the spec's, else the value the setup derived
-    (``setup``: the start model's ``SetupReport``, e.g. the beam centre nanoBragg puts at the
-    detector centre, the default fluence)."""
+    (``start``: the start model's ``SimResult``; its ``setup`` report gives e.g. the beam centre
+    nanoBragg puts at the detector centre, the default fluence). Per-panel keys
+    (``detector.panels.<i>.<name>``): the panel's own value in ``panels`` (the ``PanelSpec``s of the
+    spec or its geometry file), else the resolved one (``origin_mm``: the detector's ``pix0``)."""
+    from nbsim.params import panel_key
     out = {}
     for key in keys:
+        pk = panel_key(key)
+        if pk is not None:
+            i, name = pk
+            v = getattr(panels[i], name)
+            if v is None and name == "origin_mm":
+                v = start.panels[i].report.origin_mm
+            out[key] = np.asarray(v, np.float64)
+            continue
         group, name = key.split(".", 1)
         v = getattr(getattr(spec, group), name, None)
         if v is None:
-            v = getattr(setup, REPORT_NAMES.get(key, name), None)
+            v = getattr(start.setup, REPORT_NAMES.get(key, name), None)
         if v is None:
             raise SpecError("refine", f"{key} has no value in the starting model; set it, e.g. {key}=...")
         out[key] = np.asarray(v, np.float64)
     return out
 
 
-def with_values(spec: ExperimentSpec, values: Dict[str, np.ndarray]) -> ExperimentSpec:
-    """The spec with each ``key`` set to its value (numbers and lists, as a user writes them)."""
-    d = spec_to_dict(spec)
+def with_values(spec: ExperimentSpec, values: Dict[str, np.ndarray], panels=None, geometry=None) -> ExperimentSpec:
+    """The spec with each ``key`` set to its value (numbers and lists, as a user writes them).
+
+    Per-panel keys set ``detector.panels.<i>.<name>``; a detector read from a geometry file
+    (``geometry``, its ``panels``) is then written out as what the file resolves to: its frame
+    (``nbsim.panels.frame_spec``: custom convention, distance, pixel, the file's beam) and the list of
+    its panels, so the fitted model is one config without the file."""
+    import dataclasses as dc
+    from nbsim.params import panel_key
+    per_panel = {panel_key(k): v for k, v in values.items() if panel_key(k) is not None}
+    base = spec
+    if per_panel and spec.detector.panels is None:
+        from nbsim.panels import frame_spec
+        base = frame_spec(spec, geometry)
+    d = spec_to_dict(base)
+    if per_panel:
+        d["detector"]["panels"] = [dc.asdict(pn) for pn in panels]
+        for (i, name), v in per_panel.items():
+            d["detector"]["panels"][i][name] = np.asarray(v, np.float64).tolist()
     for key, v in values.items():
+        if panel_key(key) is not None:
+            continue
         group, name = key.split(".", 1)
         d[group][name] = np.asarray(v, np.float64).tolist()
     return spec_from_dict(d)
@@ -243,26 +266,46 @@ def _resolve(path: str, base_dir) -> Path:
     return p if p.is_absolute() else Path(base_dir) / p
 
 
-def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, start):
+def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, start, panels=None):
     """``(Problem, start values)`` from the validated settings: observed images read and checked
     against the model's shape, weights (valid pixels ∩ ROI ∩ mask ∩ simulated pixels).
-    ``start``: the starting model's ``SimResult`` (setup report, simulated pixels, image)."""
+    ``start``: the starting model's ``SimResult`` (setup report, simulated pixels, image).
+    ``panels``: the ``PanelSpec``s of a multi-panel detector (``pipeline.store.entry_panels``): the
+    observed image is then raw float32 in the ``-floatfile`` layout (every panel one after another,
+    each slow-major), read as one row of all the pixels."""
     import torch
     from nbsim.inputs import load_inputs
+    from nbsim.params import plain
     from nbsim.refine.core import ObservedImage, Problem, make_param
-    from nbsim.refine.observed import read_mask, read_observed, roi_mask
+    from nbsim.refine.observed import _raw, detect_format, read_mask, read_observed, roi_mask
     obs_cfg, fit, keys = settings["observed"], settings["fit"], settings["refine"]
-    shape = (start.setup.spixels, start.setup.fpixels)
+    shapes = None
+    if start.panels is not None:
+        shapes = [tuple(p.mask.shape) for p in start.panels]
+        shape = (1, sum(s * f for s, f in shapes))
+        if obs_cfg["roi"] is not None:
+            raise SpecError("observed.roi", "not available with several panels: give each panel's roi "
+                            "(detector.panels.<i>.roi) or observed.mask (float32, the -floatfile layout)")
+    else:
+        shape = (start.setup.spixels, start.setup.fpixels)
     inputs = load_inputs(spec, base_dir)
-    common = roi_mask(shape, obs_cfg["roi"]) & np.asarray(start.mask, bool)
+    common = roi_mask(shape, obs_cfg["roi"]) & np.asarray(start.mask, bool).reshape(shape)
     if obs_cfg["near_spots_px"] is not None:
         from nbsim.refine.core import near_spots
-        common &= near_spots(start.float32(), obs_cfg["near_spots_px"])
+        if shapes is None:
+            common &= near_spots(start.float32(), obs_cfg["near_spots_px"])
+        else:
+            common &= np.concatenate([near_spots(plain(p.image), obs_cfg["near_spots_px"]).reshape(-1)
+                                      for p in start.panels]).reshape(shape)
     if obs_cfg["mask"] is not None:
         common &= read_mask(_resolve(obs_cfg["mask"], base_dir), shape)
     images = []
     for path in obs_cfg["paths"]:
         p = _resolve(path, base_dir)
+        if shapes is not None and (obs_cfg["format"] == "smv" or
+                                   (obs_cfg["format"] == "auto" and detect_format(_raw(p, "observed")) == "smv")):
+            raise SpecError("observed", f"{path}: with several panels the observed image is raw float32 in "
+                            f"the -floatfile layout ({shape[1]} pixels, the panels one after another), not SMV")
         photons, valid = read_observed(p, shape, adc=obs_cfg["adc"], scale=obs_cfg["scale"],
                                        fmt=obs_cfg["format"])
         w = valid & common
@@ -274,10 +317,12 @@ def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, start)
                 raise SpecError("observed", f"{path}: {neg} pixels are negative after subtracting "
                                 f"observed.adc={obs_cfg['adc']:g}; the Poisson loss needs counts >= 0 "
                                 "(check observed.adc, or use fit.loss=lsq)")
-        images.append(ObservedImage(spec=spec, obs=torch.from_numpy(np.where(w, photons, 0.0)),
-                                    weight=torch.from_numpy(w.astype(np.float64)), inputs=inputs,
-                                    source=str(path)))
-    starts = start_values(spec, start.setup, keys)
+        obs, weight = np.where(w, photons, 0.0), w.astype(np.float64)
+        if shapes is not None:                   # as the model image: 1-D, the panels one after another
+            obs, weight = obs.reshape(-1), weight.reshape(-1)
+        images.append(ObservedImage(spec=spec, obs=torch.from_numpy(obs), weight=torch.from_numpy(weight),
+                                    inputs=inputs, source=str(path), panel_shapes=shapes))
+    starts = start_values(spec, start, keys, panels)
     per_image = set(fit["per_image"]) if len(images) > 1 else set()
     own = obs_cfg["start"] or [{} for _ in images]
     fparams = []
@@ -332,6 +377,20 @@ def loss_png(losses: Sequence[float], out: Path, title: str = "") -> Path:
     return _save_atomic(img, out)
 
 
+def picture(a: np.ndarray, shapes=None) -> np.ndarray:
+    """An image as (slow, fast) for the pictures: itself, or with ``shapes`` (several panels) the 1-D
+    panels one after another stacked along slow, each at the left, 0 right of a narrower panel."""
+    if shapes is None:
+        return a
+    flat = np.asarray(a).reshape(-1)
+    out = np.zeros((sum(s for s, _ in shapes), max(f for _, f in shapes)), flat.dtype)
+    row = start = 0
+    for s, f in shapes:
+        out[row:row + s, :f] = flat[start:start + s * f].reshape(s, f)
+        row, start = row + s, start + s * f
+    return out
+
+
 def residual_png(rows: Sequence[tuple], out: Path, title: str = "") -> Path:
     """One row per image: observed | model | residual (model − observed), observed and model on the
     observed image's log scale. ``rows``: (observed, model, weight) float arrays (slow, fast)."""
@@ -380,7 +439,7 @@ def _progress(max_iter: int, stage: str = ""):
 
 def _params_doc(fparams, values, sigma) -> dict:
     """``{name: {"start", "value", "sigma", "unit"}}`` with lists for list keys."""
-    from nbsim.params import PARAMS
+    from nbsim.params import param_info
     out, j = {}, 0
     for p, x in zip(fparams, values):
         k = p.size
@@ -389,7 +448,7 @@ def _params_doc(fparams, values, sigma) -> dict:
         out[p.name] = {"start": float(p.start) if one else p.start.tolist(),
                        "value": float(x) if one else np.asarray(x).tolist(),
                        "sigma": float(sig[0]) if one else sig.tolist(),
-                       "unit": PARAMS[p.key].unit}
+                       "unit": param_info(p.key).unit}
         j += k
     return out
 
@@ -399,19 +458,21 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
     import torch
     import nbsim
     from nbsim.io.atomic import atomic_dir
-    from nbsim.refine.core import (curvature, jacobian, labels, minimise, newton_polish, physical, split,
-                                   total_loss)
+    from nbsim.refine.core import (check_panel_keys, curvature, jacobian, labels, minimise, newton_polish,
+                                   physical, split, total_loss)
     from pipeline.hashing import config_hash, file_sha256
-    from pipeline.store import check_device
+    from pipeline.store import check_device, entry_panels
 
     t0 = time.perf_counter()
     spec, device = model_spec(cfg)
     settings = refine_settings(cfg)
     check_device(device)
     base_dir = Path(base_dir)
+    panels = entry_panels(spec, base_dir=base_dir)          # None for one panel
+    check_panel_keys(settings["refine"], None if panels is None else len(panels))
     # the starting model once, forward only: shape, derived start values, simulated pixels
     r0 = nbsim.simulate(spec, dataclasses.replace(device, compile=False), base_dir=str(base_dir))
-    problem, starts = build_problem(spec, device, settings, base_dir, r0)
+    problem, starts = build_problem(spec, device, settings, base_dir, r0, panels)
     digests = [file_sha256(_resolve(p, base_dir)) for p in settings["observed"]["paths"]]
     mask_digest = file_sha256(_resolve(settings["observed"]["mask"], base_dir)) \
         if settings["observed"]["mask"] else None
@@ -502,20 +563,22 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
         "hash": h,
     }
     fitted_values = {p.key: v for p, v in zip(problem.fparams, values) if p.image in (None, 0)}
-    fitted = with_values(spec, fitted_values)
+    geometry = problem.images[0].inputs.geometry if panels is not None else None
+    fitted = with_values(spec, fitted_values, panels, geometry)
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         (tmp / "fitted.yaml").write_text(fitted_yaml(fitted, device, h))
         if len(problem.images) > 1:
             for i in range(1, len(problem.images)):
                 vi = {p.key: v for p, v in zip(problem.fparams, values) if p.image in (None, i)}
-                (tmp / f"fitted_{i}.yaml").write_text(fitted_yaml(with_values(spec, vi), device, h))
+                (tmp / f"fitted_{i}.yaml").write_text(fitted_yaml(with_values(spec, vi, panels, geometry),
+                                                                  device, h))
         (tmp / "config.yaml").write_text(f"# nbsim.refine configuration, hash {h}\n"
                                          + OmegaConf.to_yaml(OmegaConf.masked_copy(
                                              cfg, _MODEL_KEYS + ["observed", "refine", "fit", "store"])))
         loss_png(result["loss"], tmp / "loss.png", f"{problem.loss} loss (unblurred stage and Newton steps)")
-        residual_png([(im.obs.numpy(), mu.numpy(), im.weight.numpy()) for im, mu in zip(problem.images, mus)],
-                     tmp / "residual.png", title=f"refine {h}")
+        residual_png([tuple(picture(a.numpy(), im.panel_shapes) for a in (im.obs, mu, im.weight))
+                      for im, mu in zip(problem.images, mus)], tmp / "residual.png", title=f"refine {h}")
         (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return final, False, result
 

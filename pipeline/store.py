@@ -15,6 +15,14 @@ A complete entry holds::
     log.txt       nanoBragg's setup lines (SetupReport.echo), solid angle and product lines
     run.json      hash, versions, device, wall time, image statistics, scales   (written last)
 
+A multi-panel entry (``detector.panels`` / ``detector.geometry_file``) holds ``float.bin`` (the panels
+one after another, geometry order, each slow-major), per panel ``int_<panel>.img`` (``smv``) and
+``image_<panel>.cbf`` (``cbf``), each with the panel's own header and the whole detector's scale, and
+one NeXus file with an ``NXdetector_module`` per panel (``nexus``); ``<panel>`` is the panel's name
+(``p<i>`` by default), or ``panel<i>`` for every panel when the names are not distinct or not safe in
+a file name (``nbsim.panels.panel_file_tags``). The front end's ``-intfile``/``--nexus`` write the
+same files through the same function (``nbsim.io.products.write_panels``). No preview, noise or PGM.
+
 ``run.json`` also records the size and sha256 of every other file (``files_sha256``) and a checksum
 of itself (``run_json_sha256``); an entry is verified (``verify_entry``) before it is reused, and a
 damaged one is reported in one line and recomputed.
@@ -62,19 +70,54 @@ def nexus_name(nexus_dtype: str = "float32", nexus_compression: str = "none") ->
             + ("" if nexus_compression == "none" else f"_{nexus_compression}") + ".nxs")
 
 
+def entry_panels(spec: ExperimentSpec, est=None, base_dir: Union[str, Path] = ".") -> Optional[list]:
+    """The panels (``PanelSpec``s, geometry order) of a multi-panel ``spec``, from ``detector.panels``
+    or its geometry file as the preflight read it (``est.inputs``; read here without one); None for a
+    single-panel detector. They name the per-panel files and give each panel's ROI."""
+    from nbsim.panels import has_panels, panel_list
+    if not has_panels(spec):
+        return None
+    geometry = getattr(getattr(est, "inputs", None), "geometry", None)
+    if geometry is None and spec.detector.panels is None:
+        from nbsim.inputs import load_inputs
+        geometry = load_inputs(spec, str(base_dir)).geometry
+    return panel_list(spec, geometry)
+
+
+def panel_tags(panels) -> list:
+    """Per panel, what names its files in an entry (``nbsim.panels.panel_file_tags``)."""
+    from nbsim.panels import panel_file_tags, panel_name
+    return panel_file_tags([panel_name(pn, i) for i, pn in enumerate(panels)])
+
+
+PANEL_TEMPLATES = {"smv": "int.img", "cbf": "image.cbf"}   # per-panel files: int_<panel>.img, image_<panel>.cbf
+
+
 def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: bool = False,
-                 formats=("smv",), nexus_dtype: str = "float32", nexus_compression: str = "none") -> list:
-    from nbsim.panels import has_panels
+                 formats=("smv",), nexus_dtype: str = "float32", nexus_compression: str = "none",
+                 panels: Optional[list] = None) -> list:
+    """The files of a complete entry for these options. ``panels``: ``entry_panels(spec, ...)``,
+    needed for a multi-panel spec, whose entry holds ``float.bin`` (the panels one after another,
+    geometry order, each slow-major), one SMV (``int_<panel>.img``) and one CBF (``image_<panel>.cbf``)
+    per panel (``panel_tags``), and one NeXus file with a module per panel."""
+    from nbsim.panels import has_panels, panel_path
     if has_panels(spec):
-        # several panels: float.bin holds them one after another (geometry order, each slow-major);
-        # SMV, CBF, PGM and the preview hold one image each and are not written
-        for key, on in (("store.write_noise", write_noise), ("store.write_pgm", write_pgm),
-                        ("store.formats", "cbf" in formats or "nexus" in formats)):
+        # SMV noise, PGM and the preview hold one image each and are not written
+        for key, on in (("store.write_noise", write_noise), ("store.write_pgm", write_pgm)):
             if on:
                 raise SpecError(key, "not available with several panels (detector.panels / "
-                                "detector.geometry_file): the entry holds float.bin, the panels one "
-                                "after another")
-        return ["float.bin", "config.yaml", "run.json"]
+                                "detector.geometry_file): the entry holds float.bin (the panels one "
+                                "after another) and, per store.formats, an SMV and a CBF file per panel "
+                                "and one NeXus file")
+        if panels is None:
+            raise ValueError("wanted_files: a multi-panel spec needs its panels (entry_panels)")
+        names = ["float.bin", "config.yaml", "run.json"]
+        for fmt in ("smv", "cbf"):
+            if fmt in formats:
+                names += [panel_path(PANEL_TEMPLATES[fmt], t) for t in panel_tags(panels)]
+        if "nexus" in formats:
+            names.append(nexus_name(nexus_dtype, nexus_compression))
+        return names
     names = ["float.bin", "preview.png", "config.yaml", "run.json"]
     if "smv" in formats:
         names.insert(1, "int.img")
@@ -87,6 +130,17 @@ def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: boo
     if write_pgm:
         names.append("image.pgm")
     return names
+
+
+def _panel_writer_paths(folder: Path, names) -> dict:
+    """``nbsim.io.products.write_panels`` keyword arguments for the per-panel files ``names``
+    (``int_<panel>.img``, ``image_<panel>.cbf``, ``*.nxs``) in ``folder``: the templates."""
+    kw = {k: v for k, v in _writer_paths(folder, [n for n in names if n.endswith(".nxs")]).items()}
+    for fmt, arg in (("smv", "int_path"), ("cbf", "cbf_path")):
+        stem, ext = os.path.splitext(PANEL_TEMPLATES[fmt])
+        if any(n.startswith(stem + "_") and n.endswith(ext) for n in names):
+            kw[arg] = str(folder / PANEL_TEMPLATES[fmt])
+    return kw
 
 
 def _writer_paths(folder: Path, names) -> dict:
@@ -229,34 +283,49 @@ def missing_products(doc: dict, want, preview: str) -> list:
     return [n for n in names if n not in files]
 
 
-def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, preview: str) -> dict:
+def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, preview: str,
+                 panels: Optional[list] = None) -> dict:
     """Add the products ``names`` (``int.img``, ``noise.img``, ``image.pgm``, ``image.cbf``, ``*.nxs``,
-    ``preview*.png``) to the intact entry
-    ``folder`` from its ``float.bin``, without simulating; return the updated ``run.json``.
+    ``preview*.png``; for a multi-panel entry ``int_<panel>.img``, ``image_<panel>.cbf``, ``*.nxs``)
+    to the intact entry ``folder`` from its ``float.bin``, without simulating; return the updated
+    ``run.json``. ``panels``: ``entry_panels(spec, ...)`` for a multi-panel entry (each panel's ROI).
 
     The files are bit-identical to those a fresh run writes: the writers take the same float32 image,
-    ROI (``info.roi``), statistics and header values (``run.json`` ``info``). Each file is written
-    atomically, then ``run.json`` (manifest, ``files``, checksum) is replaced atomically; the caller
-    holds the entry lock."""
+    ROI (``info.roi``, or each panel's), statistics and header values (``run.json`` ``info``). Each
+    file is written atomically, then ``run.json`` (manifest, ``files``, checksum) is replaced
+    atomically; the caller holds the entry lock."""
     import numpy as np
 
     from nbsim.io import products
     from nbsim.io.atomic import atomic_write_bytes
 
     info = dict(doc.get("info") or {})
-    if any(n == "image.cbf" or n.endswith(".nxs") for n in names):
+    if any(n.endswith((".cbf", ".nxs")) for n in names):
         info = _info_for_writers(info, spec)
-    s, f = int(info["spixels"]), int(info["fpixels"])
-    img = np.fromfile(folder / "float.bin", dtype=np.float32).reshape(s, f)
-    roi_mask = np.zeros((s, f), dtype=bool)
-    xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
-    roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
     new = [n for n in names if not n.startswith("preview")]
+    flat = np.fromfile(folder / "float.bin", dtype=np.float32)
     prod = {}
-    if new:
-        with np.errstate(all="ignore"):
-            prod = products.write_stored(img, roi_mask, info, spec.image, **_writer_paths(folder, new)) or {}
     doc = dict(doc)
+    if info.get("panels"):                       # a multi-panel entry (wanted_files): no preview
+        from nbsim.panels import panel_roi_mask
+        if panels is None:
+            raise ValueError("add_products: a multi-panel entry needs its panels (entry_panels)")
+        images = products.panel_images(flat, info)
+        rois = [panel_roi_mask(pn, *a.shape) for pn, a in zip(panels, images)]
+        with np.errstate(all="ignore"):
+            prod = products.write_panels(images, rois, info, spec.image, panel_tags(panels),
+                                         **_panel_writer_paths(folder, new))
+        if doc.get("intfile_scale") is None:     # an entry stored before the per-panel files
+            doc["intfile_scale"] = prod["intfile_scale"]
+    else:
+        s, f = int(info["spixels"]), int(info["fpixels"])
+        img = flat.reshape(s, f)
+        roi_mask = np.zeros((s, f), dtype=bool)
+        xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
+        roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+        if new:
+            with np.errstate(all="ignore"):
+                prod = products.write_stored(img, roi_mask, info, spec.image, **_writer_paths(folder, new)) or {}
     previews = dict(doc.get("previews") or {"log": "preview.png"})
     thumbs = []
     for n in names:
@@ -326,6 +395,22 @@ def entry_lock(root_abs: Path, h: str):
         yield
 
 
+def complete_stored(final: Path, spec: ExperimentSpec, want: list, preview: str, panels: Optional[list],
+                    log: Callable[[str], None], shown: Path) -> Optional[Tuple[dict, list]]:
+    """The stored entry ``final`` (named by its hash) completed with the products of ``want`` it lacks,
+    added from its ``float.bin`` without simulating (``add_products``; one log line names them):
+    ``(run_json, added names)``, or None when no intact entry is stored. The caller holds the entry
+    lock (``entry_lock``); ``shown``: the entry's path as the user gave the root."""
+    doc = verify_entry(final, final.name)[0]
+    if doc is None:
+        return None
+    extra = missing_products(doc, want, preview)
+    if extra:
+        doc = add_products(final, doc, spec, extra, preview, panels)
+        log(f"added {', '.join(extra)} to stored result {shown} (config hash {final.name}); nothing simulated")
+    return doc, extra
+
+
 def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path] = "outputs",
                  force: bool = False, write_noise: bool = False, write_pgm: bool = False,
                  preview: str = "log", base_dir: Union[str, Path] = ".",
@@ -353,7 +438,8 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     est = preflight(spec, device, base_dir)
     h = config_hash(spec, device, base_dir)
     final, shown = root_abs / h, root / h
-    want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
+    panels = entry_panels(spec, est, base_dir)
+    want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression, panels)
 
     if (final / "run.json").is_file() and not force:
         doc, why = verify_entry(final, h)
@@ -366,14 +452,10 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     with _store_root(root_abs, root):
         with entry_lock(root_abs, h):
             if not force and (final / "run.json").is_file():
-                doc = verify_entry(final, h)[0]
-                if doc is not None:              # intact (maybe computed by another process meanwhile)
-                    extra = missing_products(doc, want, preview)
-                    if extra:
-                        doc = add_products(final, doc, spec, extra, preview)
-                        log(f"added {', '.join(extra)} to stored result {shown} (config hash {h}); "
-                            "nothing simulated")
-                    else:
+                got = complete_stored(final, spec, want, preview, panels, log, shown)
+                if got is not None:              # intact (maybe computed by another process meanwhile)
+                    doc, extra = got
+                    if not extra:
                         log(f"reusing stored result {shown} (config hash {h}), computed meanwhile")
                     return final, True, doc
             if est.seconds > 60 and progress is not False:
@@ -406,14 +488,16 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
     root = Path(root)
     root_abs = root if root.is_absolute() else base_dir / root
     out: list = [None] * len(items)
-    todo, ests, hs = [], {}, []
+    todo, ests, hs, pans, wants = [], {}, [], [], []
     for i, (spec, device) in enumerate(items):
         check_device(device)
         ests[i] = preflight(spec, device, base_dir)
         h = config_hash(spec, device, base_dir)      # after preflight (resolved ROI), as run_or_reuse
         hs.append(h)
         final = root_abs / h
-        want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
+        pans.append(entry_panels(spec, ests[i], base_dir))
+        want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression, pans[i])
+        wants.append(want)
         if (final / "run.json").is_file() and not force:
             doc, why = verify_entry(final, h)
             if doc is not None and not missing_products(doc, want, preview):
@@ -435,13 +519,10 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
             final = root_abs / hs[i]
             if not force and (final / "run.json").is_file():
                 with entry_lock(root_abs, hs[i]):
-                    doc = verify_entry(final, hs[i])[0]
-                    if doc is not None:
-                        extra = missing_products(doc, wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression), preview)
-                        if extra:
-                            doc = add_products(final, doc, spec, extra, preview)
-                        out[i] = (final, True, doc)
-                        continue
+                    got = complete_stored(final, spec, wants[i], preview, pans[i], log, root / hs[i])
+                if got is not None:
+                    out[i] = (final, True, got[0])
+                    continue
             rest.append(j)
         specs, devs = [specs[j] for j in rest], [devs[j] for j in rest]
         index = [todo[j] for j in rest]
@@ -459,7 +540,7 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
             spec, device = items[i]
             h = hs[i]
             final = root_abs / h
-            want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression)
+            want = wants[i]
             with entry_lock(root_abs, h):
                 doc = verify_entry(final, h)[0] if not force and (final / "run.json").is_file() else None
                 if doc is not None:
@@ -528,10 +609,13 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         img = result.float32()
         check_image(img, spec)
         info = dict(result.info)
-        if getattr(result, "panels", None) is not None:            # several panels: float.bin only (wanted_files)
+        if getattr(result, "panels", None) is not None:            # several panels (wanted_files)
             from nbsim.io.images import write_float
+            from nbsim.panels import panel_file_tags
             write_float(tmp / "float.bin", img[None, :])
-            prod = {}
+            prod = products.write_panels(result.panel_float32(), [p.roi_mask for p in result.panels], info,
+                                         spec.image, panel_file_tags([p.name for p in result.panels]),
+                                         **_panel_writer_paths(tmp, want))
         else:
             prod = products.write_result(
                 result, spec.image, float_path=str(tmp / "float.bin"), **_writer_paths(tmp, want)) or {}

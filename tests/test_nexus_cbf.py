@@ -421,13 +421,28 @@ def test_frontend_geom_writes_one_module_per_panel(tmp_path, monkeypatch, capsys
     assert [m["data_origin"] for m in nx["modules"]] == [(0, 0), (12, 0)]
 
 
-def test_frontend_geom_refuses_cbf(tmp_path, monkeypatch, capsys):
+def test_frontend_geom_writes_one_cbf_per_panel(tmp_path, monkeypatch, capsys):
+    """--cbf with a two-panel CrystFEL geometry: one CBF per panel (<stem>_<panel>.cbf, as -intfile),
+    int32 counts of the panel's -floatfile pixels with the whole detector's scale, and the panel's own
+    header: 61 mm along the beam (the .geom's clen + coffset, panels facing the beam), 0.2 mm pixels."""
     from test_geom_files import FE, TWO_PANELS
     from nbsim.nanobragg import main
     (tmp_path / "d.geom").write_text(TWO_PANELS)
     monkeypatch.chdir(tmp_path)
-    rc = main(FE + ["--geom", "d.geom", "--cbf", "x.cbf", "-floatfile", "f.bin"])
+    rc = main(FE + ["--geom", "d.geom", "--cbf", "x.cbf", "-floatfile", "f.bin", "-intfile", "i.img",
+                    "-nonoise", "-nopgm"])
     out, err = capsys.readouterr()
-    lines = [ln for ln in (out + err).splitlines() if "error" in ln]
-    assert rc == 2 and len(lines) == 1 and "--cbf: a CBF file holds one panel" in lines[0]
-    assert not (tmp_path / "x.cbf").exists() and not (tmp_path / "f.bin").exists()
+    assert rc == 0, err + out
+    f = np.fromfile(tmp_path / "f.bin", "<f4")
+    scale = 55000.0 / float(f.max())                 # C's default int scale, over every panel
+    assert _close(float(re.search(r"^intfile_scale = (\S+)$", out, re.M).group(1)), scale, 1e-5)
+    for k, name in enumerate(("p0", "p1")):
+        assert f"writing x_{name}.cbf as CBF" in out
+        im = fabio.open(str(tmp_path / f"x_{name}.cbf"))
+        a = f[k * 192:(k + 1) * 192].reshape(12, 16)
+        assert im.data.dtype == np.int32 and np.array_equal(im.data, count_image(a, scale, 40.0, np.ones(a.shape, bool)))
+        hd = dict(ln[2:].split(" ", 1) for ln in im.header["_array_data.header_contents"].splitlines()
+                  if ln.startswith("# "))
+        assert _close(float(hd["Detector_distance"].split()[0]), 0.061)
+        assert _close(float(hd["Pixel_size"].split()[0]), 0.2e-3)
+        assert _close(float(hd["Wavelength"].split()[0]), 1.1)

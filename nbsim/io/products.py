@@ -224,7 +224,7 @@ def write_panel_result(result, i: int, image_spec, *, img32=None, **paths) -> di
     ``nbsim.panels.panel_header_info`` (the panel as a detector of its own; ``info['panels']`` for
     NeXus); statistics: ``result.stats`` (a one-panel run's are the panel's)."""
     from nbsim.panels import panel_header_info
-    header = panel_header_info(result, i)
+    header = panel_header_info(result.info, i)
     p = result.panels[i]
     st = result.stats
     header.update(max_I=st.max_I)
@@ -235,17 +235,91 @@ def write_panel_result(result, i: int, image_spec, *, img32=None, **paths) -> di
     return write_products(a, p.roi_mask, header, _writer_args(image_spec), active=p.mask, stats=stats, **paths)
 
 
-def write_panels_nexus(path, result, *, scale: float, adc: float = 40.0, dtype: str = "float32",
-                       compression: str = "none") -> None:
-    """NeXus NXmx of a multi-panel ``SimResult`` (``nbsim.panels``): one ``NXdetector_module`` per
-    panel (its first pixel's corner, fast/slow axes and pixel size: ``result.info['panels']``), the panels'
-    images stacked along the slow axis in geometry order: float32 as ``-floatfile`` (0 outside each
-    ROI), or int32 counts (``count_image``) with ``scale``, the whole detector's (as the SMV files)."""
+def write_panels_nexus(path, images, roi_masks, info: Mapping, *, scale: float, adc: float = 40.0,
+                       dtype: str = "float32", compression: str = "none") -> Path:
+    """NeXus NXmx of a multi-panel run (``nbsim.panels``): one ``NXdetector_module`` per panel (its
+    first pixel's corner, fast/slow axes and pixel size: ``info['panels']``), the panels' images
+    stacked along the slow axis in geometry order: float32 as ``-floatfile`` (0 outside each ROI), or
+    int32 counts (``count_image``) with ``scale``, the whole detector's (as the SMV files).
+
+    ``images``: per panel float32 (spixels, fpixels); ``roi_masks``: per panel bool, the ROI."""
     from nbsim.io.images import count_image
     from nbsim.io.nexus import panels_from_info, write_nexus
-    images = result.panel_float32()
     if dtype == "int32":
-        images = [count_image(a, scale, adc, p.roi_mask) for a, p in zip(images, result.panels)]
-    write_nexus(path, images, dict(result.info), dtype=dtype, compression=compression,
-                panels=panels_from_info(result.info),
-                mask=[p.roi_mask for p in result.panels])
+        images = [count_image(a, scale, adc, m) for a, m in zip(images, roi_masks)]
+    return write_nexus(path, list(images), dict(info), dtype=dtype, compression=compression,
+                       panels=panels_from_info(info), mask=list(roi_masks))
+
+
+def panel_images(flat_f32, info: Mapping) -> list:
+    """The panels' float32 (spixels, fpixels) images from the ``-floatfile`` layout ``flat_f32``
+    (every panel one after another in geometry order, each slow-major; ``info['panels']``)."""
+    a = np.asarray(flat_f32, dtype=np.float32).reshape(-1)
+    shapes = [(int(p["spixels"]), int(p["fpixels"])) for p in info["panels"]]
+    if a.size != sum(s * f for s, f in shapes):
+        raise ValueError(f"panel_images: {a.size} pixels for panels of {sum(s * f for s, f in shapes)}")
+    out, start = [], 0
+    for s, f in shapes:
+        out.append(a[start:start + s * f].reshape(s, f))
+        start += s * f
+    return out
+
+
+def write_panels(images, roi_masks, info: Mapping, image_spec, tags, *, int_path=None, cbf_path=None,
+                 nexus_path=None, nexus_dtype: str = "float32", nexus_compression: str = "none") -> dict:
+    """Write the per-panel products of a multi-panel run: the one place the front end (``-intfile``,
+    ``--nexus``) and the result store (``store.formats``) write them.
+
+    Parameters
+    ----------
+    images : list of float32 (spixels, fpixels) arrays, one per panel in geometry order
+    roi_masks : list of bool arrays like ``images``: each panel's ROI (0 outside in every file)
+    info : mapping
+        The run's ``info`` (``SimResult.info`` or ``run.json``'s): ``panels`` (``PanelReport`` dicts),
+        ``beam``, ``max_I`` and the header values (:func:`nbsim.panels.panel_header_info`).
+    image_spec : object or dict
+        ``adc`` and ``int_scale`` (None or <= 0: 55000 / ``max_I`` over all panels).
+    tags : list of str
+        Per panel, what names its file (``nbsim.panels.panel_file_tags``).
+    int_path, cbf_path : path or None
+        Templates: panel k's SMV (uint16, ``int_image``) / CBF (int32 counts, ``count_image``, miniCBF
+        header) goes to ``panel_path(template, tags[k])``, each with the panel's own header
+        (``panel_header_info``) and the scale of the whole detector.
+    nexus_path : path or None
+        One NXmx file with a module per panel (:func:`write_panels_nexus`).
+
+    Every file is written atomically; if one fails, those written by this call are removed and the
+    error is raised. Returns ``intfile_scale``, ``written`` (paths) and ``lines``.
+    """
+    import os
+
+    from nbsim.panels import panel_header_info, panel_path
+    from .cbf import cbf_bytes
+
+    adc = _spec(image_spec, "adc")
+    adc = 40.0 if adc is None else float(adc)
+    scale = _spec(image_spec, "int_scale")
+    scale = default_int_scale(float(info["max_I"])) if scale is None or float(scale) <= 0.0 else float(scale)
+    written: list = []
+    try:
+        for k, (a, m) in enumerate(zip(images, roi_masks)):
+            header = None
+            if int_path is not None or cbf_path is not None:
+                header = panel_header_info(info, k)
+            if int_path is not None:
+                written.append(atomic_write_bytes(panel_path(str(int_path), tags[k]),
+                                                  smv_bytes(int_image(a, scale, adc, m), header)))
+            if cbf_path is not None:
+                written.append(atomic_write_bytes(panel_path(str(cbf_path), tags[k]),
+                                                  cbf_bytes(count_image(a, scale, adc, m), header)))
+        if nexus_path is not None:
+            written.append(write_panels_nexus(nexus_path, images, roi_masks, info, scale=scale, adc=adc,
+                                              dtype=nexus_dtype, compression=nexus_compression))
+    except BaseException:
+        for w in written:
+            try:
+                os.unlink(w)
+            except OSError:
+                pass
+        raise
+    return {"intfile_scale": scale, "written": written, "lines": [f"intfile_scale = {c_g(scale)}"]}

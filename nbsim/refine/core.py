@@ -2,8 +2,10 @@
 loop, and uncertainties from the curvature at the optimum.
 
 Frames and units: every image is (slow, fast) in photons per pixel (observed images already have
-their ADC offset removed and are divided by their photons→counts scale). Parameters are schema keys
-of ``nbsim.params.PARAMS`` in their own units (mm, deg, Å, ...).
+their ADC offset removed and are divided by their photons→counts scale); a multi-panel image is 1-D,
+the panels one after another (each slow-major, the ``-floatfile`` layout), with its panels' shapes in
+``ObservedImage.panel_shapes``. Parameters are schema keys of ``nbsim.params.PARAMS``, or per-panel
+keys ``detector.panels.<i>.<name>`` of ``nbsim.params.PANEL_PARAMS``, in their own units (mm, deg, Å, ...).
 
 The optimiser works in a *scaled* space: for each scalar component ``x = x0 + s·u`` (``s`` from
 ``scale_for``, per key and unit, so that one unit of ``u`` moves the image about as much for a
@@ -20,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from nbsim.params import PARAMS, plain
+from nbsim.params import PANEL_PARAMS, PANEL_PREFIX, PARAMS, panel_key, param_info, param_keys_text, plain
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError
 
 LOSSES = ("poisson", "lsq")
@@ -69,7 +71,7 @@ def scale_for(key: str, start: np.ndarray) -> np.ndarray:
     start = np.asarray(start, np.float64)
     if key == "crystal.cell_A_deg":
         return np.array(CELL_SCALES, np.float64)
-    unit = PARAMS[key].unit
+    unit = param_info(key).unit
     if unit in UNIT_SCALES and key not in ("beam.fluence_ph_per_m2",):
         return np.full(start.shape, UNIT_SCALES[unit], np.float64)
     return np.maximum(np.abs(start) * RELATIVE_SCALE, 1e-12)
@@ -77,14 +79,16 @@ def scale_for(key: str, start: np.ndarray) -> np.ndarray:
 
 def check_refine_keys(keys: Sequence[str]) -> None:
     """Refuse (``SpecError('refine', ...)``) an empty list, a repeated key, a key that is not in the
-    schema, or a schema key that cannot carry a gradient (counts, files, switches)."""
+    schema, or a schema key that cannot carry a gradient (counts, files, switches). Per-panel keys
+    are those of ``PANEL_PARAMS`` (``detector.panels.<i>.<name>``); their index is checked against the
+    detector by ``check_panel_keys``."""
     import difflib
     from dataclasses import fields as dc_fields
     from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec, ImageSpec
     sections = {"detector": DetectorSpec, "beam": BeamSpec, "crystal": CrystalSpec, "image": ImageSpec}
     if not keys:
         raise SpecError("refine", "lists no key; give e.g. refine='[detector.distance_mm,crystal.cell_A_deg]' "
-                        f"(keys that can be refined: {', '.join(PARAMS)})")
+                        f"(keys that can be refined: {param_keys_text()})")
     seen = set()
     for key in keys:
         if not isinstance(key, str):
@@ -92,16 +96,35 @@ def check_refine_keys(keys: Sequence[str]) -> None:
         if key in seen:
             raise SpecError("refine", f"{key} is listed twice")
         seen.add(key)
-        if key in PARAMS:
+        if key in PARAMS or panel_key(key) is not None:
             continue
+        if key.startswith(PANEL_PREFIX):
+            per_panel = ", ".join(f"{PANEL_PREFIX}<i>.{k}" for k in PANEL_PARAMS)
+            raise SpecError("refine", f"{key}: unknown per-panel key; per-panel keys that can be refined: "
+                            f"{per_panel} (<i>: the panel's index in geometry order, 0 first)")
         section, _, name = key.partition(".")
         known = section in sections and name in {f.name for f in dc_fields(sections[section])}
         if known:
             raise SpecError("refine", f"{key} cannot carry a gradient (counts, files, switches and "
-                            f"conventions are discrete); keys that can: {', '.join(PARAMS)}")
+                            f"conventions are discrete); keys that can: {param_keys_text()}")
         close = difflib.get_close_matches(key, list(PARAMS), n=1)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise SpecError("refine", f"{key}: unknown key{hint}; keys that can be refined: {', '.join(PARAMS)}")
+        raise SpecError("refine", f"{key}: unknown key{hint}; keys that can be refined: {param_keys_text()}")
+
+
+def check_panel_keys(keys: Sequence[str], n_panels: Optional[int]) -> None:
+    """Refuse (``SpecError('refine', ...)``) a per-panel key whose panel index is not one of the
+    detector's ``n_panels`` panels, or any per-panel key when the detector has one panel (None)."""
+    for key in keys:
+        pk = panel_key(key)
+        if pk is None:
+            continue
+        if n_panels is None:
+            raise SpecError("refine", f"{key}: needs a multi-panel detector (detector.panels or "
+                            "detector.geometry_file)")
+        if pk[0] >= n_panels:
+            raise SpecError("refine", f"{key}: panel index {pk[0]} out of range: the detector has "
+                            f"{n_panels} panels (0..{n_panels - 1})")
 
 
 def _as_array(value, shape, what: str) -> np.ndarray:
@@ -205,6 +228,16 @@ class ObservedImage:
     weight: torch.Tensor
     inputs: object = None
     source: str = ""
+    panel_shapes: Optional[List[Tuple[int, int]]] = None   # several panels: (spixels, fpixels) each
+
+
+def panel_blur(img: torch.Tensor, shapes: Optional[Sequence[Tuple[int, int]]], sigma_px: float) -> torch.Tensor:
+    """``gaussian_blur`` of an image: (slow, fast), or with ``shapes`` a 1-D multi-panel image
+    blurred panel by panel (no blur across a panel's edge)."""
+    if shapes is None:
+        return gaussian_blur(img, sigma_px)
+    parts = torch.split(img.reshape(-1), [s * f for s, f in shapes])
+    return torch.cat([gaussian_blur(p.reshape(s, f), sigma_px).reshape(-1) for p, (s, f) in zip(parts, shapes)])
 
 
 @dataclass
@@ -261,7 +294,8 @@ def image_loss(problem: Problem, mu: torch.Tensor, im: "ObservedImage", blur_px:
     fn = LOSS_FUNCTIONS[problem.loss]
     mu = mu.to(torch.float64)
     if blur_px > 0:
-        return fn(gaussian_blur(mu * im.weight, blur_px), gaussian_blur(im.obs * im.weight, blur_px),
+        return fn(panel_blur(mu * im.weight, im.panel_shapes, blur_px),
+                  panel_blur(im.obs * im.weight, im.panel_shapes, blur_px),
                   torch.ones_like(im.weight), problem.background)
     return fn(mu, im.obs, im.weight, problem.background)
 

@@ -1,0 +1,248 @@
+"""The Hydra store with several panels: ``store.formats=[smv,cbf,nexus]`` writes an SMV and a CBF per
+panel and one NeXus file with a module per panel, read back with independent readers (fabio, h5py +
+nxmx); formats asked later are added from ``float.bin`` without simulating; the entry's checksums
+cover the new files.
+
+The expected header values come from the geometry file the test writes (distance along the beam, pixel
+size, where the beam meets each panel), not from the writers; the expected pixels from ``float.bin``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+h5py = pytest.importorskip("h5py")
+nxmx = pytest.importorskip("nxmx")
+fabio = pytest.importorskip("fabio")
+
+import nbsim.api  # noqa: E402
+from nbsim.io.images import count_image, int_image  # noqa: E402
+from nbsim.io.nexus import mcstas_rotation  # noqa: E402
+from pipeline import app, store  # noqa: E402
+from pipeline.compose import compose_spec  # noqa: E402
+
+REL = 1e-6
+C, S = math.cos(math.radians(30.0)), math.sin(math.radians(30.0))
+RES = 5000.0                                    # pixels per metre: 0.2 mm pixels
+CLEN_M, COFFSET_M = 0.06, 0.001                 # both panels face the beam at 61 mm
+# p0 axis-aligned, p1 rotated by 30 degrees about the beam; 32 x 32 pixels each
+GEOM = f"""; two 32x32 panels
+res = {RES:g}
+clen = {CLEN_M}
+coffset = {COFFSET_M}
+p0/min_fs = 0
+p0/max_fs = 31
+p0/min_ss = 0
+p0/max_ss = 31
+p0/fs = +1x
+p0/ss = +1y
+p0/corner_x = -40
+p0/corner_y = -10
+p1/min_fs = 0
+p1/max_fs = 31
+p1/min_ss = 0
+p1/max_ss = 31
+p1/fs = +{C!r}x +{S!r}y
+p1/ss = -{S!r}x +{C!r}y
+p1/corner_x = 2
+p1/corner_y = -10
+"""
+PANELS = ("p0", "p1")
+PX_MM = 1e3 / RES
+DIST_MM = (CLEN_M + COFFSET_M) * 1e3
+
+
+def expected_beam_px(corner, fs, ss):
+    """Where the beam (CrystFEL's +z through the origin) meets a panel facing it, in pixels from the
+    corner of its first pixel along fast and slow (CrystFEL's own frame)."""
+    d = -np.asarray(corner, float)
+    return float(d @ np.asarray(fs)), float(d @ np.asarray(ss))
+
+
+BEAM_PX = {"p0": expected_beam_px((-40, -10), (1, 0), (0, 1)),
+           "p1": expected_beam_px((2, -10), (C, S), (-S, C))}
+OVER = ["crystal.cell_A_deg=[42,51,63,88,93,97]", "crystal.misset_deg=[11,23,35]", "crystal.N=3",
+        "crystal.default_F=100", "beam.wavelength_A=1.1", "detector.oversample=1",
+        "detector.geometry_file=d.geom"]
+WAVELENGTH_A = 1.1
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts calls of the real ``nbsim.api.simulate`` (the store looks it up at call time)."""
+    calls = []
+    real = nbsim.api.simulate
+
+    def simulate(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(nbsim.api, "simulate", simulate)
+    return calls
+
+
+def run_app(monkeypatch, capsys, *overrides):
+    monkeypatch.setattr(sys, "argv", ["nbsim", *overrides])
+    app.main()
+    return capsys.readouterr()
+
+
+def _close(a, b, rel=REL):
+    return np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=rel, atol=0.0)
+
+
+def panels_of(folder):
+    """float.bin split into the panels (info['panels'] order and shapes)."""
+    doc = json.loads((folder / "run.json").read_text())
+    flat = np.fromfile(folder / "float.bin", "<f4")
+    out, start = [], 0
+    for p in doc["info"]["panels"]:
+        n = p["spixels"] * p["fpixels"]
+        out.append(flat[start:start + n].reshape(p["spixels"], p["fpixels"]))
+        start += n
+    assert start == flat.size
+    return doc, out
+
+
+def check_files(folder, doc, images, formats):
+    """Every per-panel file of ``formats`` read back: pixels from float.bin, headers from GEOM."""
+    scale = doc["intfile_scale"]
+    assert scale > 0
+    names = [p["name"] for p in doc["info"]["panels"]]
+    assert names == list(PANELS)
+    for name, a in zip(names, images):
+        fb, sb = BEAM_PX[name]
+        if "smv" in formats:
+            im = fabio.open(str(folder / f"int_{name}.img"))
+            assert np.array_equal(im.data, int_image(a, scale, 40.0, np.ones(a.shape, bool)))
+            h = im.header
+            assert _close(float(h["DISTANCE"]), DIST_MM) and _close(float(h["PIXEL_SIZE"]), PX_MM)
+            assert _close(float(h["WAVELENGTH"]), WAVELENGTH_A)
+            # the panel as a custom-convention detector: beam centre (mm) from its first pixel's corner
+            assert _close([float(h["BEAM_CENTER_X"]), float(h["BEAM_CENTER_Y"])], [fb * PX_MM, sb * PX_MM])
+        if "cbf" in formats:
+            im = fabio.open(str(folder / f"image_{name}.cbf"))
+            want = count_image(a, scale, 40.0, np.ones(a.shape, bool))
+            assert im.data.dtype == np.int32 and np.array_equal(im.data, want)
+            text = im.header["_array_data.header_contents"]
+            hd = {ln[2:].split(" ", 1)[0]: ln[2:].split(" ", 1)[1] for ln in text.splitlines() if ln.startswith("# ")}
+            assert _close(float(hd["Detector_distance"].split()[0]), DIST_MM * 1e-3)
+            assert _close(float(hd["Pixel_size"].split()[0]), PX_MM * 1e-3)
+            assert _close(float(hd["Wavelength"].split()[0]), WAVELENGTH_A)
+            bx, by = (float(v) for v in hd["Beam_xy"].split(")")[0].strip("(").split(","))
+            assert _close([bx, by], [fb, sb])
+    if "nexus" in formats:
+        from test_nexus_cbf import read_nexus
+        nx = read_nexus(folder / "image.nxs")
+        assert len(nx["modules"]) == len(images)
+        row = 0
+        R = mcstas_rotation(doc["info"]["beam"])
+        for m, a, p in zip(nx["modules"], images, doc["info"]["panels"]):
+            block = nx["data"][0, row:row + a.shape[0], :a.shape[1]]
+            assert block.dtype == np.float32 and float(np.abs(block - a).max()) == 0.0    # bit for bit
+            assert m["data_origin"] == (row, 0) and m["data_size"] == a.shape
+            row += a.shape[0]
+            fb, sb = BEAM_PX[p["name"]]
+            assert _close(m["distance"], DIST_MM) and _close([m["px_f"], m["px_s"]], [PX_MM, PX_MM])
+            assert _close([m["beam_f_px"], m["beam_s_px"]], [fb, sb])
+            assert _close(m["fast"], R @ np.asarray(p["fast"])) and _close(m["slow"], R @ np.asarray(p["slow"]))
+        assert _close(nx["wavelength"], WAVELENGTH_A)
+
+
+def test_hydra_store_writes_every_format_per_panel_and_reuses(tmp_path, monkeypatch, capsys, counted):
+    (tmp_path / "d.geom").write_text(GEOM)
+    monkeypatch.chdir(tmp_path)
+    fmts = "store.formats=[smv,cbf,nexus]"
+    out = run_app(monkeypatch, capsys, *OVER, fmts)
+    folder = tmp_path / out.out.strip()
+    assert len(counted) == 1 and (folder / "run.json").is_file(), out.err
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["float.bin", "config.yaml", "log.txt", "run.json", "image.nxs"]
+        + [f"int_{n}.img" for n in PANELS] + [f"image_{n}.cbf" for n in PANELS])
+    doc, images = panels_of(folder)
+    assert [a.shape for a in images] == [(32, 32), (32, 32)] and all(a.max() > 0 for a in images)
+    check_files(folder, doc, images, ("smv", "cbf", "nexus"))
+    assert store.verify_entry(folder, folder.name)[0] is not None
+    assert set(doc["files_sha256"]) >= {"image.nxs", "int_p0.img", "image_p1.cbf"}
+    # a rerun does not simulate
+    out = run_app(monkeypatch, capsys, *OVER, fmts)
+    assert tmp_path / out.out.strip() == folder and len(counted) == 1
+    assert f"reusing stored result {out.out.strip()} (config hash {folder.name})" in out.err
+
+
+def test_formats_added_later_are_written_from_float_bin(tmp_path, monkeypatch, capsys, counted):
+    """An entry stored with the SMV files only gets the CBF and NeXus files later without simulating,
+    byte for byte the files a fresh run with every format writes; its checksums cover them."""
+    (tmp_path / "d.geom").write_text(GEOM)
+    monkeypatch.chdir(tmp_path)
+    out = run_app(monkeypatch, capsys, *OVER, "store.formats=[smv]")
+    folder = tmp_path / out.out.strip()
+    assert len(counted) == 1 and not (folder / "image.nxs").exists()
+    assert sorted(p.name for p in folder.glob("*.cbf")) == []
+    before = json.loads((folder / "run.json").read_text())
+    out = run_app(monkeypatch, capsys, *OVER, "store.formats=[smv,cbf,nexus]")
+    assert tmp_path / out.out.strip() == folder and len(counted) == 1, out.err
+    assert "added image_p0.cbf, image_p1.cbf, image.nxs" in out.err and "nothing simulated" in out.err
+    doc, images = panels_of(folder)
+    assert doc["created_utc"] == before["created_utc"] and doc["files_sha256"]["float.bin"] == \
+        before["files_sha256"]["float.bin"]
+    check_files(folder, doc, images, ("smv", "cbf", "nexus"))
+    # the same files as a fresh run with every format (another root)
+    out = run_app(monkeypatch, capsys, *OVER, "store.formats=[smv,cbf,nexus]", "store.root=fresh")
+    fresh = tmp_path / out.out.strip()
+    assert len(counted) == 2 and fresh.name == folder.name          # the config hash is the same
+    for name in ("int_p0.img", "int_p1.img", "image_p0.cbf", "image_p1.cbf", "float.bin"):
+        assert (fresh / name).read_bytes() == (folder / name).read_bytes(), name
+    with h5py.File(fresh / "image.nxs") as a, h5py.File(folder / "image.nxs") as b:
+        assert np.array_equal(a["/entry/data/data"][()], b["/entry/data/data"][()])
+    # verification covers the added files: a changed CBF is found and the entry recomputed
+    assert store.verify_entry(folder, folder.name)[0] is not None
+    cbf = folder / "image_p1.cbf"
+    raw = bytearray(cbf.read_bytes())
+    raw[-10] ^= 0xFF
+    cbf.write_bytes(bytes(raw))
+    doc, why = store.verify_entry(folder, folder.name)
+    assert doc is None and why == "image_p1.cbf does not match its checksum (edited or corrupted)"
+    out = run_app(monkeypatch, capsys, *OVER, "store.formats=[smv,cbf,nexus]")
+    assert len(counted) == 3 and "image_p1.cbf does not match its checksum" in out.err
+    assert store.verify_entry(folder, folder.name)[0] is not None
+
+
+def test_panel_roi_and_int32_nexus_added_later(tmp_path, counted):
+    """detector.panels tiling a 32x32 detector in 4 panels, one with a ROI: the files added later keep
+    0 outside that panel's ROI, as the fresh run's do (ROI from the spec's panels)."""
+    tiles = ("[{fpixels:16,spixels:16,offset_px:[0,0]},{fpixels:16,spixels:16,offset_px:[16,0],roi:[2,9,3,12]},"
+             "{fpixels:16,spixels:16,offset_px:[0,16]},{fpixels:16,spixels:16,offset_px:[16,16]}]")
+    spec, dev = compose_spec(OVER[:-1] + ["detector.fpixels=32", "detector.spixels=32", f"detector.panels={tiles}"])
+    kw = dict(base_dir=tmp_path, log=lambda m: None, nexus_dtype="int32")
+    folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", formats=(), **kw)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "float.bin", "log.txt", "run.json"]
+    folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", formats=("smv", "cbf", "nexus"), **kw)
+    assert reused and len(counted) == 1
+    fresh, _, fdoc = store.run_or_reuse(spec, dev, root=tmp_path / "b", formats=("smv", "cbf", "nexus"), **kw)
+    assert len(counted) == 2 and doc["intfile_scale"] == fdoc["intfile_scale"]
+    names = [f"{s}_p{i}.{e}" for i in range(4) for s, e in (("int", "img"), ("image", "cbf"))]
+    for name in names:
+        assert (fresh / name).read_bytes() == (folder / name).read_bytes(), name
+    roi = np.zeros((16, 16), bool)
+    roi[3:13, 2:10] = True
+    cbf = fabio.open(str(folder / "image_p1.cbf")).data
+    assert (cbf[~roi] == 0).all() and (cbf[roi] > 0).all()
+    with h5py.File(folder / "image_int32.nxs") as f:
+        data = f["/entry/data/data"][0]
+        assert data.dtype == np.int32 and np.array_equal(data[16:32], cbf)
+        assert np.array_equal(f["/entry/instrument/detector/pixel_mask"][16:32] == 1, ~roi)
+    assert store.verify_entry(folder, folder.name)[0] is not None
+
+
+def test_noise_and_pgm_still_refused_with_panels(tmp_path):
+    spec, dev = compose_spec(OVER)
+    (tmp_path / "d.geom").write_text(GEOM)
+    for key in ("write_noise", "write_pgm"):
+        with pytest.raises(store.SpecError) as e:
+            store.run_or_reuse(spec, dev, root=tmp_path / "o", base_dir=tmp_path, log=lambda m: None,
+                               **{key: True})
+        assert e.value.key == f"store.{key}" and "several panels" in str(e.value)
