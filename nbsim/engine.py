@@ -817,6 +817,7 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 _COMPILE_VEC = 16                # pad chunks to a multiple of this many pixels
 _COMPILE_CHUNKS = 16             # chunks per image (progress, and OpenMP load balance)
 _COMPILE_MAX_CHUNK = 1 << 16     # pixels per compiled chunk at most
+_COMPILE_CHUNK_BYTES = 64 << 20  # CPU working set of one compiled chunk at most
 _FUSE_OPTIONS = {"_k_geometry": {},
                  "_k_sum": {"assert_indirect_indexing": False,   # table indices are clamped in range
                             "realize_opcount_threshold": 100000,
@@ -923,12 +924,17 @@ class CompiledPlan:
     def __init__(self, m: Model, fast: FastPlan, budget_bytes: float, chunk_pixels=None):
         itemsize = torch.finfo(m.dtype).bits // 8
         npix = m.fpixels * m.spixels if m.mask is None else max(1, int(m.mask.sum()))
+        # a chunk stores the scattering vectors of its samples before φ and domains (3 × T·O·S per
+        # pixel, between the two kernels) and a few numbers per pixel; nothing per φ or domain
+        per_pixel = (3 * m.thicksteps * m.oversample ** 2 * m.incident.shape[0] + 16) * itemsize
+        asked = chunk_pixels is not None          # an explicit chunk size is taken as given
         if chunk_pixels is None:
-            chunk_pixels = min(_COMPILE_MAX_CHUNK, -(-npix // _COMPILE_CHUNKS))
+            cap = min(budget_bytes, _COMPILE_CHUNK_BYTES) if m.device.type == "cpu" else budget_bytes
+            chunk_pixels = max(1, min(_COMPILE_MAX_CHUNK, -(-npix // _COMPILE_CHUNKS),
+                                      int(cap // per_pixel)))
         chunk = min(chunk_pixels, npix)
         self.chunk = -(-chunk // _COMPILE_VEC) * _COMPILE_VEC
-        # nothing per sample is stored: a chunk holds its inputs, outputs and per-pixel factors
-        self.fits = self.chunk * 64 * itemsize <= budget_bytes
+        self.fits = self.chunk * per_pixel <= budget_bytes or asked
         use_cap = not (m.thick_m == 0.0 and not m.oversample_thick)
         tab = (fast.table.lo, fast.table.hi, fast.table.kl) if m.table is not None else None
         self.table_flat = (fast.table.flat if m.table is not None
