@@ -246,3 +246,111 @@ def test_noise_and_pgm_still_refused_with_panels(tmp_path):
             store.run_or_reuse(spec, dev, root=tmp_path / "o", base_dir=tmp_path, log=lambda m: None,
                                **{key: True})
         assert e.value.key == f"store.{key}" and "several panels" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# a one-panel geometry file is stored like a single-panel run
+# ---------------------------------------------------------------------------------------------
+
+Cr, Sr = 0.866025, 0.5                           # the rotated 16x12 panel of test_geom_files
+ONE_PANEL = f"""; one rotated panel
+res = 5000
+clen = 0.06
+coffset = 0.001
+p0/min_fs = 0
+p0/max_fs = 15
+p0/min_ss = 0
+p0/max_ss = 11
+p0/fs = +{Cr}x +{Sr}y
+p0/ss = -{Sr}x +{Cr}y
+p0/corner_x = -20
+p0/corner_y = -7.5
+"""
+# the same panel as a custom-vector single-panel detector (nbsim frame: CrystFEL (x, y, z) = (z, y, x))
+FAST, SLOW, ORIGIN_MM = [0.0, Sr, -Cr], [0.0, Cr, Sr], [61.0, -1.5, 4.0]
+ONE_OVER = OVER[:-1] + ["detector.oversample=2", "image.noise_seed=7"]
+SINGLE_FILES = ("float.bin", "int.img", "noise.img", "image.pgm", "image.cbf", "preview.png")
+
+
+def _custom_vector_over():
+    odet = np.cross(FAST, SLOW).tolist()
+    vec = lambda v: "[" + ",".join(repr(float(x)) for x in v) + "]"
+    return ["detector=custom", "detector.fpixels=16", "detector.spixels=12", "detector.pixel_mm=0.2",
+            "detector.distance_mm=61", f"detector.fdet_vector={vec(FAST)}", f"detector.sdet_vector={vec(SLOW)}",
+            f"detector.odet_vector={vec(odet)}", f"detector.pix0_vector_mm={vec(ORIGIN_MM)}",
+            "detector.rotx_deg=0", "detector.roty_deg=0", "detector.rotz_deg=0", "detector.twotheta_deg=0",
+            "fix=[pix0_overwritten]"]
+
+
+def _header_close(a, b, keys):
+    for k in keys:
+        x, y = float(a[k]), float(b[k])
+        assert abs(x - y) <= 1e-6 * abs(y), (k, x, y)
+
+
+@pytest.mark.parametrize("how", ["geom", "panels"])
+def test_one_panel_entry_is_a_single_panel_entry(tmp_path, counted, how):
+    """A one-panel geometry file (or detector.panels with one entry) with noise, PGM, CBF and NeXus
+    writes the single-panel entry's files (int.img, noise.img, image.pgm, image.cbf, preview.png), equal
+    to those of the matching custom-vector single-panel run: data bit for bit, headers to 1e-6."""
+    (tmp_path / "d.geom").write_text(ONE_PANEL)
+    if how == "geom":
+        over = ONE_OVER + ["detector.geometry_file=d.geom"]
+    else:
+        one = ("[{fpixels:16,spixels:12,pixel_mm:0.2,fast:" + str(FAST).replace(" ", "") + ",slow:"
+               + str(SLOW).replace(" ", "") + ",origin_mm:" + str(ORIGIN_MM).replace(" ", "") + "}]")
+        over = ONE_OVER + [f"detector.panels={one}"]
+    spec, dev = compose_spec(over)
+    kw = dict(base_dir=tmp_path, log=lambda m: None, write_noise=True, write_pgm=True,
+              formats=("smv", "cbf", "nexus"))
+    folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "g", **kw)
+    single_spec, sdev = compose_spec(ONE_OVER + _custom_vector_over())
+    sfolder, _, sdoc = store.run_or_reuse(single_spec, sdev, root=tmp_path / "s", **kw)
+    assert len(counted) == 2 and not reused
+    names = sorted(p.name for p in folder.iterdir())
+    assert set(SINGLE_FILES) <= set(names) and "image.nxs" in names
+    assert not [n for n in names if n.startswith(("int_", "image_p"))]
+    assert store.verify_entry(folder, folder.name)[0] is not None
+    f = np.fromfile(folder / "float.bin", "<f4")
+    assert f.size == 16 * 12 and f.max() > 1.0
+    assert np.array_equal(f, np.fromfile(sfolder / "float.bin", "<f4"))
+    for name in ("int.img", "noise.img", "image.cbf"):
+        a, b = fabio.open(str(folder / name)), fabio.open(str(sfolder / name))
+        assert a.data.shape == (12, 16) and a.data.max() > 0, name
+        assert float(np.abs(a.data.astype(np.int64) - b.data.astype(np.int64)).max()) == 0.0, name
+        if name != "image.cbf":
+            _header_close(a.header, b.header, ("PIXEL_SIZE", "DISTANCE", "WAVELENGTH", "SIZE1", "SIZE2"))
+    assert (folder / "image.pgm").read_bytes() == (sfolder / "image.pgm").read_bytes()
+    assert doc["photons"] == sdoc["photons"] and doc["intfile_scale"] == sdoc["intfile_scale"]
+    hdr = lambda d: {ln.split()[1]: ln.split()[2] for ln in
+                     fabio.open(str(d / "image.cbf")).header["_array_data.header_contents"].splitlines()
+                     if ln.startswith("# ") and ln.split()[1] in ("Pixel_size", "Detector_distance", "Wavelength")}
+    assert len(hdr(folder)) == 3
+    _header_close(hdr(folder), hdr(sfolder), hdr(sfolder))
+    with h5py.File(folder / "image.nxs") as a, h5py.File(sfolder / "image.nxs") as b:
+        da, db = a["/entry/data/data"][()], b["/entry/data/data"][()]
+        assert da.shape == db.shape and float(np.abs(da - db).max()) == 0.0
+    # the panel's own beam centre (the custom-vector header keeps the unused default Xbeam/Ybeam)
+    hit = np.array([61.0, 0.0, 0.0]) - np.array(ORIGIN_MM)
+    h = fabio.open(str(folder / "int.img")).header
+    assert abs(float(h["BEAM_CENTER_X"]) - hit @ FAST) <= 1e-4 and abs(float(h["BEAM_CENTER_Y"]) - hit @ SLOW) <= 1e-4
+
+
+def test_one_panel_products_added_later_equal_a_fresh_run(tmp_path, counted):
+    """Noise, PGM and CBF asked later of a one-panel .geom entry are added from float.bin (nothing
+    simulated), byte for byte those of a fresh run, with the panel's header."""
+    (tmp_path / "d.geom").write_text(ONE_PANEL)
+    spec, dev = compose_spec(ONE_OVER + ["detector.geometry_file=d.geom"])
+    kw = dict(base_dir=tmp_path, log=lambda m: None)
+    folder, _, _ = store.run_or_reuse(spec, dev, root=tmp_path / "a", formats=(), **kw)
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("preview")) == \
+        ["config.yaml", "float.bin", "log.txt", "run.json"]
+    more = dict(kw, write_noise=True, write_pgm=True, formats=("smv", "cbf"))
+    folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", **more)
+    assert reused and len(counted) == 1
+    fresh, _, fdoc = store.run_or_reuse(spec, dev, root=tmp_path / "b", **more)
+    assert len(counted) == 2 and fresh.name == folder.name
+    for name in ("float.bin", "int.img", "noise.img", "image.pgm", "image.cbf"):
+        assert (fresh / name).read_bytes() == (folder / name).read_bytes(), name
+    assert doc["photons"] == fdoc["photons"] is not None
+    assert store.verify_entry(folder, folder.name)[0] is not None
