@@ -10,7 +10,7 @@ A complete entry holds::
     noise.img     Poisson SMV image            (only with write_noise and image.noise)
     image.pgm     nanoBragg's 8-bit PGM         (only with write_pgm)
     preview.png   the picture pipeline.view draws (colour bar, axes, beam centre, rings in Å) and
-                  preview.thumb.png; grayscale only without matplotlib
+                  preview.thumb.png; grayscale only without matplotlib (a sweep's: the thumbnail alone)
     config.yaml   the resolved experiment description (spec + device)
     log.txt       nanoBragg's setup lines (SetupReport.echo), solid angle and product lines
     run.json      hash, versions, device, wall time, image statistics, scales   (written last)
@@ -21,7 +21,9 @@ one after another, geometry order, each slow-major), per panel ``int_<panel>.img
 one NeXus file with an ``NXdetector_module`` per panel (``nexus``); ``<panel>`` is the panel's name
 (``p<i>`` by default), or ``panel<i>`` for every panel when the names are not distinct or not safe in
 a file name (``nbsim.panels.panel_file_tags``). The front end's ``-intfile``/``--nexus`` write the
-same files through the same function (``nbsim.io.products.write_panels``). No preview, noise or PGM.
+same files through the same function (``nbsim.io.products.write_panels``), and ``preview.png`` (with
+``preview.thumb.png``): the multi-panel picture ``python -m pipeline.view`` draws, by the same function
+(``pipeline.preview.panels_preview_png`` -> ``pipeline.view.render_panels``). No noise or PGM.
 A ONE-panel geometry (``detector.geometry_file`` with one panel, ``detector.panels`` with one entry)
 is stored like a single-panel run: ``int.img``, ``noise.img``, ``image.pgm``, ``image.cbf``, the
 NeXus file and ``preview.png`` each hold its one image with the panel's own header, written by the
@@ -58,8 +60,8 @@ from omegaconf import OmegaConf
 from nbsim.io.atomic import atomic_dir, file_sha256, unsynced_files
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
-from pipeline.preview import preview_png
-from pipeline.view import entry_title
+from pipeline.preview import panels_preview_png, preview_png
+from pipeline.view import entry_title, panels_title
 
 STAT_KEYS = ("max_I", "max_I_at_m", "mean", "rms", "rmsd", "sum")
 PRODUCT_KEYS = ("intfile_scale", "pgm_scale", "photons", "overloads", "noise_seed")
@@ -122,7 +124,7 @@ def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: boo
                                 "detector.geometry_file): the entry holds float.bin (the panels one "
                                 "after another) and, per store.formats, an SMV and a CBF file per panel "
                                 "and one NeXus file")
-        names = ["float.bin", "config.yaml", "run.json"]
+        names = ["float.bin", "preview.png", "config.yaml", "run.json"]
         for fmt in ("smv", "cbf"):
             if fmt in formats:
                 names += [panel_path(PANEL_TEMPLATES[fmt], t) for t in panel_tags(panels)]
@@ -285,6 +287,14 @@ def preview_name(doc: dict, mode: str) -> str:
     return previews.get(mode, f"preview_{mode}.png")
 
 
+def entry_thumbnail(folder: Path) -> Path:
+    """The small picture of an entry for a contact sheet: ``preview.thumb.png`` where the preview has
+    one (the annotated picture of a single run, single- or multi-panel), else ``preview.png`` (a
+    sweep point's preview is itself the thumbnail; a grayscale preview)."""
+    thumb = Path(folder) / "preview.thumb.png"
+    return thumb if thumb.is_file() else Path(folder) / "preview.png"
+
+
 def missing_products(doc: dict, want, preview: str) -> list:
     """Files of ``want`` (and the preview in mode ``preview``) that the intact entry ``doc`` lacks."""
     files = doc.get(MANIFEST_KEY) or {}
@@ -319,7 +329,8 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     doc = dict(doc)
     if info.get("panels") and panels is None:
         raise ValueError("add_products: a multi-panel entry needs its panels (entry_panels)")
-    if several_panels(info.get("panels")):       # per-panel files (wanted_files): no preview
+    images = None
+    if several_panels(info.get("panels")):       # per-panel files (wanted_files)
         from nbsim.panels import panel_roi_mask
         images = products.panel_images(flat, info)
         rois = [panel_roi_mask(pn, *a.shape) for pn, a in zip(panels, images)]
@@ -346,7 +357,10 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     previews = dict(doc.get("previews") or {"log": "preview.png"})
     thumbs = []
     for n in names:
-        if n.startswith("preview"):
+        if n.startswith("preview") and images is not None:
+            written = panels_preview_png(images, folder / n, preview, info=info,
+                                         title=panels_title(folder.name, info), thumb=doc.get("preview_thumb_px"))
+        elif n.startswith("preview"):
             written = preview_png(img, folder / n, preview, info=info, title=entry_title(folder.name, info),
                                   thumb=doc.get("preview_thumb_px"))          # a sweep's: the thumbnail
             thumbs += [p.name for p in written if p.name != n]
@@ -631,9 +645,12 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             from nbsim.io.images import write_float
             from nbsim.panels import panel_file_tags
             write_float(tmp / "float.bin", img[None, :])
-            prod = products.write_panels(result.panel_float32(), [p.roi_mask for p in result.panels], info,
+            images = result.panel_float32()
+            prod = products.write_panels(images, [p.roi_mask for p in result.panels], info,
                                          spec.image, panel_file_tags([p.name for p in result.panels]),
                                          **_panel_writer_paths(tmp, want))
+            panels_preview_png(images, tmp / "preview.png", preview, info=info, title=panels_title(h, info),
+                               thumb=thumb)
         else:
             if getattr(result, "panels", None) is not None:         # one panel: the front end's writer
                 from nbsim.panels import panel_header_info
@@ -662,8 +679,8 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             "stats": {k: prod.get(k, info.get(k)) for k in STAT_KEYS if k in prod or k in info},
             **{k: prod.get(k) for k in PRODUCT_KEYS},
             "files": sorted(want),
-            "previews": {preview: "preview.png"} if not several else {},
-            **({"preview_thumb_px": thumb} if thumb and not several else {}),
+            "previews": {preview: "preview.png"},
+            **({"preview_thumb_px": thumb} if thumb else {}),
             "inputs_sha256": input_digests(spec, base_dir),
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,

@@ -160,7 +160,7 @@ def test_hydra_store_writes_every_format_per_panel_and_reuses(tmp_path, monkeypa
     folder = tmp_path / out.out.strip()
     assert len(counted) == 1 and (folder / "run.json").is_file(), out.err
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["float.bin", "config.yaml", "log.txt", "run.json", "image.nxs"]
+        ["float.bin", "config.yaml", "log.txt", "run.json", "image.nxs", "preview.png", "preview.thumb.png"]
         + [f"int_{n}.img" for n in PANELS] + [f"image_{n}.cbf" for n in PANELS])
     doc, images = panels_of(folder)
     assert [a.shape for a in images] == [(32, 32), (32, 32)] and all(a.max() > 0 for a in images)
@@ -219,7 +219,8 @@ def test_panel_roi_and_int32_nexus_added_later(tmp_path, counted):
     spec, dev = compose_spec(OVER[:-1] + ["detector.fpixels=32", "detector.spixels=32", f"detector.panels={tiles}"])
     kw = dict(base_dir=tmp_path, log=lambda m: None, nexus_dtype="int32")
     folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", formats=(), **kw)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "float.bin", "log.txt", "run.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "float.bin", "log.txt", "preview.png",
+                                                        "preview.thumb.png", "run.json"]
     folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", formats=("smv", "cbf", "nexus"), **kw)
     assert reused and len(counted) == 1
     fresh, _, fdoc = store.run_or_reuse(spec, dev, root=tmp_path / "b", formats=("smv", "cbf", "nexus"), **kw)
@@ -354,3 +355,81 @@ def test_one_panel_products_added_later_equal_a_fresh_run(tmp_path, counted):
         assert (fresh / name).read_bytes() == (folder / name).read_bytes(), name
     assert doc["photons"] == fdoc["photons"] is not None
     assert store.verify_entry(folder, folder.name)[0] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# the preview of a multi-panel entry: written, verified, added later, on the sweep's contact sheet
+# ---------------------------------------------------------------------------------------------
+
+def _rewrite_run_json(folder, doc):
+    doc[store.CHECKSUM_KEY] = store._doc_checksum(doc)
+    (folder / "run.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def test_multi_panel_preview_is_verified_and_added_to_an_older_entry(tmp_path, counted):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "d.geom").write_text(GEOM)
+    spec, dev = compose_spec(OVER)
+    kw = dict(base_dir=tmp_path, log=lambda m: None)
+    folder, _, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", **kw)
+    assert {"preview.png", "preview.thumb.png"} <= set(doc["files_sha256"])
+    full, thumb = (folder / "preview.png").read_bytes(), (folder / "preview.thumb.png").read_bytes()
+    # a damaged thumbnail is found by the verification (and the entry recomputed, same picture)
+    raw = bytearray(thumb)
+    raw[len(raw) // 2] ^= 0xFF
+    (folder / "preview.thumb.png").write_bytes(bytes(raw))
+    assert store.verify_entry(folder, folder.name) == (
+        None, "preview.thumb.png does not match its checksum (edited or corrupted)")
+    folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", **kw)
+    assert not reused and len(counted) == 2 and (folder / "preview.thumb.png").read_bytes() == thumb
+    # an entry stored before multi-panel previews (no preview files, no previews): the preview is
+    # added from float.bin without simulating, the same files as a fresh run's
+    for n in ("preview.png", "preview.thumb.png"):
+        (folder / n).unlink()
+        del doc["files_sha256"][n]
+    doc["previews"] = {}
+    doc["files"] = [n for n in doc["files"] if n != "preview.png"]
+    _rewrite_run_json(folder, doc)
+    assert store.verify_entry(folder, folder.name)[0] is not None
+    folder, reused, doc = store.run_or_reuse(spec, dev, root=tmp_path / "a", **kw)
+    assert reused and len(counted) == 2
+    assert (folder / "preview.png").read_bytes() == full and (folder / "preview.thumb.png").read_bytes() == thumb
+    assert store.verify_entry(folder, folder.name)[0] is not None and doc["previews"] == {"log": "preview.png"}
+
+
+def test_sweep_contact_sheet_shows_multi_panel_thumbnails(tmp_path, counted):
+    """A sweep of a two-panel detector (run_many with the sweep's thumbnail size): each point's
+    preview.png is the multi-panel picture at most 200 px a side, and the contact sheet shows it
+    (before, the entry had no preview and the sheet a grey 'missing' tile)."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from pipeline.contact_sheet import _fit
+    from pipeline.sweep import Point, write_summary
+    (tmp_path / "d.geom").write_text(GEOM)
+    items = [compose_spec(OVER + [f"crystal.N={n}"]) for n in (2, 3)]
+    out = store.run_many(items, root=tmp_path / "st", base_dir=tmp_path, log=lambda m: None, thumb=200)
+    points = []
+    for i, (folder, reused, doc) in enumerate(out):
+        assert not reused and doc["preview_thumb_px"] == 200
+        assert sorted(n for n in doc["files_sha256"] if n.startswith("preview")) == ["preview.png"]
+        with Image.open(folder / "preview.png") as im:
+            assert max(im.size) <= 200 and min(im.size) > 50
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        assert rgb.min() < 100 and rgb.max() > 240            # dark pixels (spots) and white gaps
+        assert store.entry_thumbnail(folder) == folder / "preview.png"
+        points.append(Point(index=i, params={"crystal.N": (2, 3)[i]}, overrides=[], hash=folder.name))
+    sheet = tmp_path / "sheet.png"
+    write_summary(points, tmp_path / "st", tmp_path / "s.csv", sheet, name="p", thumb=200)
+    with Image.open(sheet) as im:
+        got = np.asarray(im.convert("RGB")).astype(int)
+    pad, title_h = 6, 12 + 10
+    for c, (folder, _, _) in enumerate(out):
+        with Image.open(folder / "preview.png") as im:
+            t = np.asarray(_fit(im.convert("RGB"), 200)).astype(int)
+        x = pad + c * (200 + pad) + (200 - t.shape[1]) // 2
+        y = title_h + pad + (200 - t.shape[0]) // 2
+        assert np.array_equal(got[y:y + t.shape[0], x:x + t.shape[1]], t), c
+    # an entry of a single run has the full picture and its thumbnail: the sheet takes the thumbnail
+    folder, _, _ = store.run_or_reuse(*items[0], root=tmp_path / "one", base_dir=tmp_path, log=lambda m: None)
+    assert store.entry_thumbnail(folder) == folder / "preview.thumb.png"
