@@ -433,3 +433,22 @@ def test_sweep_contact_sheet_shows_multi_panel_thumbnails(tmp_path, counted):
     # an entry of a single run has the full picture and its thumbnail: the sheet takes the thumbnail
     folder, _, _ = store.run_or_reuse(*items[0], root=tmp_path / "one", base_dir=tmp_path, log=lambda m: None)
     assert store.entry_thumbnail(folder) == folder / "preview.thumb.png"
+
+
+def test_multi_panel_preview_without_matplotlib_is_the_panels_stacked(tmp_path, monkeypatch):
+    """Without matplotlib the preview is grayscale: the panels stacked along slow in geometry order
+    (narrower ones padded with the minimum), white = bright, as the single-panel grayscale preview."""
+    from PIL import Image
+
+    from pipeline.preview import panels_preview_png, to_uint8
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = np.full((2, 3), 20.0, np.float32)
+    written = panels_preview_png([a, b], tmp_path / "p.png", "log")
+    assert written == [tmp_path / "p.png"]
+    with Image.open(tmp_path / "p.png") as im:
+        got = np.asarray(im)
+    stack = np.zeros((5, 4))
+    stack[:3], stack[3:, :3] = a, b
+    assert got.shape == (5, 4) and np.array_equal(got, to_uint8(stack, "log"))
+    assert got[3:, :3].min() == 255 and got[3:, 3].max() == 0
