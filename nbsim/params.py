@@ -53,7 +53,8 @@ PARAMS: Dict[str, ParamInfo] = {
     "beam.kahn_factor": ParamInfo(_S, "", "polarization (Kahn) factor"),
     "crystal.cell_A_deg": ParamInfo((6,), "A, deg", "a b c alpha beta gamma"),
     "crystal.misset_deg": ParamInfo((3,), "deg", "misset rotations about x, y, z"),
-    "crystal.matrix": ParamInfo((3, 3), "1/A (x lambda)", "MOSFLM A matrix (with crystal.matrix_file)"),
+    "crystal.matrix": ParamInfo((3, 3), "1/A (x lambda)",
+                                "MOSFLM A matrix (with crystal.matrix_file or an .expt crystal)"),
     "crystal.N": ParamInfo(_S, "cells", "cells along each axis (continuous in the lattice factor)"),
     "crystal.Na": ParamInfo(_S, "cells", "cells along a"),
     "crystal.Nb": ParamInfo(_S, "cells", "cells along b"),
@@ -123,8 +124,12 @@ def check_params(params: Optional[Mapping[str, torch.Tensor]], spec: ExperimentS
                 raise SpecError(key, f"must have the table's shape (h, k, l), got {tuple(value.shape)}")
         elif tuple(value.shape) != info.shape:
             raise SpecError(key, f"must have shape {info.shape}, got {tuple(value.shape)}")
-        if key == "crystal.matrix" and spec.crystal.matrix_file is None:
-            raise SpecError(key, "needs crystal.matrix_file (the matrix it replaces)")
+        if key == "crystal.matrix" and spec.crystal.matrix_file is None and not (
+                spec.detector.geometry_file is not None and spec.crystal.cell_A_deg is None):
+            # the crystal of an .expt (crystal=geometry) is a MOSFLM matrix as a matrix file's is
+            # (nbsim.inputs.geometry_crystal): the key replaces it the same way
+            raise SpecError(key, "needs crystal.matrix_file, or the crystal of a .expt given as "
+                            "detector.geometry_file without crystal.cell_A_deg (the matrix it replaces)")
         if (key == "crystal.F_table" and spec.crystal.hkl_file is None and spec.crystal.model_file is None
                 and spec.crystal.fdump_file is None):
             raise SpecError(key, "needs crystal.hkl_file or crystal.model_file (the table it replaces)")

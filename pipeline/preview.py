@@ -2,7 +2,12 @@
 picture ``pipeline.view`` draws (colour bar, detector axes, beam centre, resolution rings in Å) at
 full size plus ``<name>.thumb.png``; otherwise a person-readable 8-bit grayscale PNG (white = bright).
 Sweeps ask for a thumbnail (``thumb``): then the preview is one cheap grayscale PNG of at most that
-many pixels a side, block maxima so single-pixel spots stay visible."""
+many pixels a side, block maxima so single-pixel spots stay visible.
+
+A multi-panel entry's preview (``panels_preview_png``) is the picture ``pipeline.view`` draws of it
+(``pipeline.view.render_panels``: the detector seen from the sample) and its thumbnail; in a sweep,
+that picture scaled to the thumbnail size; without matplotlib, the panels stacked top to bottom in
+geometry order (as in the NeXus data array) in grayscale."""
 from __future__ import annotations
 
 import io
@@ -95,3 +100,31 @@ def _annotatable(info) -> bool:
     except ImportError:
         return False
     return True
+
+
+def panels_preview_png(images, path: Union[str, Path], mode: str = "log", info=None, title: str = "",
+                       thumb: Optional[int] = None) -> List[Path]:
+    """Write the preview of a multi-panel run atomically; return the written paths.
+
+    ``images``: per panel float32 (spixels, fpixels) in geometry order; ``info``: the run's ``info``
+    (``info['panels']``, ``beam``, ``wavelength_A``). With matplotlib: ``pipeline.view.render_panels``
+    (the same picture ``python -m pipeline.view`` draws; ``mode`` "log": log colour scale,
+    "percentile": linear) with ``<name>.thumb.png``, or with ``thumb`` that picture alone at most
+    ``thumb`` pixels a side. Without matplotlib: the panels stacked along the slow axis (narrower
+    ones padded with the minimum), grayscale (``to_uint8``; ``block_max`` with ``thumb``)."""
+    if mode not in MODES:
+        raise ValueError(f"preview mode must be one of {', '.join(MODES)}; got {mode!r}")
+    path = Path(path)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        arrays = [np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+                  for a in images]
+        low = min(float(a.min()) for a in arrays)
+        width = max(a.shape[1] for a in arrays)
+        stack = np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=low)
+                                for a in arrays])
+        return preview_png(stack, path, mode, thumb=thumb)
+    from pipeline import view
+    return view.render_panels(list(images), info, path, title=title, scale="log" if mode == "log" else "linear",
+                              max_px=thumb or None)

@@ -3,7 +3,10 @@
     python -m nbsim.refine observed=PATH refine='[key,key,...]' <model overrides of python -m nbsim>
 
 ``observed=PATH`` is short for ``observed.path=PATH`` (a list of paths fits several images, with the
-keys of ``fit.per_image`` per image and the others shared). The result is stored in
+keys of ``fit.per_image`` per image and the others shared). With several panels an image is raw
+float32 in the ``-floatfile`` layout, or one file per panel (SMV or raw float32): the ``-intfile``
+name (``observed=i.img`` reads ``i_<panel>.img``, as the front end and the store's ``int.img`` name
+them) or a list of files in geometry order (``observed='[[a.img,b.img]]'``; ``observed_files``). The result is stored in
 ``<store.root>/refine/<hash>/`` (hash of the starting model, the observed files' contents and every
 refine/fit setting), written atomically and reused when the same command runs again::
 
@@ -143,8 +146,10 @@ def refine_settings(cfg: DictConfig) -> dict:
             raise SpecError("refine", f"{key} is refined through the Python API only "
                             "(nbsim.refine.core), its fitted value has no config key")
     paths = obs["path"] if isinstance(obs["path"], list) else [obs["path"]]
-    if not paths or not all(isinstance(p, str) and p for p in paths):
-        raise SpecError("observed", f"must be a file path or a list of paths, got {obs['path']!r}")
+    one = lambda p: isinstance(p, str) and bool(p)           # noqa: E731
+    if not paths or not all(one(p) or (isinstance(p, list) and p and all(one(q) for q in p)) for p in paths):
+        raise SpecError("observed", "must be a file path, a list of paths (several images), or per image a "
+                        f"list of per-panel files ([[p0.img,p1.img]]), got {obs['path']!r}")
     obs["paths"] = paths
     if obs["format"] not in FORMATS:
         raise SpecError("observed.format", f"must be one of {', '.join(FORMATS)}; got {obs['format']!r}")
@@ -266,6 +271,44 @@ def _resolve(path: str, base_dir) -> Path:
     return p if p.is_absolute() else Path(base_dir) / p
 
 
+def observed_files(entry, base_dir, tags=None) -> List[Path]:
+    """The files of one observed image ``entry`` (an item of ``observed.path``): ``[file]``, or with
+    several panels (``tags``: the panels' file tags in geometry order, ``pipeline.store.panel_tags``)
+    one file per panel: ``entry`` a list of files in geometry order, or a name that is no file, taken
+    as the template the front end's ``-intfile`` and the store's ``int.img`` use: ``<stem>_<panel><ext>``
+    (``nbsim.panels.panel_path``). A count that does not match the panels, or a missing panel file,
+    is one ``SpecError('observed', ...)``."""
+    from nbsim.panels import panel_path
+    if isinstance(entry, list):
+        n = 1 if tags is None else len(tags)
+        if len(entry) != n:
+            raise SpecError("observed", f"{len(entry)} per-panel files {entry} for a detector of {n} panel"
+                            + ("s" if n != 1 else "") + (f" ({', '.join(tags)} in geometry order)" if tags else "")
+                            + ": give one file per panel")
+        return [_resolve(p, base_dir) for p in entry]
+    p = _resolve(entry, base_dir)
+    if tags is None or len(tags) == 1 or p.exists():
+        return [p]
+    files = [Path(panel_path(str(p), t)) for t in tags]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        stem, ext = os.path.splitext(p.name)
+        raise SpecError("observed", f"{entry}: no such file, nor the per-panel files {stem}_<panel>{ext} of the "
+                        f"{len(tags)} panels ({', '.join(tags)}): missing {', '.join(missing)}")
+    return files
+
+
+def read_panels_observed(files: Sequence[Path], shapes, names, obs_cfg: dict):
+    """(photons, valid), each (1, all pixels): the per-panel files ``files`` (SMV or raw float32, one
+    per panel of ``shapes`` (spixels, fpixels) in geometry order) read and put one after another, as
+    the model image (the ``-floatfile`` layout)."""
+    from nbsim.refine.observed import read_observed
+    got = [read_observed(f, sh, adc=obs_cfg["adc"], scale=obs_cfg["scale"], fmt=obs_cfg["format"],
+                         what=f"panel {name} of the geometry") for f, sh, name in zip(files, shapes, names)]
+    return (np.concatenate([a.reshape(-1) for a, _ in got])[None, :],
+            np.concatenate([v.reshape(-1) for _, v in got])[None, :])
+
+
 def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, start, panels=None):
     """``(Problem, start values)`` from the validated settings: observed images read and checked
     against the model's shape, weights (valid pixels ∩ ROI ∩ mask ∩ simulated pixels).
@@ -300,14 +343,26 @@ def build_problem(spec: ExperimentSpec, device, settings: dict, base_dir, start,
     if obs_cfg["mask"] is not None:
         common &= read_mask(_resolve(obs_cfg["mask"], base_dir), shape)
     images = []
+    tags = names = None
+    if shapes is not None:
+        from pipeline.store import panel_tags
+        tags, names = panel_tags(panels), [p.name for p in start.panels]
     for path in obs_cfg["paths"]:
-        p = _resolve(path, base_dir)
-        if shapes is not None and (obs_cfg["format"] == "smv" or
-                                   (obs_cfg["format"] == "auto" and detect_format(_raw(p, "observed")) == "smv")):
-            raise SpecError("observed", f"{path}: with several panels the observed image is raw float32 in "
-                            f"the -floatfile layout ({shape[1]} pixels, the panels one after another), not SMV")
-        photons, valid = read_observed(p, shape, adc=obs_cfg["adc"], scale=obs_cfg["scale"],
-                                       fmt=obs_cfg["format"])
+        files = observed_files(path, base_dir, tags)
+        p = files[0]
+        if len(files) > 1 or (shapes is not None and len(shapes) == 1):
+            # one file per panel (SMV or raw float32), in geometry order
+            photons, valid = read_panels_observed(files, shapes, names, obs_cfg)
+        else:
+            if shapes is not None and (obs_cfg["format"] == "smv" or
+                                       (obs_cfg["format"] == "auto"
+                                        and detect_format(_raw(p, "observed")) == "smv")):
+                raise SpecError("observed", f"{path}: with several panels the observed image is raw float32 in "
+                                f"the -floatfile layout ({shape[1]} pixels, the panels one after another), or "
+                                "one SMV per panel: the -intfile name (observed=i.img for i_<panel>.img) or "
+                                "a list of files in geometry order (observed='[[a.img,b.img]]')")
+            photons, valid = read_observed(p, shape, adc=obs_cfg["adc"], scale=obs_cfg["scale"],
+                                           fmt=obs_cfg["format"])
         w = valid & common
         if not w.any():
             raise SpecError("observed", f"{path}: no pixel is left to fit (mask, ROI, saturation)")
@@ -461,7 +516,7 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
     from nbsim.refine.core import (check_panel_keys, curvature, jacobian, labels, minimise, newton_polish,
                                    physical, split, total_loss)
     from pipeline.hashing import config_hash, file_sha256
-    from pipeline.store import check_device, entry_panels
+    from pipeline.store import check_device, entry_panels, panel_tags
 
     t0 = time.perf_counter()
     spec, device = model_spec(cfg)
@@ -473,7 +528,10 @@ def run_refine(cfg: DictConfig, base_dir, log=print) -> tuple:
     # the starting model once, forward only: shape, derived start values, simulated pixels
     r0 = nbsim.simulate(spec, dataclasses.replace(device, compile=False), base_dir=str(base_dir))
     problem, starts = build_problem(spec, device, settings, base_dir, r0, panels)
-    digests = [file_sha256(_resolve(p, base_dir)) for p in settings["observed"]["paths"]]
+    tags = None if panels is None else panel_tags(panels)
+    # per observed image: its file's sha256, or the per-panel files' joined by "+"
+    digests = ["+".join(file_sha256(f) for f in observed_files(p, base_dir, tags))
+               for p in settings["observed"]["paths"]]
     mask_digest = file_sha256(_resolve(settings["observed"]["mask"], base_dir)) \
         if settings["observed"]["mask"] else None
     h = refine_hash(config_hash(spec, device, base_dir), digests, mask_digest, settings)

@@ -10,7 +10,7 @@ A complete entry holds::
     noise.img     Poisson SMV image            (only with write_noise and image.noise)
     image.pgm     nanoBragg's 8-bit PGM         (only with write_pgm)
     preview.png   the picture pipeline.view draws (colour bar, axes, beam centre, rings in Å) and
-                  preview.thumb.png; grayscale only without matplotlib
+                  preview.thumb.png; grayscale only without matplotlib (a sweep's: the thumbnail alone)
     config.yaml   the resolved experiment description (spec + device)
     log.txt       nanoBragg's setup lines (SetupReport.echo), solid angle and product lines
     run.json      hash, versions, device, wall time, image statistics, scales   (written last)
@@ -21,7 +21,13 @@ one after another, geometry order, each slow-major), per panel ``int_<panel>.img
 one NeXus file with an ``NXdetector_module`` per panel (``nexus``); ``<panel>`` is the panel's name
 (``p<i>`` by default), or ``panel<i>`` for every panel when the names are not distinct or not safe in
 a file name (``nbsim.panels.panel_file_tags``). The front end's ``-intfile``/``--nexus`` write the
-same files through the same function (``nbsim.io.products.write_panels``). No preview, noise or PGM.
+same files through the same function (``nbsim.io.products.write_panels``), and ``preview.png`` (with
+``preview.thumb.png``): the multi-panel picture ``python -m pipeline.view`` draws, by the same function
+(``pipeline.preview.panels_preview_png`` -> ``pipeline.view.render_panels``). No noise or PGM.
+A ONE-panel geometry (``detector.geometry_file`` with one panel, ``detector.panels`` with one entry)
+is stored like a single-panel run: ``int.img``, ``noise.img``, ``image.pgm``, ``image.cbf``, the
+NeXus file and ``preview.png`` each hold its one image with the panel's own header, written by the
+front end's function (``nbsim.io.products.write_panel_result``; ``several_panels``).
 
 ``run.json`` also records the size and sha256 of every other file (``files_sha256``) and a checksum
 of itself (``run_json_sha256``); an entry is verified (``verify_entry``) before it is reused, and a
@@ -54,8 +60,8 @@ from omegaconf import OmegaConf
 from nbsim.io.atomic import atomic_dir, file_sha256, unsynced_files
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
 from pipeline.hashing import config_hash, input_digests
-from pipeline.preview import preview_png
-from pipeline.view import entry_title
+from pipeline.preview import panels_preview_png, preview_png
+from pipeline.view import entry_title, panels_title
 
 STAT_KEYS = ("max_I", "max_I_at_m", "mean", "rms", "rmsd", "sum")
 PRODUCT_KEYS = ("intfile_scale", "pgm_scale", "photons", "overloads", "noise_seed")
@@ -84,6 +90,13 @@ def entry_panels(spec: ExperimentSpec, est=None, base_dir: Union[str, Path] = ".
     return panel_list(spec, geometry)
 
 
+def several_panels(panels: Optional[list]) -> bool:
+    """True for an entry of several panels (per-panel files); a one-panel geometry file
+    (``detector.geometry_file`` with one panel, ``detector.panels`` with one entry) is stored like a
+    single-panel run: the same files, with the panel's own header (``write_panel_result``)."""
+    return panels is not None and len(panels) > 1
+
+
 def panel_tags(panels) -> list:
     """Per panel, what names its files in an entry (``nbsim.panels.panel_file_tags``)."""
     from nbsim.panels import panel_file_tags, panel_name
@@ -101,17 +114,17 @@ def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: boo
     geometry order, each slow-major), one SMV (``int_<panel>.img``) and one CBF (``image_<panel>.cbf``)
     per panel (``panel_tags``), and one NeXus file with a module per panel."""
     from nbsim.panels import has_panels, panel_path
-    if has_panels(spec):
-        # SMV noise, PGM and the preview hold one image each and are not written
+    if has_panels(spec) and panels is None:
+        raise ValueError("wanted_files: a multi-panel spec needs its panels (entry_panels)")
+    if several_panels(panels):
+        # SMV noise and PGM hold one image each and are not written
         for key, on in (("store.write_noise", write_noise), ("store.write_pgm", write_pgm)):
             if on:
                 raise SpecError(key, "not available with several panels (detector.panels / "
                                 "detector.geometry_file): the entry holds float.bin (the panels one "
                                 "after another) and, per store.formats, an SMV and a CBF file per panel "
                                 "and one NeXus file")
-        if panels is None:
-            raise ValueError("wanted_files: a multi-panel spec needs its panels (entry_panels)")
-        names = ["float.bin", "config.yaml", "run.json"]
+        names = ["float.bin", "preview.png", "config.yaml", "run.json"]
         for fmt in ("smv", "cbf"):
             if fmt in formats:
                 names += [panel_path(PANEL_TEMPLATES[fmt], t) for t in panel_tags(panels)]
@@ -274,6 +287,14 @@ def preview_name(doc: dict, mode: str) -> str:
     return previews.get(mode, f"preview_{mode}.png")
 
 
+def entry_thumbnail(folder: Path) -> Path:
+    """The small picture of an entry for a contact sheet: ``preview.thumb.png`` where the preview has
+    one (the annotated picture of a single run, single- or multi-panel), else ``preview.png`` (a
+    sweep point's preview is itself the thumbnail; a grayscale preview)."""
+    thumb = Path(folder) / "preview.thumb.png"
+    return thumb if thumb.is_file() else Path(folder) / "preview.png"
+
+
 def missing_products(doc: dict, want, preview: str) -> list:
     """Files of ``want`` (and the preview in mode ``preview``) that the intact entry ``doc`` lacks."""
     files = doc.get(MANIFEST_KEY) or {}
@@ -306,10 +327,11 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
     flat = np.fromfile(folder / "float.bin", dtype=np.float32)
     prod = {}
     doc = dict(doc)
-    if info.get("panels"):                       # a multi-panel entry (wanted_files): no preview
+    if info.get("panels") and panels is None:
+        raise ValueError("add_products: a multi-panel entry needs its panels (entry_panels)")
+    images = None
+    if several_panels(info.get("panels")):       # per-panel files (wanted_files)
         from nbsim.panels import panel_roi_mask
-        if panels is None:
-            raise ValueError("add_products: a multi-panel entry needs its panels (entry_panels)")
         images = products.panel_images(flat, info)
         rois = [panel_roi_mask(pn, *a.shape) for pn, a in zip(panels, images)]
         with np.errstate(all="ignore"):
@@ -318,18 +340,27 @@ def add_products(folder: Path, doc: dict, spec: ExperimentSpec, names: list, pre
         if doc.get("intfile_scale") is None:     # an entry stored before the per-panel files
             doc["intfile_scale"] = prod["intfile_scale"]
     else:
+        if info.get("panels"):                   # one panel: its own header, as _compute wrote it
+            from nbsim.panels import panel_header_info, panel_roi_mask
+            info = panel_header_info(info, 0)
         s, f = int(info["spixels"]), int(info["fpixels"])
         img = flat.reshape(s, f)
-        roi_mask = np.zeros((s, f), dtype=bool)
-        xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
-        roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
+        if panels is not None:
+            roi_mask = panel_roi_mask(panels[0], s, f)
+        else:
+            roi_mask = np.zeros((s, f), dtype=bool)
+            xmin, xmax, ymin, ymax = info.get("roi", (0, f - 1, 0, s - 1))
+            roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
         if new:
             with np.errstate(all="ignore"):
                 prod = products.write_stored(img, roi_mask, info, spec.image, **_writer_paths(folder, new)) or {}
     previews = dict(doc.get("previews") or {"log": "preview.png"})
     thumbs = []
     for n in names:
-        if n.startswith("preview"):
+        if n.startswith("preview") and images is not None:
+            written = panels_preview_png(images, folder / n, preview, info=info,
+                                         title=panels_title(folder.name, info), thumb=doc.get("preview_thumb_px"))
+        elif n.startswith("preview"):
             written = preview_png(img, folder / n, preview, info=info, title=entry_title(folder.name, info),
                                   thumb=doc.get("preview_thumb_px"))          # a sweep's: the thumbnail
             thumbs += [p.name for p in written if p.name != n]
@@ -609,17 +640,28 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
         img = result.float32()
         check_image(img, spec)
         info = dict(result.info)
-        if getattr(result, "panels", None) is not None:            # several panels (wanted_files)
+        several = several_panels(getattr(result, "panels", None))
+        if several:                                                  # per-panel files (wanted_files)
             from nbsim.io.images import write_float
             from nbsim.panels import panel_file_tags
             write_float(tmp / "float.bin", img[None, :])
-            prod = products.write_panels(result.panel_float32(), [p.roi_mask for p in result.panels], info,
+            images = result.panel_float32()
+            prod = products.write_panels(images, [p.roi_mask for p in result.panels], info,
                                          spec.image, panel_file_tags([p.name for p in result.panels]),
                                          **_panel_writer_paths(tmp, want))
+            panels_preview_png(images, tmp / "preview.png", preview, info=info, title=panels_title(h, info),
+                               thumb=thumb)
         else:
-            prod = products.write_result(
-                result, spec.image, float_path=str(tmp / "float.bin"), **_writer_paths(tmp, want)) or {}
-            preview_png(img, tmp / "preview.png", preview, info=info, title=entry_title(h, info), thumb=thumb)
+            if getattr(result, "panels", None) is not None:         # one panel: the front end's writer
+                from nbsim.panels import panel_header_info
+                img, pinfo = result.panel_float32()[0], panel_header_info(info, 0)
+                prod = products.write_panel_result(result, 0, spec.image, img32=img,
+                                                   float_path=str(tmp / "float.bin"), **_writer_paths(tmp, want))
+            else:
+                pinfo = info
+                prod = products.write_result(result, spec.image, float_path=str(tmp / "float.bin"),
+                                             **_writer_paths(tmp, want)) or {}
+            preview_png(img, tmp / "preview.png", preview, info=pinfo, title=entry_title(h, pinfo), thumb=thumb)
         doc = {**spec_to_dict(spec), "device": spec_to_dict(device)}
         (tmp / "config.yaml").write_text(config_yaml(doc, h))
         from nbsim.report import solid_angle_lines
@@ -637,8 +679,8 @@ def _compute(final: Path, spec: ExperimentSpec, device: DeviceSpec, want: list, 
             "stats": {k: prod.get(k, info.get(k)) for k in STAT_KEYS if k in prod or k in info},
             **{k: prod.get(k) for k in PRODUCT_KEYS},
             "files": sorted(want),
-            "previews": {preview: "preview.png"} if getattr(result, "panels", None) is None else {},
-            **({"preview_thumb_px": thumb} if thumb and getattr(result, "panels", None) is None else {}),
+            "previews": {preview: "preview.png"},
+            **({"preview_thumb_px": thumb} if thumb else {}),
             "inputs_sha256": input_digests(spec, base_dir),
             "warnings": list(getattr(result, "warnings", None) or []),
             "info": info,

@@ -529,6 +529,7 @@ def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Uni
     write_csv(rows, csv_path)
     if sheet_path is not None:
         from pipeline.contact_sheet import contact_sheet
+        from pipeline.store import entry_thumbnail
         entries = []
         for p, r in zip(points, rows):
             cap = "\n".join(f"{k}={format_value(v)}" for k, v in p.params.items()) or "base"
@@ -536,7 +537,7 @@ def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Uni
             cap += f"\n{p.hash}"
             if mx is not None:
                 cap += f"\nmax {mx:.4g}" + (f", {wt:.2f} s" if wt is not None else "")
-            entries.append((p.folder(root) / "preview.png", cap))
+            entries.append((entry_thumbnail(p.folder(root)), cap))
         contact_sheet(entries, sheet_path, thumb=thumb, title=f"sweep {name}: {len(points)} points")
     return rows
 

@@ -16,7 +16,8 @@ slow-major) is drawn as the detector seen from the sample: every panel's pixel c
 from the sample onto the plane perpendicular to the beam at the nearest panel's depth (``panel_layout``:
 horizontal = beam × up, vertical = lab y made perpendicular to the beam; for MOSFLM-like axes, fast to
 the right and slow down as in the single-panel picture), one colour scale over all panels, the beam
-at (0, 0) and resolution rings as circles (exact in this projection).
+at (0, 0) and resolution rings as circles (exact in this projection). The store's ``preview.png`` of
+such an entry is this picture (``render_panels``), so the two are the same file.
 """
 from __future__ import annotations
 
@@ -318,17 +319,33 @@ def colour_norm(a: np.ndarray, scale: str):
     return Normalize(vmin=float(a.min()), vmax=max(top, float(a.min()) + 1e-30)), None
 
 
-def save_png(fig, out: Path, *, thumb: bool = True, tight: bool = False) -> List[Path]:
+def save_png(fig, out: Path, *, thumb: bool = True, tight: bool = False,
+             max_px: Optional[int] = None) -> List[Path]:
     """Write ``fig`` to ``out`` (PNG at the figure's dpi; ``tight``: cropped to its content) and
-    ``<out stem>.thumb.png``, each atomically; close the figure; return the written paths."""
+    ``<out stem>.thumb.png``, each atomically; close the figure; return the written paths.
+    ``max_px``: instead, ``out`` alone, drawn at a lower dpi and scaled to at most ``max_px``
+    pixels a side (a sweep point's preview: the thumbnail is the preview)."""
     import io
 
     import matplotlib.pyplot as plt
 
     from nbsim.io.atomic import atomic_write_bytes
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi, **({"bbox_inches": "tight"} if tight else {}))
+    dpi = fig.dpi
+    if max_px:
+        w, h = fig.get_size_inches()
+        dpi = min(float(fig.dpi), float(max_px) / max(w, h))
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     plt.close(fig)
+    if max_px:
+        from PIL import Image
+        with Image.open(io.BytesIO(buf.getvalue())) as full:
+            k = min(1.0, max_px / max(full.size))
+            small = full.convert("RGB").resize((max(1, int(full.width * k)), max(1, int(full.height * k))),
+                                               Image.LANCZOS)
+            tb = io.BytesIO()
+            small.save(tb, format="PNG")
+        return [atomic_write_bytes(out, tb.getvalue())]
     written = [atomic_write_bytes(out, buf.getvalue())]
     if thumb:
         from PIL import Image
@@ -405,10 +422,14 @@ def panel_figure(images: Sequence[np.ndarray], info, *, title: str = "", scale: 
 
 
 def render_panels(images: Sequence[np.ndarray], info, out: Path, *, title: str = "", scale: str = "log",
-                  thumb: bool = True, unit: str = "photons / pixel") -> List[Path]:
-    """Write the multi-panel picture (``panel_figure``) to ``out`` and its thumbnail, atomically."""
+                  thumb: bool = True, unit: str = "photons / pixel",
+                  max_px: Optional[int] = None) -> List[Path]:
+    """Write the multi-panel picture (``panel_figure``) to ``out`` and its thumbnail, atomically
+    (``max_px``: ``out`` alone, at most that many pixels a side, ``save_png``). The one drawing of a
+    multi-panel entry: ``python -m pipeline.view`` and the store's ``preview.png``
+    (``pipeline.preview.panels_preview_png``) both call it."""
     fig, _ = panel_figure(images, info, title=title, scale=scale, unit=unit)
-    return save_png(fig, out, thumb=thumb)
+    return save_png(fig, out, thumb=thumb, max_px=max_px)
 
 
 def view(source: Path, out: Optional[Path] = None, scale: str = "log") -> List[Path]:

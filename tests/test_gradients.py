@@ -184,6 +184,64 @@ def test_matrix_gradient_matches_finite_differences_through_the_file(inputs):
         assert abs(float(g[r, c]) - fd) <= 1e-6 * abs(float(g[r, c])), (r, c, float(g[r, c]), fd)
 
 
+def _expt_with_crystal(path, axes_nbsim_A):
+    """A one-panel DIALS ``.expt`` (18x14 pixels of 0.9 mm facing the beam at 80 mm, as ``base()``)
+    holding a crystal with the real-space axes ``axes_nbsim_A`` (rows a, b, c; nbsim frame, Å), all
+    written in dxtbx's frame: (x_d, y_d, z_d) = (z_n, y_n, -x_n); floats with repr (read back exactly)."""
+    import json
+    to_d = lambda v: [float(v[2]), float(v[1]), 0.0 - float(v[0])]
+    doc = {"__id__": "ExperimentList",
+           "experiment": [{"__id__": "Experiment", "detector": 0, "beam": 0, "crystal": 0}],
+           "detector": [{"panels": [{"name": "p", "type": "SENSOR_PAD", "fast_axis": to_d([0, 0, 1]),
+                                     "slow_axis": to_d([0, -1, 0]), "origin": to_d([80.0, 6.3, -8.1]),
+                                     "pixel_size": [0.9, 0.9], "image_size": [18, 14], "thickness": 0.0,
+                                     "material": "", "mu": 0.0, "mask": []}]}],
+           "beam": [{"__id__": "monochromatic", "direction": [0.0, 0.0, 1.0], "wavelength": 1.1}],
+           "crystal": [{"__id__": "crystal", "real_space_a": to_d(axes_nbsim_A[0]),
+                        "real_space_b": to_d(axes_nbsim_A[1]), "real_space_c": to_d(axes_nbsim_A[2]),
+                        "space_group_hall_symbol": " P 1"}]}
+    path.write_text(json.dumps(doc))
+
+
+def test_matrix_gradient_of_an_expt_crystal_matches_finite_differences_through_the_file(tmp_path):
+    """``crystal.matrix`` with the crystal of an ``.expt`` (crystal=geometry: no cell, no matrix file):
+    the key replaces the MOSFLM matrix the file's crystal is turned into (as with -mat). Finite
+    differences through the spec: the perturbed matrix A' written back into the .expt as the axes
+    λ·inv(A') (rows a, b, c), simulated again."""
+    import numpy as np
+
+    from nbsim.inputs import load_inputs
+    ref = nbsim.simulate(base(), DEV).info
+    axes = [ref[k] for k in ("a_A", "b_A", "c_A")]
+    _expt_with_crystal(tmp_path / "x.expt", axes)
+    spec = ExperimentSpec(detector=DetectorSpec(geometry_file="x.expt", oversample=1),
+                          beam=BeamSpec(wavelength_A=1.1), crystal=CrystalSpec(default_F=100.0, N=4)).validate()
+    A = torch.as_tensor(load_inputs(spec, tmp_path).matrix, dtype=torch.float64)
+    w = weights_in(spec, tmp_path)
+    t = A.clone().requires_grad_(True)
+    out = loss(spec, w, tmp_path, params={"crystal.matrix": t})
+    assert out.detach() == loss(spec, w, tmp_path)          # the parameter path is the ordinary forward
+    (g,) = torch.autograd.grad(out, t)
+    for (r, c) in ((0, 0), (1, 2), (2, 1)):
+        h = 1e-6 * abs(float(A[r, c]))
+
+        def at(delta):
+            B = A.clone().numpy()
+            B[r, c] += delta
+            _expt_with_crystal(tmp_path / "fd.expt", (1.1 * np.linalg.inv(B)).tolist())
+            s = dataclasses.replace(spec, detector=dataclasses.replace(spec.detector, geometry_file="fd.expt"))
+            return loss(s, w, tmp_path).item()
+        fd = (at(h) - at(-h)) / (2 * h)
+        assert g[r, c] != 0
+        assert abs(float(g[r, c]) - fd) <= 1e-6 * abs(float(g[r, c])), (r, c, float(g[r, c]), fd)
+    # a cell of the spec's own wins over the .expt crystal: then there is no matrix to replace
+    cell = dataclasses.replace(spec, crystal=dataclasses.replace(spec.crystal, cell_A_deg=[62.0, 71.0, 83.0,
+                                                                                           88.0, 94.0, 97.0]))
+    with pytest.raises(SpecError, match=r"needs crystal\.matrix_file, or the crystal of a \.expt") as e:
+        nbsim.simulate(cell, DEV, params={"crystal.matrix": t}, base_dir=str(tmp_path))
+    assert e.value.key == "crystal.matrix"
+
+
 def weights_in(spec, base_dir):
     r = nbsim.simulate(spec, DEV, base_dir=base_dir).image
     return torch.rand(r.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5

@@ -141,3 +141,100 @@ def test_smv_observed_with_panels_is_refused(tmp_path):
         run_refine(cfg, tmp_path)
     assert "with several panels the observed image is raw float32 in the -floatfile layout (1152 pixels" \
         in format_error(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-panel SMV files as the observation (what -intfile and the store's int.img write)
+# ---------------------------------------------------------------------------------------------
+
+def _per_panel_smv(tmp_path, truth, name="i.img"):
+    """The truth written as the front end's -intfile / the store's smv format writes it (one SMV per
+    panel, <stem>_<panel>.img, the whole detector's scale); returns that scale."""
+    from nbsim.io.products import write_panels
+    from nbsim.panels import panel_file_tags
+    tags = panel_file_tags([p.name for p in truth.panels])
+    out = write_panels(truth.panel_float32(), [p.roi_mask for p in truth.panels], truth.info,
+                       {"adc": 40.0, "int_scale": None}, tags, int_path=str(tmp_path / name))
+    return out["intfile_scale"]
+
+
+def test_per_panel_smv_observation_forms_read_the_panels_in_geometry_order(tmp_path):
+    import fabio
+    from pipeline.refine import build_problem, observed_files, refine_settings
+    model, spec, dev, o1, truth = _setup(tmp_path, "geometry_file")
+    scale = _per_panel_smv(tmp_path, truth)
+    counts = [fabio.open(str(tmp_path / f"i_{n}.img")).data.astype(np.float64) for n in ("p0", "p1")]
+    assert all(c.shape == (24, 24) for c in counts) and counts[1].max() > 1000
+    want = np.concatenate([((c - 40.0) / scale).reshape(-1) for c in counts])
+    start = nbsim.simulate(spec, dev, base_dir=str(tmp_path))
+    from pipeline.store import entry_panels
+    panels = entry_panels(spec, base_dir=tmp_path)
+    obs = {}
+    for form in ("observed=i.img", "observed=[[i_p0.img,i_p1.img]]"):
+        cfg = compose_refine([form, f"observed.scale={scale!r}", f"refine=[{KEY}]"] + model)
+        settings = refine_settings(cfg)
+        problem, _ = build_problem(spec, dev, settings, tmp_path, start, panels)
+        (im,) = problem.images
+        obs[form] = im.obs.numpy()
+        assert im.obs.shape == (2 * 24 * 24,) and float(np.abs(obs[form] - want).max()) == 0.0, form
+        assert [f.name for f in observed_files(settings["observed"]["paths"][0], tmp_path, ["p0", "p1"])] == \
+            ["i_p0.img", "i_p1.img"]
+    # the list is taken in its order (geometry order is the user's to give): swapped panels differ
+    cfg = compose_refine(["observed=[[i_p1.img,i_p0.img]]", f"observed.scale={scale!r}", f"refine=[{KEY}]"] + model)
+    swapped = build_problem(spec, dev, refine_settings(cfg), tmp_path, start, panels)[0].images[0].obs.numpy()
+    assert np.array_equal(swapped[:576], want[576:]) and not np.array_equal(swapped, want)
+
+
+def test_refine_from_per_panel_smv_finds_the_moved_panel(tmp_path):
+    model, spec, dev, o1, truth = _setup(tmp_path, "geometry_file")
+    scale = _per_panel_smv(tmp_path, truth)
+    cfg = compose_refine(["observed=i.img", f"observed.scale={scale!r}", f"refine=[{KEY}]",
+                          f"store.root={tmp_path / 'store'}"] + model)
+    folder, reused, res = run_refine(cfg, tmp_path)
+    p = res["params"][KEY]
+    assert res["converged"], res["stop_reason"]
+    err = np.asarray(p["value"]) - (o1 + DELTA_MM)
+    assert np.abs(err).max() <= SMV_TOL_MM, err
+    assert len(res["observed_sha256"]) == 1 and res["observed_sha256"][0].count("+") == 1
+
+
+# counts rounded to whole numbers (scale ~8.5 counts per photon): measured |fitted - true| 7.3e-6 mm
+# (sigmas 1.7e-3 / 3e-4 mm); 5e-5 mm is 7x that and 1000x below the 0.05 mm the fit has to move
+SMV_TOL_MM = 5e-5
+
+
+@pytest.mark.parametrize("form,phrase", [
+    ("observed=[[i_p0.img,i_p1.img,i_p1.img]]", "observed: 3 per-panel files ['i_p0.img', 'i_p1.img', 'i_p1.img'] "
+                                                "for a detector of 2 panels (p0, p1 in geometry order): give one "
+                                                "file per panel"),
+    ("observed=j.img", "observed: j.img: no such file, nor the per-panel files j_<panel>.img of the 2 panels "
+                       "(p0, p1): missing j_p1.img"),
+    ("observed=[[i_p0.img,small.img]]", "small.img: image is 8x8 pixels (fast x slow), panel p1 of the geometry "
+                                        "is 24x24"),
+])
+def test_per_panel_files_that_do_not_match_the_geometry_are_one_line(tmp_path, form, phrase):
+    from pipeline.compose import format_error
+    from nbsim.io.smv import smv_bytes
+    model, spec, dev, o1, truth = _setup(tmp_path, "geometry_file")
+    _per_panel_smv(tmp_path, truth)
+    (tmp_path / "j_p0.img").write_bytes((tmp_path / "i_p0.img").read_bytes())
+    hdr = dict(truth.info, fpixels=8, spixels=8)
+    from nbsim.panels import panel_header_info
+    (tmp_path / "small.img").write_bytes(smv_bytes(np.zeros((8, 8), np.uint16), dict(panel_header_info(hdr, 1),
+                                                                                      fpixels=8, spixels=8)))
+    cfg = compose_refine([form, f"refine=[{KEY}]", f"store.root={tmp_path / 'store'}"] + model)
+    with pytest.raises(SpecError) as e:
+        run_refine(cfg, tmp_path)
+    msg = format_error(e.value)
+    assert "\n" not in msg and phrase in msg, msg
+    assert not (tmp_path / "store").exists()
+
+
+def test_cli_per_panel_count_mismatch_is_one_line_exit_2(tmp_path):
+    (tmp_path / "d.geom").write_text(GEOM)
+    (tmp_path / "a.img").write_bytes(b"x")
+    q = _cli("observed=[[a.img]]", f"refine=[{KEY}]", *BASE, *MODELS["geometry_file"], cwd=tmp_path)
+    lines = q.stderr.strip().splitlines()
+    assert q.returncode == 2 and q.stdout == "" and len(lines) == 1, q.stderr
+    assert lines[0] == ("nbsim.refine: error: observed: 1 per-panel files ['a.img'] for a detector of 2 panels "
+                        "(p0, p1 in geometry order): give one file per panel"), lines[0]

@@ -134,3 +134,19 @@ def test_multi_panel_entry_is_drawn_with_each_panel_in_its_place(four_panels, tm
         assert (at(gx, gy) >= 250).all(), (gx, gy, at(gx, gy))
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def test_stored_preview_of_a_multi_panel_entry_is_the_view_picture(four_panels, tmp_path, capsys):
+    """The store's preview.png / preview.thumb.png of a multi-panel entry are the files
+    ``python -m pipeline.view`` writes for it, byte for byte (one drawing function), recorded in the
+    entry's checksums."""
+    folder, _ = four_panels
+    doc, why = store.verify_entry(folder, folder.name)
+    assert doc is not None, why
+    assert {"preview.png", "preview.thumb.png"} <= set(doc["files_sha256"])
+    assert doc["previews"] == {"log": "preview.png"}
+    out = tmp_path / "v.png"
+    assert view.main([str(folder), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert (folder / "preview.png").read_bytes() == out.read_bytes()
+    assert (folder / "preview.thumb.png").read_bytes() == (tmp_path / "v.thumb.png").read_bytes()

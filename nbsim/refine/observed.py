@@ -40,11 +40,13 @@ def detect_format(raw: bytes) -> str:
 
 
 def read_observed(path, shape: Tuple[int, int], *, adc: float = 40.0, scale: float = 1.0,
-                  fmt: str = "auto", key: str = "observed") -> Tuple[np.ndarray, np.ndarray]:
+                  fmt: str = "auto", key: str = "observed",
+                  what: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Read an observed image for a model of ``shape`` = (spixels, fpixels).
 
     SMV: uint16 counts; ``(counts − adc)/scale`` photons; saturated pixels (65535) are not valid.
     float: raw little-endian float32 of exactly ``shape`` (nanoBragg ``-floatfile``), photons/``scale``.
+    ``what``: what has that shape, for the error line (default: the model, detector.fpixels x spixels).
     """
     if fmt not in FORMATS:
         raise SpecError(f"{key}.format", f"must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -62,11 +64,13 @@ def read_observed(path, shape: Tuple[int, int], *, adc: float = 40.0, scale: flo
             raise SpecError(key, f"cannot read {path} as SMV: {e}") from None
         if data.shape != (S, F):
             raise SpecError(key, f"{path}: image is {data.shape[1]}x{data.shape[0]} pixels (fast x slow), "
-                            f"the model is {F}x{S} (detector.fpixels x detector.spixels)")
+                            + (f"{what} is {F}x{S}" if what else
+                               f"the model is {F}x{S} (detector.fpixels x detector.spixels)"))
         valid = data < SMV_SATURATED
         return (data.astype(np.float64) - float(adc)) / float(scale), valid
     if len(raw) != 4 * S * F:
-        raise SpecError(key, f"{path}: {len(raw)} bytes is not a float32 image of the model's shape "
+        owner = f"{what}'s" if what else "the model's"
+        raise SpecError(key, f"{path}: {len(raw)} bytes is not a float32 image of {owner} shape "
                         f"{F}x{S} (fast x slow, {4 * S * F} bytes)")
     data = np.frombuffer(raw, dtype="<f4").astype(np.float64).reshape(S, F)
     valid = np.isfinite(data)
