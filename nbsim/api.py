@@ -9,7 +9,7 @@ SimResult.float32() -> numpy float32 array (spixels, fpixels), what -floatfile w
 SimResult.setup   nbsim.report.SetupReport (frozen): what the setup resolved, named fields with units
     (fpixels, spixels, pixel_mm, distance_mm, xbeam_mm, ..., wavelength_A, steps, oversample, roi, ...)
 SimResult.stats   RunStats (frozen): max_I, max_I_at_m (Fdet, Sdet), mean, rms, rmsd, sum, pixels,
-    omega_sum_sr, wall_s, kernel ("compiled", "fast", "reference" or, with derivatives and device.compile=true,
+    omega_sum_sr, wall_s, kernel ("compiled", "compiled-stacked" (``simulate_stack``), "fast", "reference" or, with derivatives and device.compile=true,
     "reference-compiled": what rendered the image), kernel_cache
 SimResult.info    a read-only plain-dict view of both (``setup.to_dict()`` + ``stats.to_dict()``):
     what ``run.json`` stores under ``info``
@@ -209,7 +209,6 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     from nbsim.experiment import build_model
     from nbsim.panels import has_panels, simulate_panels
     from nbsim.spec import compile_mode
-    from nbsim.stats import image_stats, solid_angle_sum_sr
 
     if has_panels(spec):
         return simulate_panels(spec, device, params=params, inputs=inputs, base_dir=base_dir,
@@ -235,6 +234,17 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
         # not depend on it (e.g. xclose_mm under a sample pivot), so backward never meets a
         # disconnected input
         image = image + sum(0.0 * t.sum() for t in params.values())
+    result = _result(model, image, kernel, time.perf_counter() - t0, solid_angle)
+    if trace_pixel is not None:
+        from nbsim.trace import trace_lines
+        result.trace = trace_lines(model, trace_pixel, spec=spec)
+    return result
+
+
+def _result(model, image, kernel: dict, wall_s: float, solid_angle: bool) -> SimResult:
+    """The ``SimResult`` of ``model``'s rendered ``image``: masks, statistics, setup report;
+    ``kernel``: the engine's report (which kernel, whether from the cache)."""
+    from nbsim.stats import image_stats, solid_angle_sum_sr
     mask = np.ones((model.spixels, model.fpixels), bool) if model.mask is None else \
         model.mask.cpu().numpy()
     img32 = _float32(plain(image))
@@ -243,12 +253,37 @@ def simulate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, *, param
     roi_mask[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
     st = image_stats(img32, mask, model, roi=roi_mask)
     stats = RunStats(max_I=st["max_I"], max_I_at_m=tuple(st["max_I_at_m"]), mean=st["mean"], rms=st["rms"],
-                     rmsd=st["rmsd"], sum=st["sum"], pixels=st["pixels"], wall_s=time.perf_counter() - t0,
+                     rmsd=st["rmsd"], sum=st["sum"], pixels=st["pixels"], wall_s=wall_s,
                      kernel=kernel.get("kernel"),                      # which kernel rendered the image
                      kernel_cache=bool(kernel.get("kernel_cache")),   # compiled kernels from the cache
                      omega_sum_sr=solid_angle_sum_sr(model) if solid_angle else None)
-    result = SimResult(image=image, setup=model.report, mask=mask, roi_mask=roi_mask, stats=stats)
-    if trace_pixel is not None:
-        from nbsim.trace import trace_lines
-        result.trace = trace_lines(model, trace_pixel, spec=spec)
-    return result
+    return SimResult(image=image, setup=model.report, mask=mask, roi_mask=roi_mask, stats=stats)
+
+
+def simulate_stack(specs, device: Optional[DeviceSpec] = None, *, inputs=None, base_dir=".",
+                   progress=None, solid_angle: bool = False) -> Optional[list]:
+    """Render several experiments with the compiled kernel stacked along a batch axis
+    (``nbsim.engine.simulate_images``): the ``SimResult`` of each, bit for bit what
+    ``simulate(spec, replace(device, compile=True))`` gives alone, or None where they cannot be
+    stacked (other kernel shapes or discrete choices, several panels, a kernel that does not
+    compile): render them one at a time then. ``inputs``: per spec, its files as read, or None.
+    Each result's ``wall_s`` is the stack's time divided among its images."""
+    from nbsim.engine import simulate_images
+    from nbsim.experiment import build_model
+    from nbsim.panels import has_panels
+    if not specs or any(has_panels(s) for s in specs):
+        return None
+    tdev, tdtype, device = resolve_device(device)
+    t0 = time.perf_counter()
+    inputs = list(inputs) if inputs is not None else [None] * len(specs)
+    models = []
+    for spec, inp in zip(specs, inputs):
+        m = build_model(spec, dtype=torch.float64, device=tdev, base_dir=base_dir, inputs=inp)
+        models.append(m.astype(tdtype) if tdtype != torch.float64 else m)
+    kernel: dict = {}
+    images = simulate_images(models, budget_bytes=memory_budget_bytes(device, tdev), progress=progress,
+                             report=kernel)
+    if images is None:
+        return None
+    share = (time.perf_counter() - t0) / len(models)
+    return [_result(m, im, kernel, share, solid_angle) for m, im in zip(models, images)]

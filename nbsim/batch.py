@@ -17,8 +17,12 @@ for Python, torch and (with ``device.compile``) the compiled kernel; rendered he
 Each image is rendered by ``nbsim.api.simulate`` with the group's compile flag, so it is **bit for
 bit** the image that ``simulate(spec, replace(device, compile=flag))`` renders alone
 (``SimResult.stats.batch_compile``, also in ``SimResult.info``, records the flag; with ``compile: false`` or ``true`` it is the
-flag given). The images are not stacked along a batch dimension of one kernel call: that needs the
-engine to take a leading batch dimension (see ``STACKING_NEEDS``).
+flag given). Where the group is compiled (flag true), its images are **stacked** along a leading
+batch axis, ``engine.STACK_IMAGES`` per kernel call (``nbsim.api.simulate_stack``,
+``engine.simulate_images``: the per-image kernels ``torch.vmap``-ed, the same arithmetic per pixel,
+so the images stay bit for bit the compiled ones; info ``kernel`` "compiled-stacked"). That fills a
+GPU with small images; on the CPU it costs the same as image by image. Eager groups render image by
+image.
 
 What recompiles (the compiled kernels' static configuration, ``CompiledPlan.cfg``, and input
 shapes): the detector size, oversampling, layers, sources, φ steps, mosaic domains, whether the
@@ -35,20 +39,6 @@ import math
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from nbsim.spec import DeviceSpec, ExperimentSpec
-
-#: What stacking a group along a leading batch dimension in one kernel call would need of
-#: ``nbsim/engine.py`` (not done: each image is one call of the group's compiled kernel)
-STACKING_NEEDS = (
-    "Model fields that differ within a group (fdet, sdet, odet, pix0, incident, wavelength_m, "
-    "source_weight, lattice, polar_vector, pixel_m, close_distance_m and CompiledPlan.consts) "
-    "with a leading batch dimension B",
-    "_k_geometry/_k_sum and render_fast broadcasting over B (pixels-last layout "
-    "(B, T, O, S, F, M, P)), and simulate_image's Chunks taking (B, P) index chunks and "
-    "returning (B, S, F) images",
-    "the faithful loop-order quirks (first sub-pixel factors, φ=0 carry-over, tricubic global "
-    "switch-off) carried per batch member",
-)
-
 
 def group_key(spec: ExperimentSpec, device: DeviceSpec, base_dir=".", matrix=None) -> tuple:
     """The key of the group ``spec`` renders in: resolved sample counts (``nbsim.checks.estimate``),
@@ -127,7 +117,8 @@ def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = No
     spec, its files as already read (``nbsim.inputs.load_inputs``, e.g. the preflight's
     ``est.inputs``), so nothing is read again; else read once per distinct file set. ``solid_angle``:
     as ``simulate``'s (the store asks for it, as for a single run)."""
-    from nbsim.api import simulate
+    from nbsim.api import simulate, simulate_stack
+    from nbsim.engine import STACK_IMAGES
     from nbsim.inputs import load_inputs
     if devices is None:
         devices = [device or DeviceSpec()] * len(specs)
@@ -149,14 +140,23 @@ def iter_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = No
             first = inputs_cache[ikey]
             flag = group_compile([specs[i] for i in members], dev, base_dir, inputs=first)
             run_dev = dataclasses.replace(dev, compile="auto" if flag is None else flag)
-            for i in members:
-                own = given[i] or (first if _inputs_key(specs[i]) == ikey else None)
-                r = simulate(specs[i], run_dev, base_dir=base_dir, progress=progress, inputs=own,
-                             solid_angle=solid_angle)
-                if getattr(r, "stats", None) is not None:
-                    r.stats = dataclasses.replace(r.stats, batch_compile="auto" if flag is None else flag,
-                                                  batch_group=len(members))
-                yield i, r
+            own = {i: given[i] or (first if _inputs_key(specs[i]) == ikey else None) for i in members}
+            # compiled groups: STACK_IMAGES images per kernel call where they stack
+            step = STACK_IMAGES if flag is True and len(members) > 1 else 1
+            for s0 in range(0, len(members), step):
+                part = members[s0:s0 + step]
+                rs = (simulate_stack([specs[i] for i in part], run_dev, inputs=[own[i] for i in part],
+                                     base_dir=base_dir, progress=progress, solid_angle=solid_angle)
+                      if len(part) > 1 else None)
+                if rs is None:
+                    rs = [simulate(specs[i], run_dev, base_dir=base_dir, progress=progress,
+                                   inputs=own[i], solid_angle=solid_angle) for i in part]
+                for i, r in zip(part, rs):
+                    if getattr(r, "stats", None) is not None:
+                        r.stats = dataclasses.replace(
+                            r.stats, batch_compile="auto" if flag is None else flag,
+                            batch_group=len(members))
+                    yield i, r
 
 
 def simulate_many(specs: Sequence[ExperimentSpec], device: Optional[DeviceSpec] = None, *,

@@ -823,6 +823,11 @@ _FUSE_OPTIONS = {"_k_geometry": {},
                             "realize_opcount_threshold": 100000,
                             "realize_reads_threshold": 1000,
                             "realize_acc_reads_threshold": 1000}}
+_FUSE_OPTIONS.update(_k_geometry_stack=_FUSE_OPTIONS["_k_geometry"],
+                     _k_sum_stack=_FUSE_OPTIONS["_k_sum"])
+#: images per stacked kernel call (``simulate_images``; a shorter stack is padded, so each group
+#: compiles one shape)
+STACK_IMAGES = 8
 #: the continuous numbers of ``_k_image``'s ``consts`` after the N of each sincg axis
 CONSTS = ("default_F_sqr", "I_bg", "r_e_sqr", "fluence", "steps", "thickstep_m", "mu_per_m", "kahn")
 _compiled = {}
@@ -899,6 +904,23 @@ def _k_sum(sc, lat, table_flat, w, consts, cap, pol, om, cfg):
         term = term * w[:, None, None, None]
     return finish_outer(term.sum(dim=(0, 1, 2, 3, 4)), I_bg, r_e_sqr, fluence, steps,
                         (cap, pol, om))
+
+
+def _k_geometry_stack(idx, fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pixel, close,
+                      consts, cfg):
+    """``_k_geometry`` of B experiments at once (``torch.vmap``): every input but ``idx`` with a
+    leading batch axis B; outputs likewise (B, ...)."""
+    out = (0, 0 if cfg[3] else None, None if cfg[4] else 0, 0)        # capture, polarization: None
+    return torch.vmap(lambda *a: _k_geometry(idx, *a, cfg), out_dims=out)(
+        fdet, sdet, odet, pix0, incident, wavelength, polar_vector, pixel, close, consts)
+
+
+def _k_sum_stack(sc, lat, table_flat, w, consts, cap, pol, om, cfg):
+    """``_k_sum`` of B experiments at once (``torch.vmap``): (B, P) pixel values; the
+    structure-factor table is shared."""
+    dims = (0, 0, None, 0, 0) + tuple(None if x is None else 0 for x in (cap, pol, om))
+    return torch.vmap(lambda *a: _k_sum(*a, cfg), in_dims=dims)(sc, lat, table_flat, w, consts,
+                                                                  cap, pol, om)
 
 
 def _compiled_fn(name: str):
@@ -986,6 +1008,104 @@ def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Te
     sc, cap, pol, om = geometry(*_geometry_inputs(m, idx, plan), *cfg)
     return total(sc, m.lattice, plan.table_flat, m.source_weight, plan.consts, cap, pol, om,
                  *cfg)[:P]
+
+
+_STACKED = ("fdet", "sdet", "odet", "pix0", "incident", "wavelength_m", "polar_vector", "pixel_m",
+            "close_distance_m")
+
+
+def stack_key(m: Model, plan: CompiledPlan) -> tuple:
+    """Models with equal keys render in one stacked kernel call: equal static configuration, chunk,
+    simulated pixels and input shapes (the structure-factor table itself is compared apart)."""
+    shapes = tuple(tuple(torch.as_tensor(getattr(m, k)).shape) for k in _STACKED)
+    mask = None if m.mask is None else m.mask.cpu().numpy().tobytes()
+    return (plan.cfg, plan.chunk, shapes, tuple(m.lattice.shape), tuple(m.source_weight.shape),
+            m.dtype, str(m.device), m.fpixels, m.spixels, mask)
+
+
+def simulate_images(models, *, budget_bytes: float = 1.0e9, progress=None, report=None,
+                    aot: bool = True, build: bool = True):
+    """The float images of ``models`` (a list) with the compiled kernels stacked along a leading
+    batch axis: ``STACK_IMAGES`` images per kernel call (the last stack padded with its last
+    model), each image bit for bit what ``simulate_image(m, compile=True)`` renders alone (the
+    per-image kernel ``torch.vmap``-ed: the same arithmetic per pixel). Returns None where the
+    models cannot be stacked (not all ``compile_ok``, or unequal ``stack_key`` or tables): render
+    them one at a time then. ``aot``: use the kernel cache (``build``: build missing kernels into
+    it). ``report``: receives ``kernel`` ("compiled-stacked"), ``kernel_cache``, ``chunk_pixels``."""
+    if not models or not all(fast_path_ok(m) and compile_ok(m) for m in models):
+        return None
+    plans = [CompiledPlan(m, FastPlan(m), budget_bytes) for m in models]
+    key = stack_key(models[0], plans[0])
+    t0 = plans[0].table_flat
+    if not all(stack_key(m, p) == key and (p.table_flat is t0 or torch.equal(p.table_flat, t0))
+               for m, p in zip(models, plans)):
+        return None
+    B = STACK_IMAGES
+    # a stack holds B chunks' scattering vectors: the chunk shrinks B-fold (same budget)
+    chunk = max(_COMPILE_VEC, plans[0].chunk // B // _COMPILE_VEC * _COMPILE_VEC)
+    if not plans[0].fits:
+        return None
+    m0 = models[0]
+    idx_all = simulated_indices(m0)
+    chunks = Chunks(m0, chunk, idx_all)
+    kernels = None
+    if aot:
+        kernels = _stacked_kernels(models[0], plans[0], chunk, B, build=build)
+    geometry, total = kernels or (_compiled_fn("_k_geometry_stack"), _compiled_fn("_k_sum_stack"))
+    cfg = () if kernels else (plans[0].cfg,)
+    images = []
+    for s0 in range(0, len(models), B):
+        ms = list(models[s0:s0 + B])
+        ps = list(plans[s0:s0 + B])
+        ms += [ms[-1]] * (B - len(ms))
+        ps += [ps[-1]] * (B - len(ps))
+        geo = [torch.stack([torch.as_tensor(getattr(m, k)) for m in ms]) for k in _STACKED]
+        consts = torch.stack([p.consts for p in ps])
+        lat = torch.stack([m.lattice for m in ms])
+        w = torch.stack([m.source_weight for m in ms])
+        n = min(B, len(models) - s0)
+        results = [[] for _ in range(n)]
+        for start, idx, _ in chunks.run(lambda *a: None):
+            P = idx.shape[0]
+            pad = torch.cat((idx, idx[-1:].expand(chunk - P))) if P < chunk else idx
+            sc, cap, pol, om = geometry(pad, *geo, consts, *cfg)
+            vals = total(sc, lat, t0, w, consts, cap, pol, om, *cfg)[:, :P]
+            for i in range(n):
+                fl = Chunks(ms[i], chunk, idx_all).first_local(start)
+                v = vals[i] if fl is None else _with_first_iteration(ms[i], idx, vals[i], fl)
+                results[i].append((start, idx, v))
+            if progress is not None:
+                progress(s0 * chunks.n + min(start + chunk, chunks.n), len(models) * chunks.n)
+        images += [Chunks(m, chunk, idx_all).image(r) for m, r in zip(ms[:n], results)]
+    if report is not None:
+        report.update(kernel="compiled-stacked", kernel_cache=kernels is not None, chunk_pixels=chunk)
+    return images
+
+
+def _stacked_kernels(m: Model, plan: CompiledPlan, chunk: int, B: int, *, build: bool):
+    """The AOT-compiled stacked kernels (``_k_geometry_stack``, ``_k_sum_stack``) for stacks of
+    ``B`` models like ``m`` and chunks of ``chunk`` pixels from ``nbsim.kernel_cache``, or None
+    (``build``: compile missing ones into it first)."""
+    from nbsim import kernel_cache
+    if kernel_cache.disabled():
+        return None
+    geo = [torch.stack([torch.as_tensor(getattr(m, k))] * B) for k in _STACKED]
+    consts = torch.stack([plan.consts] * B)
+    lat, w = torch.stack([m.lattice] * B), torch.stack([m.source_weight] * B)
+    idx = torch.arange(chunk, device=m.device) % (m.fpixels * m.spixels)
+    key_in = (idx, *geo, consts, lat, plan.table_flat, w)
+    kernels = [kernel_cache.load(n, plan.cfg, key_in) for n in ("_k_geometry_stack", "_k_sum_stack")]
+    if None in kernels and build:
+        if kernels[0] is None:
+            kernels[0] = kernel_cache.build("_k_geometry_stack", _k_geometry_stack, plan.cfg, key_in,
+                                            (idx, *geo, consts),
+                                            options=_FUSE_OPTIONS["_k_geometry_stack"])
+        sc, cap, pol, om = kernels[0](idx, *geo, consts)
+        if kernels[1] is None:
+            kernels[1] = kernel_cache.build("_k_sum_stack", _k_sum_stack, plan.cfg, key_in,
+                                            (sc, lat, plan.table_flat, w, consts, cap, pol, om),
+                                            options=_FUSE_OPTIONS["_k_sum_stack"])
+    return None if None in kernels else tuple(kernels)
 
 
 def default_chunk_pixels(m: Model, budget_bytes: float, *, plan: Optional[FastPlan] = None,

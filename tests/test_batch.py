@@ -3,6 +3,7 @@ bit for bit the image nbsim.api.simulate renders alone."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -78,28 +79,58 @@ def test_devices_per_spec_are_never_mixed_in_a_group():
 
 @pytest.mark.slow
 def test_compile_true_builds_one_kernel_per_group(tmp_path, monkeypatch):
-    """device.compile=true: the AOT kernel of a group is built once (by its first image) and loaded
-    by the others; a sweep over distance or N shares one kernel pair (both are tensor inputs of
-    the compiled code), a sweep over the detector size needs one pair per size. Images equal the
-    unbatched compiled ones bit for bit."""
+    """device.compile=true: the AOT kernels of a group (the stacked pair) are built once and loaded
+    by its later stacks and by other processes; a sweep over distance or N shares one kernel pair
+    (both are tensor inputs of the compiled code), a sweep over the detector size needs one pair
+    per size. Images equal the unbatched compiled ones bit for bit."""
     monkeypatch.setenv("NBSIM_KERNEL_CACHE", str(tmp_path / "kc"))
     from nbsim import kernel_cache
+
+    def kernels():
+        return sorted(json.loads((p / "manifest.json").read_text())["fields"]["kernel"]
+                      for p in kernel_cache.cache_dir().iterdir())
     base = ["crystal=triclinic", "detector.fpixels=48", "detector.spixels=48", "device.dtype=float32"]
     dist = [base + ["crystal.N=4", f"detector.distance_mm={d}"] for d in (80, 90, 100)]
     specs, dev = _specs(dist, compile=True)
     got = batch.simulate_many(specs, dev)
-    assert all(r.info["kernel"] == "compiled" for r in got)
-    entries = sorted(p.name for p in kernel_cache.cache_dir().iterdir())
-    assert len(entries) == 2                          # _k_geometry + _k_sum, once for 3 distances
-    for spec, r in zip(specs, got):
-        assert _max_abs_diff(r.image, simulate(spec, dev).image) == 0.0
+    assert all(r.info["kernel"] == "compiled-stacked" for r in got)
+    assert kernels() == ["_k_geometry_stack", "_k_sum_stack"]       # once for 3 distances
     n_sweep = [base + [f"crystal.N={n}", "detector.distance_mm=100"] for n in (5, 6)]
     specs2, _ = _specs(n_sweep)
     got2 = batch.simulate_many(specs2, dev)
     assert all(r.info["kernel_cache"] for r in got2)
-    assert len(list(kernel_cache.cache_dir().iterdir())) == 2           # N: the same kernels
+    assert len(kernels()) == 2                                       # N: the same kernels
     sizes = [[*base[:1], f"detector.fpixels={n}", f"detector.spixels={n}", *base[3:], "crystal.N=4"]
              for n in (40, 56)]
     specs3, _ = _specs(sizes)
-    batch.simulate_many(specs3, dev)
-    assert len(list(kernel_cache.cache_dir().iterdir())) == 2 + 2 * 2   # one pair per size
+    batch.simulate_many(specs3, dev)                  # a group of one renders alone: per-image pair
+    assert kernels() == sorted(["_k_geometry_stack", "_k_sum_stack"] + ["_k_geometry", "_k_sum"] * 2)
+    for spec, r in zip(specs, got):                                  # alone: one more per-image pair
+        assert _max_abs_diff(r.image, simulate(spec, dev).image) == 0.0
+    assert kernels().count("_k_sum") == 3
+
+
+def test_compiled_groups_are_stacked_and_equal_unbatched_bit_for_bit():
+    """device.compile=true: a group of equal kernel shapes renders STACK_IMAGES images per kernel
+    call (kernel "compiled-stacked"; 10 images: a full stack and a padded one), each image bit for
+    bit the image the compiled kernel renders alone; the group of other shapes renders apart."""
+    from nbsim import engine
+    sweep = [["crystal=triclinic", "detector.fpixels=20", "detector.spixels=16", "crystal.N=3",
+              "detector.oversample=1", f"detector.distance_mm={80 + 5 * k}", f"crystal.N={3 + k % 3}"]
+             for k in range(engine.STACK_IMAGES + 2)]
+    other = [["detector.fpixels=24", "detector.spixels=24", "crystal.N=3", "detector.oversample=2"]] * 2
+    specs, dev = _specs(sweep + other, compile=True)
+    got = batch.simulate_many(specs, dev)
+    assert [r.info["kernel"] for r in got] == ["compiled-stacked"] * (len(sweep) + len(other))
+    for spec, r in zip(specs, got):
+        alone = simulate(spec, dev)
+        assert alone.info["kernel"] == "compiled"
+        assert _max_abs_diff(r.image, alone.image) == 0.0 and float(alone.image.sum()) > 0
+        assert r.info["max_I"] == alone.info["max_I"]
+
+
+def test_stacking_refuses_what_does_not_stack():
+    """simulate_stack returns None (one image at a time then) for unequal shapes."""
+    from nbsim.api import simulate_stack
+    specs, dev = _specs(MIXED[:2], compile=True)
+    assert simulate_stack(specs, dev) is None
