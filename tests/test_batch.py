@@ -110,6 +110,7 @@ def test_compile_true_builds_one_kernel_per_group(tmp_path, monkeypatch):
     assert kernels().count("_k_sum") == 3
 
 
+@pytest.mark.slow
 def test_compiled_groups_are_stacked_and_equal_unbatched_bit_for_bit():
     """device.compile=true: a group of equal kernel shapes renders STACK_IMAGES images per kernel
     call (kernel "compiled-stacked"; 10 images: a full stack and a padded one), each image bit for
@@ -134,3 +135,13 @@ def test_stacking_refuses_what_does_not_stack():
     from nbsim.api import simulate_stack
     specs, dev = _specs(MIXED[:2], compile=True)
     assert simulate_stack(specs, dev) is None
+
+
+@pytest.mark.slow
+def test_stacked_float32_with_a_shared_hkl_table_equals_unbatched():
+    table = [["crystal=matrix", "detector.fpixels=24", "detector.spixels=20", "detector.oversample=1",
+              f"crystal.N={n}", "device.dtype=float32"] for n in (5, 6, 7)]
+    specs, dev = _specs(table, compile=True)
+    for spec, r in zip(specs, batch.simulate_many(specs, dev)):
+        assert r.info["kernel"] == "compiled-stacked"
+        assert _max_abs_diff(r.image, simulate(spec, dev).image) == 0.0 and float(r.image.max()) > 0
