@@ -269,6 +269,37 @@ def test_batch_launcher_equals_hydra_basic_launcher(tmp_path):
     assert _entries(wb / "bad") == {}                 # nothing simulated (Hydra's own .hydra/ aside)
 
 
+def test_nbsim_sweeper_validates_only_in_front_of_other_launchers(monkeypatch):
+    """hydra/sweeper=nbsim (the app's default) leaves out Hydra's per-point composition check in front
+    of nbsim_batch (which composes every point itself) and keeps it in front of any other launcher."""
+    from hydra.plugins.sweeper import Sweeper
+
+    from hydra_plugins.nbsim_launcher.nbsim_launcher import NbsimBatchLauncher, NbsimSweeper
+    calls = []
+    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: calls.append(batch))
+    s = NbsimSweeper(max_batch_size=None)
+    s.launcher = NbsimBatchLauncher()
+    s.validate_batch_is_legal([["crystal.N=3"]])
+    assert calls == []
+    s.launcher = object()                             # e.g. Hydra's basic launcher
+    s.validate_batch_is_legal([["crystal.N=3"]])
+    assert calls == [[["crystal.N=3"]]]
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("detector.fpixels=32,abc", "nbsim: error: detector.fpixels: must be an integer"),
+    ("crystal=cubic,nosuch", "nbsim: error: crystal=nosuch: no such option"),
+])
+def test_multirun_composition_error_of_one_point_is_one_line(tmp_path, bad, msg):
+    """Without Hydra's validation pass a point that does not compose still stops the multirun before
+    anything is simulated, in one line, exit 2."""
+    p = subprocess.run([sys.executable, "-m", "nbsim", "--multirun", "detector.fpixels=32",
+                        "detector.spixels=32", bad, "store.root=bad"], cwd=tmp_path,
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and p.stderr.startswith(msg), p.stderr
+    assert _entries(tmp_path / "bad") == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # the benchmark's sweep cases
 # ---------------------------------------------------------------------------------------------
