@@ -23,6 +23,7 @@ soon as it is done; the batch's marker ``<store_root>/.sweep_batches/<id>.done``
 
 usage:
   python -m pipeline.sweep run-batch MANIFEST [--done MARKER]   # one batch job (Snakemake)
+  python -m pipeline.sweep summary-of POINTS --store R --csv C --sheet S   # the summary job (Snakemake)
   python -m pipeline.sweep points CONFIG         # the points, their hashes and whether they are stored
   python -m pipeline.sweep multirun CONFIG       # the equivalent `python -m nbsim --multirun` command
   python -m pipeline.sweep summary CONFIG        # summary.csv + contact_sheet.png of stored points
@@ -541,6 +542,47 @@ def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Uni
     return rows
 
 
+def write_points_file(points: Sequence[Point], path: Union[str, Path]) -> Path:
+    """The points of a sweep (index, grid values, overrides, hash) as JSON at ``path``, written
+    atomically and only when they changed (its time stamp then tells Snakemake the grid changed):
+    what ``python -m pipeline.sweep summary-of`` reads, so that the summary job need not compose
+    and hash the grid again (Snakemake runs a ``run:`` rule in a new Snakemake process, which parses
+    the whole workflow: ~2 s of the light benchmark grid's 64 points, measured)."""
+    from nbsim.io.atomic import atomic_write_bytes
+    path = Path(path)
+    doc = [{"index": p.index, "params": p.params, "overrides": list(p.overrides), "hash": p.hash,
+            "label": p.label} for p in points]
+    text = json.dumps(doc, indent=1) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
+    return path
+
+
+def read_points_file(path: Union[str, Path]) -> List[Point]:
+    """The points ``write_points_file`` wrote."""
+    return [Point(index=int(d["index"]), params=dict(d["params"]), overrides=list(d["overrides"]),
+                  hash=str(d["hash"]), label=str(d.get("label", "")))
+            for d in json.loads(Path(path).read_text())]
+
+
+def summary_of(points_file: Union[str, Path], root: Union[str, Path], csv_path: Union[str, Path],
+               sheet_path: Union[str, Path], name: str = "sweep", thumb: int = 200,
+               logs: str = "") -> int:
+    """``python -m pipeline.sweep summary-of POINTS``: the summary job of the workflow (no Hydra, no
+    torch): ``write_summary`` of the points in ``points_file``; exit 1 naming the points that were
+    not stored (the CSV and sheet are written all the same)."""
+    points = read_points_file(points_file)
+    rows = write_summary(points, root, csv_path, sheet_path, name=name, thumb=thumb)
+    missing = [r["hash"] for r in rows if not r["stored"]]
+    if missing:
+        print(f"sweep {name}: {len(missing)} points were not stored ({', '.join(missing[:3])}...)"
+              + (f": see {logs}" if logs else ""), file=sys.stderr)
+        return 1
+    print(f"{len(rows)} points -> {csv_path}, {sheet_path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +595,15 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                         "(the Snakemake batch job)")
     rb.add_argument("manifest", help="<store_root>/.sweep_batches/<id>.json")
     rb.add_argument("--done", help="marker file written once every point is stored")
+    so = sub.add_parser("summary-of", help="summary.csv and contact_sheet.png of a points file "
+                        "(the Snakemake summary job)")
+    so.add_argument("points", help="<store_root>/sweeps/<name>/points.json")
+    so.add_argument("--store", required=True, help="the store root")
+    so.add_argument("--csv", required=True)
+    so.add_argument("--sheet", required=True)
+    so.add_argument("--name", default="sweep")
+    so.add_argument("--thumb", type=int, default=200)
+    so.add_argument("--logs", default="", help="where the batch logs are (named when points are missing)")
     for name, hlp in (("points", "list the points and their hash folders"),
                       ("multirun", "print the equivalent `python -m nbsim --multirun` command"),
                       ("summary", "write summary.csv and contact_sheet.png of the stored points")):
@@ -564,6 +615,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "run-batch":
         return _run_batch_cli(a)
+    if a.cmd == "summary-of":
+        try:
+            return summary_of(a.points, a.store, a.csv, a.sheet, name=a.name, thumb=a.thumb, logs=a.logs)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"sweep: error: {a.points}: {e}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(a.config)
         if a.cmd == "multirun":
@@ -613,4 +670,9 @@ def _run_batch_cli(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    from pipeline.proc import exit_now, quiet_openmp
+    quiet_openmp()                                       # before torch is imported (pipeline.proc)
+    _rc = _main()
+    if _rc == 0:
+        exit_now(0)                                      # skip the interpreter's teardown
+    sys.exit(_rc)

@@ -137,6 +137,25 @@ def test_schema_batch_size():
 # the run-batch job
 # ---------------------------------------------------------------------------------------------
 
+def test_points_file_round_trip_and_summary_of_names_missing_points(tmp_path, capsys):
+    """The summary job reads the points from the points file the workflow wrote (same points, same
+    hashes, rewritten only when they change) and fails, naming them, when points are not stored."""
+    cfg = sweep.validate_config({"name": "t", "store_root": str(tmp_path / "store"),
+                                 "base": ["detector.fpixels=16", "detector.spixels=16"],
+                                 "grid": {"crystal.N": [2, 3], "detector.distance_mm": [80, 100.5]}})
+    points = sweep.expand(cfg)
+    f = sweep.write_points_file(points, tmp_path / "points.json")
+    assert sweep.read_points_file(f) == points
+    stamp = f.stat().st_mtime_ns
+    sweep.write_points_file(points, f)
+    assert f.stat().st_mtime_ns == stamp                  # unchanged points: the file is not touched
+    rc = sweep.summary_of(f, tmp_path / "store", tmp_path / "s.csv", tmp_path / "s.png", name="t",
+                          logs="logs/sweep_batch/")
+    err = capsys.readouterr().err
+    assert rc == 1 and "sweep t: 4 points were not stored" in err and "logs/sweep_batch/" in err, err
+    assert (tmp_path / "s.csv").read_text().count("\n") == 5
+
+
 def test_run_batch_stores_every_point_and_skips_stored(tmp_path):
     cfg = sweep.validate_config({"store_root": "store", "base": ["detector.fpixels=24", "detector.spixels=24"],
                                  "grid": {"crystal.N": [2, 3], "detector.distance_mm": [80, 100]}})
@@ -298,6 +317,23 @@ def test_multirun_composition_error_of_one_point_is_one_line(tmp_path, bad, msg)
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and p.stderr.startswith(msg), p.stderr
     assert _entries(tmp_path / "bad") == {}
+
+
+def test_process_settings_openmp_policy_and_exit_now(monkeypatch):
+    """pipeline.proc: the OpenMP wait policy defaults to PASSIVE and a user's value is kept; exit_now
+    ends with the code given, stdout and log lines flushed, atexit handlers skipped."""
+    from pipeline import proc
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    proc.quiet_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    proc.quiet_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    code = ("import atexit, logging, sys; from pipeline.proc import exit_now; "
+            "logging.basicConfig(stream=sys.stderr); atexit.register(print, 'atexit ran'); "
+            "print('folder', end=''); logging.getLogger('t').warning('logged'); exit_now(3)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert p.returncode == 3 and p.stdout == "folder" and "logged" in p.stderr, (p.stdout, p.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
