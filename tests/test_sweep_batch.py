@@ -81,6 +81,49 @@ def test_composer_undoes_each_point():
         assert store == __import__("omegaconf").OmegaConf.to_container(cfg.store) and quiet is False
 
 
+def test_composer_grid_points_incrementally_equal_their_compositions():
+    """Grid points applied incrementally to one base (only changed keys set again, keys a point does
+    not set put back) equal their own compositions, also when the pattern breaks in between (a key
+    set twice, a key inside another, a mapping value, an error, ``config``)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.compose import compose_config
+    base = ["crystal=triclinic", "detector.fpixels=24", "detector.spixels=24", "crystal.misset_deg=[10,20,30]"]
+    grid = [base + [f"crystal.cell_A_deg={c}", f"crystal.N={n}", f"detector.distance_mm={d}"]
+            for c in ("[70,80,90,75,85,95]", "[60,70,80,80,85,95]") for n in (3, 4) for d in (80, 100.5)]
+    seq = grid[:3] + [base + ["crystal.N=5", "crystal.N=6"], grid[3],
+                      base + ["image.adc=10", "image={adc:20}"], grid[4], base + ["crystal.N=-1"],
+                      grid[5], base + ["crystal.phisteps=2"], "config", grid[6], grid[6], base, grid[7],
+                      ["crystal=triclinic", "crystal.N=4", "store.root=elsewhere", "quiet=true"], grid[0]]
+    comp = sweep.Composer()
+    for ovr in seq:
+        if ovr == "config":
+            assert comp.config(grid[2]) == compose_config(grid[2])
+            continue
+        try:
+            want = compose_spec(ovr)
+        except Exception as e:                        # noqa: BLE001 - the same error both ways
+            with pytest.raises(type(e)):
+                comp.resolve(ovr)
+            continue
+        spec, dev, store, quiet = comp.resolve(ovr)
+        cfg = compose_config(ovr)
+        assert (spec, dev) == want, ovr
+        assert config_hash(spec, dev) == config_hash(*want)
+        assert store == OmegaConf.to_container(cfg.store) and quiet == bool(cfg.quiet), ovr
+    # the incremental path ran: the next grid point (one value changed) is one update of the base
+    calls = []
+    real = OmegaConf.update
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(OmegaConf, "update", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    try:
+        comp.resolve(grid[1])
+    finally:
+        monkey.undo()
+    assert calls == ["detector.distance_mm"]
+    assert comp.resolve(grid[1])[:2] == compose_spec(grid[1])
+
+
 @pytest.mark.parametrize("bad", [["crystal.NN=3"], ["crystal.N=abc"], ["detector=nope"], ["crystal.N=[1"]])
 def test_composer_errors_read_as_hydra_errors(bad):
     def message(fn):
@@ -109,6 +152,25 @@ def _points(n):
     return [sweep.Point(index=i, params={}, overrides=["detector.fpixels=16", "detector.spixels=16",
                                                        f"crystal.N={i + 1}"], hash=f"{i:016x}")
             for i in range(n)]
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (255, 301), (17, 5), (999, 37)])
+@pytest.mark.parametrize("thumb", [200, 10, 3, 1000])
+def test_thumbnail_block_max_is_the_block_maximum(shape, thumb):
+    """preview.block_max (strided maxima) equals the maximum of each k x k block of the image padded
+    with its minimum, bit for bit, NaN included."""
+    import numpy as np
+
+    from pipeline.preview import block_max
+    a = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    a[3, 2] = np.nan if shape == (17, 5) else a[3, 2]
+    k = max(1, -(-max(shape) // thumb))
+    s2, f2 = -(-shape[0] // k), -(-shape[1] // k)
+    pad = np.full((s2 * k, f2 * k), np.nanmin(a), dtype=a.dtype)
+    pad[:shape[0], :shape[1]] = a
+    want = pad.reshape(s2, k, f2, k).max(axis=(1, 3))
+    got = block_max(a, thumb)
+    assert got.dtype == a.dtype and got.shape == want.shape and np.array_equal(got, want, equal_nan=True)
 
 
 def test_plan_batches():
