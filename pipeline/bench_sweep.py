@@ -160,11 +160,10 @@ def run_c_loop(cbin: str, argvs: List[List[str]], cores: int) -> dict:
 
 
 def outside_kernel(points, cores: int) -> dict:
-    """In a fresh process started as nbsim's commands start (``OMP_WAIT_POLICY=PASSIVE`` unless set,
-    ``pipeline.proc``; the policy is fixed when torch loads, so not in the benchmark's own process):
-    ``outside_kernel_here`` of the points' overrides, its figures (a dict)."""
+    """In a fresh process started as nbsim's commands start (``pipeline.proc.prepare_process``: the
+    OpenMP wait policy and malloc's thresholds, fixed before torch loads, so not in the benchmark's own
+    process): ``outside_kernel_here`` of the points' overrides, its figures (a dict)."""
     env = _env(cores, "off")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     doc = json.dumps({"overrides": [p.overrides for p in points], "cores": cores})
     p = subprocess.run([sys.executable, "-m", "pipeline.bench_sweep", "outside-kernel"], input=doc,
                        capture_output=True, text=True, env=env, timeout=3600)
@@ -275,6 +274,9 @@ if __name__ == "__main__":        # python -m pipeline.bench_sweep outside-kerne
     if sys.argv[1:] != ["outside-kernel"]:
         sys.exit("usage: python -m pipeline.bench_sweep outside-kernel < JSON (used by outside_kernel)")
     from types import SimpleNamespace
+
+    from pipeline.proc import prepare_process
+    prepare_process()                                   # as nbsim's commands start, before torch loads
     _doc = json.loads(sys.stdin.read())
     _res = outside_kernel_here([SimpleNamespace(overrides=o) for o in _doc["overrides"]], int(_doc["cores"]))
     print(json.dumps(_res))

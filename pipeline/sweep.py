@@ -718,8 +718,8 @@ def _run_batch_cli(a) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.proc import exit_now, quiet_openmp
-    quiet_openmp()                                       # before torch is imported (pipeline.proc)
+    from pipeline.proc import exit_now, prepare_process
+    prepare_process()                                    # before torch is imported (pipeline.proc)
     _rc = _main()
     if _rc == 0:
         exit_now(0)                                      # skip the interpreter's teardown

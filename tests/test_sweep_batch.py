@@ -382,7 +382,8 @@ def test_multirun_composition_error_of_one_point_is_one_line(tmp_path, bad, msg)
 
 
 def test_process_settings_openmp_policy_and_exit_now(monkeypatch):
-    """pipeline.proc: the OpenMP wait policy defaults to PASSIVE and a user's value is kept; exit_now
+    """pipeline.proc: the OpenMP wait policy defaults to PASSIVE and a user's value is kept; malloc's
+    thresholds are raised on glibc unless the user set them; exit_now
     ends with the code given, stdout and log lines flushed, atexit handlers skipped."""
     from pipeline import proc
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -391,6 +392,12 @@ def test_process_settings_openmp_policy_and_exit_now(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     proc.quiet_openmp()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    # glibc's thresholds: applied on Linux/glibc unless the user set MALLOC_MMAP_THRESHOLD_
+    import platform
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert proc.reuse_freed_memory() is glibc
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert proc.reuse_freed_memory() is False
     code = ("import atexit, logging, sys; from pipeline.proc import exit_now; "
             "logging.basicConfig(stream=sys.stderr); atexit.register(print, 'atexit ran'); "
             "print('folder', end=''); logging.getLogger('t').warning('logged'); exit_now(3)")
