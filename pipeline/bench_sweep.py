@@ -17,7 +17,7 @@ build`` of its first point into a fresh folder, timed and recorded as ``kernel_c
 Reported per grid: the wall time and points per second of each, ``ratio_c`` = C loop's wall time /
 that way's wall time (> 1: faster than the C loop), the sum of nbsim's own simulation times
 (``run.json`` ``wall_time_s``), which kernels rendered the points, and ``outside_kernel_per_point_s``:
-in one process that already rendered a point, ``pipeline.sweep.run_points`` over the grid, minus the
+in one process (started as nbsim's commands start: ``pipeline.proc``) that already rendered a point, ``pipeline.sweep.run_points`` over the grid, minus the
 points' simulation times, per point (checks, hashing, composition, every write), in wall time and
 in CPU time (``outside_kernel_cpu_per_point_s``: less dependent on other jobs on the machine).
 """
@@ -160,8 +160,23 @@ def run_c_loop(cbin: str, argvs: List[List[str]], cores: int) -> dict:
 
 
 def outside_kernel(points, cores: int) -> dict:
+    """In a fresh process started as nbsim's commands start (``pipeline.proc.prepare_process``: the
+    OpenMP wait policy and malloc's thresholds, fixed before torch loads, so not in the benchmark's own
+    process): ``outside_kernel_here`` of the points' overrides, its figures (a dict)."""
+    env = _env(cores, "off")
+    doc = json.dumps({"overrides": [p.overrides for p in points], "cores": cores})
+    p = subprocess.run([sys.executable, "-m", "pipeline.bench_sweep", "outside-kernel"], input=doc,
+                       capture_output=True, text=True, env=env, timeout=3600)
+    if p.returncode != 0:
+        return {"points": len(points), "rc": p.returncode, "err": p.stderr.strip().splitlines()[-3:],
+                "total_s": float("nan"), "outside_kernel_per_point_s": float("nan"),
+                "outside_kernel_cpu_per_point_s": float("nan")}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def outside_kernel_here(points, cores: int) -> dict:
     """In this process: one point rendered first (imports, Hydra), then ``run_points`` over all
-    points into a fresh store; (total − Σ simulation) / points."""
+    points (objects with ``overrides``) into a fresh store; (total − Σ simulation) / points."""
     import torch
 
     import nbsim.api
@@ -253,3 +268,15 @@ def print_sweeps(sweeps: dict) -> None:
         print(f"{kind:<8}{r['points']:>7}{f(c.get('wall_s')):>10}{f(s.get('wall_s')):>13}"
               f"{f(s.get('ratio_c')):>7}{f(m.get('wall_s')):>12}{f(m.get('ratio_c')):>7}"
               f"{f(c.get('points_per_s')):>9}{f(s.get('points_per_s')):>10}{f(m.get('points_per_s')):>10}")
+
+
+if __name__ == "__main__":        # python -m pipeline.bench_sweep outside-kernel < {"overrides": [...], "cores": N}
+    if sys.argv[1:] != ["outside-kernel"]:
+        sys.exit("usage: python -m pipeline.bench_sweep outside-kernel < JSON (used by outside_kernel)")
+    from types import SimpleNamespace
+
+    from pipeline.proc import prepare_process
+    prepare_process()                                   # as nbsim's commands start, before torch loads
+    _doc = json.loads(sys.stdin.read())
+    _res = outside_kernel_here([SimpleNamespace(overrides=o) for o in _doc["overrides"]], int(_doc["cores"]))
+    print(json.dumps(_res))

@@ -29,15 +29,15 @@ from nbsim.spec import (DTYPES, BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec,
 # with this import: Hydra's plugin discovery walks the ``hydra_plugins`` namespace on disk, which the
 # import hook of an editable install (the README's ``pip install -e``) does not list, so from any
 # folder but the checkout's root the option would be missing.
-from hydra_plugins.nbsim_launcher.nbsim_launcher import NbsimBatchLauncher  # noqa: E402
+from hydra_plugins.nbsim_launcher.nbsim_launcher import NbsimBatchLauncher, NbsimSweeper  # noqa: E402
 
 
 def _register_launcher() -> None:
-    """Make the in-process launcher a known Hydra plugin where Hydra's scan does not see it (an
-    editable install run outside the checkout's root); a no-op where the scan found it."""
+    """Make the in-process launcher and nbsim's sweeper known Hydra plugins where Hydra's scan does
+    not see them (an editable install run outside the checkout's root); a no-op where the scan found them."""
     from hydra.core.plugins import Plugins
-    name = f"{NbsimBatchLauncher.__module__}.{NbsimBatchLauncher.__name__}"
-    Plugins.instance().class_name_to_class.setdefault(name, NbsimBatchLauncher)
+    for cls in (NbsimBatchLauncher, NbsimSweeper):
+        Plugins.instance().class_name_to_class.setdefault(f"{cls.__module__}.{cls.__name__}", cls)
 
 
 _register_launcher()

@@ -61,9 +61,17 @@ def block_max(img, thumb: int) -> np.ndarray:
         return a
     S, F = a.shape
     s2, f2 = -(-S // k), -(-F // k)
-    pad = np.full((s2 * k, f2 * k), np.nanmin(a) if a.size else 0, dtype=a.dtype)
-    pad[:S, :F] = a
-    return pad.reshape(s2, k, f2, k).max(axis=(1, 3))
+    if (S, F) != (s2 * k, f2 * k):
+        pad = np.full((s2 * k, f2 * k), np.nanmin(a) if a.size else 0, dtype=a.dtype)
+        pad[:S, :F] = a
+        a = pad
+    rows = a[0::k].copy()                     # max over each block: the k rows, then the k columns
+    for i in range(1, k):                     # (np.maximum of strided views: exact, NaN as np.max)
+        np.maximum(rows, a[i::k], out=rows)
+    out = rows[:, 0::k].copy()
+    for j in range(1, k):
+        np.maximum(out, rows[:, j::k], out=out)
+    return out
 
 
 def preview_png(img, path: Union[str, Path], mode: str = "log", info=None, title: str = "",

@@ -23,6 +23,7 @@ soon as it is done; the batch's marker ``<store_root>/.sweep_batches/<id>.done``
 
 usage:
   python -m pipeline.sweep run-batch MANIFEST [--done MARKER]   # one batch job (Snakemake)
+  python -m pipeline.sweep summary-of POINTS --store R --csv C --sheet S   # the summary job (Snakemake)
   python -m pipeline.sweep points CONFIG         # the points, their hashes and whether they are stored
   python -m pipeline.sweep multirun CONFIG       # the equivalent `python -m nbsim --multirun` command
   python -m pipeline.sweep summary CONFIG        # summary.csv + contact_sheet.png of stored points
@@ -179,6 +180,7 @@ class Composer:
         from hydra.core.override_parser.overrides_parser import OverridesParser
         self._parser = OverridesParser.create()
         self._bases: dict = {}
+        self._applied: dict = {}                        # structural -> {key: (override, base value)}
         self._parsed: dict = {}                         # override text -> parsed Override
 
     def _parse(self, overrides: List[str]) -> list:
@@ -215,6 +217,15 @@ class Composer:
         base = self._bases.get(structural)
         if base is None:
             base = self._bases[structural] = compose_config(list(structural))
+            self._applied[structural] = {}
+        applied = self._applied.get(structural) or {}
+        try:                                            # the base as composed (resolve leaves values)
+            for key in reversed(list(applied)):
+                OmegaConf.update(base, key, applied.pop(key)[1], merge=False)
+        except Exception:                               # noqa: BLE001 - composed again
+            self._bases.pop(structural, None)
+            self._applied.pop(structural, None)
+            return compose_config(overrides)
         cfg = copy.deepcopy(base)
         try:
             for o in plain:
@@ -229,11 +240,34 @@ class Composer:
 
     _MISSING = object()
 
+    @staticmethod
+    def _leaf_keys(plain) -> Optional[Dict[str, object]]:
+        """``{key: override}`` when the plain overrides can be applied incrementally: distinct keys,
+        none inside another, no mapping values (those merge into what is there); else None."""
+        want = {}
+        for o in plain:
+            key = o.key_or_group
+            if key in want or isinstance(o.value(), dict):
+                return None
+            want[key] = o
+        return want
+
+    @staticmethod
+    def _nested(keys) -> bool:
+        """Whether one of ``keys`` lies inside another (``a`` and ``a.b``)."""
+        ks = sorted(keys)
+        return any(b.startswith(a + ".") for a, b in zip(ks, ks[1:]))
+
     def resolve(self, overrides: Sequence[str]):
         """``(ExperimentSpec, DeviceSpec, store section as a dict, quiet)`` of ``overrides``, without
-        copying the composed config: the plain overrides are applied to the cached base, read, and
-        undone (the old values put back), ~1 ms instead of a ~6 ms deep copy. Any failure drops the
-        base (it is composed again) and takes the full path, which reports the error."""
+        copying the composed config: the plain overrides are applied to the cached base and read.
+        Points of a grid set the same keys: the base keeps the previous point's values, only the
+        keys whose value changed are set again, and keys the previous point set that this one does
+        not are put back to the base's own value (exactly the config a fresh application gives: every
+        key is a distinct leaf or list, replaced whole). Anything else (a key set twice, a key
+        inside another, a mapping value) puts every key back first and applies the overrides in
+        order. Any failure drops the base (it is composed again) and takes the full path, which
+        reports the error."""
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         from pipeline.compose import cfg_to_spec, compose_config
@@ -251,26 +285,41 @@ class Composer:
         base = self._bases.get(structural)
         if base is None:
             base = self._bases[structural] = compose_config(list(structural))
-        undo = []
+            self._applied[structural] = {}
+        applied = self._applied[structural]             # key -> (override text, the base's own value)
+
+        def original(key):
+            old = OmegaConf.select(base, key, default=self._MISSING)
+            if old is self._MISSING:
+                raise KeyError(key)
+            return OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
+
+        def put_back(keys):                             # last set first (a key inside another)
+            for key in reversed(list(keys)):
+                OmegaConf.update(base, key, applied.pop(key)[1], merge=False)
         try:
-            for o in plain:
+            want = self._leaf_keys(plain)
+            if want is None or self._nested(set(want) | set(applied)):
+                put_back(applied)
+                want = None
+            else:
+                put_back([k for k in applied if k not in want])
+            for o in (plain if want is None else want.values()):
                 key = o.key_or_group
-                old = OmegaConf.select(base, key, default=self._MISSING)
-                if isinstance(old, (DictConfig, ListConfig)):
-                    old = OmegaConf.to_container(old)
-                undo.append((key, old))
+                if want is not None and applied.get(key, (None,))[0] == o.input_line:
+                    continue                            # already set to this value
+                if key not in applied:
+                    applied[key] = (o.input_line, original(key))
+                else:
+                    applied[key] = (o.input_line, applied[key][1])
                 OmegaConf.update(base, key, o.value(), merge=True)
             out = (*cfg_to_spec(base), OmegaConf.to_container(base.store), bool(base.get("quiet", False)))
+            if want is None:
+                put_back(applied)
         except Exception:                               # noqa: BLE001 - the full path reports it
             self._bases.pop(structural, None)
+            self._applied.pop(structural, None)
             return full()
-        try:
-            for key, old in reversed(undo):
-                if old is self._MISSING:
-                    raise KeyError(key)
-                OmegaConf.update(base, key, old, merge=False)
-        except Exception:                               # noqa: BLE001 - composed again next time
-            self._bases.pop(structural, None)
         return out
 
 
@@ -542,6 +591,47 @@ def write_summary(points: Sequence[Point], root: Union[str, Path], csv_path: Uni
     return rows
 
 
+def write_points_file(points: Sequence[Point], path: Union[str, Path]) -> Path:
+    """The points of a sweep (index, grid values, overrides, hash) as JSON at ``path``, written
+    atomically and only when they changed (its time stamp then tells Snakemake the grid changed):
+    what ``python -m pipeline.sweep summary-of`` reads, so that the summary job need not compose
+    and hash the grid again (Snakemake runs a ``run:`` rule in a new Snakemake process, which parses
+    the whole workflow: ~2 s of the light benchmark grid's 64 points, measured)."""
+    from nbsim.io.atomic import atomic_write_bytes
+    path = Path(path)
+    doc = [{"index": p.index, "params": p.params, "overrides": list(p.overrides), "hash": p.hash,
+            "label": p.label} for p in points]
+    text = json.dumps(doc, indent=1) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
+    return path
+
+
+def read_points_file(path: Union[str, Path]) -> List[Point]:
+    """The points ``write_points_file`` wrote."""
+    return [Point(index=int(d["index"]), params=dict(d["params"]), overrides=list(d["overrides"]),
+                  hash=str(d["hash"]), label=str(d.get("label", "")))
+            for d in json.loads(Path(path).read_text())]
+
+
+def summary_of(points_file: Union[str, Path], root: Union[str, Path], csv_path: Union[str, Path],
+               sheet_path: Union[str, Path], name: str = "sweep", thumb: int = 200,
+               logs: str = "") -> int:
+    """``python -m pipeline.sweep summary-of POINTS``: the summary job of the workflow (no Hydra, no
+    torch): ``write_summary`` of the points in ``points_file``; exit 1 naming the points that were
+    not stored (the CSV and sheet are written all the same)."""
+    points = read_points_file(points_file)
+    rows = write_summary(points, root, csv_path, sheet_path, name=name, thumb=thumb)
+    missing = [r["hash"] for r in rows if not r["stored"]]
+    if missing:
+        print(f"sweep {name}: {len(missing)} points were not stored ({', '.join(missing[:3])}...)"
+              + (f": see {logs}" if logs else ""), file=sys.stderr)
+        return 1
+    print(f"{len(rows)} points -> {csv_path}, {sheet_path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -554,6 +644,15 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                         "(the Snakemake batch job)")
     rb.add_argument("manifest", help="<store_root>/.sweep_batches/<id>.json")
     rb.add_argument("--done", help="marker file written once every point is stored")
+    so = sub.add_parser("summary-of", help="summary.csv and contact_sheet.png of a points file "
+                        "(the Snakemake summary job)")
+    so.add_argument("points", help="<store_root>/sweeps/<name>/points.json")
+    so.add_argument("--store", required=True, help="the store root")
+    so.add_argument("--csv", required=True)
+    so.add_argument("--sheet", required=True)
+    so.add_argument("--name", default="sweep")
+    so.add_argument("--thumb", type=int, default=200)
+    so.add_argument("--logs", default="", help="where the batch logs are (named when points are missing)")
     for name, hlp in (("points", "list the points and their hash folders"),
                       ("multirun", "print the equivalent `python -m nbsim --multirun` command"),
                       ("summary", "write summary.csv and contact_sheet.png of the stored points")):
@@ -565,6 +664,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "run-batch":
         return _run_batch_cli(a)
+    if a.cmd == "summary-of":
+        try:
+            return summary_of(a.points, a.store, a.csv, a.sheet, name=a.name, thumb=a.thumb, logs=a.logs)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"sweep: error: {a.points}: {e}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(a.config)
         if a.cmd == "multirun":
@@ -614,4 +719,9 @@ def _run_batch_cli(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    from pipeline.proc import exit_now, prepare_process
+    prepare_process()                                    # before torch is imported (pipeline.proc)
+    _rc = _main()
+    if _rc == 0:
+        exit_now(0)                                      # skip the interpreter's teardown
+    sys.exit(_rc)

@@ -211,23 +211,33 @@ def test_pgm_and_full_products_match_c_byte_for_byte(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f.bin", "i.img", "n.img", "p.pgm"]
 
 
-def test_products_write_failure_raises_and_leaves_no_partial_file(tmp_path):
-    """Files are written in background threads: a failing one still raises, every other file is
-    complete or absent, and no temporary file is left behind."""
+@pytest.mark.parametrize("synced", [True, False])
+def test_products_write_failure_raises_and_leaves_no_partial_file(tmp_path, monkeypatch, synced):
+    """Files are written in background threads (fsync'ed), or in the calling thread inside
+    ``unsynced_files`` (no thread started): either way a failing one still raises, every other file
+    is complete or absent, and no temporary file is left behind."""
+    import contextlib
+
+    from nbsim.io.atomic import unsynced_files
+    if not synced:
+        monkeypatch.setattr(products, "ThreadPoolExecutor", None)   # any thread pool would fail
     img = gd.c_extra_float("c2")
     info = _info_from_header(smv.parse_smv(gd.c_extra_file("c3.int.img"))[0])
     spec = {"adc": 40.0, "int_scale": None, "pgm_scale": None, "noise_seed": -5}
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        products.write_products(img, None, info, spec, float_path=tmp_path / "f.bin",
-                                int_path=tmp_path / "missing" / "i.img", noise_path=tmp_path / "n.img")
-    for name in os.listdir(tmp_path):
-        assert name in ("f.bin", "n.img"), name
-    if (tmp_path / "f.bin").exists():
-        assert (tmp_path / "f.bin").read_bytes() == img.astype("<f4").tobytes()
-    res = products.write_products(img, None, info, spec, float_path=tmp_path / "f.bin",
-                                  int_path=tmp_path / "i.img", noise_path=tmp_path / "n.img",
-                                  pgm_path=tmp_path / "p.pgm")
+    with contextlib.nullcontext() if synced else unsynced_files():
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            products.write_products(img, None, info, spec, float_path=tmp_path / "f.bin",
+                                    int_path=tmp_path / "missing" / "i.img", noise_path=tmp_path / "n.img")
+        for name in os.listdir(tmp_path):
+            assert name in ("f.bin", "n.img"), name
+        if (tmp_path / "f.bin").exists():
+            assert (tmp_path / "f.bin").read_bytes() == img.astype("<f4").tobytes()
+        res = products.write_products(img, None, info, spec, float_path=tmp_path / "f.bin",
+                                      int_path=tmp_path / "i.img", noise_path=tmp_path / "n.img",
+                                      pgm_path=tmp_path / "p.pgm")
     assert res["written"] == [tmp_path / "f.bin", tmp_path / "i.img", tmp_path / "p.pgm", tmp_path / "n.img"]
+    assert (tmp_path / "f.bin").read_bytes() == img.astype("<f4").tobytes()
+    assert sorted(os.listdir(tmp_path)) == ["f.bin", "i.img", "n.img", "p.pgm"]
 
 
 def test_pgm_c2_and_products_defaults(tmp_path):

@@ -81,6 +81,49 @@ def test_composer_undoes_each_point():
         assert store == __import__("omegaconf").OmegaConf.to_container(cfg.store) and quiet is False
 
 
+def test_composer_grid_points_incrementally_equal_their_compositions():
+    """Grid points applied incrementally to one base (only changed keys set again, keys a point does
+    not set put back) equal their own compositions, also when the pattern breaks in between (a key
+    set twice, a key inside another, a mapping value, an error, ``config``)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.compose import compose_config
+    base = ["crystal=triclinic", "detector.fpixels=24", "detector.spixels=24", "crystal.misset_deg=[10,20,30]"]
+    grid = [base + [f"crystal.cell_A_deg={c}", f"crystal.N={n}", f"detector.distance_mm={d}"]
+            for c in ("[70,80,90,75,85,95]", "[60,70,80,80,85,95]") for n in (3, 4) for d in (80, 100.5)]
+    seq = grid[:3] + [base + ["crystal.N=5", "crystal.N=6"], grid[3],
+                      base + ["image.adc=10", "image={adc:20}"], grid[4], base + ["crystal.N=-1"],
+                      grid[5], base + ["crystal.phisteps=2"], "config", grid[6], grid[6], base, grid[7],
+                      ["crystal=triclinic", "crystal.N=4", "store.root=elsewhere", "quiet=true"], grid[0]]
+    comp = sweep.Composer()
+    for ovr in seq:
+        if ovr == "config":
+            assert comp.config(grid[2]) == compose_config(grid[2])
+            continue
+        try:
+            want = compose_spec(ovr)
+        except Exception as e:                        # noqa: BLE001 - the same error both ways
+            with pytest.raises(type(e)):
+                comp.resolve(ovr)
+            continue
+        spec, dev, store, quiet = comp.resolve(ovr)
+        cfg = compose_config(ovr)
+        assert (spec, dev) == want, ovr
+        assert config_hash(spec, dev) == config_hash(*want)
+        assert store == OmegaConf.to_container(cfg.store) and quiet == bool(cfg.quiet), ovr
+    # the incremental path ran: the next grid point (one value changed) is one update of the base
+    calls = []
+    real = OmegaConf.update
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(OmegaConf, "update", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    try:
+        comp.resolve(grid[1])
+    finally:
+        monkey.undo()
+    assert calls == ["detector.distance_mm"]
+    assert comp.resolve(grid[1])[:2] == compose_spec(grid[1])
+
+
 @pytest.mark.parametrize("bad", [["crystal.NN=3"], ["crystal.N=abc"], ["detector=nope"], ["crystal.N=[1"]])
 def test_composer_errors_read_as_hydra_errors(bad):
     def message(fn):
@@ -111,6 +154,25 @@ def _points(n):
             for i in range(n)]
 
 
+@pytest.mark.parametrize("shape", [(256, 256), (255, 301), (17, 5), (999, 37)])
+@pytest.mark.parametrize("thumb", [200, 10, 3, 1000])
+def test_thumbnail_block_max_is_the_block_maximum(shape, thumb):
+    """preview.block_max (strided maxima) equals the maximum of each k x k block of the image padded
+    with its minimum, bit for bit, NaN included."""
+    import numpy as np
+
+    from pipeline.preview import block_max
+    a = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    a[3, 2] = np.nan if shape == (17, 5) else a[3, 2]
+    k = max(1, -(-max(shape) // thumb))
+    s2, f2 = -(-shape[0] // k), -(-shape[1] // k)
+    pad = np.full((s2 * k, f2 * k), np.nanmin(a), dtype=a.dtype)
+    pad[:shape[0], :shape[1]] = a
+    want = pad.reshape(s2, k, f2, k).max(axis=(1, 3))
+    got = block_max(a, thumb)
+    assert got.dtype == a.dtype and got.shape == want.shape and np.array_equal(got, want, equal_nan=True)
+
+
 def test_plan_batches():
     pts = _points(7)
     assert [len(b.points) for b in sweep.plan_batches(pts, "auto", slots=2)] == [4, 3]
@@ -136,6 +198,25 @@ def test_schema_batch_size():
 # ---------------------------------------------------------------------------------------------
 # the run-batch job
 # ---------------------------------------------------------------------------------------------
+
+def test_points_file_round_trip_and_summary_of_names_missing_points(tmp_path, capsys):
+    """The summary job reads the points from the points file the workflow wrote (same points, same
+    hashes, rewritten only when they change) and fails, naming them, when points are not stored."""
+    cfg = sweep.validate_config({"name": "t", "store_root": str(tmp_path / "store"),
+                                 "base": ["detector.fpixels=16", "detector.spixels=16"],
+                                 "grid": {"crystal.N": [2, 3], "detector.distance_mm": [80, 100.5]}})
+    points = sweep.expand(cfg)
+    f = sweep.write_points_file(points, tmp_path / "points.json")
+    assert sweep.read_points_file(f) == points
+    stamp = f.stat().st_mtime_ns
+    sweep.write_points_file(points, f)
+    assert f.stat().st_mtime_ns == stamp                  # unchanged points: the file is not touched
+    rc = sweep.summary_of(f, tmp_path / "store", tmp_path / "s.csv", tmp_path / "s.png", name="t",
+                          logs="logs/sweep_batch/")
+    err = capsys.readouterr().err
+    assert rc == 1 and "sweep t: 4 points were not stored" in err and "logs/sweep_batch/" in err, err
+    assert (tmp_path / "s.csv").read_text().count("\n") == 5
+
 
 def test_run_batch_stores_every_point_and_skips_stored(tmp_path):
     cfg = sweep.validate_config({"store_root": "store", "base": ["detector.fpixels=24", "detector.spixels=24"],
@@ -267,6 +348,61 @@ def test_batch_launcher_equals_hydra_basic_launcher(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert bad.stderr.startswith("nbsim: error: crystal.N")
     assert _entries(wb / "bad") == {}                 # nothing simulated (Hydra's own .hydra/ aside)
+
+
+def test_nbsim_sweeper_validates_only_in_front_of_other_launchers(monkeypatch):
+    """hydra/sweeper=nbsim (the app's default) leaves out Hydra's per-point composition check in front
+    of nbsim_batch (which composes every point itself) and keeps it in front of any other launcher."""
+    from hydra.plugins.sweeper import Sweeper
+
+    from hydra_plugins.nbsim_launcher.nbsim_launcher import NbsimBatchLauncher, NbsimSweeper
+    calls = []
+    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: calls.append(batch))
+    s = NbsimSweeper(max_batch_size=None)
+    s.launcher = NbsimBatchLauncher()
+    s.validate_batch_is_legal([["crystal.N=3"]])
+    assert calls == []
+    s.launcher = object()                             # e.g. Hydra's basic launcher
+    s.validate_batch_is_legal([["crystal.N=3"]])
+    assert calls == [[["crystal.N=3"]]]
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("detector.fpixels=32,abc", "nbsim: error: detector.fpixels: must be an integer"),
+    ("crystal=cubic,nosuch", "nbsim: error: crystal=nosuch: no such option"),
+])
+def test_multirun_composition_error_of_one_point_is_one_line(tmp_path, bad, msg):
+    """Without Hydra's validation pass a point that does not compose still stops the multirun before
+    anything is simulated, in one line, exit 2."""
+    p = subprocess.run([sys.executable, "-m", "nbsim", "--multirun", "detector.fpixels=32",
+                        "detector.spixels=32", bad, "store.root=bad"], cwd=tmp_path,
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and p.stderr.startswith(msg), p.stderr
+    assert _entries(tmp_path / "bad") == {}
+
+
+def test_process_settings_openmp_policy_and_exit_now(monkeypatch):
+    """pipeline.proc: the OpenMP wait policy defaults to PASSIVE and a user's value is kept; malloc's
+    thresholds are raised on glibc unless the user set them; exit_now
+    ends with the code given, stdout and log lines flushed, atexit handlers skipped."""
+    from pipeline import proc
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    proc.quiet_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    proc.quiet_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    # glibc's thresholds: applied on Linux/glibc unless the user set MALLOC_MMAP_THRESHOLD_
+    import platform
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert proc.reuse_freed_memory() is glibc
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert proc.reuse_freed_memory() is False
+    code = ("import atexit, logging, sys; from pipeline.proc import exit_now; "
+            "logging.basicConfig(stream=sys.stderr); atexit.register(print, 'atexit ran'); "
+            "print('folder', end=''); logging.getLogger('t').warning('logged'); exit_now(3)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert p.returncode == 3 and p.stdout == "folder" and "logged" in p.stderr, (p.stdout, p.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

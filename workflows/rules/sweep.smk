@@ -16,6 +16,7 @@ POINT_BY_HASH = {p.hash: p for p in POINTS}
 SWEEP_NAME = config.get("name", "sweep")
 SWEEP_DIR = f"{STORE}/sweeps/{SWEEP_NAME}"
 SWEEP_TARGETS = [f"{SWEEP_DIR}/summary.csv", f"{SWEEP_DIR}/contact_sheet.png"] if POINTS else []
+SWEEP_POINTS = f"{SWEEP_DIR}/points.json"  # the points (and hashes) the summary job reads
 THREADS = config.get("threads", 1)
 
 
@@ -38,6 +39,8 @@ except _sweep.SweepError as _e:
 if workflow.is_main_process:                # jobs re-reading this file find the manifests written
     for _b in BATCHES:
         _sweep.write_manifest(_b, STORE, thumb=config.get("thumb", 200))
+    if POINTS:
+        _sweep.write_points_file(POINTS, SWEEP_POINTS)
 BATCH_OF_HASH = {p.hash: b for b in BATCHES for p in b.points}
 _DONE = _sweep.batch_markers(STORE)         # stored points: the marker of the batch that stored them
 
@@ -75,9 +78,12 @@ rule sweep_batch:
 
 
 rule sweep_summary:
-    """summary.csv (overrides, hash, statistics, wall time) and contact_sheet.png of the sweep."""
+    """summary.csv (overrides, hash, statistics, wall time) and contact_sheet.png of the sweep: a shell
+    job reading the points file (a `run:` job would be a new Snakemake process parsing the workflow
+    and composing every point again)."""
     input:
-        sorted({point_target(p.hash) for p in POINTS}),
+        points=SWEEP_POINTS,
+        stored=sorted({point_target(p.hash) for p in POINTS}),
     output:
         csv=f"{SWEEP_DIR}/summary.csv",
         sheet=f"{SWEEP_DIR}/contact_sheet.png",
@@ -85,13 +91,13 @@ rule sweep_summary:
         f"{LOGS}/sweep_summary/{SWEEP_NAME}.log",
     params:
         points=[" ".join(p.overrides) for p in POINTS],    # a changed grid reruns the summary
+        store=STORE,
+        name=SWEEP_NAME,
+        thumb=config.get("thumb", 200),
+        logs=f"{LOGS}/sweep_batch/",
     threads: 1
     localrule: True
-    run:
-        rows = _sweep.write_summary(POINTS, STORE, output.csv, output.sheet, name=SWEEP_NAME,
-                                    thumb=config.get("thumb", 200))
-        missing = [r["hash"] for r in rows if not r["stored"]]
-        if missing:
-            raise workflow_error(f"sweep {SWEEP_NAME}: {len(missing)} points were not stored "
-                                 f"({', '.join(missing[:3])}...): see {LOGS}/sweep_batch/")
-        Path(log[0]).write_text(f"{len(rows)} points -> {output.csv}, {output.sheet}\n")
+    shell:
+        "{PY} -m pipeline.sweep summary-of {input.points:q} --store {params.store:q} --csv {output.csv:q} "
+        "--sheet {output.sheet:q} --name {params.name:q} --thumb {params.thumb} --logs {params.logs:q} "
+        "> {log} 2>&1 || {{ cat {log} >&2; exit 1; }}"
