@@ -359,11 +359,12 @@ def test_nbsim_sweeper_validates_only_in_front_of_other_launchers(monkeypatch):
     calls = []
     monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: calls.append(batch))
     s = NbsimSweeper(max_batch_size=None)
-    s.launcher = NbsimBatchLauncher()
-    s.validate_batch_is_legal([["crystal.N=3"]])
+    assert isinstance(s, Sweeper)
+    s.basic.launcher = NbsimBatchLauncher()           # what BasicSweeper.sweep calls
+    s.basic.validate_batch_is_legal([["crystal.N=3"]])
     assert calls == []
-    s.launcher = object()                             # e.g. Hydra's basic launcher
-    s.validate_batch_is_legal([["crystal.N=3"]])
+    s.basic.launcher = object()                       # e.g. Hydra's basic launcher
+    s.basic.validate_batch_is_legal([["crystal.N=3"]])
     assert calls == [[["crystal.N=3"]]]
 
 

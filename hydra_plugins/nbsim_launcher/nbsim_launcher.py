@@ -18,9 +18,9 @@ same way. In front of any other launcher (points composed in other processes) it
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
 
 
 @dataclass
@@ -56,11 +56,28 @@ class NbsimSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="nbsim", node=NbsimSweeperConf, provider="nbsim")
 
 
-class NbsimSweeper(BasicSweeper):
+class NbsimSweeper(Sweeper):
     """Hydra's basic sweeper; in front of ``NbsimBatchLauncher`` without the per-point composition
-    check (the launcher composes and checks every point before simulating any)."""
+    check (the launcher composes and checks every point before simulating any).
 
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        if isinstance(self.launcher, NbsimBatchLauncher):
-            return
-        super().validate_batch_is_legal(batch)
+    It wraps a ``BasicSweeper`` made when it is made rather than subclassing it: Hydra's plugin scan
+    executes the modules of its core plugins again, so a subclass defined at import time can hold
+    another copy of ``BasicSweeper`` than the one Hydra runs (an editable install run outside the
+    checkout; the launcher's class can come from two copies of this module for the same reason, so
+    it is recognised by name)."""
+
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        self.basic = BasicSweeper(max_batch_size=max_batch_size, params=params)
+        check = self.basic.validate_batch_is_legal
+
+        def validate_batch_is_legal(batch: Sequence[Sequence[str]]) -> None:
+            if type(self.basic.launcher).__name__ != NbsimBatchLauncher.__name__:
+                check(batch)
+        self.basic.validate_batch_is_legal = validate_batch_is_legal
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments):
+        return self.basic.sweep(arguments)
