@@ -1014,10 +1014,15 @@ _STACKED = ("fdet", "sdet", "odet", "pix0", "incident", "wavelength_m", "polar_v
             "close_distance_m")
 
 
+def _field(m: Model, k: str) -> torch.Tensor:
+    """Model field ``k`` as a tensor of the model's dtype and device (for stacking)."""
+    return torch.as_tensor(getattr(m, k), dtype=m.dtype, device=m.device)
+
+
 def stack_key(m: Model, plan: CompiledPlan) -> tuple:
     """Models with equal keys render in one stacked kernel call: equal static configuration, chunk,
     simulated pixels and input shapes (the structure-factor table itself is compared apart)."""
-    shapes = tuple(tuple(torch.as_tensor(getattr(m, k)).shape) for k in _STACKED)
+    shapes = tuple(tuple(_field(m, k).shape) for k in _STACKED)
     mask = None if m.mask is None else m.mask.cpu().numpy().tobytes()
     return (plan.cfg, plan.chunk, shapes, tuple(m.lattice.shape), tuple(m.source_weight.shape),
             m.dtype, str(m.device), m.fpixels, m.spixels, mask)
@@ -1059,7 +1064,7 @@ def simulate_images(models, *, budget_bytes: float = 1.0e9, progress=None, repor
         ps = list(plans[s0:s0 + B])
         ms += [ms[-1]] * (B - len(ms))
         ps += [ps[-1]] * (B - len(ps))
-        geo = [torch.stack([torch.as_tensor(getattr(m, k)) for m in ms]) for k in _STACKED]
+        geo = [torch.stack([_field(m, k) for m in ms]) for k in _STACKED]
         consts = torch.stack([p.consts for p in ps])
         lat = torch.stack([m.lattice for m in ms])
         w = torch.stack([m.source_weight for m in ms])
@@ -1089,7 +1094,7 @@ def _stacked_kernels(m: Model, plan: CompiledPlan, chunk: int, B: int, *, build:
     from nbsim import kernel_cache
     if kernel_cache.disabled():
         return None
-    geo = [torch.stack([torch.as_tensor(getattr(m, k))] * B) for k in _STACKED]
+    geo = [torch.stack([_field(m, k)] * B) for k in _STACKED]
     consts = torch.stack([plan.consts] * B)
     lat, w = torch.stack([m.lattice] * B), torch.stack([m.source_weight] * B)
     idx = torch.arange(chunk, device=m.device) % (m.fpixels * m.spixels)
