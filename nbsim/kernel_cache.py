@@ -1,7 +1,7 @@
 """Compiled kernels that every process can use: AOTInductor packages on disk.
 
-``torch.compile`` costs a fresh process 3–9 s even with a warm Inductor cache (Dynamo traces the
-kernel again). This cache keeps the compiled kernel of ``nbsim.engine`` (``_k_image``)
+``torch.compile`` costs a fresh process about 4 s even with a warm Inductor cache (Dynamo traces the
+kernel again; 10–45 s cold). This cache keeps the compiled kernel of ``nbsim.engine`` (``_k_image``)
 as AOTInductor packages (``torch._inductor.aoti_compile_and_package`` of a ``torch.export`` program),
 which a new process loads in milliseconds.
 
