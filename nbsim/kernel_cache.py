@@ -1,8 +1,9 @@
 """Compiled kernels that every process can use: AOTInductor packages on disk.
 
 ``torch.compile`` costs a fresh process about 4 s even with a warm Inductor cache (Dynamo traces the
-kernel again; 10–45 s cold). This cache keeps the compiled kernels of ``nbsim.engine`` (``_k_geometry`` and ``_k_sum``, and
-their stacked forms ``_k_geometry_stack`` and ``_k_sum_stack``) as AOTInductor packages (``torch._inductor.aoti_compile_and_package`` of a ``torch.export`` program),
+kernel again; 10–45 s cold). This cache keeps the compiled kernels of ``nbsim.engine``
+(``_k_geometry`` and ``_k_sum``, and their stacked forms ``_k_geometry_stack`` and ``_k_sum_stack``)
+as AOTInductor packages (``torch._inductor.aoti_compile_and_package`` of a ``torch.export`` program),
 which a new process loads in milliseconds.
 
 An entry's key is a hash of everything that decides the compiled code: the kernel's name, its static
