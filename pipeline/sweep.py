@@ -200,6 +200,30 @@ class Composer:
                 or o.is_sweep_override() or key.startswith("hydra") or "/" in key
                 or (CONF_DIR / key).is_dir())
 
+    def _base(self, parsed):
+        """(plain overrides, structural key, the cached base composed from the structural ones,
+        its applied-key record ``{key: (override text, the base's own value)}``)."""
+        from pipeline.compose import compose_config
+        structural = tuple(o.input_line for o in parsed if self._structural(o))
+        plain = [o for o in parsed if not self._structural(o)]
+        if structural not in self._bases:
+            self._bases[structural] = compose_config(list(structural))
+            self._applied[structural] = {}
+        return plain, structural, self._bases[structural], self._applied[structural]
+
+    def _put_back(self, structural, keys) -> None:
+        """Set ``keys`` of the base back to its own values (the last set first: a key inside
+        another) and forget them."""
+        from omegaconf import OmegaConf
+        base, applied = self._bases[structural], self._applied[structural]
+        for key in reversed(list(keys)):
+            OmegaConf.update(base, key, applied.pop(key)[1], merge=False)
+
+    def _drop(self, structural) -> None:
+        """Forget a base (composed again on next use)."""
+        self._bases.pop(structural, None)
+        self._applied.pop(structural, None)
+
     def config(self, overrides: Sequence[str]):
         """The composed app config (DictConfig) of ``overrides``."""
         import copy
@@ -212,19 +236,11 @@ class Composer:
             parsed = self._parse(overrides)
         except Exception:                               # noqa: BLE001 - the full path reports it
             return compose_config(overrides)
-        structural = tuple(o.input_line for o in parsed if self._structural(o))
-        plain = [o for o in parsed if not self._structural(o)]
-        base = self._bases.get(structural)
-        if base is None:
-            base = self._bases[structural] = compose_config(list(structural))
-            self._applied[structural] = {}
-        applied = self._applied.get(structural) or {}
+        plain, structural, base, applied = self._base(parsed)
         try:                                            # the base as composed (resolve leaves values)
-            for key in reversed(list(applied)):
-                OmegaConf.update(base, key, applied.pop(key)[1], merge=False)
+            self._put_back(structural, applied)
         except Exception:                               # noqa: BLE001 - composed again
-            self._bases.pop(structural, None)
-            self._applied.pop(structural, None)
+            self._drop(structural)
             return compose_config(overrides)
         cfg = copy.deepcopy(base)
         try:
@@ -280,13 +296,7 @@ class Composer:
             parsed = self._parse(overrides)
         except Exception:                               # noqa: BLE001 - the full path reports it
             return full()
-        structural = tuple(o.input_line for o in parsed if self._structural(o))
-        plain = [o for o in parsed if not self._structural(o)]
-        base = self._bases.get(structural)
-        if base is None:
-            base = self._bases[structural] = compose_config(list(structural))
-            self._applied[structural] = {}
-        applied = self._applied[structural]             # key -> (override text, the base's own value)
+        plain, structural, base, applied = self._base(parsed)
 
         def original(key):
             old = OmegaConf.select(base, key, default=self._MISSING)
@@ -294,9 +304,8 @@ class Composer:
                 raise KeyError(key)
             return OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
 
-        def put_back(keys):                             # last set first (a key inside another)
-            for key in reversed(list(keys)):
-                OmegaConf.update(base, key, applied.pop(key)[1], merge=False)
+        def put_back(keys):
+            self._put_back(structural, keys)
         try:
             want = self._leaf_keys(plain)
             if want is None or self._nested(set(want) | set(applied)):
@@ -317,8 +326,7 @@ class Composer:
             if want is None:
                 put_back(applied)
         except Exception:                               # noqa: BLE001 - the full path reports it
-            self._bases.pop(structural, None)
-            self._applied.pop(structural, None)
+            self._drop(structural)
             return full()
         return out
 
