@@ -797,12 +797,15 @@ def _with_first_iteration(m: Model, idx, val, first_local):
 # ---------------------------------------------------------------------------------------------
 #
 # torch.compile (Inductor) fuses the stage functions (the very ones ``render`` calls) of a chunk of
-# pixels into ONE loop nest: per pixel, the sum over layers × sub-pixels × sources × φ × domains is
-# a reduction whose every operand (positions, scattering vector, Miller indices, both sines, sincg,
-# F_cell, the Bragg term) is computed in registers, never stored. Inductor normally stores an
+# pixels into two kernels: ``_k_geometry`` (positions, scattering vectors 3 × (T, O, S, P) and the
+# once-per-pixel factors) and ``_k_sum``, one loop nest in which, per pixel, the sum over layers ×
+# sub-pixels × sources × φ × domains is a reduction whose every operand (Miller indices, both sines,
+# sincg, F_cell, the Bragg term) is computed in registers, never stored. Inductor normally stores an
 # intermediate that is read by many consumers or is costly to recompute; ``_FUSE_OPTIONS`` raise
-# those thresholds so that nothing is (measured on bench case 2, float64, 2 cores: 0.69 s wall
-# against 1.32 s for the eager kernel; the kernels that stored π·h and N·π·h took 4.5 s).
+# those thresholds for ``_k_sum`` so that nothing is (bench case 2, float64, 2 threads: 1.22 CPU-s
+# against 2.67 for the eager kernel; the kernels that stored π·h and N·π·h took 4.5 s wall against
+# 1.2). The split at the scattering vectors keeps Inductor's code generation small: one graph of
+# both compiled in 60–220 s, the two in 10–45 s, and run as fast.
 # Miller indices are C's a_x·S_x + a_y·S_y + a_z·S_z (Miller mode "c", the float64 eager kernel's
 # own numbers); the sines are Inductor's (SLEEF, within an ulp), so compiled float64 equals eager to
 # rounding (~1e-15 relative, tested to 1e-12). Layout is pixels-last (…, P), so the reduction
@@ -973,28 +976,36 @@ def _geometry_inputs(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> tuple:
             m.pixel_m, m.close_distance_m, plan.consts)
 
 
-def cached_kernels(m: Model, plan: CompiledPlan, *, build: bool = False):
-    """The AOT-compiled (``_k_geometry``, ``_k_sum``) of this plan from ``nbsim.kernel_cache``, or
-    None where the cache has none (``build``: compile them ahead of time into the cache first)."""
+def _aot_kernels(names, cfg, key_in, geo_in, sum_mid, *, build: bool):
+    """The AOT-compiled pair ``names`` = (geometry kernel, sum kernel) of ``nbsim.kernel_cache`` for
+    inputs shaped like ``key_in``, or None where the cache lacks one (``build``: compile the missing
+    ones into it first; the sum kernel's example inputs are the geometry kernel's outputs on
+    ``geo_in`` around ``sum_mid``, its inputs between the scattering vectors and the factors)."""
     from nbsim import kernel_cache
     if kernel_cache.disabled():
         return None
-    key_in = _geometry_inputs(m, torch.zeros(plan.chunk, dtype=torch.int64, device=m.device),
-                              plan) + (m.lattice, plan.table_flat, m.source_weight)
-    kernels = [kernel_cache.load(name, plan.cfg, key_in) for name in ("_k_geometry", "_k_sum")]
+    kernels = [kernel_cache.load(name, cfg, key_in) for name in names]
     if None in kernels and build:
-        idx = torch.arange(plan.chunk, device=m.device) % (m.fpixels * m.spixels)
-        geo_in = _geometry_inputs(m, idx, plan)
+        fns = [globals()[name] for name in names]
         if kernels[0] is None:
-            kernels[0] = kernel_cache.build("_k_geometry", _k_geometry, plan.cfg, key_in, geo_in,
-                                            options=_FUSE_OPTIONS["_k_geometry"])
+            kernels[0] = kernel_cache.build(names[0], fns[0], cfg, key_in, geo_in,
+                                            options=_FUSE_OPTIONS[names[0]])
         sc, cap, pol, om = kernels[0](*geo_in)
         if kernels[1] is None:
-            kernels[1] = kernel_cache.build(
-                "_k_sum", _k_sum, plan.cfg, key_in,
-                (sc, m.lattice, plan.table_flat, m.source_weight, plan.consts, cap, pol, om),
-                options=_FUSE_OPTIONS["_k_sum"])
+            kernels[1] = kernel_cache.build(names[1], fns[1], cfg, key_in,
+                                            (sc, *sum_mid, cap, pol, om),
+                                            options=_FUSE_OPTIONS[names[1]])
     return None if None in kernels else tuple(kernels)
+
+
+def cached_kernels(m: Model, plan: CompiledPlan, *, build: bool = False):
+    """The AOT-compiled (``_k_geometry``, ``_k_sum``) of this plan from ``nbsim.kernel_cache``, or
+    None where the cache has none (``build``: compile them ahead of time into the cache first)."""
+    idx = torch.arange(plan.chunk, device=m.device) % (m.fpixels * m.spixels)
+    geo_in = _geometry_inputs(m, idx, plan)
+    sum_mid = (m.lattice, plan.table_flat, m.source_weight, plan.consts)
+    return _aot_kernels(("_k_geometry", "_k_sum"), plan.cfg, geo_in + sum_mid[:3], geo_in, sum_mid,
+                        build=build)
 
 
 def render_compiled(m: Model, idx: torch.Tensor, plan: CompiledPlan) -> torch.Tensor:
@@ -1064,11 +1075,9 @@ def simulate_images(models, *, budget_bytes: float = 1.0e9, progress=None, repor
         ps = list(plans[s0:s0 + B])
         ms += [ms[-1]] * (B - len(ms))
         ps += [ps[-1]] * (B - len(ps))
-        geo = [torch.stack([_field(m, k) for m in ms]) for k in _STACKED]
-        consts = torch.stack([p.consts for p in ps])
-        lat = torch.stack([m.lattice for m in ms])
-        w = torch.stack([m.source_weight for m in ms])
+        geo, consts, lat, w = _stack_inputs(ms, ps)
         n = min(B, len(models) - s0)
+        own = [Chunks(m, chunk, idx_all) for m in ms[:n]]      # each model's first iteration
         results = [[] for _ in range(n)]
         for start, idx, _ in chunks.run(lambda *a: None):
             P = idx.shape[0]
@@ -1076,41 +1085,34 @@ def simulate_images(models, *, budget_bytes: float = 1.0e9, progress=None, repor
             sc, cap, pol, om = geometry(pad, *geo, consts, *cfg)
             vals = total(sc, lat, t0, w, consts, cap, pol, om, *cfg)[:, :P]
             for i in range(n):
-                fl = Chunks(ms[i], chunk, idx_all).first_local(start)
+                fl = own[i].first_local(start)
                 v = vals[i] if fl is None else _with_first_iteration(ms[i], idx, vals[i], fl)
                 results[i].append((start, idx, v))
             if progress is not None:
                 progress(s0 * chunks.n + min(start + chunk, chunks.n), len(models) * chunks.n)
-        images += [Chunks(m, chunk, idx_all).image(r) for m, r in zip(ms[:n], results)]
+        images += [c.image(r) for c, r in zip(own, results)]
     if report is not None:
         report.update(kernel="compiled-stacked", kernel_cache=kernels is not None, chunk_pixels=chunk)
     return images
+
+
+def _stack_inputs(models, plans) -> tuple:
+    """The inputs of the stacked kernels but the pixel indices and the shared table: geometry
+    fields, continuous numbers, lattices, source weights, each with a leading batch axis."""
+    geo = [torch.stack([_field(m, k) for m in models]) for k in _STACKED]
+    return (geo, torch.stack([p.consts for p in plans]), torch.stack([m.lattice for m in models]),
+            torch.stack([m.source_weight for m in models]))
 
 
 def _stacked_kernels(m: Model, plan: CompiledPlan, chunk: int, B: int, *, build: bool):
     """The AOT-compiled stacked kernels (``_k_geometry_stack``, ``_k_sum_stack``) for stacks of
     ``B`` models like ``m`` and chunks of ``chunk`` pixels from ``nbsim.kernel_cache``, or None
     (``build``: compile missing ones into it first)."""
-    from nbsim import kernel_cache
-    if kernel_cache.disabled():
-        return None
-    geo = [torch.stack([_field(m, k)] * B) for k in _STACKED]
-    consts = torch.stack([plan.consts] * B)
-    lat, w = torch.stack([m.lattice] * B), torch.stack([m.source_weight] * B)
+    geo, consts, lat, w = _stack_inputs([m] * B, [plan] * B)
     idx = torch.arange(chunk, device=m.device) % (m.fpixels * m.spixels)
-    key_in = (idx, *geo, consts, lat, plan.table_flat, w)
-    kernels = [kernel_cache.load(n, plan.cfg, key_in) for n in ("_k_geometry_stack", "_k_sum_stack")]
-    if None in kernels and build:
-        if kernels[0] is None:
-            kernels[0] = kernel_cache.build("_k_geometry_stack", _k_geometry_stack, plan.cfg, key_in,
-                                            (idx, *geo, consts),
-                                            options=_FUSE_OPTIONS["_k_geometry_stack"])
-        sc, cap, pol, om = kernels[0](idx, *geo, consts)
-        if kernels[1] is None:
-            kernels[1] = kernel_cache.build("_k_sum_stack", _k_sum_stack, plan.cfg, key_in,
-                                            (sc, lat, plan.table_flat, w, consts, cap, pol, om),
-                                            options=_FUSE_OPTIONS["_k_sum_stack"])
-    return None if None in kernels else tuple(kernels)
+    return _aot_kernels(("_k_geometry_stack", "_k_sum_stack"), plan.cfg,
+                        (idx, *geo, consts, lat, plan.table_flat, w), (idx, *geo, consts),
+                        (lat, plan.table_flat, w, consts), build=build)
 
 
 def default_chunk_pixels(m: Model, budget_bytes: float, *, plan: Optional[FastPlan] = None,
