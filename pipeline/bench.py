@@ -220,21 +220,21 @@ def run_nbsim_whole(case, repeat, extra=(), kernel_cache="off") -> dict:
 
 def run_nbsim_whole_cached(case, repeat) -> dict:
     """The whole process with a warm kernel cache: ``python -m nbsim.kernel_cache build`` into a
-    fresh folder (its wall time and message recorded as ``build_s``/``build``), then
-    ``run_nbsim_whole`` with that cache, which ``device.compile=auto`` uses."""
+    fresh folder (``bench_sweep.warm_kernel_cache``; its wall time and message recorded as
+    ``build_s``/``build``), then ``run_nbsim_whole`` with that cache, which ``device.compile=auto``
+    uses."""
+    from pipeline.bench_sweep import warm_kernel_cache
     cache = Path(tempfile.mkdtemp(prefix="nbsim-bench-kernels-"))
     try:
         d = case_dir(case)
-        env = dict(os.environ, NBSIM_KERNEL_CACHE=str(cache))
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "nbsim.kernel_cache", "build",
-                            *case["argv"].split()], cwd=d, env=env, capture_output=True, text=True)
-        build_s = time.perf_counter() - t0
-        shutil.rmtree(d, ignore_errors=True)
-        if p.returncode != 0 or not any(cache.iterdir()):
-            return dict(wall_s=None, rc=p.returncode, build=(p.stdout + p.stderr).strip()[-300:])
+        try:
+            w = warm_kernel_cache([case["argv"].split()], cache, cwd=d)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        if w["rc"] != 0 or not w["entries"]:
+            return dict(wall_s=None, rc=w["rc"], build=w["message"])
         out = run_nbsim_whole(case, repeat, kernel_cache=cache)
-        return dict(out, build_s=build_s, build=p.stdout.strip())
+        return dict(out, build_s=w["build_s"], build=w["message"])
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,11 +76,12 @@ def _env(threads: int, kernel_cache="off") -> dict:
     return env
 
 
-def warm_kernel_cache(argvs: List[List[str]], cache: Path) -> dict:
-    """``python -m nbsim.kernel_cache build`` into ``cache`` of each of ``argvs`` (one grid point per
-    kernel shape, ``shape_representatives``): the compiled kernels every point of the grid loads (the
-    grid's continuous numbers are kernel inputs). Wall time, message and the entries left."""
-    d = Path(tempfile.mkdtemp(prefix="nbsim-bench-sweep-"))
+def warm_kernel_cache(argvs: List[List[str]], cache: Path, cwd: Optional[Path] = None) -> dict:
+    """``python -m nbsim.kernel_cache build`` into ``cache`` of each of ``argvs`` (for a grid, one
+    point per kernel shape, ``shape_representatives``: the compiled kernels every point of the grid
+    loads, its continuous numbers being kernel inputs), run in ``cwd`` (the folder holding the files
+    the arguments name; default a fresh empty one). Wall time, message and the entries left."""
+    d = Path(cwd) if cwd is not None else Path(tempfile.mkdtemp(prefix="nbsim-bench-sweep-"))
     try:
         t0, rc, msgs = time.perf_counter(), 0, []
         for argv in argvs:
@@ -92,7 +93,8 @@ def warm_kernel_cache(argvs: List[List[str]], cache: Path) -> dict:
                 "message": "; ".join(msgs)[-600:],
                 "entries": len(list(cache.iterdir())) if cache.exists() else 0}
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if cwd is None:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def shape_representatives(points) -> List[int]:
