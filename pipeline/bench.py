@@ -359,7 +359,7 @@ def compare_previous(rec, history: Path):
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if "cases" in r:          # (other kinds of record, e.g. pipeline.bench_grad's)
+                if r.get("cases"):        # (other kinds of record: pipeline.bench_grad's, sweeps only)
                     prev = r
     if prev is None:
         print("(no previous record to compare with)")
