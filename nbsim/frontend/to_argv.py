@@ -106,12 +106,9 @@ def spec_to_argv(spec: ExperimentSpec, device: Optional[DeviceSpec] = None) -> L
             add("-dump", c.fdump_file)
     elif c.fdump_file is not None:
         add("-dump", c.fdump_file)
-    if c.mtz_column is not None:
-        add("-mtz_column", c.mtz_column)
-    if c.model_file is not None:
-        add("-model", c.model_file)
-    if c.model_dmin_A is not None:
-        add("-model_dmin", c.model_dmin_A)
+    for flag, v in (("-mtz_column", c.mtz_column), ("-model", c.model_file), ("-model_dmin", c.model_dmin_A)):
+        if v is not None:
+            add(flag, v)
     if c.model_anomalous:
         add("-model_anomalous")
     add_if("-default_F", c.default_F, dflt.crystal.default_F)
