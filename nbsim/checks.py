@@ -198,9 +198,26 @@ def _sampling(spec: ExperimentSpec):
     return hdiv, vdiv, disp
 
 
+_CHECKED_GEOMETRY: dict = {}     # repr of (detector, beam, crystal, quirks) -> report
+_CHECKED_GEOMETRY_MAX = 256
+
+
 def check_geometry(spec: ExperimentSpec):
     """Refuse geometry that cannot be simulated; return the resolved geometry's report
-    (``nbsim.report.DetectorReport``)."""
+    (``nbsim.report.DetectorReport``). A spec whose geometry was checked before (same detector,
+    beam, crystal and quirks, compared by value) gets the same report without resolving it again:
+    a sweep point is checked by the preflight, its group key and its compile decision."""
+    key = repr((spec.detector, spec.beam, spec.crystal, quirks.of(spec)))
+    rep = _CHECKED_GEOMETRY.get(key)
+    if rep is None:
+        rep = _check_geometry(spec)
+        if len(_CHECKED_GEOMETRY) >= _CHECKED_GEOMETRY_MAX:
+            _CHECKED_GEOMETRY.pop(next(iter(_CHECKED_GEOMETRY)))
+        _CHECKED_GEOMETRY[key] = rep
+    return rep
+
+
+def _check_geometry(spec: ExperimentSpec):
     from nbsim.geometry import detector_geometry
     d, b, c = spec.detector, spec.beam, spec.crystal
     try:

@@ -52,10 +52,9 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
-
-from omegaconf import OmegaConf
 
 from nbsim.io.atomic import atomic_dir, file_sha256, unsynced_files
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError, spec_to_dict
@@ -559,33 +558,51 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
         index = [todo[j] for j in rest]
         results = iter_many(specs, devices=devs, base_dir=str(base_dir), solid_angle=True,
                             inputs=[getattr(ests[i], "inputs", None) for i in index])   # as the preflight read them
-        while True:
-            try:
-                k, result = next(results)
-            except StopIteration:
-                break
-            except SpecError as e:                   # an image refused while rendering
-                first_error = first_error or e
-                break
-            i = index[k]
+
+        def store(i, result):
+            """Store point ``i``'s rendered ``result`` under its entry lock (the writer thread)."""
             spec, device = items[i]
             h = hs[i]
             final = root_abs / h
-            want = wants[i]
             with entry_lock(root_abs, h):
                 doc = verify_entry(final, h)[0] if not force and (final / "run.json").is_file() else None
                 if doc is not None:
-                    out[i] = (final, True, doc)         # stored meanwhile by another process
-                    continue
+                    return (final, True, doc), None          # stored meanwhile by another process
                 try:
                     with unsynced_files():           # entries are verified by checksum when reused
-                        run = _compute(final, spec, device, want, preview, base_dir, ests[i], False,
+                        run = _compute(final, spec, device, wants[i], preview, base_dir, ests[i], False,
                                        result=result, thumb=thumb)
                 except SpecError as e:
                     log(f"point {i} ({h}): {e}")
+                    return None, e
+            return (final, False, run), None
+
+        def collect(i, fut):
+            nonlocal first_error
+            got, err = fut.result()                   # any other exception propagates
+            if got is not None:
+                out[i] = got
+            first_error = first_error or err
+
+        # each point is written by one writer thread while the next one renders (the writes of a
+        # small image, ~5-10 ms, cost as much as its kernel); at most two images are held at once,
+        # and leaving the block waits for the last write, also when rendering fails
+        pending = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbsim-store") as writer:
+            while True:
+                try:
+                    k, result = next(results)
+                except StopIteration:
+                    break
+                except SpecError as e:                   # an image refused while rendering
                     first_error = first_error or e
-                    continue
-            out[i] = (final, False, run)
+                    break
+                if pending is not None:               # the previous point's write: done by now,
+                    collect(*pending)                 # or its failure stops the batch here
+                pending = (index[k], writer.submit(store, index[k], result))
+                del result
+            if pending is not None:
+                collect(*pending)
     if first_error is not None:
         raise first_error
     return out
@@ -710,6 +727,7 @@ def entry_overrides(folder: Path) -> str:
     """The keys of an entry's ``config.yaml`` that differ from the schema defaults, ``key=value ...``."""
     from nbsim.spec import ExperimentSpec
     try:
+        from omegaconf import OmegaConf
         doc = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
     except Exception as e:                       # noqa: BLE001 - a damaged entry is listed, not fatal
         return f"(config.yaml unreadable: {type(e).__name__})"

@@ -39,7 +39,7 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -140,6 +140,9 @@ class Point:
     overrides: List[str]               # base + grid, Hydra syntax
     hash: str = ""
     label: str = ""
+    #: the point's composed configuration, ``{"spec", "device", "store"}`` as plain dicts (``expand``):
+    #: a batch job rebuilds the spec from it without composing again (``run_points``)
+    resolved: Optional[dict] = field(default=None, compare=False, repr=False)
 
     def folder(self, root: Union[str, Path]) -> Path:
         return Path(root) / self.hash
@@ -351,12 +354,15 @@ def expand(config: dict, base_dir: Union[str, Path] = ".") -> List[Point]:
     """All points of a (validated) sweep config, with their hashes. Duplicate hashes are merged
     (two spellings of the same experiment are one job)."""
     from pipeline.compose import format_error
+    from nbsim.spec import spec_to_dict
     points, seen = [], {}
     composer = Composer()
     for i, (params, ovr) in enumerate(grid_points(config)):
         label = " ".join(f"{short_key(k)}={format_value(v)}" for k, v in params.items())
         try:
-            h = point_hash(ovr, base_dir, composer)
+            spec, device, store, _ = composer.resolve(list(ovr))
+            h = spec_hash(spec, device, base_dir)
+            resolved = {"spec": spec_to_dict(spec), "device": spec_to_dict(device), "store": store}
         except Exception as exc:                    # noqa: BLE001 - config errors become one line
             msg = format_error(exc)
             if msg is None:
@@ -365,7 +371,8 @@ def expand(config: dict, base_dir: Union[str, Path] = ".") -> List[Point]:
         if h in seen:
             continue
         seen[h] = True
-        points.append(Point(index=len(points), params=params, overrides=ovr, hash=h, label=label))
+        points.append(Point(index=len(points), params=params, overrides=ovr, hash=h, label=label,
+                            resolved=resolved))
     return points
 
 
@@ -472,12 +479,14 @@ def plan_batches(points: Sequence[Point], batch_size: Union[int, str] = "auto", 
 
 
 def write_manifest(batch: Batch, root: Union[str, Path], thumb: Optional[int] = 200) -> Path:
-    """The batch's manifest ``<root>/.sweep_batches/<id>.json`` (its points' overrides and hashes),
-    written atomically; what ``python -m pipeline.sweep run-batch`` reads."""
+    """The batch's manifest ``<root>/.sweep_batches/<id>.json`` (its points' overrides, hashes and,
+    where ``expand`` composed them, resolved configurations), written atomically; what
+    ``python -m pipeline.sweep run-batch`` reads."""
     from nbsim.io.atomic import atomic_write_bytes
     path = batch.manifest(root)
     doc = {"id": batch.id, "store_root": str(root), "thumb": thumb,
-           "points": [{"hash": p.hash, "overrides": p.canonical_overrides(), "label": p.label}
+           "points": [{"hash": p.hash, "overrides": p.canonical_overrides(), "label": p.label,
+                       **({"resolved": p.resolved} if p.resolved is not None else {})}
                       for p in batch.points]}
     text = json.dumps(doc, indent=1) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -489,19 +498,26 @@ def write_manifest(batch: Batch, root: Union[str, Path], thumb: Optional[int] = 
 def run_points(overrides: Sequence[Sequence[str]], root: Optional[Union[str, Path]] = None, *,
                hashes: Optional[Sequence[str]] = None, base_dir: Union[str, Path] = ".",
                thumb: Optional[int] = 200, log=None, composer: Optional[Composer] = None,
-               on_done=None) -> list:
+               on_done=None, resolved: Optional[Sequence[Optional[dict]]] = None) -> list:
     """Compute (or reuse) the points ``overrides`` in this process, each stored in its own
     ``<root>/<hash>/`` (``root``: else each point's ``store.root``): ``pipeline.store.run_many`` per
     distinct store setting. ``hashes``: the hashes the points must have (a point whose
     configuration now hashes differently, e.g. an input file edited since, is refused).
+    ``resolved``: each point's composed configuration (``Point.resolved``, from a manifest): the
+    spec is rebuilt from it without Hydra when it hashes to the planned hash, else composed again.
     Returns ``[(folder, reused, run_json)]`` in order."""
     from pipeline.store import run_many
-    composer = composer or Composer()
     log = log or (lambda s: print(s, file=sys.stderr))
     items, stores = [], {}
     for i, ovr in enumerate(overrides):
-        spec, device, st, _ = composer.resolve(ovr)
-        h = spec_hash(spec, device, base_dir)
+        got = _from_resolved(resolved[i] if resolved else None,
+                             hashes[i] if hashes is not None else None, base_dir)
+        if got is None:
+            composer = composer or Composer()
+            spec, device, st, _ = composer.resolve(ovr)
+            h = spec_hash(spec, device, base_dir)
+        else:
+            spec, device, st, h = got
         if hashes is not None and hashes[i] != h:
             raise SweepError(f"sweep point {' '.join(ovr)}: its configuration now hashes to {h}, the "
                              f"workflow planned {hashes[i]} (an input file changed?); rerun Snakemake")
@@ -520,6 +536,22 @@ def run_points(overrides: Sequence[Sequence[str]], root: Optional[Union[str, Pat
     return out
 
 
+def _from_resolved(resolved: Optional[dict], planned: Optional[str], base_dir):
+    """``(spec, device, store section, hash)`` rebuilt from a point's resolved configuration, when it
+    hashes to the ``planned`` hash; None otherwise (no configuration, or it differs now: the caller
+    composes the overrides again, which names any problem)."""
+    if not resolved or planned is None:
+        return None
+    from nbsim.spec import DeviceSpec, spec_from_dict
+    try:
+        spec = spec_from_dict(resolved["spec"])
+        device = DeviceSpec(**resolved["device"])
+        h = spec_hash(spec, device, base_dir)
+    except Exception:                                   # noqa: BLE001 - composed again instead
+        return None
+    return (spec, device, dict(resolved["store"]), h) if h == planned else None
+
+
 def run_batch_manifest(manifest: Union[str, Path], done: Optional[Union[str, Path]] = None,
                        base_dir: Union[str, Path] = ".") -> int:
     """``python -m pipeline.sweep run-batch MANIFEST [--done MARKER]``: the points of one batch, in
@@ -529,7 +561,7 @@ def run_batch_manifest(manifest: Union[str, Path], done: Optional[Union[str, Pat
     pts = doc["points"]
     t0 = __import__("time").perf_counter()
     res = run_points([p["overrides"] for p in pts], doc["store_root"], hashes=[p["hash"] for p in pts],
-                     base_dir=base_dir, thumb=doc.get("thumb"))
+                     base_dir=base_dir, thumb=doc.get("thumb"), resolved=[p.get("resolved") for p in pts])
     wall = __import__("time").perf_counter() - t0
     new = sum(1 for r in res if not r[1])
     kernel = sum(float(r[2].get("wall_time_s") or 0.0) for r in res if not r[1])
@@ -707,7 +739,9 @@ def _run_batch_cli(a) -> int:
     (kill, SLURM time limit) unwinds so a half-built entry is removed."""
     import signal
 
-    from pipeline.compose import format_error
+    def format_error(e):                                 # Hydra's imports only when something failed
+        from pipeline.compose import format_error as fmt
+        return fmt(e)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return run_batch_manifest(a.manifest, a.done)
