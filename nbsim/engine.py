@@ -29,6 +29,7 @@ image never depends on how its pixels were chunked. Below float64, sincg uses th
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -821,8 +822,11 @@ _COMPILE_VEC = 16                # pad chunks to a multiple of this many pixels
 _COMPILE_CHUNKS = 16             # chunks per image (progress, and OpenMP load balance)
 _COMPILE_MAX_CHUNK = 1 << 16     # pixels per compiled chunk at most
 _COMPILE_CHUNK_BYTES = 64 << 20  # CPU working set of one compiled chunk at most
-_FUSE_OPTIONS = {"_k_geometry": {},
-                 "_k_sum": {"assert_indirect_indexing": False,   # table indices are clamped in range
+# "cpp.dynamic_threads": the kernels take OpenMP's thread count when they run, not the count of the
+# process that compiled them (a kernel from the cache in a one-thread sweep worker uses one thread)
+_FUSE_OPTIONS = {"_k_geometry": {"cpp.dynamic_threads": True},
+                 "_k_sum": {"cpp.dynamic_threads": True,
+                            "assert_indirect_indexing": False,   # table indices are clamped in range
                             "realize_opcount_threshold": 100000,
                             "realize_reads_threshold": 1000,
                             "realize_acc_reads_threshold": 1000}}
@@ -1182,6 +1186,17 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
         if pool is None:
             pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbsim")
         return pool
+
+
+def _forget_pools() -> None:
+    """In a forked child: the parent's pool threads do not exist there; pools are started anew."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 class Chunks:

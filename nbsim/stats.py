@@ -37,11 +37,43 @@ def max_position_m(f: int, s: int, pixel_m: float, oversample: int) -> list:
 SOLID_ANGLE_CHUNK_SAMPLES = 1 << 18
 
 
+_SOLID_ANGLE_SUMS: dict = {}       # detector sampling (by value) -> sum before the division by steps
+_SOLID_ANGLE_SUMS_MAX = 64
+
+
+def _solid_angle_key(m) -> tuple:
+    """What the solid-angle sum depends on, by value: sizes, sampling flags and the geometry."""
+    import torch
+
+    def b(v):
+        return torch.as_tensor(v).detach().cpu().numpy().tobytes()
+    return (m.fpixels, m.spixels, m.oversample, m.thicksteps, m.oversample_omega, m.point_pixel, m.curved,
+            str(m.dtype), *(b(getattr(m, k)) for k in ("pixel_m", "fdet", "sdet", "odet", "pix0", "beam",
+                                                         "distance_m", "close_distance_m", "thickstep_m")),
+            None if m.mask is None else b(m.mask))
+
+
 def solid_angle_sum_sr(model, chunk_pixels=None) -> float:
-    """C's "solid angle subtended by detector" (steradian): the sum over simulated pixels, sensor
-    layers and sub-pixels of the pixel solid angle C uses there (the first sub-pixel's unless
-    ``-oversample_omega``), divided by ``steps`` (sources × domains × φ steps × oversample²), as C
-    prints it. A report number only: evaluated without gradients, in chunks of ``chunk_pixels``
+    """C's "solid angle subtended by detector" (see ``_solid_angle_sum``). A detector sampled as
+    before (the same geometry, sizes and mask, compared by value: the points of a sweep over the
+    crystal) gets the sum without the pass over its pixels; ``chunk_pixels`` given: always summed."""
+    if chunk_pixels is not None:
+        return _solid_angle_sum(model, chunk_pixels) / model.steps
+    key = _solid_angle_key(model)
+    total = _SOLID_ANGLE_SUMS.get(key)
+    if total is None:
+        total = _solid_angle_sum(model)
+        if len(_SOLID_ANGLE_SUMS) >= _SOLID_ANGLE_SUMS_MAX:
+            _SOLID_ANGLE_SUMS.pop(next(iter(_SOLID_ANGLE_SUMS)))
+        _SOLID_ANGLE_SUMS[key] = total
+    return total / model.steps
+
+
+def _solid_angle_sum(model, chunk_pixels=None) -> float:
+    """C's "solid angle subtended by detector" times ``steps`` (sources × domains × φ steps ×
+    oversample², the division C prints it after): the sum over simulated pixels, sensor layers and
+    sub-pixels of the pixel solid angle C uses there (the first sub-pixel's unless
+    ``-oversample_omega``), in steradian. A report number only: evaluated without gradients, in chunks of ``chunk_pixels``
     (default: ``SOLID_ANGLE_CHUNK_SAMPLES`` samples).
     Positions and solid angle come from the engine's stage functions (one formula each)."""
     import torch
@@ -67,4 +99,4 @@ def solid_angle_sum_sr(model, chunk_pixels=None) -> float:
             else:
                 om = solid_angle(R[:, 0, 0], m.pixel_m, m.close_distance_m, m.point_pixel).sum() * (T * O)
             total += float(om)
-    return total / m.steps
+    return total

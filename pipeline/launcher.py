@@ -30,13 +30,14 @@ def _app_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_idx: int = 0,
-                  thumb: Optional[int] = SWEEP_THUMB_PX):
-    """Compute the points ``job_overrides`` in this process; Hydra ``JobReturn``s in their order."""
+                  thumb: Optional[int] = SWEEP_THUMB_PX, processes="auto"):
+    """Compute the points ``job_overrides`` in this process (and, CPU only, ``processes − 1`` workers
+    forked from it: ``pipeline.workers``); Hydra ``JobReturn``s in their order."""
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 
     from pipeline.app import _shown, log_computed
-    from pipeline.store import run_many
     from pipeline.sweep import Composer
+    from pipeline.workers import resolve_processes, run_many_processes
     from hydra.core.hydra_config import HydraConfig
 
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
@@ -56,12 +57,15 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     quiet = all(key[-1] for key in groups)
     if quiet:
         log.setLevel(logging.WARNING)
-    log.info(f"multirun: {len(items)} points in this process (nbsim_batch launcher)")
+    import torch
+    nproc = resolve_processes(processes, len(items), torch.get_num_threads())
+    log.info(f"multirun: {len(items)} points in this process (nbsim_batch launcher"
+             + (f", up to {nproc} processes)" if nproc > 1 else ")"))
     results: list = [None] * len(items)
     for (root, force, noise, pgm, preview, fmts, ndt, ncomp, _), idx in groups.items():
-        got = run_many([items[k] for k in idx], root=root, force=force, write_noise=noise,
-                       write_pgm=pgm, preview=preview, base_dir=base_dir, log=log.info, thumb=thumb,
-                       formats=fmts, nexus_dtype=ndt, nexus_compression=ncomp)
+        got = run_many_processes([items[k] for k in idx], nproc, root=root, force=force, write_noise=noise,
+                                 write_pgm=pgm, preview=preview, base_dir=base_dir, log=log.info,
+                                 thumb=thumb, formats=fmts, nexus_dtype=ndt, nexus_compression=ncomp)
         for k, r in zip(idx, got):
             results[k] = r
     runs = []

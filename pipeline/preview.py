@@ -94,7 +94,8 @@ def preview_png(img, path: Union[str, Path], mode: str = "log", info=None, title
         return view.render(np.asarray(img), path, two_theta=tt, centre=centre, wavelength_A=lam, title=title,
                            scale="log" if mode == "log" else "linear")
     buf = io.BytesIO()
-    Image.fromarray(to_uint8(img, mode)).save(buf, format="PNG")
+    # a sweep's thumbnail: zlib's fastest level (3x faster, ~15 % larger on 200 px thumbnails)
+    Image.fromarray(to_uint8(img, mode)).save(buf, format="PNG", compress_level=1 if thumb else 6)
     return [atomic_write_bytes(path, buf.getvalue())]
 
 

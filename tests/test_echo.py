@@ -119,3 +119,25 @@ def test_store_log_keeps_the_echo(tmp_path):
     assert not reused and lines[0].endswith(" convention selected.") and len(lines) > 50
     assert any(x.startswith("solid angle subtended by detector = ") for x in lines)
     assert any(x.startswith("  distance=") for x in lines)
+
+
+def test_solid_angle_sum_is_reused_only_for_the_same_detector():
+    """The solid-angle sum of a detector sampled as before is reused (a sweep over the crystal) and
+    equals the sum computed afresh; another distance or oversampling is summed again."""
+    import nbsim
+    from nbsim import stats
+    from nbsim.experiment import build_model
+
+    def model(*extra):
+        spec, _ = nbsim.compose(["detector.fpixels=40", "detector.spixels=30", *extra])
+        return build_model(spec)
+    a, b = model("crystal.N=3"), model("crystal.N=3", "crystal.mosaic_domains=2", "crystal.mosaic_deg=0.1",
+                                       "crystal.cell_A_deg=[100,100,100,90,90,90]")
+    c, d = model("crystal.N=3", "detector.distance_mm=90"), model("crystal.N=3", "detector.oversample=3")
+    stats._SOLID_ANGLE_SUMS.clear()
+    got = [stats.solid_angle_sum_sr(m) for m in (a, b, c, d)]
+    assert len(stats._SOLID_ANGLE_SUMS) == 3                     # a and b share their detector
+    for m, g in zip((a, b, c, d), got):
+        assert g == stats._solid_angle_sum(m) / m.steps           # summed afresh
+    assert b.steps != a.steps and got[1] == got[0] * a.steps / b.steps
+    assert got[2] != got[0] and got[3] != got[0]

@@ -16,7 +16,7 @@ same way. In front of any other launcher (points composed in other processes) it
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
@@ -27,6 +27,9 @@ from hydra.plugins.sweeper import Sweeper
 class NbsimBatchLauncherConf:
     _target_: str = "hydra_plugins.nbsim_launcher.nbsim_launcher.NbsimBatchLauncher"
     thumb: Optional[int] = 200      # preview.png of each point: a thumbnail of at most this many pixels a side (null: full size)
+    # processes sharing the points (pipeline.workers: this one and forked workers, CPU only);
+    # auto: one per torch thread, at most one per 4 points; 1: everything in this process
+    processes: Any = "auto"
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="nbsim_batch", node=NbsimBatchLauncherConf,
@@ -34,8 +37,9 @@ ConfigStore.instance().store(group="hydra/launcher", name="nbsim_batch", node=Nb
 
 
 class NbsimBatchLauncher(Launcher):
-    def __init__(self, thumb: Optional[int] = 200) -> None:
+    def __init__(self, thumb: Optional[int] = 200, processes: Any = "auto") -> None:
         self.thumb = thumb
+        self.processes = processes
         self.config = self.hydra_context = self.task_function = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
@@ -43,7 +47,8 @@ class NbsimBatchLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from pipeline.launcher import launch_points
-        return launch_points(self.config, job_overrides, initial_job_idx, thumb=self.thumb)
+        return launch_points(self.config, job_overrides, initial_job_idx, thumb=self.thumb,
+                             processes=self.processes)
 
 
 @dataclass
