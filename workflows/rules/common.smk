@@ -37,8 +37,39 @@ def stop_rescheduling_timers():
             t.cancel()
 
 
+def exit_without_teardown_after_success():
+    """Once Snakemake's command line ends a successful run (``sys.exit(0)``), run every exit handler
+    (logging, executor plugins) and leave without the interpreter's teardown of Snakemake's process:
+    freeing its modules and objects took 0.4 s of every run (measured between the last exit handler
+    and the end of the process: 0.42 s, 10 % of the light benchmark sweep). Only for the
+    ``snakemake`` command (not Snakemake called from Python), and only on success: a failure exits
+    as Snakemake decides."""
+    import atexit
+    import os
+
+    argv0 = Path(sys.argv[0] or "")
+    if not (argv0.name == "snakemake" or argv0.parent.name == "snakemake"):
+        return
+    real_exit = sys.exit
+
+    def finish():
+        atexit.unregister(finish)
+        atexit._run_exitfuncs()                # every other exit handler, as a normal exit runs them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    def exit_(code=0):
+        if code in (0, None):
+            atexit.register(finish)
+        real_exit(code)
+
+    sys.exit = exit_
+
+
 onsuccess:
     stop_rescheduling_timers()
+    exit_without_teardown_after_success()
 
 
 onerror:
