@@ -212,7 +212,7 @@ def check_geometry(spec: ExperimentSpec):
     if rep is None:
         rep = _check_geometry(spec)
         if len(_CHECKED_GEOMETRY) >= _CHECKED_GEOMETRY_MAX:
-            _CHECKED_GEOMETRY.pop(next(iter(_CHECKED_GEOMETRY)))
+            _CHECKED_GEOMETRY.clear()                   # (a sweep's few geometries at a time)
         _CHECKED_GEOMETRY[key] = rep
     return rep
 

@@ -48,7 +48,7 @@ def _solid_angle_key(m) -> tuple:
     def b(v):
         return torch.as_tensor(v).detach().cpu().numpy().tobytes()
     return (m.fpixels, m.spixels, m.oversample, m.thicksteps, m.oversample_omega, m.point_pixel, m.curved,
-            str(m.dtype), *(b(getattr(m, k)) for k in ("pixel_m", "fdet", "sdet", "odet", "pix0", "beam",
+            str(m.dtype), str(m.device), *(b(getattr(m, k)) for k in ("pixel_m", "fdet", "sdet", "odet", "pix0", "beam",
                                                          "distance_m", "close_distance_m", "thickstep_m")),
             None if m.mask is None else b(m.mask))
 
@@ -64,7 +64,7 @@ def solid_angle_sum_sr(model, chunk_pixels=None) -> float:
     if total is None:
         total = _solid_angle_sum(model)
         if len(_SOLID_ANGLE_SUMS) >= _SOLID_ANGLE_SUMS_MAX:
-            _SOLID_ANGLE_SUMS.pop(next(iter(_SOLID_ANGLE_SUMS)))
+            _SOLID_ANGLE_SUMS.clear()                   # (a few detectors at a time in practice)
         _SOLID_ANGLE_SUMS[key] = total
     return total / model.steps
 

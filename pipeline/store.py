@@ -496,15 +496,31 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     return final, False, run
 
 
+def plan_point(spec: ExperimentSpec, device: DeviceSpec, base_dir: Union[str, Path] = ".", *,
+               write_noise: bool = False, write_pgm: bool = False, formats=("smv",),
+               nexus_dtype: str = "float32", nexus_compression: str = "none") -> tuple:
+    """What ``run_many`` establishes of a point before anything is rendered: ``(estimate, config hash,
+    panels, wanted files)``, after the checks (``check_device``, ``preflight``: a bad point raises
+    its one-line error here)."""
+    from nbsim.checks import preflight
+    check_device(device)
+    est = preflight(spec, device, base_dir)
+    h = config_hash(spec, device, base_dir)      # after preflight (resolved ROI), as run_or_reuse
+    panels = entry_panels(spec, est, base_dir)
+    return est, h, panels, wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype,
+                                        nexus_compression, panels)
+
+
 def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
              write_noise: bool = False, write_pgm: bool = False, preview: str = "log",
              base_dir: Union[str, Path] = ".", log: Callable[[str], None] = print,
              thumb: Optional[int] = None, formats=("smv",), nexus_dtype: str = "float32",
-             nexus_compression: str = "none") -> list:
+             nexus_compression: str = "none", plans: Optional[list] = None) -> list:
     """``run_or_reuse`` for many ``(spec, device)`` pairs in one process: ``[(folder, reused, run_json)]``
     in the order of ``items``.
 
-    Every pair is checked (``preflight``, device) and hashed first; stored intact entries are reused
+    Every pair is checked (``preflight``, device) and hashed first (``plan_point``; ``plans``: those
+    already made, one per item); stored intact entries are reused
     (products asked for are added, as in ``run_or_reuse``); the others are rendered by
     ``nbsim.batch.iter_many`` (grouped by kernel shapes, a compiled kernel built once per group) and
     each is stored, atomically and under its entry lock, as soon as its image is done, so a batch
@@ -513,20 +529,18 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
     point that fails (e.g. an image that overflows) does not stop the others; the first such
     ``SpecError`` is raised after all of them ran."""
     from nbsim.batch import iter_many
-    from nbsim.checks import preflight
     base_dir = Path(base_dir)
     root = Path(root)
     root_abs = root if root.is_absolute() else base_dir / root
     out: list = [None] * len(items)
     todo, ests, hs, pans, wants = [], {}, [], [], []
     for i, (spec, device) in enumerate(items):
-        check_device(device)
-        ests[i] = preflight(spec, device, base_dir)
-        h = config_hash(spec, device, base_dir)      # after preflight (resolved ROI), as run_or_reuse
+        ests[i], h, panels, want = plans[i] if plans is not None else plan_point(
+            spec, device, base_dir, write_noise=write_noise, write_pgm=write_pgm, formats=formats,
+            nexus_dtype=nexus_dtype, nexus_compression=nexus_compression)
         hs.append(h)
         final = root_abs / h
-        pans.append(entry_panels(spec, ests[i], base_dir))
-        want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression, pans[i])
+        pans.append(panels)
         wants.append(want)
         if (final / "run.json").is_file() and not force:
             doc, why = verify_entry(final, h)
@@ -595,6 +609,9 @@ def run_many(items, root: Union[str, Path] = "outputs", *, force: bool = False,
                 except StopIteration:
                     break
                 except SpecError as e:                   # an image refused while rendering
+                    if pending is not None:              # (an earlier point's error comes first)
+                        collect(*pending)
+                        pending = None
                     first_error = first_error or e
                     break
                 if pending is not None:               # the previous point's write: done by now,

@@ -7,11 +7,14 @@ use a second core for it; processes can. Started anew, each would pay Python's a
 everything and composed every point, a worker starts in about a millisecond. This is what the
 ``nbsim_batch`` Hydra launcher runs a multirun with (``hydra.launcher.processes``).
 
-Each process takes every ``processes``-th point (kernel shapes alternate in a grid, so the shares
-cost alike) and runs ``run_many`` on it with ``threads // processes`` torch threads; results come back
-through a pipe as JSON (the run documents are JSON already). Every point is stored exactly as
+Every point is checked and hashed in this process first (a configuration error stops the run before
+anything is simulated, in one line). Each process then takes every ``processes``-th point (kernel
+shapes alternate in a grid, so the shares cost alike) and runs ``run_many`` on it with one torch
+thread (GNU OpenMP does not survive a fork: a team of several threads in a worker would wait for
+threads that exist only in the parent); results come back through a pipe as JSON (the run documents
+are JSON already). Every point is stored exactly as
 ``run_many`` stores it, under its entry lock, so the workers and any other process share one store
-safely; an interrupted run leaves complete entries only.
+safely; an interrupted run (Ctrl-C, SIGTERM: the workers are stopped too) leaves complete entries only.
 
 Forking is used only where it is safe: a POSIX system, every point on the CPU, CUDA not initialised.
 Otherwise, and for a single process or point, this is ``run_many``.
@@ -51,85 +54,137 @@ def resolve_processes(processes, n_points: int, threads: int) -> int:
     return processes
 
 
-def _encode(got) -> list:
-    return [[str(folder), bool(reused), run] for folder, reused, run in got]
+def _config_error(e: BaseException) -> Optional[list]:
+    """``[type name, message]`` of a configuration error (one line for the user), else None."""
+    from nbsim.io.inputs import InputFileError
+    if isinstance(e, SpecError):
+        return ["SpecError", e.key, str(e)]
+    if isinstance(e, InputFileError):
+        return ["InputFileError", "", str(e)]
+    return None
 
 
-def _child(items, share, threads: int, wfd: int, kw: dict) -> None:
-    """A forked worker: ``run_many`` on its share, the outcome written to ``wfd``; never returns."""
+def _raise_config_error(doc: list):
+    from nbsim.io.inputs import InputFileError
+    kind, key, msg = doc
+    if kind == "SpecError":
+        return SpecError(key, msg[len(key) + 2:] if msg.startswith(key + ": ") else msg)
+    return InputFileError(msg)
+
+
+def _child(items, plans, share, wfd: int, kw: dict) -> None:
+    """A forked worker: ``run_many`` on its share with one torch thread (GNU OpenMP does not survive
+    a fork: a team of more threads would wait for threads that exist only in the parent), the
+    outcome written to ``wfd`` as JSON; never returns."""
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
     code = 0
     try:
         import torch
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)
         from pipeline.store import run_many
-        doc = {"ok": _encode(run_many([items[i] for i in share], **kw))}
-    except SpecError as e:
-        doc = {"spec_error": [e.key, str(e)]}
+        doc = {"ok": [[str(f), bool(reused), run] for f, reused, run in
+                      run_many([items[i] for i in share], plans=[plans[i] for i in share], **kw)]}
+    except (KeyboardInterrupt, SystemExit) as e:         # Ctrl-C / SIGTERM: the parent reports it
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+        doc = {"stopped": code}
     except BaseException as e:                           # noqa: BLE001 - reported by the parent
-        traceback.print_exc()
-        doc = {"error": f"{type(e).__name__}: {e}"}
-        code = 1
+        err = _config_error(e)
+        if err is None:
+            traceback.print_exc()
+            code = 1
+        doc = {"config_error": err} if err else {"error": f"{type(e).__name__}: {e}"}
     try:
         with os.fdopen(wfd, "w") as f:
             json.dump(doc, f)
         sys.stdout.flush()
         sys.stderr.flush()
+    except BaseException:                                # noqa: BLE001 - the parent sees no result
+        code = code or 1
     finally:
         os._exit(code)                                   # no interpreter teardown, no parent's atexit
 
 
+def _stop(children) -> None:
+    """Ask the workers to stop (they finish the entry they are writing: entries stay complete)."""
+    import signal
+    for _, pid, _ in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _collect(children) -> dict:
+    """Each worker's result document, after waiting for every one of them."""
+    docs = {}
+    for p, pid, r in children:
+        with os.fdopen(r) as f:
+            text = f.read()
+        _, status = os.waitpid(pid, 0)
+        try:
+            docs[p] = json.loads(text)
+        except ValueError:
+            docs[p] = {"error": f"worker {pid} ended without a result (wait status {status})"}
+    return docs
+
+
 def run_many_processes(items, processes=1, **kw) -> list:
     """``pipeline.store.run_many(items, **kw)`` with the points shared among ``processes`` processes
-    (this one and ``processes − 1`` forked workers; ``resolve_processes``), where ``can_fork``.
-    ``[(folder, reused, run_json)]`` in the order of ``items``; the first configuration error of any
-    point is raised after every point ran, as ``run_many`` does."""
+    (``resolve_processes``: this one and forked workers, one torch thread each), where ``can_fork``.
+    Every point is checked and hashed here first (``plan_point``), so a configuration error stops the
+    run before anything is simulated, as ``run_many`` does; an error while rendering or storing is
+    raised after every point ran. ``[(folder, reused, run_json)]`` in the order of ``items``."""
     import torch
 
-    from pipeline.store import run_many
+    from pipeline.store import plan_point, run_many
     threads = torch.get_num_threads()
-    n = resolve_processes(processes, len(items), threads)
-    if n <= 1 or len(items) < 2 or not can_fork(items):
+    n = min(resolve_processes(processes, len(items), threads), len(items))
+    if n <= 1 or not can_fork(items):
         return run_many(items, **kw)
-    n = min(n, len(items))
+    pkw = {k: kw[k] for k in ("write_noise", "write_pgm", "formats", "nexus_dtype", "nexus_compression")
+           if k in kw}
+    base_dir = kw.get("base_dir", ".")
+    plans = [plan_point(spec, device, base_dir, **pkw) for spec, device in items]
     shares = [list(range(p, len(items), n)) for p in range(n)]
-    per = max(1, threads // n)
     sys.stdout.flush()
     sys.stderr.flush()
-    children = []
+    children, mine, error = [], None, None
     try:
         for p in range(1, n):
             r, w = os.pipe()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:
+                os.close(r)
+                os.close(w)
+                raise
             if pid == 0:                                  # the worker
                 os.close(r)
-                _child(items, shares[p], per, w, kw)
+                _child(items, plans, shares[p], w, kw)
             os.close(w)
             children.append((p, pid, r))
-        torch.set_num_threads(per)
-        mine: Optional[list] = None
-        error: Optional[BaseException] = None
+        torch.set_num_threads(1)
         try:
-            mine = run_many([items[i] for i in shares[0]], **kw)
-        except SpecError as e:
+            mine = run_many([items[i] for i in shares[0]], plans=[plans[i] for i in shares[0]], **kw)
+        except SpecError as e:                            # after all its points ran: the others go on
             error = e
+    except BaseException:
+        _stop(children)
+        raise
     finally:
         torch.set_num_threads(threads)
-        docs = {}
-        for p, pid, r in children:                       # every worker is waited for
-            with os.fdopen(r) as f:
-                text = f.read()
-            _, status = os.waitpid(pid, 0)
-            docs[p] = (json.loads(text) if text else {"error": f"worker {pid} ended without a result "
-                                                                f"(wait status {status})"})
+        docs = _collect(children)                         # every worker is waited for
     out: List = [None] * len(items)
     for i, res in zip(shares[0], mine or []):
         out[i] = res
     for p, doc in sorted(docs.items()):
         if "error" in doc:
             raise RuntimeError(f"sweep worker process: {doc['error']}")
-        if "spec_error" in doc:
-            key, msg = doc["spec_error"]
-            error = error or SpecError(key, msg[len(key) + 2:] if msg.startswith(key + ": ") else msg)
+        if "stopped" in doc:
+            raise KeyboardInterrupt
+        if "config_error" in doc:
+            error = error or _raise_config_error(doc["config_error"])
             continue
         for i, (folder, reused, run) in zip(shares[p], doc["ok"]):
             out[i] = (Path(folder), reused, run)

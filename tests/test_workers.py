@@ -26,21 +26,24 @@ def _pids_of_writes(monkeypatch, tmp_path):
     original, log = store_mod._compute, tmp_path / "pids.txt"
 
     def compute(final, *a, **k):
+        import torch
         with open(log, "a") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()}:{torch.get_num_threads()}\n")
         return original(final, *a, **k)
     monkeypatch.setattr(store_mod, "_compute", compute)
-    return lambda: log.read_text().split()
+    return lambda: [line.split(":")[0] for line in log.read_text().split()], \
+        lambda: {int(line.split(":")[1]) for line in log.read_text().split()}
 
 
 def test_two_processes_store_what_one_process_stores(tmp_path, monkeypatch):
     items = _items(5)
     one = workers.run_many_processes(items, 1, root=tmp_path / "one", base_dir=tmp_path, log=lambda s: None,
                                      thumb=200)
-    pids = _pids_of_writes(monkeypatch, tmp_path)
+    pids, threads = _pids_of_writes(monkeypatch, tmp_path)
     two = workers.run_many_processes(items, 2, root=tmp_path / "two", base_dir=tmp_path, log=lambda s: None,
                                      thumb=200)
     assert len(set(pids())) == 2 and len(pids()) == 5          # both processes wrote points
+    assert threads() == {1}                                    # one torch thread in each
     assert [r[0].name for r in two] == [r[0].name for r in one]
     assert all(not r[1] for r in two)
     for (f1, _, run1), (f2, _, run2) in zip(one, two):
@@ -88,3 +91,17 @@ def test_no_fork_for_gpu_points():
     spec, dev = _items(1)[0]
     assert workers.can_fork([(spec, dev)])
     assert not workers.can_fork([(spec, dev), (spec, DeviceSpec(device="cuda"))])
+
+
+def test_a_bad_point_stops_the_run_before_anything_is_simulated(tmp_path, monkeypatch):
+    """Every point is checked in the launching process before any worker starts: a point whose input
+    file is missing is one line, and nothing is rendered or stored."""
+    from nbsim.io.inputs import InputFileError
+    items = _items(6)
+    items[4] = compose_spec(["detector.fpixels=24", "detector.spixels=20", "crystal.hkl_file=missing.hkl"])
+    import nbsim.batch
+    rendered = []
+    monkeypatch.setattr(nbsim.batch, "iter_many", lambda *a, **k: rendered.append(1) or iter(()))
+    with pytest.raises((SpecError, InputFileError), match="missing.hkl"):
+        workers.run_many_processes(items, 2, root=tmp_path / "s", base_dir=tmp_path, log=lambda s: None)
+    assert rendered == [] and not (tmp_path / "s").exists()

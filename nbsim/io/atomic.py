@@ -14,18 +14,30 @@ import glob
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_dir", "atomic_write_bytes", "file_lock"]
 
 
-_SYNC = {"files": True}
+class _SyncFlag(threading.local):
+    """Whether :func:`atomic_write_bytes` fsyncs, per thread (``_SYNC["files"]``; default True)."""
+    files = True
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+    def __setitem__(self, key, value):
+        setattr(self, key, value)
+
+
+_SYNC = _SyncFlag()
 
 
 @contextlib.contextmanager
 def unsynced_files() -> Iterator[None]:
-    """Within this block (process-wide) :func:`atomic_write_bytes` does not fsync the file and its
+    """Within this block (in this thread) :func:`atomic_write_bytes` does not fsync the file and its
     directory: the writes stay atomic (temp file + rename), only not durable against a power loss
     before the kernel flushes them. For files whose readers verify checksums (the result store's
     ``run.json`` manifest: a torn entry is detected and recomputed), e.g. the many small entries of
