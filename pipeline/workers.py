@@ -41,7 +41,7 @@ def can_fork(items: Sequence) -> bool:
     if any(not str(d.device).startswith("cpu") for _, d in items):
         return False
     import torch
-    return not (torch.cuda.is_available() and torch.cuda.is_initialized())
+    return not torch.cuda.is_initialized()              # (asking is_available() could start the driver)
 
 
 def resolve_processes(processes, n_points: int, threads: int) -> int:
