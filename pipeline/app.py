@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline.compose import CONF_DIR, cfg_to_spec, format_error  # also registers schema + resolver
-from pipeline.store import run_or_reuse
+from pipeline.store import run_or_reuse, store_options
 
 log = logging.getLogger("nbsim")
 _state: dict = {}
@@ -131,12 +131,8 @@ def _task(cfg: DictConfig) -> str:
         from nbsim.spec import spec_to_dict
         log.debug(f"resolved experiment: {spec_to_dict(spec)}; device: {spec_to_dict(device)}")
     base_dir = HydraConfig.get().runtime.cwd        # where nbsim was started, even if Hydra chdir'ed
-    folder, reused, run = run_or_reuse(
-        spec, device, root=cfg.store.root, force=cfg.store.force, write_noise=cfg.store.write_noise,
-        write_pgm=cfg.store.write_pgm, preview=cfg.store.preview, base_dir=base_dir, log=log.info,
-        formats=tuple(cfg.store.formats), nexus_dtype=cfg.store.nexus_dtype,
-        nexus_compression=cfg.store.nexus_compression,
-        progress=False if quiet else None, thumb=_sweep_thumb())
+    folder, reused, run = run_or_reuse(spec, device, **store_options(cfg.store), base_dir=base_dir,
+                                       log=log.info, progress=False if quiet else None, thumb=_sweep_thumb())
     total = time.perf_counter() - t0
     if reused:
         log.info(f"simulated earlier in {run.get('wall_time_s', float('nan')):.2f} s "

@@ -38,6 +38,7 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 
     from pipeline.app import _shown, log_computed
+    from pipeline.store import store_options
     from pipeline.sweep import Composer
     from pipeline.workers import resolve_processes, run_many_processes
     from hydra.core.hydra_config import HydraConfig
@@ -51,10 +52,7 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     items, groups = [], {}
     for k, ovr in enumerate(job_overrides):
         spec, device, st, quiet = composer.resolve(_app_overrides(ovr))
-        key = (str(st["root"]), bool(st["force"]), bool(st["write_noise"]), bool(st["write_pgm"]),
-               str(st["preview"]), tuple(st.get("formats") or ("smv",)),
-               str(st.get("nexus_dtype", "float32")), str(st.get("nexus_compression", "none")), quiet)
-        groups.setdefault(key, []).append(k)
+        groups.setdefault((tuple(store_options(st).items()), quiet), []).append(k)
         items.append((spec, device))
     quiet = all(key[-1] for key in groups)
     if quiet:
@@ -64,10 +62,9 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     log.info(f"multirun: {len(items)} points in this process (nbsim_batch launcher"
              + (f", up to {nproc} processes)" if nproc > 1 else ")"))
     results: list = [None] * len(items)
-    for (root, force, noise, pgm, preview, fmts, ndt, ncomp, _), idx in groups.items():
-        got = run_many_processes([items[k] for k in idx], nproc, root=root, force=force, write_noise=noise,
-                                 write_pgm=pgm, preview=preview, base_dir=base_dir, log=log.info,
-                                 thumb=thumb, formats=fmts, nexus_dtype=ndt, nexus_compression=ncomp)
+    for (opts, _), idx in groups.items():
+        got = run_many_processes([items[k] for k in idx], nproc, **dict(opts), base_dir=base_dir,
+                                 log=log.info, thumb=thumb)
         for k, r in zip(idx, got):
             results[k] = r
     runs = []

@@ -147,7 +147,7 @@ def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: boo
 def _panel_writer_paths(folder: Path, names) -> dict:
     """``nbsim.io.products.write_panels`` keyword arguments for the per-panel files ``names``
     (``int_<panel>.img``, ``image_<panel>.cbf``, ``*.nxs``) in ``folder``: the templates."""
-    kw = {k: v for k, v in _writer_paths(folder, [n for n in names if n.endswith(".nxs")]).items()}
+    kw = _writer_paths(folder, [n for n in names if n.endswith(".nxs")])
     for fmt, arg in (("smv", "int_path"), ("cbf", "cbf_path")):
         stem, ext = os.path.splitext(PANEL_TEMPLATES[fmt])
         if any(n.startswith(stem + "_") and n.endswith(ext) for n in names):
@@ -460,16 +460,13 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
     ``thumb``: the preview is a grayscale thumbnail of at most this many pixels a side (a point of a
     sweep, ``pipeline.preview``); None: the annotated picture and its thumbnail.
     """
-    from nbsim.checks import preflight
     base_dir = Path(base_dir)
     root = Path(root)
     root_abs = root if root.is_absolute() else base_dir / root
-    check_device(device)
-    est = preflight(spec, device, base_dir)
-    h = config_hash(spec, device, base_dir)
+    est, h, panels, want = plan_point(spec, device, base_dir, write_noise=write_noise, write_pgm=write_pgm,
+                                      formats=formats, nexus_dtype=nexus_dtype,
+                                      nexus_compression=nexus_compression)
     final, shown = root_abs / h, root / h
-    panels = entry_panels(spec, est, base_dir)
-    want = wanted_files(spec, write_noise, write_pgm, formats, nexus_dtype, nexus_compression, panels)
 
     if (final / "run.json").is_file() and not force:
         doc, why = verify_entry(final, h)
@@ -494,6 +491,18 @@ def run_or_reuse(spec: ExperimentSpec, device: DeviceSpec, root: Union[str, Path
                       file=sys.stderr)
             run = _compute(final, spec, device, want, preview, base_dir, est, progress, thumb=thumb)
     return final, False, run
+
+
+def store_options(store, root=None) -> dict:
+    """``run_or_reuse`` / ``run_many`` keyword arguments of a config's ``store`` section (a mapping or
+    DictConfig; ``root``: instead of the section's own root): the one place a ``store`` section becomes
+    them. Fixed key order and hashable values: ``tuple(store_options(...).items())`` groups the points
+    stored alike."""
+    return {"root": str(root if root is not None else store["root"]), "force": bool(store["force"]),
+            "write_noise": bool(store["write_noise"]), "write_pgm": bool(store["write_pgm"]),
+            "preview": str(store["preview"]), "formats": tuple(store.get("formats") or ("smv",)),
+            "nexus_dtype": str(store.get("nexus_dtype", "float32")),
+            "nexus_compression": str(store.get("nexus_compression", "none"))}
 
 
 def plan_point(spec: ExperimentSpec, device: DeviceSpec, base_dir: Union[str, Path] = ".", *,

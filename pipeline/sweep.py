@@ -482,12 +482,18 @@ def write_manifest(batch: Batch, root: Union[str, Path], thumb: Optional[int] = 
     """The batch's manifest ``<root>/.sweep_batches/<id>.json`` (its points' overrides, hashes and,
     where ``expand`` composed them, resolved configurations), written atomically; what
     ``python -m pipeline.sweep run-batch`` reads."""
-    from nbsim.io.atomic import atomic_write_bytes
-    path = batch.manifest(root)
     doc = {"id": batch.id, "store_root": str(root), "thumb": thumb,
            "points": [{"hash": p.hash, "overrides": p.canonical_overrides(), "label": p.label,
                        **({"resolved": p.resolved} if p.resolved is not None else {})}
                       for p in batch.points]}
+    return _write_json_if_changed(batch.manifest(root), doc)
+
+
+def _write_json_if_changed(path: Union[str, Path], doc) -> Path:
+    """``doc`` as JSON at ``path``, written atomically and only when the text changed (its time
+    stamp then tells Snakemake that something changed)."""
+    from nbsim.io.atomic import atomic_write_bytes
+    path = Path(path)
     text = json.dumps(doc, indent=1) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file() or path.read_text() != text:
@@ -506,7 +512,7 @@ def run_points(overrides: Sequence[Sequence[str]], root: Optional[Union[str, Pat
     ``resolved``: each point's composed configuration (``Point.resolved``, from a manifest): the
     spec is rebuilt from it without Hydra when it hashes to the planned hash, else composed again.
     Returns ``[(folder, reused, run_json)]`` in order."""
-    from pipeline.store import run_many
+    from pipeline.store import run_many, store_options
     log = log or (lambda s: print(s, file=sys.stderr))
     items, stores = [], {}
     for i, ovr in enumerate(overrides):
@@ -521,16 +527,11 @@ def run_points(overrides: Sequence[Sequence[str]], root: Optional[Union[str, Pat
         if hashes is not None and hashes[i] != h:
             raise SweepError(f"sweep point {' '.join(ovr)}: its configuration now hashes to {h}, the "
                              f"workflow planned {hashes[i]} (an input file changed?); rerun Snakemake")
-        key = (str(root if root is not None else st["root"]), bool(st["force"]), bool(st["write_noise"]),
-               bool(st["write_pgm"]), str(st["preview"]), tuple(st.get("formats") or ("smv",)),
-               str(st.get("nexus_dtype", "float32")), str(st.get("nexus_compression", "none")))
-        stores.setdefault(key, []).append(i)
+        stores.setdefault(tuple(store_options(st, root).items()), []).append(i)
         items.append((spec, device, h))
     out: list = [None] * len(items)
-    for (r, force, noise, pgm, preview, fmts, ndt, ncomp), idx in stores.items():
-        got = run_many([items[i][:2] for i in idx], root=r, force=force, write_noise=noise,
-                       write_pgm=pgm, preview=preview, base_dir=base_dir, log=log, thumb=thumb,
-                       formats=fmts, nexus_dtype=ndt, nexus_compression=ncomp)
+    for opts, idx in stores.items():
+        got = run_many([items[i][:2] for i in idx], **dict(opts), base_dir=base_dir, log=log, thumb=thumb)
         for i, res in zip(idx, got):
             out[i] = res
     return out
@@ -637,15 +638,9 @@ def write_points_file(points: Sequence[Point], path: Union[str, Path]) -> Path:
     what ``python -m pipeline.sweep summary-of`` reads, so that the summary job need not compose
     and hash the grid again (Snakemake runs a ``run:`` rule in a new Snakemake process, which parses
     the whole workflow: ~2 s of the light benchmark grid's 64 points, measured)."""
-    from nbsim.io.atomic import atomic_write_bytes
-    path = Path(path)
     doc = [{"index": p.index, "params": p.params, "overrides": list(p.overrides), "hash": p.hash,
             "label": p.label} for p in points]
-    text = json.dumps(doc, indent=1) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text() != text:
-        atomic_write_bytes(path, text.encode())
-    return path
+    return _write_json_if_changed(path, doc)
 
 
 def read_points_file(path: Union[str, Path]) -> List[Point]:
