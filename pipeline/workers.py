@@ -77,6 +77,8 @@ def _child(items, plans, share, wfd: int, kw: dict) -> None:
     a fork: a team of more threads would wait for threads that exist only in the parent), the
     outcome written to ``wfd`` as JSON; never returns."""
     import signal
+
+    from pipeline.proc import exit_now
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
     code = 0
     try:
@@ -97,12 +99,10 @@ def _child(items, plans, share, wfd: int, kw: dict) -> None:
     try:
         with os.fdopen(wfd, "w") as f:
             json.dump(doc, f)
-        sys.stdout.flush()
-        sys.stderr.flush()
     except BaseException:                                # noqa: BLE001 - the parent sees no result
         code = code or 1
     finally:
-        os._exit(code)                                   # no interpreter teardown, no parent's atexit
+        exit_now(code)                                   # no interpreter teardown, no parent's atexit
 
 
 def _stop(children) -> None:

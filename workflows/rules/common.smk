@@ -45,7 +45,6 @@ def exit_without_teardown_after_success():
     ``snakemake`` command (not Snakemake called from Python), and only on success: a failure exits
     as Snakemake decides."""
     import atexit
-    import os
 
     argv0 = Path(sys.argv[0] or "")
     if not (argv0.name == "snakemake" or argv0.parent.name == "snakemake"):
@@ -53,11 +52,10 @@ def exit_without_teardown_after_success():
     real_exit = sys.exit
 
     def finish():
+        from pipeline.proc import exit_now
         atexit.unregister(finish)
         atexit._run_exitfuncs()                # every other exit handler, as a normal exit runs them
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_now(0)
 
     def exit_(code=0):
         if code in (0, None):
