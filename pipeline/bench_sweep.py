@@ -19,9 +19,11 @@ kernel shapes).
 Reported per grid: the wall time and points per second of each, ``ratio_c`` = C loop's wall time /
 that way's wall time (> 1: faster than the C loop), the sum of nbsim's own simulation times
 (``run.json`` ``wall_time_s``), which kernels rendered the points, and ``outside_kernel_per_point_s``:
-in one process (started as nbsim's commands start: ``pipeline.proc``) that already rendered a point, ``pipeline.sweep.run_points`` over the grid, minus the
-points' simulation times, per point (checks, hashing, composition, every write), in wall time and
-in CPU time (``outside_kernel_cpu_per_point_s``: less dependent on other jobs on the machine).
+in one process (started as nbsim's commands start: ``pipeline.proc``) that already rendered a point,
+``pipeline.sweep.run_points`` over the grid, minus the points' simulation times, per point (checks,
+hashing, composition, every write), in wall time and in CPU time (``outside_kernel_cpu_per_point_s``:
+less dependent on other jobs on the machine, but a lower bound: ``run_many``'s writer thread writes a
+point while the next one renders, and its CPU in that time counts as simulation CPU).
 """
 from __future__ import annotations
 
