@@ -19,24 +19,13 @@ import nbsim
 from nbsim.io.geom import from_crystfel, from_dxtbx, read_geometry
 from nbsim.io.inputs import InputFileError
 from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec, DeviceSpec, ExperimentSpec, SpecError
+from crystfel_geom import COS30, ROTATED_16x12, SIN30, geom
 
 DEV = DeviceSpec(dtype="float64", compile=False)
-C, S = 0.866025, 0.5          # a panel rotated by ~30 deg about the beam
+C, S = COS30, SIN30           # a panel rotated by ~30 deg about the beam
 
-GEOM = f"""; one rotated panel
-adu_per_eV = 0.00105
-res = 5000
-clen = 0.06
-coffset = 0.001
-p0/min_fs = 0
-p0/max_fs = 15
-p0/min_ss = 0
-p0/max_ss = 11
-p0/fs = +{C}x +{S}y
-p0/ss = -{S}x +{C}y
-p0/corner_x = -20
-p0/corner_y = -7.5
-"""
+GEOM = geom(ROTATED_16x12, res=5000, clen=0.06, coffset=0.001, comment="one rotated panel",
+            header=["adu_per_eV = 0.00105"])
 
 
 def expt_doc(**beam):
@@ -120,7 +109,7 @@ def test_one_panel_file_reproduces_the_custom_vector_single_panel_run(tmp_path, 
 
 
 def test_same_detector_in_both_formats_gives_the_same_pixels(tmp_path):
-    (tmp_path / "d.geom").write_text(GEOM.replace("p0/", "q0/") + GEOM.split("coffset = 0.001\n")[1]
+    (tmp_path / "d.geom").write_text(GEOM.replace("p0/", "q0/") + ROTATED_16x12
                                      .replace("corner_x = -20", "corner_x = 1").replace("-7.5", "4"))
     doc = expt_doc()
     p1 = dict(doc["detector"][0]["panels"][0], name="q1", origin=[-0.2, 0.8, -61.0])
@@ -272,7 +261,7 @@ def test_geometry_file_errors_reach_the_spec_key(tmp_path):
 
 # ---- entry points: the front end (--geom) and the Hydra app (detector.geometry_file / panels)
 
-TWO_PANELS = GEOM + GEOM.split("coffset = 0.001\n")[1].replace("p0/", "p1/").replace("corner_x = -20", "corner_x = 1")
+TWO_PANELS = GEOM + ROTATED_16x12.replace("p0/", "p1/").replace("corner_x = -20", "corner_x = 1")
 FE = ["-cell", "42", "51", "63", "88", "93", "97", "-misset", "11", "23", "35", "-N", "3", "-default_F", "100",
       "-lambda", "1.1", "-polar", "0.4", "-oversample", "1", "-noprogress"]
 

@@ -20,29 +20,12 @@ from nbsim.refine.core import check_panel_keys, check_refine_keys
 from nbsim.spec import SpecError, spec_from_dict
 from pipeline.compose import compose_spec
 from pipeline.refine import compose_refine, run_refine
+from crystfel_geom import geom, panel
 
 ROOT = Path(__file__).resolve().parent.parent
 # two 24x24 panels of 0.8 mm side by side at 60 mm (CrystFEL frame: beam +z)
-GEOM = """res = 1250
-clen = 0.06
-coffset = 0
-p0/min_fs = 0
-p0/max_fs = 23
-p0/min_ss = 0
-p0/max_ss = 23
-p0/fs = +1x
-p0/ss = +1y
-p0/corner_x = -24
-p0/corner_y = -12
-p1/min_fs = 0
-p1/max_fs = 23
-p1/min_ss = 0
-p1/max_ss = 23
-p1/fs = +1x
-p1/ss = +1y
-p1/corner_x = 1
-p1/corner_y = -12
-"""
+GEOM = geom(panel("p0", 24, 24, "+1x", "+1y", -24, -12), panel("p1", 24, 24, "+1x", "+1y", 1, -12),
+            res=1250, clen=0.06, coffset=0)
 BASE = ["crystal=triclinic", "detector.oversample=1", "device.compile=false"]
 MODELS = {
     "geometry_file": ["detector.geometry_file=d.geom"],

@@ -24,33 +24,16 @@ from nbsim.io.images import count_image, int_image  # noqa: E402
 from nbsim.io.nexus import mcstas_rotation  # noqa: E402
 from pipeline import app, store  # noqa: E402
 from pipeline.compose import compose_spec  # noqa: E402
+from crystfel_geom import COS30, ROTATED_16x12, SIN30, geom, panel  # noqa: E402
 
 REL = 1e-6
 C, S = math.cos(math.radians(30.0)), math.sin(math.radians(30.0))
 RES = 5000.0                                    # pixels per metre: 0.2 mm pixels
 CLEN_M, COFFSET_M = 0.06, 0.001                 # both panels face the beam at 61 mm
 # p0 axis-aligned, p1 rotated by 30 degrees about the beam; 32 x 32 pixels each
-GEOM = f"""; two 32x32 panels
-res = {RES:g}
-clen = {CLEN_M}
-coffset = {COFFSET_M}
-p0/min_fs = 0
-p0/max_fs = 31
-p0/min_ss = 0
-p0/max_ss = 31
-p0/fs = +1x
-p0/ss = +1y
-p0/corner_x = -40
-p0/corner_y = -10
-p1/min_fs = 0
-p1/max_fs = 31
-p1/min_ss = 0
-p1/max_ss = 31
-p1/fs = +{C!r}x +{S!r}y
-p1/ss = -{S!r}x +{C!r}y
-p1/corner_x = 2
-p1/corner_y = -10
-"""
+GEOM = geom(panel("p0", 32, 32, "+1x", "+1y", -40, -10),
+            panel("p1", 32, 32, f"+{C!r}x +{S!r}y", f"-{S!r}x +{C!r}y", 2, -10),
+            res=f"{RES:g}", clen=CLEN_M, coffset=COFFSET_M, comment="two 32x32 panels")
 PANELS = ("p0", "p1")
 PX_MM = 1e3 / RES
 DIST_MM = (CLEN_M + COFFSET_M) * 1e3
@@ -253,20 +236,8 @@ def test_noise_and_pgm_still_refused_with_panels(tmp_path):
 # a one-panel geometry file is stored like a single-panel run
 # ---------------------------------------------------------------------------------------------
 
-Cr, Sr = 0.866025, 0.5                           # the rotated 16x12 panel of test_geom_files
-ONE_PANEL = f"""; one rotated panel
-res = 5000
-clen = 0.06
-coffset = 0.001
-p0/min_fs = 0
-p0/max_fs = 15
-p0/min_ss = 0
-p0/max_ss = 11
-p0/fs = +{Cr}x +{Sr}y
-p0/ss = -{Sr}x +{Cr}y
-p0/corner_x = -20
-p0/corner_y = -7.5
-"""
+Cr, Sr = COS30, SIN30                            # the rotated 16x12 panel of test_geom_files
+ONE_PANEL = geom(ROTATED_16x12, res=5000, clen=0.06, coffset=0.001, comment="one rotated panel")
 # the same panel as a custom-vector single-panel detector (nbsim frame: CrystFEL (x, y, z) = (z, y, x))
 FAST, SLOW, ORIGIN_MM = [0.0, Sr, -Cr], [0.0, Cr, Sr], [61.0, -1.5, 4.0]
 ONE_OVER = OVER[:-1] + ["detector.oversample=2", "image.noise_seed=7"]
