@@ -451,7 +451,7 @@ def preflight(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_di
     files as read are ``est.inputs``, for the run (``simulate(..., inputs=est.inputs)``), so a run
     reads nothing again. Writes nothing."""
     spec.validate()
-    from nbsim.panels import has_panels
+    from nbsim.spec import has_panels
     if has_panels(spec):
         return _preflight_panels(spec, device, base_dir)
     normalize_roi(spec)

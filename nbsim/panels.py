@@ -32,12 +32,7 @@ import torch
 
 from nbsim.params import PANEL_PREFIX, panel_key, value
 from nbsim.rotation import cross, dot, rotate_xyz, unitize
-from nbsim.spec import ExperimentSpec, PanelSpec, SpecError
-
-
-def has_panels(spec: ExperimentSpec) -> bool:
-    """True when the detector is a list of panels (``detector.panels`` or ``detector.geometry_file``)."""
-    return spec.detector.panels is not None or spec.detector.geometry_file is not None
+from nbsim.spec import ExperimentSpec, PanelSpec, SpecError, has_panels  # noqa: F401 - re-exported
 
 
 @dataclass

@@ -466,3 +466,8 @@ def spec_from_dict(d: dict) -> ExperimentSpec:
         else:
             raise SpecError(k, "unknown key; accepted: detector, beam, crystal, image, quirks, fix")
     return ExperimentSpec(**kw)
+
+
+def has_panels(spec: ExperimentSpec) -> bool:
+    """True when the detector is a list of panels (``detector.panels`` or ``detector.geometry_file``)."""
+    return spec.detector.panels is not None or spec.detector.geometry_file is not None

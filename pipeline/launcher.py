@@ -33,15 +33,19 @@ def _app_overrides(overrides: Sequence[str]) -> List[str]:
 
 def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_idx: int = 0,
                   thumb: Optional[int] = SWEEP_THUMB_PX, processes="auto"):
-    """Compute the points ``job_overrides`` in this process (and, CPU only, ``processes − 1`` workers
-    forked from it: ``pipeline.workers``); Hydra ``JobReturn``s in their order."""
+    """Compute the points ``job_overrides``: composed here, rendered in the render process forked as the
+    command started (``pipeline.prestart``) or else in this process (and, CPU only, ``processes − 1``
+    workers forked from it: ``pipeline.workers.run_groups``); Hydra ``JobReturn``s in their order."""
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 
     from pipeline.app import _shown, log_computed
     from pipeline.store import store_options
     from pipeline.sweep import Composer
-    from pipeline.workers import resolve_processes, run_many_processes
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from pipeline import prestart
+    from pipeline.workers import run_groups
 
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     configure_log(config.hydra.job_logging, config.hydra.verbose)
@@ -57,15 +61,20 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     quiet = all(key[-1] for key in groups)
     if quiet:
         log.setLevel(logging.WARNING)
-    import torch
-    nproc = resolve_processes(processes, len(items), torch.get_num_threads())
-    log.info(f"multirun: {len(items)} points in this process (nbsim_batch launcher"
-             + (f", up to {nproc} processes)" if nproc > 1 else ")"))
+    batches = [(dict(opts), [items[k] for k in idx]) for (opts, _), idx in groups.items()]
+    kw = dict(processes=processes, base_dir=base_dir, thumb=thumb)
+    server = prestart.take()
+    if server is not None:                    # the render process forked as the command started
+        got = server.run(batches, where=f"in the render process {server.pid} started with the command",
+                         logging=OmegaConf.to_container(config.hydra.job_logging, resolve=True),
+                         verbose=OmegaConf.to_container(config.hydra.verbose)
+                         if OmegaConf.is_config(config.hydra.verbose) else config.hydra.verbose,
+                         quiet=quiet, **kw)
+    else:
+        got = run_groups(batches, log=log.info, **kw)
     results: list = [None] * len(items)
-    for (opts, _), idx in groups.items():
-        got = run_many_processes([items[k] for k in idx], nproc, **dict(opts), base_dir=base_dir,
-                                 log=log.info, thumb=thumb)
-        for k, r in zip(idx, got):
+    for (_, idx), res in zip(groups.items(), got):
+        for k, r in zip(idx, res):
             results[k] = r
     runs = []
     computed = 0

@@ -79,9 +79,10 @@ def entry_panels(spec: ExperimentSpec, est=None, base_dir: Union[str, Path] = ".
     """The panels (``PanelSpec``s, geometry order) of a multi-panel ``spec``, from ``detector.panels``
     or its geometry file as the preflight read it (``est.inputs``; read here without one); None for a
     single-panel detector. They name the per-panel files and give each panel's ROI."""
-    from nbsim.panels import has_panels, panel_list
+    from nbsim.spec import has_panels
     if not has_panels(spec):
         return None
+    from nbsim.panels import panel_list
     geometry = getattr(getattr(est, "inputs", None), "geometry", None)
     if geometry is None and spec.detector.panels is None:
         from nbsim.inputs import load_inputs
@@ -112,7 +113,8 @@ def wanted_files(spec: ExperimentSpec, write_noise: bool = False, write_pgm: boo
     needed for a multi-panel spec, whose entry holds ``float.bin`` (the panels one after another,
     geometry order, each slow-major), one SMV (``int_<panel>.img``) and one CBF (``image_<panel>.cbf``)
     per panel (``panel_tags``), and one NeXus file with a module per panel."""
-    from nbsim.panels import has_panels, panel_path
+    from nbsim.panels import panel_path
+    from nbsim.spec import has_panels
     if has_panels(spec) and panels is None:
         raise ValueError("wanted_files: a multi-panel spec needs its panels (entry_panels)")
     if several_panels(panels):
@@ -189,7 +191,10 @@ def _info_for_writers(info: dict, spec: ExperimentSpec) -> dict:
 
 
 def check_device(device: DeviceSpec) -> None:
-    """Raise ``SpecError('device.device', ...)`` if the requested device is not usable here."""
+    """Raise ``SpecError('device.device', ...)`` if the requested device is not usable here (torch is
+    imported only for a device other than the CPU)."""
+    if device.device == "cpu":
+        return
     import torch
     if device.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError("device.device", f"{device.device} requested but torch finds no CUDA device; "

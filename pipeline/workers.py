@@ -54,7 +54,7 @@ def resolve_processes(processes, n_points: int, threads: int) -> int:
     return processes
 
 
-def _config_error(e: BaseException) -> Optional[list]:
+def config_error_doc(e: BaseException) -> Optional[list]:
     """``[type name, message]`` of a configuration error (one line for the user), else None."""
     from nbsim.io.inputs import InputFileError
     if isinstance(e, SpecError):
@@ -64,7 +64,7 @@ def _config_error(e: BaseException) -> Optional[list]:
     return None
 
 
-def _raise_config_error(doc: list):
+def config_error_from(doc: list):
     from nbsim.io.inputs import InputFileError
     kind, key, msg = doc
     if kind == "SpecError":
@@ -91,7 +91,7 @@ def _child(items, plans, share, wfd: int, kw: dict) -> None:
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
         doc = {"stopped": code}
     except BaseException as e:                           # noqa: BLE001 - reported by the parent
-        err = _config_error(e)
+        err = config_error_doc(e)
         if err is None:
             traceback.print_exc()
             code = 1
@@ -127,6 +127,19 @@ def _collect(children) -> dict:
         except ValueError:
             docs[p] = {"error": f"worker {pid} ended without a result (wait status {status})"}
     return docs
+
+
+def run_groups(groups: Sequence, processes="auto", where: str = "in this process", log=print,
+               **kw) -> List[list]:
+    """The points of a multirun: ``run_many_processes(items, n, log=log, **options, **kw)`` for each
+    ``(options, items)`` of ``groups`` (points sharing their store options), ``n`` resolved once for all
+    the points (``resolve_processes``); logs how many points run ``where``. The results, group by group."""
+    import torch
+    total = sum(len(items) for _, items in groups)
+    nproc = resolve_processes(processes, total, torch.get_num_threads())
+    log(f"multirun: {total} points {where} (nbsim_batch launcher"
+        + (f", up to {nproc} processes)" if nproc > 1 else ")"))
+    return [run_many_processes(list(items), nproc, log=log, **dict(opts), **kw) for opts, items in groups]
 
 
 def run_many_processes(items, processes=1, **kw) -> list:
@@ -184,7 +197,7 @@ def run_many_processes(items, processes=1, **kw) -> list:
         if "stopped" in doc:
             raise KeyboardInterrupt
         if "config_error" in doc:
-            error = error or _raise_config_error(doc["config_error"])
+            error = error or config_error_from(doc["config_error"])
             continue
         for i, (folder, reused, run) in zip(shares[p], doc["ok"]):
             out[i] = (Path(folder), reused, run)

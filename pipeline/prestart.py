@@ -1,0 +1,219 @@
+"""The multirun's render process, forked as ``python -m nbsim --multirun`` starts.
+
+A light multirun (64 points of 256², 2-core machine) spent its first ~1.3 s one step after another
+in one process: Python's and Hydra's start and the composition of the points (~0.5 s, no torch), and
+``import torch`` with nbsim's render modules (~0.8 s). Only then could a second core help. Forked at
+the very start, before anything heavy is imported, a render process imports torch and the render
+modules on the other core while this one runs Hydra and composes; the ``nbsim_batch`` launcher
+hands it the composed points (``Server.run``) and it runs them exactly as the launcher would have
+(``pipeline.workers.run_groups``: checked and hashed first, shared with workers forked from it,
+stored under ``<store.root>/<hash>/``), logging to stderr as the launcher's job logging says, and
+sends back each point's ``(folder, reused, run)``. The launching process never imports torch.
+
+Started only for a command that asks for a multirun on nbsim's own launcher, on a POSIX system
+(``wanted``; ``NBSIM_PRESTART=0`` turns it off). The render process ends with the command: it reads
+the end of its job pipe when the launcher does not use it, and the kernel stops it when the
+launching process dies first (Linux: ``PR_SET_PDEATHSIG``). SIGTERM or Ctrl-C while it renders stop
+it and its workers the way they stop the launcher (complete entries only), and the command then
+ends as it would have.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+from typing import List, Optional, Sequence
+
+ENV = "NBSIM_PRESTART"
+#: what the render process imports while the launching process starts Hydra (the render path's
+#: modules; the import of each one is skipped silently if it fails: the job then reports the error)
+PRELOAD = ("torch", "nbsim.api", "nbsim.batch", "nbsim.engine", "nbsim.checks", "nbsim.experiment",
+           "nbsim.io.smv", "nbsim.io.products", "pipeline.store", "pipeline.workers", "pipeline.preview",
+           "hydra.core.utils")
+
+#: after Ctrl-C, how long the launching process lets the render process stop by itself (it gets the
+#: same SIGINT from the terminal) before it sends SIGTERM
+CTRL_C_GRACE_S = 5.0
+
+_server: Optional["Server"] = None
+
+
+def wanted(argv: Sequence[str]) -> bool:
+    """Whether a command with arguments ``argv`` (without the program) should fork the render process:
+    a multirun (``-m``/``--multirun``) on the default launcher, forking possible, not turned off."""
+    if os.environ.get(ENV, "1") == "0" or not hasattr(os, "fork") or sys.platform == "darwin":
+        return False
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return False
+    if any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion",
+                 "-sc") or a.startswith("--info=") for a in argv):
+        return False
+    return not any(a.lstrip("+~").startswith("hydra/launcher=") for a in argv)
+
+
+def start() -> None:
+    """Fork the render process (once); the launcher takes it with ``take``."""
+    global _server
+    if _server is not None:
+        return
+    job_r, job_w = os.pipe()
+    res_r, res_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(job_w)
+        os.close(res_r)
+        _serve(job_r, res_w)                           # never returns
+    os.close(job_r)
+    os.close(res_w)
+    os.set_inheritable(job_w, False)
+    os.set_inheritable(res_r, False)
+    _server = Server(pid, job_w, res_r)
+
+
+def take() -> Optional["Server"]:
+    """The render process started with this command, if any and not taken yet (it serves one job)."""
+    global _server
+    server, _server = _server, None
+    return server
+
+
+class Server:
+    """The launching process's end of the render process: one job, then it is gone."""
+
+    def __init__(self, pid: int, job_w: int, res_r: int):
+        self.pid, self._job_w, self._res_r = pid, job_w, res_r
+
+    def run(self, groups: list, **kw) -> List[list]:
+        """``pipeline.workers.run_groups(groups, **kw)`` in the render process; its result, or its
+        error raised here (a configuration error as the same one-line error)."""
+        from pipeline.workers import config_error_from
+        try:
+            try:
+                with os.fdopen(self._job_w, "wb") as f:
+                    pickle.dump({"groups": groups, "kw": kw}, f, protocol=pickle.HIGHEST_PROTOCOL)
+            except BrokenPipeError:                    # it died before reading: its status says why
+                pass
+            with os.fdopen(self._res_r, "rb") as f:
+                try:
+                    doc = pickle.load(f)
+                except EOFError:
+                    doc = None
+        except KeyboardInterrupt:                      # Ctrl-C reaches the whole process group: it
+            self._stop(grace_s=CTRL_C_GRACE_S)         # stops by itself, or is stopped after a while
+            raise
+        except BaseException:                          # SIGTERM here: stop it too, then go on
+            self._stop()
+            raise
+        _, status = os.waitpid(self.pid, 0)
+        if doc is None:
+            raise RuntimeError(f"the render process {self.pid} ended without a result (wait status "
+                               f"{status})")
+        if "stopped" in doc:
+            raise KeyboardInterrupt
+        if "config_error" in doc:
+            raise config_error_from(doc["config_error"])
+        if "error" in doc:
+            raise RuntimeError(f"render process: {doc['error']}")
+        return doc["ok"]
+
+    def _stop(self, grace_s: float = 0.0) -> None:
+        """Wait up to ``grace_s`` for the render process to end, then SIGTERM it (it stops its workers;
+        entries stay complete) and wait for it."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _die_with_parent() -> None:
+    """SIGTERM to this process when the launching process dies (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGTERM))      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _serve(job_r: int, res_w: int) -> None:
+    """The render process: import the render path, read one job, run it, send the outcome; never
+    returns."""
+    import gc
+    import importlib
+
+    from pipeline.proc import exit_now
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
+    _die_with_parent()
+    code = 0
+    try:
+        if os.getppid() == 1:                          # the launching process is already gone
+            exit_now(0)
+        gc.disable()                                   # no collections while ~200 000 objects are made
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+            except Exception:                          # noqa: BLE001 - the job reports it
+                pass
+        gc.freeze()                                    # what is imported stays: never scanned again
+        gc.enable()
+        with os.fdopen(job_r, "rb") as f:
+            try:
+                job = pickle.load(f)
+            except EOFError:                           # the launcher did not need it
+                exit_now(0)
+        doc = {"ok": _run_job(job)}
+    except (KeyboardInterrupt, SystemExit) as e:       # Ctrl-C / SIGTERM: the launcher reports it
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+        doc = {"stopped": code}
+    except BaseException as e:                         # noqa: BLE001 - reported by the launcher
+        from pipeline.workers import config_error_doc
+        err = config_error_doc(e)
+        if err is None:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        doc = {"config_error": err} if err else {"error": f"{type(e).__name__}: {e}"}
+    try:
+        with os.fdopen(res_w, "wb") as f:
+            pickle.dump(doc, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:                              # noqa: BLE001 - the launcher sees no result
+        code = code or 1
+    finally:
+        exit_now(code)
+
+
+def _run_job(job: dict) -> list:
+    """Set up logging as the launcher's job logging says, then ``run_groups``."""
+    import logging
+
+    from pipeline.workers import run_groups
+    kw = dict(job["kw"])
+    logging_cfg, verbose, quiet = kw.pop("logging"), kw.pop("verbose"), kw.pop("quiet")
+    if logging_cfg is not None:
+        from hydra.core.utils import configure_log
+        from omegaconf import OmegaConf
+        configure_log(OmegaConf.create(logging_cfg), verbose)
+    log = logging.getLogger("nbsim")
+    if quiet:
+        log.setLevel(logging.WARNING)
+    return run_groups(job["groups"], log=log.info, **kw)

@@ -1,0 +1,126 @@
+"""The multirun's render process forked as ``python -m nbsim --multirun`` starts (``pipeline.prestart``):
+the same entries as without it, errors as one line, nothing left running after the command."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import prestart
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["detector.fpixels=32", "detector.spixels=32", "crystal.N=3,4", "detector.distance_mm=80,100"]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", prestart.ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["NBSIM_KERNEL_CACHE"] = "off"
+    env.update(extra)
+    return env
+
+
+def _nbsim(args, cwd, **extra):
+    return subprocess.run([sys.executable, "-m", "nbsim", *args], cwd=cwd, env=_env(**extra), text=True,
+                          capture_output=True, timeout=300)
+
+
+def _session_gone(pgid: int, timeout_s: float = 10.0) -> bool:
+    """True once no process of the session (process group) ``pgid`` is left."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["-m", "crystal.N=3,4"], True),
+    (["--multirun", "crystal.N=3,4"], True),
+    (["crystal.N=3"], False),                                        # one run: nothing to overlap
+    (["-m", "hydra/launcher=nbsim_slurm", "crystal.N=3,4"], False),  # another launcher renders
+    (["-m", "--help"], False),
+    (["-m", "--cfg", "job"], False),
+])
+def test_wanted(monkeypatch, argv, want):
+    monkeypatch.delenv(prestart.ENV, raising=False)
+    assert prestart.wanted(argv) is want
+    monkeypatch.setenv(prestart.ENV, "0")
+    assert prestart.wanted(argv) is False
+
+
+def test_multirun_stores_what_it_stores_without_the_render_process(tmp_path):
+    on = _nbsim(["-m", *SMALL, "store.root=on"], tmp_path)
+    off = _nbsim(["-m", *SMALL, "store.root=off"], tmp_path, **{prestart.ENV: "0"})
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert "4 points in the render process" in on.stderr, on.stderr          # both ways really ran
+    assert "4 points in this process" in off.stderr, off.stderr
+    folders = on.stdout.split()
+    assert [Path(f).name for f in folders] == [Path(f).name for f in off.stdout.split()]
+    assert len(set(folders)) == 4
+    for f in folders:
+        h = Path(f).name
+        a, b = tmp_path / "on" / h, tmp_path / "off" / h
+        assert (a / "float.bin").read_bytes() == (b / "float.bin").read_bytes()
+        assert (a / "int.img").read_bytes() == (b / "int.img").read_bytes()
+        assert json.loads((a / "run.json").read_text())["hash"] == h
+    again = _nbsim(["-m", *SMALL, "store.root=on"], tmp_path)                 # a rerun reuses all
+    assert again.returncode == 0 and again.stdout == on.stdout
+    assert again.stderr.count("reusing stored result") == 4, again.stderr
+
+
+def test_a_bad_point_is_one_line_and_nothing_is_stored(tmp_path):
+    r = _nbsim(["-m", "detector.fpixels=32", "detector.spixels=32", "crystal.N=3,-1", "store.root=s"],
+               tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("nbsim: error: crystal.N:"), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not (tmp_path / "s").exists() or not [p for p in (tmp_path / "s").iterdir()
+                                                 if not p.name.startswith(".")]
+
+
+def test_an_unused_render_process_ends_with_the_command(tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "nbsim", "-m", "detector.fpixelz=32", "crystal.N=3,4"],
+                         cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.startswith("nbsim: error: detector.fpixelz"), err
+    assert _session_gone(p.pid), "a process of the command is still running"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stopped_mid_run_leaves_complete_entries_and_no_process(tmp_path, sig):
+    """SIGTERM to the command (kill, a scheduler), or Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it), while the render process and its workers store entries."""
+    args = ["-m", "detector.fpixels=768", "detector.spixels=768", "detector.oversample=3",
+            "crystal.N=3,4,5,6", "detector.distance_mm=80,100,120,140", "store.root=s", "quiet=true"]
+    p = subprocess.Popen([sys.executable, "-m", "nbsim", *args], cwd=tmp_path, env=_env(), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    store = tmp_path / "s"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(store.glob("*/run.json")):
+        time.sleep(0.05)
+    if p.poll() is not None:
+        pytest.skip("the multirun finished before it could be interrupted")
+    if sig == "SIGTERM":
+        p.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == (143 if sig == "SIGTERM" else 130), err
+    assert "Traceback" not in err, err
+    assert _session_gone(p.pid), "a process of the command is still running"
+    entries = [e for e in store.iterdir() if not e.name.startswith(".")]
+    assert 1 <= len(entries) < 16
+    for e in entries:
+        assert (e / "run.json").is_file() and (e / "float.bin").is_file(), e
+    assert not list(store.glob(".*.tmp")), "a temp folder is left"
