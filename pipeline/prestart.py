@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 
 ENV = "NBSIM_PRESTART"
 #: what the render process imports while the launching process starts Hydra (the render path's
-#: modules; the import of each one is skipped silently if it fails: the job then reports the error)
+#: modules, ``pipeline.proc.preload``: one that fails to import fails the job, which reports it)
 PRELOAD = ("torch", "nbsim.api", "nbsim.batch", "nbsim.engine", "nbsim.checks", "nbsim.experiment",
            "nbsim.io.smv", "nbsim.io.products", "pipeline.store", "pipeline.workers", "pipeline.preview",
            "hydra.core.utils")
@@ -158,24 +158,14 @@ def _die_with_parent() -> None:
 def _serve(job_r: int, res_w: int) -> None:
     """The render process: import the render path, read one job, run it, send the outcome; never
     returns."""
-    import gc
-    import importlib
-
-    from pipeline.proc import exit_now
+    from pipeline.proc import exit_now, preload
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
     _die_with_parent()
     code = 0
     try:
         if os.getppid() == 1:                          # the launching process is already gone
             exit_now(0)
-        gc.disable()                                   # no collections while ~200 000 objects are made
-        for name in PRELOAD:
-            try:
-                importlib.import_module(name)
-            except Exception:                          # noqa: BLE001 - the job reports it
-                pass
-        gc.freeze()                                    # what is imported stays: never scanned again
-        gc.enable()
+        preload(PRELOAD)
         with os.fdopen(job_r, "rb") as f:
             try:
                 job = pickle.load(f)

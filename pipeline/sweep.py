@@ -729,6 +729,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+#: what a run-batch job imports first, the garbage collector paused (``pipeline.proc.preload``)
+BATCH_PRELOAD = ("torch", "nbsim.api", "nbsim.batch", "nbsim.engine", "pipeline.store")
+
+
 def _run_batch_cli(a) -> int:
     """run-batch with the app's error handling: configuration errors in one line (exit 2), SIGTERM
     (kill, SLURM time limit) unwinds so a half-built entry is removed."""
@@ -737,7 +741,9 @@ def _run_batch_cli(a) -> int:
     def format_error(e):                                 # Hydra's imports only when something failed
         from pipeline.compose import format_error as fmt
         return fmt(e)
+    from pipeline.proc import preload
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    preload(BATCH_PRELOAD)                               # a batch job always renders (or reuses)
     try:
         return run_batch_manifest(a.manifest, a.done)
     except KeyboardInterrupt:
