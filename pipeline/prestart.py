@@ -90,34 +90,23 @@ class Server:
     def run(self, groups: list, **kw) -> List[list]:
         """``pipeline.workers.run_groups(groups, **kw)`` in the render process; its result, or its
         error raised here (a configuration error as the same one-line error)."""
-        from pipeline.workers import config_error_from
+        from pipeline.workers import child_failure, read_child
         try:
             try:
                 with os.fdopen(self._job_w, "wb") as f:
                     pickle.dump({"groups": groups, "kw": kw}, f, protocol=pickle.HIGHEST_PROTOCOL)
             except BrokenPipeError:                    # it died before reading: its status says why
                 pass
-            with os.fdopen(self._res_r, "rb") as f:
-                try:
-                    doc = pickle.load(f)
-                except EOFError:
-                    doc = None
+            doc = read_child(self._res_r, self.pid, "the render process")
         except KeyboardInterrupt:                      # Ctrl-C reaches the whole process group: it
             self._stop(grace_s=CTRL_C_GRACE_S)         # stops by itself, or is stopped after a while
             raise
         except BaseException:                          # SIGTERM here: stop it too, then go on
             self._stop()
             raise
-        _, status = os.waitpid(self.pid, 0)
-        if doc is None:
-            raise RuntimeError(f"the render process {self.pid} ended without a result (wait status "
-                               f"{status})")
-        if "stopped" in doc:
-            raise KeyboardInterrupt
-        if "config_error" in doc:
-            raise config_error_from(doc["config_error"])
-        if "error" in doc:
-            raise RuntimeError(f"render process: {doc['error']}")
+        failure = child_failure(doc, "render process")
+        if failure is not None:
+            raise failure
         return doc["ok"]
 
     def _stop(self, grace_s: float = 0.0) -> None:
@@ -156,40 +145,24 @@ def _die_with_parent() -> None:
 
 
 def _serve(job_r: int, res_w: int) -> None:
-    """The render process: import the render path, read one job, run it, send the outcome; never
-    returns."""
+    """The render process: import the render path, read one job, run it, send the outcome
+    (``pipeline.workers.finish_child``); never returns."""
     from pipeline.proc import exit_now, preload
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
     _die_with_parent()
-    code = 0
+    if os.getppid() == 1:                              # the launching process is already gone
+        exit_now(0)
     try:
-        if os.getppid() == 1:                          # the launching process is already gone
-            exit_now(0)
         preload(PRELOAD)
-        with os.fdopen(job_r, "rb") as f:
-            try:
-                job = pickle.load(f)
-            except EOFError:                           # the launcher did not need it
-                exit_now(0)
-        doc = {"ok": _run_job(job)}
-    except (KeyboardInterrupt, SystemExit) as e:       # Ctrl-C / SIGTERM: the launcher reports it
-        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
-        doc = {"stopped": code}
-    except BaseException as e:                         # noqa: BLE001 - reported by the launcher
-        from pipeline.workers import config_error_doc
-        err = config_error_doc(e)
-        if err is None:
-            import traceback
-            traceback.print_exc()
-            code = 1
-        doc = {"config_error": err} if err else {"error": f"{type(e).__name__}: {e}"}
-    try:
-        with os.fdopen(res_w, "wb") as f:
-            pickle.dump(doc, f, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException:                              # noqa: BLE001 - the launcher sees no result
-        code = code or 1
-    finally:
-        exit_now(code)
+        from pipeline.workers import finish_child
+    except (KeyboardInterrupt, SystemExit):            # stopped while importing
+        exit_now(0)
+    with os.fdopen(job_r, "rb") as f:
+        try:
+            job = pickle.load(f)
+        except (EOFError, KeyboardInterrupt, SystemExit):   # the launcher did not need it
+            exit_now(0)
+    finish_child(lambda: _run_job(job), res_w)
 
 
 def _run_job(job: dict) -> list:

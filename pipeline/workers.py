@@ -11,8 +11,9 @@ Every point is checked and hashed in this process first (a configuration error s
 anything is simulated, in one line). Each process then takes every ``processes``-th point (kernel
 shapes alternate in a grid, so the shares cost alike) and runs ``run_many`` on it with one torch
 thread (GNU OpenMP does not survive a fork: a team of several threads in a worker would wait for
-threads that exist only in the parent); results come back through a pipe as JSON (the run documents
-are JSON already). Every point is stored exactly as
+threads that exist only in the parent); results come back through a pipe, pickled (``finish_child``,
+``read_child``, ``child_failure``: the multirun's render process, ``pipeline.prestart``, ends the
+same way). Every point is stored exactly as
 ``run_many`` stores it, under its entry lock, so the workers and any other process share one store
 safely; an interrupted run (Ctrl-C, SIGTERM: the workers are stopped too) leaves complete entries only.
 
@@ -21,11 +22,9 @@ Otherwise, and for a single process or point, this is ``run_many``.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from nbsim.spec import SpecError
@@ -54,7 +53,7 @@ def resolve_processes(processes, n_points: int, threads: int) -> int:
     return processes
 
 
-def config_error_doc(e: BaseException) -> Optional[list]:
+def _config_error_doc(e: BaseException) -> Optional[list]:
     """``[type name, message]`` of a configuration error (one line for the user), else None."""
     from nbsim.io.inputs import InputFileError
     if isinstance(e, SpecError):
@@ -64,7 +63,7 @@ def config_error_doc(e: BaseException) -> Optional[list]:
     return None
 
 
-def config_error_from(doc: list):
+def _config_error_from(doc: list):
     from nbsim.io.inputs import InputFileError
     kind, key, msg = doc
     if kind == "SpecError":
@@ -72,37 +71,75 @@ def config_error_from(doc: list):
     return InputFileError(msg)
 
 
-def _child(items, plans, share, wfd: int, kw: dict) -> None:
-    """A forked worker: ``run_many`` on its share with one torch thread (GNU OpenMP does not survive
-    a fork: a team of more threads would wait for threads that exist only in the parent), the
-    outcome written to ``wfd`` as JSON; never returns."""
-    import signal
+def finish_child(work, wfd: int) -> None:
+    """The end of a process forked by nbsim (a worker, the multirun's render process): ``work()``'s
+    outcome as a document, pickled to ``wfd`` (``child_failure`` reads it), then ``exit_now``; never
+    returns. ``{"ok": result}``; ``{"stopped": exit status}`` after Ctrl-C or SIGTERM (the parent
+    reports it); ``{"config_error": ...}`` (a ``SpecError`` or ``InputFileError``); ``{"error": text}`` for anything
+    else, its traceback printed here."""
+    import pickle
 
     from pipeline.proc import exit_now
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
     code = 0
     try:
-        import torch
-        torch.set_num_threads(1)
-        from pipeline.store import run_many
-        doc = {"ok": [[str(f), bool(reused), run] for f, reused, run in
-                      run_many([items[i] for i in share], plans=[plans[i] for i in share], **kw)]}
+        doc = {"ok": work()}
     except (KeyboardInterrupt, SystemExit) as e:         # Ctrl-C / SIGTERM: the parent reports it
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
         doc = {"stopped": code}
     except BaseException as e:                           # noqa: BLE001 - reported by the parent
-        err = config_error_doc(e)
+        err = _config_error_doc(e)
         if err is None:
             traceback.print_exc()
             code = 1
         doc = {"config_error": err} if err else {"error": f"{type(e).__name__}: {e}"}
     try:
-        with os.fdopen(wfd, "w") as f:
-            json.dump(doc, f)
+        with os.fdopen(wfd, "wb") as f:
+            pickle.dump(doc, f, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:                                # noqa: BLE001 - the parent sees no result
         code = code or 1
     finally:
         exit_now(code)                                   # no interpreter teardown, no parent's atexit
+
+
+def read_child(rfd: int, pid: int, what: str) -> dict:
+    """The document ``finish_child`` wrote to the pipe ``rfd`` of the forked process ``pid`` (``what``
+    names it), after waiting for the process to end."""
+    import pickle
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    try:
+        return pickle.loads(data)
+    except Exception:                                    # noqa: BLE001 - no (whole) document
+        return {"error": f"{what} {pid} ended without a result (wait status {status})"}
+
+
+def child_failure(doc: dict, what: str) -> Optional[BaseException]:
+    """What a child's document (``finish_child``) raises in its parent: the configuration error as the
+    same one-line error, KeyboardInterrupt for a stopped child, RuntimeError naming ``what``; None
+    for a result."""
+    if "config_error" in doc:
+        return _config_error_from(doc["config_error"])
+    if "stopped" in doc:
+        return KeyboardInterrupt()
+    if "error" in doc:
+        return RuntimeError(f"{what}: {doc['error']}")
+    return None
+
+
+def _child(items, plans, share, wfd: int, kw: dict) -> None:
+    """A forked worker: ``run_many`` on its share with one torch thread (GNU OpenMP does not survive
+    a fork: a team of more threads would wait for threads that exist only in the parent), the
+    outcome written to ``wfd`` (``finish_child``); never returns."""
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
+
+    def work():
+        import torch
+        torch.set_num_threads(1)
+        from pipeline.store import run_many
+        return run_many([items[i] for i in share], plans=[plans[i] for i in share], **kw)
+    finish_child(work, wfd)
 
 
 def _stop(children) -> None:
@@ -117,16 +154,7 @@ def _stop(children) -> None:
 
 def _collect(children) -> dict:
     """Each worker's result document, after waiting for every one of them."""
-    docs = {}
-    for p, pid, r in children:
-        with os.fdopen(r) as f:
-            text = f.read()
-        _, status = os.waitpid(pid, 0)
-        try:
-            docs[p] = json.loads(text)
-        except ValueError:
-            docs[p] = {"error": f"worker {pid} ended without a result (wait status {status})"}
-    return docs
+    return {p: read_child(r, pid, "sweep worker process") for p, pid, r in children}
 
 
 def run_groups(groups: Sequence, processes="auto", where: str = "in this process", log=print,
@@ -192,15 +220,14 @@ def run_many_processes(items, processes=1, **kw) -> list:
     for i, res in zip(shares[0], mine or []):
         out[i] = res
     for p, doc in sorted(docs.items()):
-        if "error" in doc:
-            raise RuntimeError(f"sweep worker process: {doc['error']}")
-        if "stopped" in doc:
-            raise KeyboardInterrupt
-        if "config_error" in doc:
-            error = error or config_error_from(doc["config_error"])
-            continue
-        for i, (folder, reused, run) in zip(shares[p], doc["ok"]):
-            out[i] = (Path(folder), reused, run)
+        failure = child_failure(doc, "sweep worker process")
+        if "config_error" in doc:                         # after every point ran, as run_many
+            error = error or failure
+        elif failure is not None:
+            raise failure
+        else:
+            for i, res in zip(shares[p], doc["ok"]):
+                out[i] = res
     if error is not None:
         raise error
     return out
