@@ -6,9 +6,12 @@ computes every point in this process: each override list is composed by ``pipeli
 (Hydra composes once per distinct set of config-group choices, ~8 ms a point instead of ~60 ms),
 checked and hashed; stored points are reused; the others are rendered by ``nbsim.batch`` (groups of
 equal kernel shapes, a compiled kernel built once per group under ``device.compile``) and stored in
-``<store.root>/<hash>/`` one by one, exactly the entries ``python -m nbsim`` stores. On the CPU the
-points are shared with worker processes forked from this one once everything is composed
-(``pipeline.workers``, ``hydra.launcher.processes``: auto, one per torch thread). As the app does,
+``<store.root>/<hash>/`` one by one, exactly the entries ``python -m nbsim`` stores. The rendering
+happens in the render process that ``python -m nbsim --multirun`` forked as it started (``pipeline.prestart``:
+it imported torch while this process started Hydra and composed), or in this process when there is
+none (``NBSIM_PRESTART=0``, Hydra's Python API); on the CPU the points are shared with worker
+processes forked from the one that renders (``pipeline.workers``, ``hydra.launcher.processes``: auto,
+one per torch thread). As the app does,
 stdout carries one result folder per point (in the order of the points) and stderr the log lines.
 Nothing is written under ``hydra.sweep.dir``: there is no per-job folder, logging set-up or config
 dump. A configuration error of any point stops the multirun before anything is simulated (one line,
