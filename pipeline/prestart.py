@@ -12,7 +12,8 @@ sends back each point's ``(folder, reused, run)``. The launching process never i
 
 Started only for a command that asks for a multirun on nbsim's own launcher, on a POSIX system
 (``wanted``; ``NBSIM_PRESTART=0`` turns it off). The render process ends with the command: it reads
-the end of its job pipe when the launcher does not use it, and the kernel stops it when the
+the end of its job pipe when the launcher does not use it (or at once, ``discard``, when the ``nbsim``
+sweeper finds another launcher configured), and the kernel stops it when the
 launching process dies first (Linux: ``PR_SET_PDEATHSIG``). SIGTERM or Ctrl-C while it renders stop
 it and its workers the way they stop the launcher (complete entries only), and the command then
 ends as it would have.
@@ -81,6 +82,14 @@ def take() -> Optional["Server"]:
     return server
 
 
+def discard() -> None:
+    """End the render process if it was started and not taken (a launcher other than ``nbsim_batch``
+    runs the points): it reads the end of its job pipe and exits."""
+    server = take()
+    if server is not None:
+        server.close()
+
+
 class Server:
     """The launching process's end of the render process: one job, then it is gone."""
 
@@ -108,6 +117,15 @@ class Server:
         if failure is not None:
             raise failure
         return doc["ok"]
+
+    def close(self) -> None:
+        """No job: close both pipes, stop the render process (it may still be importing) and wait."""
+        for fd in (self._job_w, self._res_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._stop()
 
     def _stop(self, grace_s: float = 0.0) -> None:
         """Wait up to ``grace_s`` for the render process to end, then SIGTERM it (it stops its workers;

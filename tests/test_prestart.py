@@ -124,3 +124,24 @@ def test_stopped_mid_run_leaves_complete_entries_and_no_process(tmp_path, sig):
     for e in entries:
         assert (e / "run.json").is_file() and (e / "float.bin").is_file(), e
     assert not list(store.glob(".*.tmp")), "a temp folder is left"
+
+
+def test_another_launcher_ends_the_render_process_at_once(tmp_path):
+    """A configuration that picks Hydra's basic launcher (not on the command line, so the render
+    process is started): the ``nbsim`` sweeper ends it before the points run elsewhere."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mine.yaml").write_text(
+        "defaults:\n  - config\n  - override hydra/launcher: basic\n  - _self_\n")
+    p = subprocess.Popen([sys.executable, "-m", "nbsim", "-m", "--config-dir", str(tmp_path / "cfg"),
+                          "--config-name", "mine", *SMALL, "store.root=s"], cwd=tmp_path, env=_env(),
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    children = None
+    for line in p.stderr:                                  # Hydra's basic launcher announces its jobs
+        if "Launching 4 jobs locally" in line:
+            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True,
+                                      text=True).stdout.split()
+            break
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and len(out.split()) == 4
+    assert children == [], f"processes of the command while the basic launcher runs: {children}"
+    assert _session_gone(p.pid)

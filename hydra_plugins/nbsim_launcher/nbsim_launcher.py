@@ -83,6 +83,9 @@ class NbsimSweeper(Sweeper):
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        if type(self.basic.launcher).__name__ != NbsimBatchLauncher.__name__:
+            from pipeline import prestart
+            prestart.discard()                  # its render process is not needed: the points run elsewhere
 
     def sweep(self, arguments):
         return self.basic.sweep(arguments)
