@@ -198,7 +198,7 @@ def _sampling(spec: ExperimentSpec):
     return hdiv, vdiv, disp
 
 
-_CHECKED_GEOMETRY: dict = {}     # repr of (detector, beam, crystal, quirks) -> report
+_CHECKED_GEOMETRY: dict = {}     # repr of (detector, beam, spindle axis, quirks) -> report
 _CHECKED_GEOMETRY_MAX = 256
 
 
@@ -206,8 +206,10 @@ def check_geometry(spec: ExperimentSpec):
     """Refuse geometry that cannot be simulated; return the resolved geometry's report
     (``nbsim.report.DetectorReport``). A spec whose geometry was checked before (same detector,
     beam, crystal and quirks, compared by value) gets the same report without resolving it again:
-    a sweep point is checked by the preflight, its group key and its compile decision."""
-    key = repr((spec.detector, spec.beam, spec.crystal, quirks.of(spec)))
+    a sweep point is checked by the preflight, its group key and its compile decision, and the points
+    of a grid over the crystal share their detector. Of the crystal only the spindle axis enters
+    (``detector_geometry``'s one crystal setting)."""
+    key = repr((spec.detector, spec.beam, spec.crystal.spindle_axis, quirks.of(spec)))
     rep = _CHECKED_GEOMETRY.get(key)
     if rep is None:
         rep = _check_geometry(spec)

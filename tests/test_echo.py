@@ -141,3 +141,25 @@ def test_solid_angle_sum_is_reused_only_for_the_same_detector():
         assert g == stats._solid_angle_sum(m) / m.steps           # summed afresh
     assert b.steps != a.steps and got[1] == got[0] * a.steps / b.steps
     assert got[2] != got[0] and got[3] != got[0]
+
+
+def test_checked_geometry_is_reused_across_crystals_but_not_spindle_axes():
+    """``checks.check_geometry`` reuses the report of a detector checked before when only the crystal
+    differs (a sweep over cells and N), equal to the report resolved afresh; another spindle axis (the
+    one crystal setting of the detector geometry), distance or beam is resolved again."""
+    import nbsim
+    from nbsim import checks
+
+    def spec(*extra):
+        return nbsim.compose(["detector.fpixels=40", "detector.spixels=30", *extra])[0]
+    a = spec("crystal.N=3")
+    b = spec("crystal.N=5", "crystal.cell_A_deg=[70,80,90,75,85,95]", "crystal.misset_deg=[10,20,30]")
+    c = spec("crystal.N=3", "detector.convention=custom", "crystal.spindle_axis=[0,1,0]")
+    d = spec("crystal.N=3", "detector.distance_mm=90")
+    e = spec("crystal.N=3", "detector.convention=custom")                 # c without its spindle axis
+    checks._CHECKED_GEOMETRY.clear()
+    got = [checks.check_geometry(s) for s in (a, b, c, d, e)]
+    assert len(checks._CHECKED_GEOMETRY) == 4 and got[1] is got[0]      # a and b share their detector
+    for s, g in zip((a, b, c, d, e), got):
+        assert g == checks._check_geometry(s)                              # resolved afresh
+    assert got[3] != got[0]
