@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline.compose import CONF_DIR, cfg_to_spec, format_error  # also registers schema + resolver
+from pipeline.proc import exit_on_sigterm
 from pipeline.store import run_or_reuse, store_options
 
 log = logging.getLogger("nbsim")
@@ -76,11 +77,13 @@ def run_app(task, prog: str) -> None:
     saved = os.environ.get(_FULL_ERROR_ENV)
     _user_wants_traceback = saved == "1"
     os.environ[_FULL_ERROR_ENV] = "1"               # composition errors reach us, not Hydra's printer
-    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    old_term = exit_on_sigterm()
     try:
         task()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was stored for this run", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted; " + ("the points stored so far are complete"
+                                          if getattr(exc, "nbsim_multirun", False)
+                                          else "nothing was stored for this run"), file=sys.stderr)
         sys.exit(130)
     except Exception as exc:                        # noqa: BLE001 - non-config errors re-raised
         fail_on_config_error(exc, prog, composing=not getattr(exc, "nbsim_in_task", False))

@@ -66,14 +66,14 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
         log.setLevel(logging.WARNING)
     batches = [(dict(opts), [items[k] for k in idx]) for (opts, _), idx in groups.items()]
     kw = dict(processes=processes, base_dir=base_dir, thumb=thumb)
-    server = prestart.take()
+    server, got = prestart.take(), None
     if server is not None:                    # the render process forked as the command started
         got = server.run(batches, where=f"in the render process {server.pid} started with the command",
                          logging=OmegaConf.to_container(config.hydra.job_logging, resolve=True),
                          verbose=OmegaConf.to_container(config.hydra.verbose)
                          if OmegaConf.is_config(config.hydra.verbose) else config.hydra.verbose,
                          quiet=quiet, **kw)
-    else:
+    if got is None:                           # none, or it ended before it took the points
         got = run_groups(batches, log=log.info, **kw)
     results: list = [None] * len(items)
     for (_, idx), res in zip(groups.items(), got):

@@ -14,12 +14,13 @@ Started only for a command that asks for a multirun on nbsim's own launcher, on 
 (``wanted``; ``NBSIM_PRESTART=0`` turns it off). The render process ends with the command: it reads
 the end of its job pipe when the launcher does not use it (or at once, ``discard``, when the ``nbsim``
 sweeper finds another launcher configured), and the kernel stops it when the
-launching process dies first (Linux: ``PR_SET_PDEATHSIG``). SIGTERM or Ctrl-C while it renders stop
+launching process dies first (Linux: ``PR_SET_PDEATHSIG``; its workers likewise when it dies). SIGTERM or Ctrl-C while it renders stop
 it and its workers the way they stop the launcher (complete entries only), and the command then
 ends as it would have.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import signal
@@ -41,38 +42,58 @@ CTRL_C_GRACE_S = 5.0
 _server: Optional["Server"] = None
 
 
+#: Hydra's options that print or run something else instead of the multirun (long forms, which
+#: argparse also takes abbreviated and as ``--name=value``; short forms)
+NO_RENDER_OPTIONS = ("help", "hydra-help", "version", "cfg", "info", "shell-completion", "run",
+                     "experimental-rerun")
+NO_RENDER_SHORT = ("-h", "-c", "-i", "-sc", "-r")
+
+
+def _renders_nothing(arg: str) -> bool:
+    if arg in NO_RENDER_SHORT:
+        return True
+    if arg.startswith("--") and len(arg) > 2:
+        name = arg[2:].split("=", 1)[0]
+        return any(opt.startswith(name) for opt in NO_RENDER_OPTIONS) and not "multirun".startswith(name)
+    return False
+
+
 def wanted(argv: Sequence[str]) -> bool:
     """Whether a command with arguments ``argv`` (without the program) should fork the render process:
-    a multirun (``-m``/``--multirun``) on the default launcher, forking possible, not turned off."""
+    a multirun (``-m``/``--multirun``) on the default launcher, none of Hydra's options that print
+    instead (``NO_RENDER_OPTIONS``), forking possible, not turned off."""
     if os.environ.get(ENV, "1") == "0" or not hasattr(os, "fork") or sys.platform == "darwin":
         return False
-    if not any(a in ("-m", "--multirun") for a in argv):
-        return False
-    if any(a in ("-h", "--help", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion",
-                 "-sc") or a.startswith("--info=") for a in argv):
+    if not any(a in ("-m", "--multirun") for a in argv) or any(_renders_nothing(a) for a in argv):
         return False
     return not any(a.lstrip("+~").startswith("hydra/launcher=") for a in argv)
 
 
 def start() -> None:
-    """Fork the render process (once); the launcher takes it with ``take``."""
+    """Fork the render process (once; nothing if the fork fails); the launcher takes it with ``take``,
+    and a command that ends without taking it ends it (``discard``, at exit)."""
     global _server
     if _server is not None:
         return
     job_r, job_w = os.pipe()
     res_r, res_w = os.pipe()
+    parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:                                    # (no process to spare: all happens here)
+        for fd in (job_r, job_w, res_r, res_w):
+            os.close(fd)
+        return
     if pid == 0:
         os.close(job_w)
         os.close(res_r)
-        _serve(job_r, res_w)                           # never returns
+        _serve(parent, job_r, res_w)                   # never returns
     os.close(job_r)
     os.close(res_w)
-    os.set_inheritable(job_w, False)
-    os.set_inheritable(res_r, False)
     _server = Server(pid, job_w, res_r)
+    atexit.register(discard)
 
 
 def take() -> Optional["Server"]:
@@ -96,17 +117,19 @@ class Server:
     def __init__(self, pid: int, job_w: int, res_r: int):
         self.pid, self._job_w, self._res_r = pid, job_w, res_r
 
-    def run(self, groups: list, **kw) -> List[list]:
+    def run(self, groups: list, **kw) -> Optional[List[list]]:
         """``pipeline.workers.run_groups(groups, **kw)`` in the render process; its result, or its
-        error raised here (a configuration error as the same one-line error)."""
+        error raised here (a configuration error as the same one-line error); None if it ended before
+        it took the job (the caller runs it)."""
         from pipeline.workers import child_failure, read_child
         try:
             try:
                 with os.fdopen(self._job_w, "wb") as f:
                     pickle.dump({"groups": groups, "kw": kw}, f, protocol=pickle.HIGHEST_PROTOCOL)
-            except BrokenPipeError:                    # it died before reading: its status says why
-                pass
-            doc = read_child(self._res_r, self.pid, "the render process")
+            except BrokenPipeError:                    # it ended before it took the job
+                self.close()
+                return None
+            doc = read_child(self._res_r, self.pid)
         except KeyboardInterrupt:                      # Ctrl-C reaches the whole process group: it
             self._stop(grace_s=CTRL_C_GRACE_S)         # stops by itself, or is stopped after a while
             raise
@@ -123,7 +146,7 @@ class Server:
         for fd in (self._job_w, self._res_r):
             try:
                 os.close(fd)
-            except OSError:
+            except OSError:                            # (closed already)
                 pass
         self._stop()
 
@@ -151,36 +174,30 @@ class Server:
             pass
 
 
-def _die_with_parent() -> None:
-    """SIGTERM to this process when the launching process dies (Linux; elsewhere nothing)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGTERM))      # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _serve(job_r: int, res_w: int) -> None:
-    """The render process: import the render path, read one job, run it, send the outcome
-    (``pipeline.workers.finish_child``); never returns."""
-    from pipeline.proc import exit_now, preload
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
-    _die_with_parent()
-    if os.getppid() == 1:                              # the launching process is already gone
+def _serve(parent: int, job_r: int, res_w: int) -> None:
+    """The render process (forked from ``parent``): import the render path, read one job, run it,
+    send the outcome (``pipeline.workers.finish_child``); never returns."""
+    from pipeline.proc import die_with_parent, exit_now, exit_on_sigterm, preload
+    exit_on_sigterm()                                  # unwind: entries stay whole
+    die_with_parent()
+    if os.getppid() != parent:                         # the launching process is already gone
         exit_now(0)
     try:
         preload(PRELOAD)
         from pipeline.workers import finish_child
     except (KeyboardInterrupt, SystemExit):            # stopped while importing
         exit_now(0)
-    with os.fdopen(job_r, "rb") as f:
-        try:
-            job = pickle.load(f)
-        except (EOFError, KeyboardInterrupt, SystemExit):   # the launcher did not need it
-            exit_now(0)
-    finish_child(lambda: _run_job(job), res_w)
+    # a worker forked from here must not hold the result pipe: the launcher reads it to its end
+    os.register_at_fork(after_in_child=lambda: os.close(res_w))
+
+    def work():
+        with os.fdopen(job_r, "rb") as f:
+            try:
+                job = pickle.load(f)
+            except EOFError:                           # the launcher did not need it
+                exit_now(0)
+        return _run_job(job)
+    finish_child(work, res_w)
 
 
 def _run_job(job: dict) -> list:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
@@ -80,6 +81,32 @@ def preload(names) -> None:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def _exit_once(signum, frame) -> None:
+    """SIGTERM: unwind with ``SystemExit(128 + signum)``, ignoring any further SIGTERM while unwinding
+    (a second one, e.g. a launcher forwarding what its whole process group got, would interrupt the
+    clean-up of a half-built entry)."""
+    signal.signal(signum, signal.SIG_IGN)
+    sys.exit(128 + signum)
+
+
+def exit_on_sigterm():
+    """Let SIGTERM (kill, a scheduler's time limit) unwind this process like Ctrl-C does, once
+    (``_exit_once``); the previous handler, for ``signal.signal`` to restore."""
+    return signal.signal(signal.SIGTERM, _exit_once)
+
+
+def die_with_parent() -> None:
+    """SIGTERM to this (forked) process when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere
+    nothing), so that it stops the way a SIGTERM stops it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGTERM))      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def prepare_process() -> None:

@@ -736,15 +736,14 @@ BATCH_PRELOAD = ("torch", "nbsim.api", "nbsim.batch", "nbsim.engine", "pipeline.
 def _run_batch_cli(a) -> int:
     """run-batch with the app's error handling: configuration errors in one line (exit 2), SIGTERM
     (kill, SLURM time limit) unwinds so a half-built entry is removed."""
-    import signal
 
     def format_error(e):                                 # Hydra's imports only when something failed
         from pipeline.compose import format_error as fmt
         return fmt(e)
-    from pipeline.proc import preload
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    preload(BATCH_PRELOAD)                               # a batch job always renders (or reuses)
+    from pipeline.proc import exit_on_sigterm, preload
+    exit_on_sigterm()
     try:
+        preload(BATCH_PRELOAD)                           # a batch job always renders (or reuses)
         return run_batch_manifest(a.manifest, a.done)
     except KeyboardInterrupt:
         print("sweep: interrupted; the points stored so far are complete", file=sys.stderr)

@@ -101,17 +101,24 @@ def finish_child(work, wfd: int) -> None:
         exit_now(code)                                   # no interpreter teardown, no parent's atexit
 
 
-def read_child(rfd: int, pid: int, what: str) -> dict:
-    """The document ``finish_child`` wrote to the pipe ``rfd`` of the forked process ``pid`` (``what``
-    names it), after waiting for the process to end."""
+def read_child(rfd: int, pid: int) -> dict:
+    """The document ``finish_child`` wrote to the pipe ``rfd`` of the forked process ``pid``, after
+    waiting for the process to end; an ``error`` document saying how it ended when it wrote none."""
     import pickle
+    import signal
     with os.fdopen(rfd, "rb") as f:
         data = f.read()
     _, status = os.waitpid(pid, 0)
     try:
         return pickle.loads(data)
     except Exception:                                    # noqa: BLE001 - no (whole) document
-        return {"error": f"{what} {pid} ended without a result (wait status {status})"}
+        pass
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status))
+        how = f"was killed by {sig.name}" + (" (out of memory?)" if sig == signal.SIGKILL else "")
+    else:
+        how = f"ended with status {os.WEXITSTATUS(status)}"
+    return {"error": f"process {pid} {how} before it sent a result"}
 
 
 def child_failure(doc: dict, what: str) -> Optional[BaseException]:
@@ -131,8 +138,9 @@ def _child(items, plans, share, wfd: int, kw: dict) -> None:
     """A forked worker: ``run_many`` on its share with one torch thread (GNU OpenMP does not survive
     a fork: a team of more threads would wait for threads that exist only in the parent), the
     outcome written to ``wfd`` (``finish_child``); never returns."""
-    import signal
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # unwind: entries stay whole
+    from pipeline.proc import die_with_parent, exit_on_sigterm
+    exit_on_sigterm()                                    # unwind: entries stay whole
+    die_with_parent()
 
     def work():
         import torch
@@ -154,7 +162,7 @@ def _stop(children) -> None:
 
 def _collect(children) -> dict:
     """Each worker's result document, after waiting for every one of them."""
-    return {p: read_child(r, pid, "sweep worker process") for p, pid, r in children}
+    return {p: read_child(r, pid) for p, pid, r in children}
 
 
 def run_groups(groups: Sequence, processes="auto", where: str = "in this process", log=print,

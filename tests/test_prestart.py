@@ -50,6 +50,10 @@ def _session_gone(pgid: int, timeout_s: float = 10.0) -> bool:
     (["-m", "hydra/launcher=nbsim_slurm", "crystal.N=3,4"], False),  # another launcher renders
     (["-m", "--help"], False),
     (["-m", "--cfg", "job"], False),
+    (["-m", "--cfg=job"], False),
+    (["-m", "--hel"], False),                                        # argparse takes abbreviations
+    (["-m", "-c", "hydra"], False),
+    (["-m", "--config-dir", "d", "--config-name", "mine"], True),
 ])
 def test_wanted(monkeypatch, argv, want):
     monkeypatch.delenv(prestart.ENV, raising=False)
@@ -78,11 +82,15 @@ def test_multirun_stores_what_it_stores_without_the_render_process(tmp_path):
     assert again.stderr.count("reusing stored result") == 4, again.stderr
 
 
-def test_a_bad_point_is_one_line_and_nothing_is_stored(tmp_path):
-    r = _nbsim(["-m", "detector.fpixels=32", "detector.spixels=32", "crystal.N=3,-1", "store.root=s"],
-               tmp_path)
+@pytest.mark.parametrize("bad,key,in_child", [
+    ("crystal.N=3,-1", "crystal.N", False),                        # refused while composing (here)
+    ("crystal.hkl_file=nope.hkl,nope2.hkl", "crystal.hkl_file", True),   # while planning (there)
+])
+def test_a_bad_point_is_one_line_and_nothing_is_stored(tmp_path, bad, key, in_child):
+    r = _nbsim(["-m", "detector.fpixels=32", "detector.spixels=32", bad, "store.root=s"], tmp_path)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("nbsim: error: crystal.N:"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"nbsim: error: {key}:"), r.stderr
+    assert ("points in the render process" in r.stderr) is in_child, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not (tmp_path / "s").exists() or not [p for p in (tmp_path / "s").iterdir()
                                                  if not p.name.startswith(".")]
@@ -94,13 +102,16 @@ def test_an_unused_render_process_ends_with_the_command(tmp_path):
                          stderr=subprocess.PIPE, start_new_session=True)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.startswith("nbsim: error: detector.fpixelz"), err
-    assert _session_gone(p.pid), "a process of the command is still running"
+    assert _session_gone(p.pid, timeout_s=0.3), "a process of the command outlived it"  # ended and reaped
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_stopped_mid_run_leaves_complete_entries_and_no_process(tmp_path, sig):
-    """SIGTERM to the command (kill, a scheduler), or Ctrl-C (SIGINT to the whole process group, as a
-    terminal sends it), while the render process and its workers store entries."""
+def _children(pid: int) -> list:
+    return subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                          text=True).stdout.split()
+
+
+def _start_long_multirun(tmp_path):
+    """A 16-point multirun, returned once its render process stored a first entry."""
     args = ["-m", "detector.fpixels=768", "detector.spixels=768", "detector.oversample=3",
             "crystal.N=3,4,5,6", "detector.distance_mm=80,100,120,140", "store.root=s", "quiet=true"]
     p = subprocess.Popen([sys.executable, "-m", "nbsim", *args], cwd=tmp_path, env=_env(), text=True,
@@ -111,19 +122,52 @@ def test_stopped_mid_run_leaves_complete_entries_and_no_process(tmp_path, sig):
         time.sleep(0.05)
     if p.poll() is not None:
         pytest.skip("the multirun finished before it could be interrupted")
-    if sig == "SIGTERM":
-        p.send_signal(signal.SIGTERM)
-    else:
-        os.killpg(p.pid, signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == (143 if sig == "SIGTERM" else 130), err
-    assert "Traceback" not in err, err
-    assert _session_gone(p.pid), "a process of the command is still running"
+    return p, store
+
+
+def _only_complete_entries(store: Path) -> None:
     entries = [e for e in store.iterdir() if not e.name.startswith(".")]
     assert 1 <= len(entries) < 16
     for e in entries:
         assert (e / "run.json").is_file() and (e / "float.bin").is_file(), e
-    assert not list(store.glob(".*.tmp")), "a temp folder is left"
+    left = [e.name for e in store.iterdir() if e.name.startswith(".") and e.name != ".hydra"]
+    assert not left, f"temp folders or entry locks left: {left}"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGTERM to the group", "SIGINT to the group"])
+def test_stopped_mid_run_leaves_complete_entries_and_no_process(tmp_path, sig):
+    """SIGTERM to the command (kill), to its whole process group (a scheduler, ``timeout``), or Ctrl-C
+    (SIGINT to the group, as a terminal sends it), while the render process and its workers store
+    entries."""
+    p, store = _start_long_multirun(tmp_path)
+    render = _children(p.pid)
+    assert len(render) == 1 and _children(int(render[0])), "no render process with its worker"
+    if sig == "SIGTERM":
+        p.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(p.pid, signal.SIGTERM if "TERM" in sig else signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == (130 if "INT" in sig else 143), err
+    assert "Traceback" not in err, err
+    assert _session_gone(p.pid), "a process of the command is still running"
+    _only_complete_entries(store)
+
+
+def test_a_killed_render_process_is_reported_and_its_workers_stop(tmp_path):
+    """The render process killed (the kernel's out-of-memory killer): the command says so, exits
+    with 1 (a failure of the run, not of its input) without waiting for the workers' shares, and
+    leaves complete entries only."""
+    p, store = _start_long_multirun(tmp_path)
+    render = _children(p.pid)
+    assert len(render) == 1
+    t0 = time.time()
+    os.kill(int(render[0]), signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    assert "was killed by SIGKILL (out of memory?)" in err, err
+    assert time.time() - t0 < 30
+    assert _session_gone(p.pid), "a worker outlived the command"
+    _only_complete_entries(store)
 
 
 def test_another_launcher_ends_the_render_process_at_once(tmp_path):
@@ -145,3 +189,25 @@ def test_another_launcher_ends_the_render_process_at_once(tmp_path):
     assert p.returncode == 0 and len(out.split()) == 4
     assert children == [], f"processes of the command while the basic launcher runs: {children}"
     assert _session_gone(p.pid)
+
+
+@pytest.mark.parametrize("prestarted", ["1", "0"])
+def test_a_bug_while_rendering_is_a_traceback_and_exit_1(tmp_path, prestarted):
+    """A failure that is not a configuration error (here a ZeroDivisionError injected into the store's
+    writer) keeps its traceback and exits 1, with or without the render process: it is not reported
+    as bad input."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import pipeline.store as s\n"
+        "def _boom(*a, **k):\n"
+        "    raise ZeroDivisionError('injected')\n"
+        "s._compute = _boom\n")
+    env = _env(**{prestart.ENV: prestarted})
+    env["PYTHONPATH"] = os.pathsep.join([str(inject), env["PYTHONPATH"]])
+    r = subprocess.run([sys.executable, "-m", "nbsim", "-m", *SMALL, "store.root=s"], cwd=tmp_path,
+                       env=env, text=True, capture_output=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr and "injected" in r.stderr
+    assert "nbsim: error:" not in r.stderr, r.stderr
+    assert ("points in the render process" in r.stderr) is (prestarted == "1")

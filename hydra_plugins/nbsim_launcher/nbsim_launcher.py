@@ -47,8 +47,17 @@ class NbsimBatchLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from pipeline.launcher import launch_points
-        return launch_points(self.config, job_overrides, initial_job_idx, thumb=self.thumb,
-                             processes=self.processes)
+        try:
+            return launch_points(self.config, job_overrides, initial_job_idx, thumb=self.thumb,
+                                 processes=self.processes)
+        except KeyboardInterrupt as e:
+            e.nbsim_multirun = True             # the app says: the points stored so far are complete
+            raise
+        except Exception as e:                  # noqa: BLE001 - re-raised
+            from pipeline.compose import format_error
+            if format_error(e) is None:         # not a configuration error: a failure of the run,
+                e.nbsim_in_task = True          # reported with its traceback (pipeline.app.run_app)
+            raise
 
 
 @dataclass
