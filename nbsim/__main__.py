@@ -15,7 +15,7 @@ def main() -> None:
     if sys.argv and sys.argv[0].endswith("__main__.py"):
         sys.argv[0] = "nbsim"                     # so usage lines read "nbsim ...", not "__main__.py"
     app_main()
-    exit_now(0)                                   # done: skip the interpreter's teardown
+    exit_now(0, exit_handlers=True)               # done: skip the interpreter's teardown
 
 
 if __name__ == "__main__":

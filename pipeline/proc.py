@@ -21,7 +21,9 @@ or when the user set ``MALLOC_MMAP_THRESHOLD_``, nothing is changed.
 ``exit_now``: once torch is imported, Python's own shutdown (some 190 000 objects and every module)
 took 0.3-0.9 s on the 2-core machine, measured between a sweep batch's last write and its exit: a
 fixed cost each sweep process paid after its work was done. ``exit_now`` flushes and closes the
-logging handlers and stdout/stderr, then ends the process at once. Every output of nbsim is complete
+logging handlers and stdout/stderr, then ends the process at once; a command's own process first
+runs what a normal exit runs before its teardown (the thread-exit hooks, with which executors stop
+their workers, and the ``atexit`` handlers). Every output of nbsim is complete
 by then (each file and store entry appears by an atomic rename; the write threads are joined before
 a point is stored). Only for command-line entry points, after success.
 """
@@ -115,8 +117,16 @@ def prepare_process() -> None:
     reuse_freed_memory()
 
 
-def exit_now(code: int = 0) -> None:
-    """Flush logging and stdio, then ``os._exit(code)`` (no atexit handlers, no module teardown)."""
+def exit_now(code: int = 0, exit_handlers: bool = False) -> None:
+    """Flush logging and stdio, then ``os._exit(code)`` (no module teardown). ``exit_handlers``: run
+    the ``atexit`` handlers first, as a normal exit does (a command's own process: e.g. joblib stops
+    its worker processes there, which otherwise keep the command's stdout open for minutes); never in
+    a forked child, whose inherited handlers belong to its parent."""
+    if exit_handlers:                                # what Python's own exit runs first:
+        import atexit
+        import threading
+        threading._shutdown()                        # its thread-exit hooks (executors stop their
+        atexit._run_exitfuncs()                      # workers), then the atexit handlers
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

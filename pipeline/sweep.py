@@ -765,5 +765,5 @@ if __name__ == "__main__":
     prepare_process()                                    # before torch is imported (pipeline.proc)
     _rc = _main()
     if _rc == 0:
-        exit_now(0)                                      # skip the interpreter's teardown
+        exit_now(0, exit_handlers=True)                  # skip the interpreter's teardown
     sys.exit(_rc)

@@ -211,3 +211,24 @@ def test_a_bug_while_rendering_is_a_traceback_and_exit_1(tmp_path, prestarted):
     assert "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr and "injected" in r.stderr
     assert "nbsim: error:" not in r.stderr, r.stderr
     assert ("points in the render process" in r.stderr) is (prestarted == "1")
+
+
+def test_a_joblib_multirun_ends_with_its_worker_processes(tmp_path):
+    """``hydra/launcher=nbsim_joblib``: the command ends as a normal exit does, its thread-exit hooks and
+    exit handlers run (joblib stops its worker processes there), so nothing keeps its stdout open
+    (``dir=$(...)`` waited for the workers' 300 s idle timeout when the command skipped them)."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    t0 = time.time()
+    p = subprocess.Popen([sys.executable, "-m", "nbsim", "-m", "hydra/launcher=nbsim_joblib", *SMALL[:3],
+                          "store.root=s"], cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=120)              # returns once every holder closed the pipes
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 0, err
+    assert len(out.split()) == 2 and time.time() - t0 < 120
+    assert _session_gone(p.pid, timeout_s=5.0), "a joblib worker outlived the command"

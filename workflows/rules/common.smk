@@ -54,8 +54,7 @@ def exit_without_teardown_after_success():
     def finish():
         from pipeline.proc import exit_now
         atexit.unregister(finish)
-        atexit._run_exitfuncs()                # every other exit handler, as a normal exit runs them
-        exit_now(0)
+        exit_now(0, exit_handlers=True)        # every other exit handler, as a normal exit runs them
 
     def exit_(code=0):
         if code in (0, None):
