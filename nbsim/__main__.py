@@ -19,4 +19,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                     # Ctrl-C before the app's own handling is in place
+        print("nbsim: interrupted", file=sys.stderr)
+        sys.exit(130)
