@@ -213,6 +213,7 @@ def test_a_bug_while_rendering_is_a_traceback_and_exit_1(tmp_path, prestarted):
     assert ("points in the render process" in r.stderr) is (prestarted == "1")
 
 
+@pytest.mark.slow
 def test_a_joblib_multirun_ends_with_its_worker_processes(tmp_path):
     """``hydra/launcher=nbsim_joblib``: the command ends as a normal exit does, its thread-exit hooks and
     exit handlers run (joblib stops its worker processes there), so nothing keeps its stdout open
