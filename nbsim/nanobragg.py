@@ -219,7 +219,9 @@ def main(argv: Optional[List[str]] = None, *, console: bool = False) -> int:
     worker = _start_noise_worker(parsed)
     if console:
         from nbsim import noise
+        from pipeline.proc import ENGINE_MODULES, preload
         noise.lean_numba_load = True
+        preload(ENGINE_MODULES)      # the whole process: torch and the render path, collector paused
     try:
         return _run(parsed)
     finally:

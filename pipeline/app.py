@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline.compose import CONF_DIR, cfg_to_spec, format_error  # also registers schema + resolver
-from pipeline.proc import exit_on_sigterm
+from pipeline.proc import exit_on_sigterm, preload_render
 from pipeline.store import run_or_reuse, store_options
 
 log = logging.getLogger("nbsim")
@@ -134,6 +134,7 @@ def _task(cfg: DictConfig) -> str:
         from nbsim.spec import spec_to_dict
         log.debug(f"resolved experiment: {spec_to_dict(spec)}; device: {spec_to_dict(device)}")
     base_dir = HydraConfig.get().runtime.cwd        # where nbsim was started, even if Hydra chdir'ed
+    preload_render()                                # (the checks before a reuse need torch too)
     folder, reused, run = run_or_reuse(spec, device, **store_options(cfg.store), base_dir=base_dir,
                                        log=log.info, progress=False if quiet else None, thumb=_sweep_thumb())
     total = time.perf_counter() - t0

@@ -28,12 +28,12 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from pipeline.proc import RENDER_MODULES
+
 ENV = "NBSIM_PRESTART"
-#: what the render process imports while the launching process starts Hydra (the render path's
-#: modules, ``pipeline.proc.preload``: one that fails to import fails the job, which reports it)
-PRELOAD = ("torch", "nbsim.api", "nbsim.batch", "nbsim.engine", "nbsim.checks", "nbsim.experiment",
-           "nbsim.io.smv", "nbsim.io.products", "pipeline.store", "pipeline.workers", "pipeline.preview",
-           "hydra.core.utils")
+#: what the render process imports while the launching process starts Hydra (``pipeline.proc.preload``:
+#: one that fails to import fails the job, which reports it)
+PRELOAD = RENDER_MODULES + ("hydra.core.utils",)
 
 #: after Ctrl-C, how long the launching process lets the render process stop by itself (it gets the
 #: same SIGINT from the terminal) before it sends SIGTERM

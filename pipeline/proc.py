@@ -63,6 +63,21 @@ def reuse_freed_memory() -> bool:
     return ok
 
 
+#: the modules a command that renders imports (``preload``): torch and nbsim's render path (the front
+#: end), and the store's (the app, sweeps)
+ENGINE_MODULES = ("torch", "nbsim.api", "nbsim.batch", "nbsim.engine", "nbsim.checks", "nbsim.experiment",
+                  "nbsim.io.smv", "nbsim.io.products")
+RENDER_MODULES = ENGINE_MODULES + ("pipeline.store", "pipeline.workers", "pipeline.preview")
+_command = False                                     # prepare_process ran: this is one of nbsim's commands
+
+
+def preload_render() -> None:
+    """``preload(RENDER_MODULES)`` in one of nbsim's commands (``prepare_process`` ran) that has not
+    imported torch yet and is about to render; elsewhere (a library caller, a test process) nothing."""
+    if _command and "torch" not in sys.modules:
+        preload(RENDER_MODULES)
+
+
 def preload(names) -> None:
     """Import the modules ``names`` with the cyclic garbage collector paused, then freeze what they made
     (``gc.freeze``: later collections never scan it). Importing torch makes ~200 000 objects, and the
@@ -112,7 +127,10 @@ def die_with_parent() -> None:
 
 
 def prepare_process() -> None:
-    """What a command-line entry point does first: ``quiet_openmp`` and ``reuse_freed_memory``."""
+    """What a command-line entry point does first: ``quiet_openmp`` and ``reuse_freed_memory``; marks
+    the process as a command (``preload_render``)."""
+    global _command
+    _command = True
     quiet_openmp()
     reuse_freed_memory()
 

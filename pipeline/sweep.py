@@ -729,10 +729,6 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-#: what a run-batch job imports first, the garbage collector paused (``pipeline.proc.preload``)
-BATCH_PRELOAD = ("torch", "nbsim.api", "nbsim.batch", "nbsim.engine", "pipeline.store")
-
-
 def _run_batch_cli(a) -> int:
     """run-batch with the app's error handling: configuration errors in one line (exit 2), SIGTERM
     (kill, SLURM time limit) unwinds so a half-built entry is removed."""
@@ -740,10 +736,10 @@ def _run_batch_cli(a) -> int:
     def format_error(e):                                 # Hydra's imports only when something failed
         from pipeline.compose import format_error as fmt
         return fmt(e)
-    from pipeline.proc import exit_on_sigterm, preload
+    from pipeline.proc import exit_on_sigterm, preload_render
     exit_on_sigterm()
     try:
-        preload(BATCH_PRELOAD)                           # a batch job always renders (or reuses)
+        preload_render()                                 # a batch job always renders (or reuses)
         return run_batch_manifest(a.manifest, a.done)
     except KeyboardInterrupt:
         print("sweep: interrupted; the points stored so far are complete", file=sys.stderr)
