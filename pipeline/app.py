@@ -122,6 +122,8 @@ def log_computed(folder: Path, run: dict, total: Optional[float] = None) -> None
 
 
 def _task(cfg: DictConfig) -> str:
+    from pipeline import prestart
+    prestart.discard()                              # a point computed here: no render process needed
     t0 = time.perf_counter()
     spec, device = cfg_to_spec(cfg)
     quiet = bool(cfg.get("quiet", False))
