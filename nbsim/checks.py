@@ -205,10 +205,10 @@ _CHECKED_GEOMETRY_MAX = 256
 def check_geometry(spec: ExperimentSpec):
     """Refuse geometry that cannot be simulated; return the resolved geometry's report
     (``nbsim.report.DetectorReport``). A spec whose geometry was checked before (same detector,
-    beam, crystal and quirks, compared by value) gets the same report without resolving it again:
-    a sweep point is checked by the preflight, its group key and its compile decision, and the points
-    of a grid over the crystal share their detector. Of the crystal only the spindle axis enters
-    (``detector_geometry``'s one crystal setting)."""
+    beam, spindle axis and quirks, compared by value; the spindle axis is ``detector_geometry``'s
+    one crystal setting) gets the same report without resolving it again: a sweep point is checked
+    by the preflight, its group key and its compile decision, and the points of a grid over the
+    crystal share their detector."""
     key = repr((spec.detector, spec.beam, spec.crystal.spindle_axis, quirks.of(spec)))
     rep = _CHECKED_GEOMETRY.get(key)
     if rep is None:

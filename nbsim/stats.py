@@ -47,9 +47,10 @@ def _solid_angle_key(m) -> tuple:
 
     def b(v):
         return torch.as_tensor(v).detach().cpu().numpy().tobytes()
-    return (m.fpixels, m.spixels, m.oversample, m.thicksteps, m.oversample_omega, m.point_pixel, m.curved,
-            str(m.dtype), str(m.device), *(b(getattr(m, k)) for k in ("pixel_m", "fdet", "sdet", "odet", "pix0", "beam",
-                                                         "distance_m", "close_distance_m", "thickstep_m")),
+    geometry = ("pixel_m", "fdet", "sdet", "odet", "pix0", "beam", "distance_m", "close_distance_m",
+                "thickstep_m")
+    return (m.fpixels, m.spixels, m.oversample, m.thicksteps, m.oversample_omega, m.point_pixel,
+            m.curved, str(m.dtype), str(m.device), *(b(getattr(m, k)) for k in geometry),
             None if m.mask is None else b(m.mask))
 
 

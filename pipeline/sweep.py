@@ -732,7 +732,6 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 def _run_batch_cli(a) -> int:
     """run-batch with the app's error handling: configuration errors in one line (exit 2), SIGTERM
     (kill, SLURM time limit) unwinds so a half-built entry is removed."""
-
     def format_error(e):                                 # Hydra's imports only when something failed
         from pipeline.compose import format_error as fmt
         return fmt(e)
