@@ -28,7 +28,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from pipeline.proc import RENDER_MODULES
+from pipeline.proc import RENDER_MODULES, fork_supported
 
 ENV = "NBSIM_PRESTART"
 #: what the render process imports while the launching process starts Hydra (``pipeline.proc.preload``:
@@ -62,7 +62,7 @@ def wanted(argv: Sequence[str]) -> bool:
     """Whether a command with arguments ``argv`` (without the program) should fork the render process:
     a multirun (``-m``/``--multirun``) on the default launcher, none of Hydra's options that print
     instead (``NO_RENDER_OPTIONS``), forking possible, not turned off."""
-    if os.environ.get(ENV, "1") == "0" or not hasattr(os, "fork") or sys.platform == "darwin":
+    if os.environ.get(ENV, "1") == "0" or not fork_supported():
         return False
     if not any(a in ("-m", "--multirun") for a in argv) or any(_renders_nothing(a) for a in argv):
         return False

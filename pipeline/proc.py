@@ -114,6 +114,12 @@ def exit_on_sigterm():
     return signal.signal(signal.SIGTERM, _exit_once)
 
 
+def fork_supported() -> bool:
+    """Whether nbsim forks processes here: a POSIX ``fork`` that is not macOS's (whose system libraries
+    are not safe to use in a forked child of a threaded process)."""
+    return hasattr(os, "fork") and sys.platform != "darwin"
+
+
 def die_with_parent() -> None:
     """SIGTERM to this (forked) process when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere
     nothing), so that it stops the way a SIGTERM stops it."""

@@ -35,7 +35,8 @@ MIN_POINTS_PER_PROCESS = 4
 
 def can_fork(items: Sequence) -> bool:
     """Whether forking workers is safe for these ``(spec, device)`` items."""
-    if not hasattr(os, "fork") or sys.platform == "darwin":
+    from pipeline.proc import fork_supported
+    if not fork_supported():
         return False
     if any(not str(d.device).startswith("cpu") for _, d in items):
         return False
