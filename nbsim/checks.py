@@ -39,6 +39,7 @@ import numpy as np
 
 from nbsim import quirks
 from nbsim.spec import DeviceSpec, ExperimentSpec, SpecError
+from nbsim.units import angstrom_to_m, deg_to_rad, mm_to_m
 
 __all__ = ["Estimate", "check_geometry", "check_image", "check_inputs", "check_size", "estimate",
            "normalize_roi", "preflight"]
@@ -351,21 +352,21 @@ def estimate(spec: ExperimentSpec, device: Optional[DeviceSpec] = None, base_dir
         lengths = _lattice_lengths_A(spec, base_dir, matrix)
         counts = [c.N if n is None else n for n in (c.Na, c.Nb, c.Nc)]
         sizes = [s for s in (c.size_x_mm, c.size_y_mm, c.size_z_mm)]
-        xtal_m = max((sz * 1e-3 if sz else max(1, n) * L * 1e-10) for L, n, sz in zip(lengths, counts, sizes))
-        dist_m = abs(geo.distance_mm) * 1e-3
-        px_m = d.pixel_mm * 1e-3
-        ratio = 3.0 * xtal_m / (b.wavelength_A * 1e-10 * dist_m / px_m) if dist_m > 0 else math.inf
+        xtal_m = max((mm_to_m(sz) if sz else max(1, n) * L * 1e-10) for L, n, sz in zip(lengths, counts, sizes))
+        dist_m = mm_to_m(abs(geo.distance_mm))
+        px_m = mm_to_m(d.pixel_mm)
+        ratio = 3.0 * xtal_m / (angstrom_to_m(b.wavelength_A) * dist_m / px_m) if dist_m > 0 else math.inf
         oversample = max(1, math.ceil(ratio)) if math.isfinite(ratio) else 2 ** 62
     if sources is None:
         hdiv, vdiv, disp = _sampling(spec)
         sources = _count_divergence(hdiv, vdiv, b.round_div) * disp[0]
-    phisteps, _, phistep = resolve_phi(math.radians(c.phi_deg),
-                                       None if c.osc_deg is None else math.radians(c.osc_deg),
-                                       None if c.phistep_deg is None else math.radians(c.phistep_deg), c.phisteps)
+    phisteps, _, phistep = resolve_phi(deg_to_rad(c.phi_deg),
+                                       None if c.osc_deg is None else deg_to_rad(c.osc_deg),
+                                       None if c.phistep_deg is None else deg_to_rad(c.phistep_deg), c.phisteps)
     # faithful phi carry-over (quirk 4, nbsim.experiment.effective_phi): a first step at exactly 0
     first_iteration = (not q.fixed("phi0_carryover") and c.phi_deg == 0.0 and phisteps > 1
                        and phistep != 0.0)
-    domains = resolve_mosaic(math.radians(c.mosaic_deg), c.mosaic_domains)[0]
+    domains = resolve_mosaic(deg_to_rad(c.mosaic_deg), c.mosaic_domains)[0]
     itemsize = 4 if device.dtype == "float32" else 8
     sub = thicksteps * oversample ** 2
     samples = sub * max(1, sources) * phisteps * domains

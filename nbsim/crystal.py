@@ -12,6 +12,7 @@ import torch
 
 from nbsim.params import value
 from nbsim.rotation import cross, dot, rotate_xyz
+from nbsim.units import deg_to_rad
 
 
 @dataclass
@@ -40,7 +41,7 @@ def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
     """
     cell = torch.as_tensor(cell_A_deg, dtype=dtype, device=device)
     a, b, c = cell.unbind(0)[:3]
-    al, be, ga = (x * (math.pi / 180.0) for x in cell.unbind(0)[3:])     # = math.radians
+    al, be, ga = (deg_to_rad(x) for x in cell.unbind(0)[3:])
     s = (al + be + ga) / 2
     skew = torch.abs(torch.sin(s) * torch.sin(s - al) * torch.sin(s - be) * torch.sin(s - ga))
     V = 2.0 * a * b * c * torch.sqrt(skew)

@@ -14,7 +14,7 @@ import torch
 from nbsim import quirks
 from nbsim.crystal import build_lattice, cell_parameters
 from nbsim.engine import Model
-from nbsim.geometry import detector_geometry, radians
+from nbsim.geometry import detector_geometry
 from nbsim.inputs import load_inputs
 from nbsim.params import param_tree, value
 from nbsim.physics import AVOGADRO, R_E_SQR, HKLTable
@@ -24,9 +24,10 @@ from nbsim.sampling import (make_sources, resolve_dispersion, resolve_divergence
                             resolve_phi, resolve_thickness)
 from nbsim.sampling import spectrum
 from nbsim.spec import ExperimentSpec, SpecError
+from nbsim.units import (RTD, angstrom_to_m, deg_to_rad, mm_to_m, mrad_to_rad, percent_to_fraction,
+                         um_to_m, water_um_to_m)
 
 DEFAULT_FLUENCE = 125932015286227086360700780544.0
-RTD = 180.0 / math.pi
 
 
 def effective_phi(phi0, phistep, phisteps, carryover):
@@ -102,7 +103,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     geo = detector_geometry(d, b, c, quirks=q, p=p, **tkw)
     warnings += geo.warnings
     wavelength_A = p["beam.wavelength_A"]
-    lambda0 = wavelength_A * 1e-10
+    lambda0 = angstrom_to_m(wavelength_A)
 
     # ---- crystal
     matrix = None
@@ -117,7 +118,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
                             "(the C program would use the clock)")
         misset = tuple(random_misset(c_seed(seed)))
     elif "crystal.misset_deg" in p:
-        misset = tuple(radians(p["crystal.misset_deg"][i]) for i in range(3))
+        misset = tuple(deg_to_rad(p["crystal.misset_deg"][i]) for i in range(3))
     if "crystal.matrix" in p:
         matrix = p["crystal.matrix"]
     lat = build_lattice(cell_A_deg=p.get("crystal.cell_A_deg"), matrix=matrix,
@@ -133,9 +134,9 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     la, lb, lc = (value(torch.linalg.vector_norm(v)) for v in (lat.a, lat.b, lat.c))
     Na, Nb, Nc = (p.get(f"crystal.{k}", p["crystal.N"]) for k in ("Na", "Nb", "Nc"))
     N_before_size = tuple(value(x) for x in (Na, Nb, Nc))
-    size_y = c.size_y_mm * 1e-3 if c.size_y_mm else 0.0
-    size_z = c.size_z_mm * 1e-3 if c.size_z_mm else 0.0
-    beamsize = b.beamsize_mm * 1e-3
+    size_y = mm_to_m(c.size_y_mm) if c.size_y_mm else 0.0
+    size_z = mm_to_m(c.size_z_mm) if c.size_z_mm else 0.0
+    beamsize = mm_to_m(b.beamsize_mm)
     if beamsize < size_y:
         warnings.append(f"clipping sample ({size_y:g} m high) with beam ({beamsize:g} m)")
         size_y = beamsize
@@ -143,7 +144,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         warnings.append(f"clipping sample ({size_z:g} m wide) with beam ({beamsize:g} m)")
         size_z = beamsize
     if c.size_x_mm:
-        Na = float(math.ceil(c.size_x_mm * 1e-3 / la))
+        Na = float(math.ceil(mm_to_m(c.size_x_mm) / la))
     if size_y > 0:
         Nb = float(math.ceil(size_y / lb))
     if size_z > 0:
@@ -197,10 +198,10 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         interpolate = False
 
     # ---- sampling
-    phi0 = radians(p["crystal.phi_deg"])
+    phi0 = deg_to_rad(p["crystal.phi_deg"])
     phisteps, osc, phistep = resolve_phi(phi0,
-                                         radians(p["crystal.osc_deg"]) if "crystal.osc_deg" in p else None,
-                                         None if c.phistep_deg is None else math.radians(c.phistep_deg),
+                                         deg_to_rad(p["crystal.osc_deg"]) if "crystal.osc_deg" in p else None,
+                                         None if c.phistep_deg is None else deg_to_rad(c.phistep_deg),
                                          c.phisteps)
     carry = not q.fixed("phi0_carryover")
     steady, first = effective_phi(phi0, phistep, phisteps, carry)
@@ -208,7 +209,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
                              != [value(phi0 + phistep * i) for i in range(phisteps)]):
         warnings.append("quirk phi0_carryover: phi step(s) at exactly 0 deg keep the previous "
                         "orientation (C phi carry-over); fixed: such steps use the unrotated crystal")
-    mosaic_domains, spread, mwarn = resolve_mosaic(radians(p["crystal.mosaic_deg"]), c.mosaic_domains)
+    mosaic_domains, spread, mwarn = resolve_mosaic(deg_to_rad(p["crystal.mosaic_deg"]), c.mosaic_domains)
     if mwarn:
         warnings.append(mwarn)
     if value(spread) > 0:
@@ -228,11 +229,11 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     lattice = orient(steady)
     lattice_first = orient(first) if first is not None else None
 
-    hdiv = resolve_divergence(p["beam.hdivrange_mrad"] * 1e-3 if "beam.hdivrange_mrad" in p else None,
-                              None if b.hdivstep_mrad is None else b.hdivstep_mrad * 1e-3, b.hdivsteps)
-    vdiv = resolve_divergence(p["beam.vdivrange_mrad"] * 1e-3 if "beam.vdivrange_mrad" in p else None,
-                              None if b.vdivstep_mrad is None else b.vdivstep_mrad * 1e-3, b.vdivsteps)
-    disp = resolve_dispersion(p["beam.dispersion_pct"] / 100.0, b.dispsteps)
+    hdiv = resolve_divergence(mrad_to_rad(p["beam.hdivrange_mrad"]) if "beam.hdivrange_mrad" in p else None,
+                              None if b.hdivstep_mrad is None else mrad_to_rad(b.hdivstep_mrad), b.hdivsteps)
+    vdiv = resolve_divergence(mrad_to_rad(p["beam.vdivrange_mrad"]) if "beam.vdivrange_mrad" in p else None,
+                              None if b.vdivstep_mrad is None else mrad_to_rad(b.vdivstep_mrad), b.vdivsteps)
+    disp = resolve_dispersion(percent_to_fraction(p["beam.dispersion_pct"]), b.dispsteps)
     table_src = inputs.sources
     src = make_sources(beam=geo.beam, polar=geo.polar, vert=geo.vert, wavelength_m=lambda0,
                        hdiv=hdiv, vdiv=vdiv, disp=disp, round_div=b.round_div, table=table_src,
@@ -241,14 +242,14 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     if nsrc == 0:
         raise SpecError("beam.hdivrange_mrad", "the divergence grid selects no source")
 
-    thicksteps, thick, thickstep = resolve_thickness(p["detector.thick_um"] * 1e-6, d.thicksteps,
+    thicksteps, thick, thickstep = resolve_thickness(um_to_m(p["detector.thick_um"]), d.thicksteps,
                                                      c_layers=not q.fixed("thickness_layers"))
     if "detector.attenuation_um" in p:
         att = p["detector.attenuation_um"]
         if value(att) == 0 or math.isinf(value(att)):
             thicksteps, thick, thickstep, mu = 1, 0.0, 0.0, 0.0
         else:
-            mu = 1.0 / (att * 1e-6)
+            mu = 1.0 / um_to_m(att)
     else:
         mu = -1.0
         if value(thick) > 0.0:
@@ -262,7 +263,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     fluence = p.get("beam.fluence_ph_per_m2", DEFAULT_FLUENCE)
     if b.flux_ph_per_s != 0.0 and b.exposure_s > 0:
         fluence = b.flux_ph_per_s * b.exposure_s / beamsize / beamsize
-    water = c.water_um * 1e-6
+    water = water_um_to_m(c.water_um)
     bg_core = 2.57 * 2.57 * water ** 3 * 1e6 * AVOGADRO / 18.0
     water_sq = not q.fixed("water_fluence_squared")
     I_bg = bg_core * R_E_SQR * fluence if water_sq else 0.0      # fluence applied twice

@@ -19,6 +19,7 @@ from nbsim.rotation import cross, dot, rotate_axis, rotate_xyz, unitize
 from nbsim.spec import BeamSpec, CrystalSpec, DetectorSpec
 from nbsim.quirks import QuirkSet
 from nbsim.report import DetectorReport
+from nbsim.units import deg_to_rad, mm_to_m
 
 DBL_MIN = 2.2250738585072014e-308
 
@@ -59,12 +60,6 @@ class DetectorGeometry:
     warnings: list = field(default_factory=list)
 
 
-def radians(x):
-    """Degrees to radians as Python's ``math.radians`` rounds it (x · (π/180)), for numbers and
-    tensors alike."""
-    return x * (math.pi / 180.0)
-
-
 def _t(x, dtype, device):
     """A number or tensor as a tensor of ``dtype`` on ``device`` (a tensor keeps its graph)."""
     return torch.as_tensor(x, dtype=dtype, device=device)
@@ -77,13 +72,13 @@ def _vec(v, dtype, device):
 def resolve_pixels(d: DetectorSpec, px=None):
     """(fpixels, spixels, detsize_f_m, detsize_s_m) with C's rules. ``px``: pixel size (m), a
     number or 0-d tensor (default from the spec); a size given as a pixel count follows it."""
-    px = d.pixel_mm * 1e-3 if px is None else px
+    px = mm_to_m(d.pixel_mm) if px is None else px
     out = []
     for npix, size_mm in ((d.fpixels, d.detsize_f_mm), (d.spixels, d.detsize_s_mm)):
         if npix is not None:
             size = px * npix
         else:
-            size = (size_mm if size_mm is not None else 102.4) * 1e-3
+            size = mm_to_m(size_mm if size_mm is not None else 102.4)
             npix = int(math.ceil(size / value(px) - 0.5))
         out += [npix, size]
     return out[0], out[2], out[1], out[3]
@@ -105,7 +100,7 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
     warnings = []
     conv = d.convention
     tv = lambda v: _vec(v, dtype, device)  # noqa: E731
-    px = p["detector.pixel_mm"] * 1e-3
+    px = mm_to_m(p["detector.pixel_mm"])
     fpixels, spixels, detsize_f, detsize_s = resolve_pixels(d, px)
     if fpixels < 1 or spixels < 1:
         from nbsim.spec import SpecError
@@ -150,12 +145,12 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
             tth_v = d.twotheta_axis or tth_v
 
     # beam centre defaults (metres); None = not given
-    def given(key, scale):
+    def given(key):
         v = p.get(f"detector.{key}")
-        return None if v is None else v * scale
+        return None if v is None else mm_to_m(v)
 
-    Xbeam, Ybeam = given("xbeam_mm", 1e-3), given("ybeam_mm", 1e-3)
-    Xclose, Yclose = given("xclose_mm", 1e-3), given("yclose_mm", 1e-3)
+    Xbeam, Ybeam = given("xbeam_mm"), given("ybeam_mm")
+    Xclose, Yclose = given("xclose_mm"), given("yclose_mm")
     orgx, orgy = p.get("detector.orgx_px"), p.get("detector.orgy_px")
     Fclose = (orgx - 0.5) * px if orgx is not None else detsize_f / 2.0
     Sclose = (orgy - 0.5) * px if orgy is not None else detsize_s / 2.0
@@ -192,10 +187,10 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
     tth_axis = tv(tth_v)   # C does not unitize the two-theta axis
     vert, _ = unitize(cross(beam, polar))
 
-    rx, ry, rz = (radians(p["detector.rotx_deg"]), radians(p["detector.roty_deg"]),
-                  radians(p["detector.rotz_deg"]))
-    tth = radians(p["detector.twotheta_deg"])
-    distance = _t(p["detector.distance_mm"] * 1e-3, dtype, device)
+    rx, ry, rz = (deg_to_rad(p["detector.rotx_deg"]), deg_to_rad(p["detector.roty_deg"]),
+                  deg_to_rad(p["detector.rotz_deg"]))
+    tth = deg_to_rad(p["detector.twotheta_deg"])
+    distance = _t(mm_to_m(p["detector.distance_mm"]), dtype, device)
 
     def place(v):
         return rotate_axis(rotate_xyz(v, rx, ry, rz), tth_axis, tth)
@@ -206,7 +201,7 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
         ratio = dot(beam, place(odet))
     ratio = torch.where(ratio == 0, torch.full_like(ratio, DBL_MIN), ratio)
     if p.get("detector.close_distance_mm") is not None:
-        close_distance = _t(p["detector.close_distance_mm"] * 1e-3, dtype, device)
+        close_distance = _t(mm_to_m(p["detector.close_distance_mm"]), dtype, device)
     else:
         close_distance = torch.abs(ratio * distance)
     distance = close_distance / ratio
@@ -223,7 +218,7 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
             warnings.append("quirk pix0_overwritten: pix0_vector is overwritten by the pivot formula "
                             "(C behaviour); fixing the quirk honours it")
         else:
-            pix0 = tv([x * 1e-3 for x in d.pix0_vector_mm])
+            pix0 = tv([mm_to_m(x) for x in d.pix0_vector_mm])
 
     Fclose_t = -dot(pix0, fdet)
     Sclose_t = -dot(pix0, sdet)
@@ -252,6 +247,9 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
         twotheta_deg=g(p["detector.twotheta_deg"]), ratio=g(ratio),
         fdet=v3(fdet), sdet=v3(sdet), odet=v3(odet), pix0_m=v3(pix0), beam=v3(beam), spindle=v3(spindle),
         polar_vector=v3(polar), twotheta_axis=v3(tth_axis), polarization_plane_normal=v3(cross(beam, polar)),
+        adxv_center_y_mm=(g(detsize_s) - g(Sbeam_t)) * 1000,
+        mosflm_center_x_mm=(g(Sbeam_t) - 0.5 * g(px)) * 1000.0,
+        mosflm_center_y_mm=(g(Fbeam_t) - 0.5 * g(px)) * 1000,
     )
     return DetectorGeometry(
         fpixels=fpixels, spixels=spixels, pixel_m=_t(px, dtype, device),

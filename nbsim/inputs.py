@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from nbsim.spec import ExperimentSpec, SpecError
+from nbsim.units import mm_to_m
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,13 @@ def detector_dmin_A(spec: ExperimentSpec, sources=None) -> float:
     from nbsim.geometry import detector_geometry
     b = spec.beam
     rep = detector_geometry(spec.detector, b, spec.crystal, quirks=quirks.of(spec)).report
-    px = rep.pixel_mm * 1e-3
+    px = mm_to_m(rep.pixel_mm)
     pix0, fdet, sdet, beam = (np.asarray(v, float) for v in (rep.pix0_m, rep.fdet, rep.sdet, rep.beam))
     fs = (-1.0, rep.fpixels + 1.0)
     ss = (-1.0, rep.spixels + 1.0)
     corners = np.array([pix0 + f * px * fdet + s * px * sdet for f in fs for s in ss])     # (4, 3) m
     if spec.detector.curved:
-        dist = abs(rep.distance_mm) * 1e-3
+        dist = mm_to_m(abs(rep.distance_mm))
         arc = (np.abs(corners @ fdet - (dist * beam) @ fdet).max()
                + np.abs(corners @ sdet - (dist * beam) @ sdet).max()) / dist
         two_theta = min(math.pi, arc)

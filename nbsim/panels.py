@@ -22,7 +22,6 @@ simulated pixel); the tricubic switch-off state is not carried from one panel to
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import List
@@ -33,6 +32,7 @@ import torch
 from nbsim.params import PANEL_PREFIX, panel_key, value
 from nbsim.rotation import cross, dot, rotate_xyz, unitize
 from nbsim.spec import ExperimentSpec, PanelSpec, SpecError, has_panels  # noqa: F401 - re-exported
+from nbsim.units import deg_to_rad, mm_to_m
 
 
 @dataclass
@@ -110,7 +110,7 @@ def resolve_panels(panels: List[PanelSpec], frame, params=None) -> List[Panel]:
         key = f"{PANEL_PREFIX}{i}"
         fpix = pn.fpixels if pn.fpixels is not None else frame.fpixels
         spix = pn.spixels if pn.spixels is not None else frame.spixels
-        pixel_m = frame.pixel_m if pn.pixel_mm is None else torch.tensor(pn.pixel_mm * 1e-3, dtype=dt, device=dev)
+        pixel_m = frame.pixel_m if pn.pixel_mm is None else torch.tensor(mm_to_m(pn.pixel_mm), dtype=dt, device=dev)
         fdet, sdet, odet = frame.fdet, frame.sdet, frame.odet
         if pn.fast is not None or pn.slow is not None:
             if pn.fast is not None:
@@ -123,14 +123,14 @@ def resolve_panels(panels: List[PanelSpec], frame, params=None) -> List[Panel]:
             odet, _ = unitize(cross(fdet, sdet))
         pix0 = frame.pix0
         if (i, "origin_mm") in pp:
-            pix0 = pp[(i, "origin_mm")].to(dt) * 1e-3
+            pix0 = mm_to_m(pp[(i, "origin_mm")].to(dt))
         elif pn.origin_mm is not None:
-            pix0 = torch.tensor([x * 1e-3 for x in pn.origin_mm], dtype=dt, device=dev)
+            pix0 = torch.tensor([mm_to_m(x) for x in pn.origin_mm], dtype=dt, device=dev)
         rot = pp.get((i, "rot_deg"))
         if rot is None and any(x != 0 for x in pn.rot_deg):
             rot = torch.tensor([float(x) for x in pn.rot_deg], dtype=dt, device=dev)
         if rot is not None:
-            r = rot.to(dt) * (math.pi / 180.0)
+            r = deg_to_rad(rot.to(dt))
             rel = [rotate_xyz(v, r[0], r[1], r[2]) for v in (fdet, sdet, odet)]
             fdet, sdet, odet = rel
         # the normal points away from the sample (C's odet): a panel whose fast x slow faces the

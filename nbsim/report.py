@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 Vec3 = Tuple[float, float, float]
-RTD = 180.0 / math.pi
 
 
 def _echo_only(default):
@@ -61,6 +60,12 @@ class DetectorReport:
     polar_vector: Vec3
     twotheta_axis: Vec3             # not unitized (as C)
     polarization_plane_normal: Vec3  # beam × polar_vector
+    # the SMV header's derived centres as C computes them from metres, (detsize_s − Sbeam)·1000 and
+    # (Sbeam|Fbeam − pixel/2)·1000: the same numbers from the mm fields above can round differently
+    # at a %g boundary (None in an entry stored before they were: derived from the mm fields then)
+    adxv_center_y_mm: Optional[float] = field(default=None, kw_only=True)
+    mosflm_center_x_mm: Optional[float] = field(default=None, kw_only=True)
+    mosflm_center_y_mm: Optional[float] = field(default=None, kw_only=True)
 
     def to_dict(self) -> dict:
         """Plain numbers and lists, the keys ``run.json`` stores under ``info``."""
@@ -294,6 +299,7 @@ class PanelReport:
 #: keys of ``SetupReport.to_dict()`` that describe the single-panel frame a multi-panel run shares,
 #: not its panels' geometry: left out of a multi-panel run's ``info`` (the panels are under "panels")
 FRAME_ONLY_KEYS = ("pix0_m", "fdet", "sdet", "odet", "xbeam_mm", "ybeam_mm", "fbeam_mm", "sbeam_mm",
+                   "adxv_center_y_mm", "mosflm_center_x_mm", "mosflm_center_y_mm",
                    "fclose_mm", "sclose_mm", "orgx_px", "orgy_px", "dials_origin_mm", "roi",
                    "detsize_f_mm", "detsize_s_mm", "fpixels", "spixels")
 

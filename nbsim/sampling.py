@@ -16,6 +16,7 @@ import torch
 
 from nbsim.params import plain, value
 from nbsim.rotation import rotate_axis, unitize
+from nbsim.units import RTD
 
 
 def _auto_steps(steps, rng, step, *, none_range=0.0, steps_only_range=1.0):
@@ -82,7 +83,7 @@ def resolve_phi(phi0_rad, osc_rad, phistep_rad, phisteps):
             steps = 1
         if value(osc) < 0.0:
             if value(step) <= 0.0:
-                osc = 1.0 / (180.0 / math.pi)
+                osc = 1.0 / RTD
                 step = osc / steps
             else:
                 osc, steps = step, 2

@@ -48,6 +48,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from nbsim.units import deg_to_rad
+
 __all__ = ["trace_lines", "interp_state_before", "fmt", "PIXEL_NAMES_ALWAYS", "PIXEL_NAMES_CONDITIONAL"]
 
 #: pixel-level names (``TRACE_C: name ...``) that the full instrumented (-DTRACING) C build, and
@@ -164,7 +166,7 @@ def _detector_lines(model, spec=None) -> list:
         conv = rep.convention if rep is not None else "mosflm"
         angles = None
         if d is not None:
-            angles = tuple(math.radians(x) for x in (d.rotx_deg, d.roty_deg, d.rotz_deg, d.twotheta_deg))
+            angles = tuple(deg_to_rad(x) for x in (d.rotx_deg, d.roty_deg, d.rotz_deg, d.twotheta_deg))
         nan = float("nan")
         xbeam = (rep.xbeam_mm if rep is not None else nan) * 1e-3
         ybeam = (rep.ybeam_mm if rep is not None else nan) * 1e-3

@@ -118,9 +118,12 @@ def smv_header(info: dict, header_bytes: int = 512, byte_order: str = "little_en
     px = float(info["pixel_mm"])
     fb = float(info["fbeam_mm"])
     sb = float(info["sbeam_mm"])
-    adxv_y = info.get("adxv_center_y_mm", float(info["detsize_s_mm"]) - sb)
-    mos_x = info.get("mosflm_center_x_mm", sb - 0.5 * px)
-    mos_y = info.get("mosflm_center_y_mm", fb - 0.5 * px)
+    def exact(key, derived):                  # None: an entry stored without the exact value
+        v = info.get(key)
+        return derived if v is None else v
+    adxv_y = exact("adxv_center_y_mm", float(info["detsize_s_mm"]) - sb)
+    mos_x = exact("mosflm_center_x_mm", sb - 0.5 * px)
+    mos_y = exact("mosflm_center_y_mm", fb - 0.5 * px)
     den_x = info.get("denzo_x_beam_mm", sb)
     den_y = info.get("denzo_y_beam_mm", fb)
     dials = [float(v) for v in info["dials_origin_mm"]]
