@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from nbsim import libm
 from nbsim.params import value
 from nbsim.rotation import cross, dot, rotate_xyz
 from nbsim.units import deg_to_rad
@@ -28,7 +30,7 @@ class Lattice:
 
 
 def _vrescale(v, new_mag):
-    mag = torch.sqrt(dot(v, v))
+    mag = libm.sqrt(dot(v, v))
     return v * (new_mag / mag)
 
 
@@ -43,16 +45,15 @@ def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
     a, b, c = cell.unbind(0)[:3]
     al, be, ga = (deg_to_rad(x) for x in cell.unbind(0)[3:])
     s = (al + be + ga) / 2
-    skew = torch.abs(torch.sin(s) * torch.sin(s - al) * torch.sin(s - be) * torch.sin(s - ga))
-    V = 2.0 * a * b * c * torch.sqrt(skew)
+    skew = torch.abs(libm.sin(s) * libm.sin(s - al) * libm.sin(s - be) * libm.sin(s - ga))
+    V = 2.0 * a * b * c * libm.sqrt(skew)
     Vs = 1.0 / V
-    ast = b * c * torch.sin(al) * Vs
-    bst = c * a * torch.sin(be) * Vs
-    cst = a * b * torch.sin(ga) * Vs
-    sin_gs = torch.clamp(c * Vs / ast / bst, max=1.0)
-    cos_as = (torch.cos(be) * torch.cos(ga) - torch.cos(al)) / (torch.sin(be) * torch.sin(ga))
-    cos_bs = (torch.cos(ga) * torch.cos(al) - torch.cos(be)) / (torch.sin(ga) * torch.sin(al))
-    cos_gs = (torch.cos(al) * torch.cos(be) - torch.cos(ga)) / (torch.sin(al) * torch.sin(be))
+    ast = b * c * libm.sin(al) * Vs
+    bst = c * a * libm.sin(be) * Vs
+    cst = a * b * libm.sin(ga) * Vs
+    sin_gs = torch.clamp(c * Vs / ast / bst, min=-1.0, max=1.0)
+    # C: a cosine whose square exceeds 1 becomes 1 (whatever its sign)
+    cos_as, cos_bs, cos_gs = (torch.where(x * x > 1.0, torch.ones_like(x), x) for x in _reciprocal_cosines(al, be, ga))
     zero = torch.zeros_like(ast)
     a_star = torch.stack((ast, zero, zero))
     b_star = torch.stack((bst * cos_gs, bst * sin_gs, zero))
@@ -62,6 +63,45 @@ def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
         cz = Vs / (ast * bst * sin_gs)               # textbook V*/(a* b* sin γ*)
     c_star = torch.stack((cst * cos_bs, cst * (cos_as - cos_bs * cos_gs) / sin_gs, cz))
     return a_star, b_star, c_star, V, (a, b, c)
+
+
+def _reciprocal_cosines(al, be, ga):
+    """cos α*, cos β*, cos γ* from the cell angles (rad), C's expressions."""
+    sin, cos = libm.sin, libm.cos
+    return ((cos(be) * cos(ga) - cos(al)) / (sin(be) * sin(ga)),
+            (cos(ga) * cos(al) - cos(be)) / (sin(ga) * sin(al)),
+            (cos(al) * cos(be) - cos(ga)) / (sin(al) * sin(be)))
+
+
+_ODDBALL = 1.0000001
+
+
+def _oddball(title: str, names, values) -> Optional[str]:
+    """C's warning when a cell's sines or cosines leave ±1.0000001 (an impossible cell, or nearly):
+    ``title`` and the six numbers (%.25g), as one line; None when all are in range."""
+    if all(-_ODDBALL <= v <= _ODDBALL for v in values):
+        return None
+    return f"{title}: " + ", ".join(f"{n} = {v:.25g}" for n, v in zip(names, values))
+
+
+_RECIPROCAL_NAMES = ("sin(alpha_star)", "cos(alpha_star)", "sin(beta_star)", "cos(beta_star)",
+                     "sin(gamma_star)", "cos(gamma_star)")
+
+
+def oddball_cell(cell_A_deg) -> Optional[str]:
+    """C's first check, of the reciprocal angles the -cell angles imply (before any vector is built):
+    the warning, or None. Numbers only (report, no graph)."""
+    cell = torch.as_tensor([value(x) for x in cell_A_deg], dtype=torch.float64)
+    a, b, c = cell[:3]
+    al, be, ga = (deg_to_rad(x) for x in cell[3:])
+    s = (al + be + ga) / 2
+    V = 2.0 * a * b * c * libm.sqrt(torch.abs(libm.sin(s) * libm.sin(s - al) * libm.sin(s - be)
+                                              * libm.sin(s - ga)))
+    Vs = 1.0 / V
+    ast, bst, cst = b * c * libm.sin(al) * Vs, c * a * libm.sin(be) * Vs, a * b * libm.sin(ga) * Vs
+    sines = (a * Vs / bst / cst, b * Vs / ast / cst, c * Vs / ast / bst)
+    vals = [float(x) for pair in zip(sines, _reciprocal_cosines(al, be, ga)) for x in pair]
+    return _oddball("oddball reciprocal cell angles (of the -cell angles)", _RECIPROCAL_NAMES, vals)
 
 
 def mosflm_matrix(a_A, b_A, c_A, wavelength_A):
@@ -116,21 +156,30 @@ def cell_parameters(lat: Lattice):
     """(a, b, c [Å], α, β, γ [deg]) of the real-space vectors, and the same for the reciprocal ones,
     as C derives them: each angle is atan2(sin, cos) with the sine from the volume
     (sin α = |a*|·V/(|b||c|), sin α* = |a|·V*/(|b*||c*|)) and the cosine from the dot product, so
-    a cell made inconsistent by the triclinic c* quirk prints C's numbers."""
+    a cell made inconsistent by the triclinic c* quirk prints C's numbers. Third: C's warnings where
+    a sine or cosine left ±1.0000001 before it was clamped (``_oddball``)."""
     a, b, c = (v * 1e10 for v in (lat.a, lat.b, lat.c))
     vs = (lat.a_star, lat.b_star, lat.c_star)
     V = value(lat.V_cell_A3)
-    L = [value(torch.sqrt(dot(v, v))) for v in (a, b, c)]
-    Ls = [value(torch.sqrt(dot(v, v))) for v in vs]
+    L = [value(libm.sqrt(dot(v, v))) for v in (a, b, c)]
+    Ls = [value(libm.sqrt(dot(v, v))) for v in vs]
+
+    raw = []
 
     def angles(vec, lens, other_lens, vol):
         out = []
         for i, (j, k) in enumerate(((1, 2), (0, 2), (0, 1))):
-            sin = min(1.0, max(-1.0, other_lens[i] * vol / lens[j] / lens[k]))
+            sin = other_lens[i] * vol / lens[j] / lens[k]
             cos = value(dot(vec[j], vec[k])) / lens[j] / lens[k]
+            raw.extend((sin, cos))
+            sin = min(1.0, max(-1.0, sin))
             cos = 1.0 if cos * cos > 1.0 else cos
             out.append(math.degrees(math.atan2(sin, cos)))
         return out
     real = L + angles((a, b, c), L, Ls, V)
     recip = Ls + angles(vs, Ls, L, 1.0 / V)
-    return real, recip
+    warnings = [w for w in (
+        _oddball("oddball cell angles", ("sin_alpha", "cos_alpha", "sin_beta", "cos_beta", "sin_gamma",
+                                         "cos_gamma"), raw[:6]),
+        _oddball("oddball reciprocal cell angles", _RECIPROCAL_NAMES, raw[6:])) if w]
+    return real, recip, warnings

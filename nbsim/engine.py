@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 
+from nbsim import libm
 from nbsim.params import value
 from nbsim.physics import (BorderedTable, HKLTable, airpath, bragg_term, capture_fraction,
                            dmin_executed, flat_positions, full_like, lattice_axis_factors,
@@ -199,47 +200,12 @@ def _first_along(mask: torch.Tensor, values: torch.Tensor, dims: int, fill: floa
     return torch.where(flat_m.any(-1), v, torch.full_like(v, fill))
 
 
-class _ExactSqrt(torch.autograd.Function):
-    """IEEE square root through NumPy, with reverse- and forward-mode derivatives and a vmap rule
-    (so ``torch.autograd``, ``torch.autograd.forward_ad`` and ``torch.func`` all see through it)."""
-
-    @staticmethod
-    def forward(x):
-        import numpy as np
-        xc = x.detach().contiguous()
-        out = torch.empty_like(xc)
-        np.sqrt(xc.numpy(), out=out.numpy())
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return grad / (2 * out)
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (out,) = ctx.saved_tensors
-        return tangent / (2 * out)
-
-    @staticmethod
-    def vmap(info, in_dims, x):
-        return _ExactSqrt.apply(x), in_dims[0]
-
-
 def sqrt_exact(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded square root, as C's ``sqrt``. ATen's CPU ``torch.sqrt`` (MKL VML) is one
-    ulp off for about 1 % of inputs; near a Bragg peak that last bit of a distance reaches the
+    """Correctly rounded square root, as C's ``sqrt`` (``nbsim.libm.sqrt``). ATen's CPU ``torch.sqrt``
+    is one ulp off for about 1 % of inputs; near a Bragg peak that last bit of a distance reaches the
     Miller index, and sin(N·π·h)/sin(π·h) turns it into a ~1e-10 relative change of the pixel.
-    NumPy's CPU sqrt (and CUDA's) is IEEE-exact, so CPU tensors go through NumPy (no copy).
     (Inside the compiled kernels Inductor's sqrt is the IEEE one.)"""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return _ExactSqrt.apply(x)
-    return torch.sqrt(x)
+    return libm.sqrt(x)
 
 
 _BLAS_MIN_FM = 8                 # φ steps × mosaic domains from which Miller indices use BLAS

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 
 from nbsim import quirks
-from nbsim.crystal import build_lattice, cell_parameters
+from nbsim.crystal import build_lattice, cell_parameters, oddball_cell
 from nbsim.engine import Model
 from nbsim.geometry import detector_geometry
 from nbsim.inputs import load_inputs
 from nbsim.params import param_tree, value
 from nbsim.physics import AVOGADRO, R_E_SQR, HKLTable
 from nbsim.report import SetupReport
-from nbsim.rotation import rotate_axis, rotate_umat
+from nbsim.rotation import dot, rotate_axis, rotate_umat
 from nbsim.sampling import (make_sources, resolve_dispersion, resolve_divergence, resolve_mosaic,
                             resolve_phi, resolve_thickness)
 from nbsim.sampling import spectrum
@@ -124,14 +124,16 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
     lat = build_lattice(cell_A_deg=p.get("crystal.cell_A_deg"), matrix=matrix,
                         wavelength_A=wavelength_A, misset_rad=misset,
                         faithful=not q.fixed("triclinic_cstar"), **tkw)
-    real, recip = cell_parameters(lat)
+    odd = oddball_cell(p["crystal.cell_A_deg"]) if "crystal.cell_A_deg" in p else None
+    real, recip, odd_final = cell_parameters(lat)
+    warnings += [w for w in [odd] + odd_final if w]
     if (not q.fixed("triclinic_cstar") and c.cell_A_deg is not None
             and max(abs(x - y) for x, y in zip(real, c.cell_A_deg)) > 1e-3):
         warnings.append("quirk triclinic_cstar: -cell c* construction changes the triclinic cell to "
                         + " ".join(f"{x:g}" for x in real) + " (fixed: the textbook c*)")
 
     # crystal size
-    la, lb, lc = (value(torch.linalg.vector_norm(v)) for v in (lat.a, lat.b, lat.c))
+    la, lb, lc = (math.sqrt(value(dot(v, v))) for v in (lat.a, lat.b, lat.c))   # C's magnitude()
     Na, Nb, Nc = (p.get(f"crystal.{k}", p["crystal.N"]) for k in ("Na", "Nb", "Nc"))
     N_before_size = tuple(value(x) for x in (Na, Nb, Nc))
     size_y = mm_to_m(c.size_y_mm) if c.size_y_mm else 0.0
@@ -323,7 +325,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
         wavelength_A=value(wavelength_A), phi_deg=value(p["crystal.phi_deg"]), osc_deg=value(osc) * RTD,
         phistep_deg=value(phistep) * RTD,
         phisteps=phisteps, mosaic_domains=mosaic_domains, mosaic_deg=value(spread) * RTD,
-        sources=nsrc, divsteps=src.divsteps, dispsteps=src.dispsteps, oversample=oversample,
+        sources=nsrc, divsteps=src.divsteps, dispsteps=disp[0], oversample=oversample,
         spectrum_A=tuple(tuple(r) for r in spectrum(src)), exposure_s=float(b.exposure_s),  # NeXus/CBF writers
         recommended_oversample=recommended, thicksteps=thicksteps, thick_m=value(thick),
         mu_per_m=value(mu), steps=steps, Na=Nv[0], Nb=Nv[1], Nc=Nv[2], fluence=value(fluence),

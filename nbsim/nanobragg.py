@@ -286,6 +286,8 @@ def _run(parsed) -> int:
     except SpecError as e:
         return _error(spec_error_message(e, parsed.origins))
 
+    for name in parsed.header_files:     # C's GetFrame; its next line, "mmap(FILE) = <address>", is not
+        print(f"reading {name}")         # reproducible
     for line in result.log:
         print(line)
     said_fdump = any("quirk fdump_from_cwd" in w for w in parsed.warnings)

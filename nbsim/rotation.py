@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from nbsim import libm
+
 
 def _cs(angle, like: torch.Tensor):
     a = torch.as_tensor(angle, dtype=like.dtype, device=like.device)
-    return torch.cos(a), torch.sin(a)
+    return libm.cos(a), libm.sin(a)
 
 
 def rotate_xyz(v: torch.Tensor, rx, ry, rz) -> torch.Tensor:
@@ -31,7 +33,7 @@ def rotate_axis(v: torch.Tensor, axis: torch.Tensor, phi) -> torch.Tensor:
     """Rodrigues rotation of ``v`` (..., 3) by ``phi`` (rad, broadcastable to v[..., 0]) about the
     unit vector ``axis`` (..., 3), with C ``rotate_axis()``'s operation order."""
     phi = torch.as_tensor(phi, dtype=v.dtype, device=v.device)
-    c, s = torch.cos(phi), torch.sin(phi)
+    c, s = libm.cos(phi), libm.sin(phi)
     ax, ay, az = axis.unbind(-1)
     vx, vy, vz = v.unbind(-1)
     dot = (ax * vx + ay * vy + az * vz) * (1.0 - c)
@@ -49,7 +51,7 @@ def rotate_umat(v: torch.Tensor, umat: torch.Tensor) -> torch.Tensor:
 
 def unitize(v: torch.Tensor):
     """Return (unit vector, magnitude) of ``v`` (..., 3); a zero vector stays zero (as in C)."""
-    mag = torch.sqrt((v * v).sum(-1))
+    mag = libm.sqrt((v * v).sum(-1))
     safe = torch.where(mag == 0, 1.0, mag)
     return v / safe.unsqueeze(-1), mag
 

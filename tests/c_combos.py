@@ -7,7 +7,8 @@ and without interpolation), beam (wavelength or energy, dispersion, divergence i
 vectors, pivots, beam-centre forms, rotations, two-theta, sensor thickness and absorption,
 oversampling and its flags, curved and point pixels, ROI), dmin, water background, fluence forms
 and the output scales. Detectors are small (24-64 pixels a side), so a combination runs in about
-a second. The inputs named (``A.mat``, ``P1.hkl``, ``sources.txt``) are the golden set's.
+a second. The inputs named (``A.mat``, ``P1.hkl``, ``sources.txt``) are the golden set's;
+``-mask``/``-img`` name an SMV file that ``smv_input`` draws (header defaults, masked pixels).
 """
 from __future__ import annotations
 
@@ -158,9 +159,48 @@ def _detector(rng: random.Random) -> list:
     return a
 
 
-def combo(rng: random.Random) -> list:
-    """One random nanoBragg command line (a list of arguments, no output flags)."""
+def smv_input(rng: random.Random) -> tuple:
+    """(flag, file name, bytes) of a random SMV file for ``-mask`` or ``-img``: a header with some of
+    the keys whose values C takes as defaults (pixel size, distances, wavelength, beam centre, ORGX/Y,
+    φ, oscillation, two-theta) and, for a mask, about one pixel in ten 0."""
+    import numpy as np
+    flag, name = rng.choice([("-mask", "mask.img"), ("-img", "in.img")])
+    nf, ns = rng.randint(24, 64), rng.randint(24, 64)
+    px = rng.uniform(0.1, 0.5)
+    keys = [("SIZE1", str(nf)), ("SIZE2", str(ns))]
+    for key, p, draw in (("PIXEL_SIZE", 0.7, lambda: _num(px)),
+                         ("DISTANCE", 0.6, lambda: _num(rng.uniform(50, 200))),
+                         ("CLOSE_DISTANCE", 0.2, lambda: _num(rng.uniform(50, 200))),
+                         ("WAVELENGTH", 0.5, lambda: _num(rng.uniform(0.7, 1.8))),
+                         ("BEAM_CENTER_X", 0.5, lambda: _num(rng.uniform(0, nf * px))),
+                         ("BEAM_CENTER_Y", 0.5, lambda: _num(rng.uniform(0, ns * px))),
+                         ("ORGX", 0.2, lambda: _num(rng.uniform(0, nf))),
+                         ("ORGY", 0.2, lambda: _num(rng.uniform(0, ns))),
+                         ("PHI", 0.2, lambda: _num(rng.uniform(-10, 10))),
+                         ("OSC_RANGE", 0.2, lambda: _num(rng.uniform(0, 2))),
+                         ("TWOTHETA", 0.1, lambda: _num(rng.uniform(-10, 10)))):
+        if rng.random() < p:
+            keys.append((key, draw()))
+    text = ("{\nHEADER_BYTES=512;\nDIM=2;\nBYTE_ORDER=little_endian;\nTYPE=unsigned_short;\n"
+            + "".join(f"{k}={v};\n" for k, v in keys) + "}\f").encode()
+    gen = np.random.default_rng(rng.randint(0, 2 ** 31))
+    data = (gen.random((ns, nf)) >= 0.1) if flag == "-mask" else gen.integers(0, 1000, (ns, nf))
+    return flag, name, text.ljust(512, b" ") + data.astype("<u2").tobytes()
+
+
+def combo(rng: random.Random, files: dict = None) -> list:
+    """One random nanoBragg command line (a list of arguments, no output flags). ``files``: a dict
+    that receives the input files the line names beyond the golden set's (name -> bytes); without
+    it no such file is named."""
     a = _crystal(rng) + _beam(rng) + _detector(rng)
+    if files is not None and rng.random() < 0.12:
+        flag, name, data = smv_input(rng)
+        files[name] = data
+        # the header's size, not the drawn one: always for a mask (C indexes the mask's pixels with
+        # the detector's; nbsim refuses a mask of another size), mostly for an image
+        if flag == "-mask" or rng.random() < 0.7:
+            a = _without(a, {"-detpixels": 1, "-detpixels_f": 1, "-detpixels_s": 1, "-roi": 4})
+        a = [flag, name] + a
     if rng.random() < 0.1:
         a += ["-dmin", _num(rng.uniform(1, 8))]
     if rng.random() < 0.1:
@@ -176,3 +216,15 @@ def combo(rng: random.Random) -> list:
     if rng.random() < 0.04:
         a += ["-detsize", _num(rng.uniform(5, 20))]
     return a
+
+
+def _without(args: list, flags: dict) -> list:
+    """``args`` without the given flags and their values (flag -> number of values)."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in flags:
+            i += 1 + flags[args[i]]
+        else:
+            out.append(args[i])
+            i += 1
+    return out

@@ -163,3 +163,46 @@ def test_checked_geometry_is_reused_across_crystals_but_not_spindle_axes():
     for s, g in zip((a, b, c, d, e), got):
         assert g == checks._check_geometry(s)                              # resolved afresh
     assert got[3] != got[0]
+
+
+def test_source_file_echo_keeps_the_flags_dispersion_steps(inputs):
+    """With -sourcefile the sources come from the file, but C's "wave=" line prints the dispersion
+    steps the flags resolve to (here 4), not the file's one wavelength per source."""
+    from nbsim.experiment import build_model
+    from nbsim.frontend import parse_argv
+    args = ("-cell 100 100 100 90 90 90 -default_F 10 -N 2 -lambda 1.5 -detpixels 8 -sourcefile "
+            "sources.txt -dispersion 0.775 -dispsteps 4").split()
+    echo = build_model(parse_argv(args, cwd=str(inputs)).spec, base_dir=str(inputs)).report.echo()
+    assert "  wave=1.5e-10 meters +/- 0.775% in 4 steps" in echo
+
+
+def test_front_end_says_which_smv_header_it_read(tmp_path):
+    """C's GetFrame prints "reading FILE" for -mask/-img before its setup lines; so does the front end."""
+    import numpy as np
+    header = ("{\nHEADER_BYTES=512;\nDIM=2;\nBYTE_ORDER=little_endian;\nTYPE=unsigned_short;\nSIZE1=8;\n"
+              "SIZE2=6;\nPIXEL_SIZE=0.2;\n}\f").encode().ljust(512, b" ")
+    (tmp_path / "m.img").write_bytes(header + np.ones((6, 8), "<u2").tobytes())
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-m", "nbsim.nanobragg", "-mask", "m.img", "-cell", "100", "100",
+                          "100", "90", "90", "90", "-default_F", "10", "-N", "2", "-noprogress",
+                          "-floatfile", "f.bin"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "reading m.img"
+    assert out.stdout.splitlines()[1] == "mosflm convention selected."
+
+
+def test_oddball_cell_angles_are_warned_as_c_does():
+    """A triclinic cell whose reciprocal angles come out beyond ±1.0000001 (C: "WARNING: oddball
+    reciprocal cell angles:" and six numbers) is warned about, with those numbers; a regular one not."""
+    from nbsim.experiment import build_model
+    from nbsim.frontend import parse_argv
+    base = "-default_F 10 -N 2 -lambda 1 -detpixels 8 -cell "
+    odd = build_model(parse_argv((base + "97.549 97.258 107.854 81.436 108.623 92.67").split()).spec)
+    lines = [w for w in odd.report.warnings if w.startswith("oddball reciprocal cell angles:")]
+    assert len(lines) == 1
+    values = dict(kv.split(" = ") for kv in lines[0].split(": ", 1)[1].split(", "))
+    assert float(values["sin(gamma_star)"]) > 1.0000001
+    assert all(abs(float(v)) <= 1.0000001 for k, v in values.items() if k != "sin(gamma_star)")
+    fine = build_model(parse_argv((base + "70 80 90 75 85 95").split()).spec)
+    assert not any("oddball" in w for w in fine.report.warnings)

@@ -459,6 +459,7 @@ class Parsed:
     origins: Dict[str, str] = field(default_factory=dict)   # spec key -> flag that set it last
     extras: Dict[str, object] = field(default_factory=dict)  # accepted values without a spec field
     argv: List[str] = field(default_factory=list)
+    header_files: List[str] = field(default_factory=list)   # -mask, -img read by the pre-pass, as named
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1108,10 +1109,12 @@ def parse_argv(argv: Sequence[str], *, cwd: Optional[str] = None, check_files: b
         return Parsed(spec=b.spec, device=device, outputs=b.out, help=True, argv=argv)
     events = _tokenize(c_argv)
     # upstream pre-pass: the last -mask and the last -img give defaults (mask first, img second)
+    header_files = []
     for action in ("mask", "img"):
         last = [ev for ev in events if ev.flag.action == action]
         if last:
             b.header_defaults(last[-1].word, last[-1].values[0])
+            header_files.append(last[-1].values[0])
     for ev in events:
         b.apply(ev)
     b.finish()
@@ -1123,7 +1126,8 @@ def parse_argv(argv: Sequence[str], *, cwd: Optional[str] = None, check_files: b
     return Parsed(spec=b.spec, device=device, outputs=b.out, trace_pixel=b.trace_pixel,
                   printout=b.printout, printout_pixel=b.printout_pixel,
                   progress=b.progress and not b.printout, warnings=b.warnings,
-                  dump_file=b.dump_file, origins=b.origins, extras=b.extras, argv=argv)
+                  dump_file=b.dump_file, origins=b.origins, extras=b.extras, argv=argv,
+                  header_files=header_files)
 
 
 # ---------------------------------------------------------------------------------------------
