@@ -30,79 +30,39 @@ def _via_numpy(fn, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _Sqrt(torch.autograd.Function):
-    @staticmethod
-    def forward(x):
-        return _via_numpy(np.sqrt, x)
+def _exact(np_fn, derivative, saves_output: bool):
+    """An autograd function evaluating ``np_fn`` through NumPy: ``derivative(grad, saved)`` gives
+    the backward and forward-mode products, ``saved`` being the output (``saves_output``) or the
+    input."""
+    class Exact(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return _via_numpy(np_fn, x)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            saved = output if saves_output else inputs[0]
+            ctx.save_for_backward(saved)
+            ctx.save_for_forward(saved)
 
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return grad / (2 * out)
+        @staticmethod
+        def backward(ctx, grad):
+            return derivative(grad, ctx.saved_tensors[0])
 
-    @staticmethod
-    def jvp(ctx, tangent):
-        (out,) = ctx.saved_tensors
-        return tangent / (2 * out)
+        @staticmethod
+        def jvp(ctx, tangent):
+            return derivative(tangent, ctx.saved_tensors[0])
 
-    @staticmethod
-    def vmap(info, in_dims, x):
-        return _Sqrt.apply(x), in_dims[0]
-
-
-class _Sin(torch.autograd.Function):
-    @staticmethod
-    def forward(x):
-        return _via_numpy(np.sin, x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * torch.cos(x)
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (x,) = ctx.saved_tensors
-        return tangent * torch.cos(x)
-
-    @staticmethod
-    def vmap(info, in_dims, x):
-        return _Sin.apply(x), in_dims[0]
+        @staticmethod
+        def vmap(info, in_dims, x):
+            return Exact.apply(x), in_dims[0]
+    Exact.__name__ = Exact.__qualname__ = f"Exact_{np_fn.__name__}"
+    return Exact
 
 
-class _Cos(torch.autograd.Function):
-    @staticmethod
-    def forward(x):
-        return _via_numpy(np.cos, x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return -grad * torch.sin(x)
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (x,) = ctx.saved_tensors
-        return -tangent * torch.sin(x)
-
-    @staticmethod
-    def vmap(info, in_dims, x):
-        return _Cos.apply(x), in_dims[0]
+_Sqrt = _exact(np.sqrt, lambda g, out: g / (2 * out), saves_output=True)
+_Sin = _exact(np.sin, lambda g, x: g * torch.cos(x), saves_output=False)
+_Cos = _exact(np.cos, lambda g, x: -g * torch.sin(x), saves_output=False)
 
 
 def sqrt(x: torch.Tensor) -> torch.Tensor:
