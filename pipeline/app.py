@@ -37,6 +37,14 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def say_folder(path: Path) -> None:
+    """The result folder on stdout, one line in one write: processes of a parallel launcher share
+    the stream, and ``print`` writes the text and its newline apart (seen interleaved as
+    "s/As/B\\n\\n" under joblib)."""
+    sys.stdout.write(f"{_shown(path)}\n")
+    sys.stdout.flush()
+
+
 _FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 _user_wants_traceback = os.environ.get(_FULL_ERROR_ENV) == "1"
 
@@ -145,7 +153,7 @@ def _task(cfg: DictConfig) -> str:
                  f"({run.get('device')}, {run.get('dtype')}); nothing computed, {total:.2f} s")
     else:
         log_computed(folder, run, total)
-    print(_shown(folder), flush=True)               # stdout: the result folder, nothing else
+    say_folder(folder)                              # stdout: the result folder, nothing else
     return str(folder)
 
 

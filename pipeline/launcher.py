@@ -41,7 +41,7 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
     workers forked from it: ``pipeline.workers.run_groups``); Hydra ``JobReturn``s in their order."""
     from hydra.core.utils import JobReturn, JobStatus, configure_log
 
-    from pipeline.app import _shown, log_computed
+    from pipeline.app import _shown, log_computed, say_folder
     from pipeline.store import store_options
     from pipeline.sweep import Composer
     from hydra.core.hydra_config import HydraConfig
@@ -87,7 +87,7 @@ def launch_points(config, job_overrides: Sequence[Sequence[str]], initial_job_id
             log.info(f"reusing stored result {_shown(folder)} (config hash {run['hash']})")
         else:
             log_computed(folder, run)
-        print(_shown(folder), flush=True)
+        say_folder(folder)
         ret = JobReturn(overrides=list(ovr), cfg=config, hydra_cfg=config, working_dir=str(base_dir),
                         task_name=config.hydra.job.name, status=JobStatus.COMPLETED,
                         _return_value=str(folder))

@@ -7,8 +7,10 @@ and without interpolation), beam (wavelength or energy, dispersion, divergence i
 vectors, pivots, beam-centre forms, rotations, two-theta, sensor thickness and absorption,
 oversampling and its flags, curved and point pixels, ROI), dmin, water background, fluence forms
 and the output scales. Detectors are small (24-64 pixels a side), so a combination runs in about
-a second. The inputs named (``A.mat``, ``P1.hkl``, ``sources.txt``) are the golden set's;
-``-mask``/``-img`` name an SMV file that ``smv_input`` draws (header defaults, masked pixels).
+a second. The inputs named (``A.mat``, ``P1.hkl``, ``sources.txt``) are the golden set's, or
+files drawn here: ``-mask``/``-img`` an SMV file (``smv_input``: header defaults, masked pixels),
+``-mat``/``-hkl`` a random orientation matrix and structure-factor table (``random_matrix``,
+``random_hkl``).
 """
 from __future__ import annotations
 
@@ -19,18 +21,49 @@ def _num(x: float, nd: int = 3) -> str:
     return f"{x:.{nd}f}".rstrip("0").rstrip(".")
 
 
-def _crystal(rng: random.Random) -> list:
+def random_matrix(rng: random.Random) -> bytes:
+    """A MOSFLM A matrix file (reciprocal vectors × λ as columns, then two lines of zeros, like the
+    golden ``A.mat``) of a random cell in a random orientation."""
+    import numpy as np
+    la, lb, lc = (rng.uniform(30, 120) for _ in range(3))
+    al, be, ga = (np.radians(rng.uniform(70, 110)) for _ in range(3))
+    a = np.array([la, 0.0, 0.0])
+    b = lb * np.array([np.cos(ga), np.sin(ga), 0.0])
+    cx = np.cos(be)
+    cy = (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
+    c = lc * np.array([cx, cy, np.sqrt(max(1e-6, 1.0 - cx * cx - cy * cy))])
+    q, _ = np.linalg.qr(np.random.default_rng(rng.randint(0, 2 ** 31)).normal(size=(3, 3)))
+    a, b, c = (q @ v for v in (a, b, c))
+    V = a @ np.cross(b, c)
+    recip = np.stack((np.cross(b, c), np.cross(c, a), np.cross(a, b)), axis=1) / V   # columns a*, b*, c*
+    lines = [" ".join(f"{x:13.10f}" for x in row) for row in recip * rng.uniform(0.7, 1.8)]
+    return ("\n".join(lines + [" 0.000 0.000 0.000"] * 2) + "\n").encode()
+
+
+def random_hkl(rng: random.Random) -> bytes:
+    """An ``-hkl`` table ``h k l F`` over a small random box with about one index in five missing."""
+    hm, km, lm = (rng.randint(1, 6) for _ in range(3))
+    rows = [f"{h:4d} {k:4d} {l:4d} {rng.uniform(0, 300):10.3f}"
+            for h in range(-hm, hm + 1) for k in range(-km, km + 1) for l in range(-lm, lm + 1)
+            if rng.random() < 0.8]
+    return ("\n".join(rows) + "\n").encode()
+
+
+def _crystal(rng: random.Random, files: dict = None) -> list:
     a = []
+    mat, hkl = "A.mat", "P1.hkl"
+    if files is not None and rng.random() < 0.4:
+        mat, hkl = "rand.mat", "rand.hkl"
+        files[mat], files[hkl] = random_matrix(rng), random_hkl(rng)
+    F = (["-hkl", hkl] + rng.choice([[], [], ["-interpolate"], ["-nointerpolate"]])
+         if rng.random() < 0.5 else ["-default_F", _num(rng.uniform(1, 200))])
     if rng.random() < 0.25:
-        a += ["-mat", "A.mat"]
-        if rng.random() < 0.6:
-            a += ["-hkl", "P1.hkl"] + rng.choice([[], [], ["-interpolate"], ["-nointerpolate"]])
-        else:
-            a += ["-default_F", _num(rng.uniform(1, 200))]
+        a += ["-mat", mat] + F
     else:
         lengths = [rng.uniform(30, 120) for _ in range(3)]
         angles = rng.choice([[90, 90, 90], [90, 90, 120], [rng.uniform(70, 110) for _ in range(3)]])
-        a += ["-cell"] + [_num(x) for x in lengths + angles] + ["-default_F", _num(rng.uniform(1, 200))]
+        a += ["-cell"] + [_num(x) for x in lengths + angles]
+        a += F if rng.random() < 0.3 else ["-default_F", _num(rng.uniform(1, 200))]
     r = rng.random()
     if r < 0.3:
         a += ["-misset"] + [_num(rng.uniform(-40, 40)) for _ in range(3)]
@@ -192,7 +225,7 @@ def combo(rng: random.Random, files: dict = None) -> list:
     """One random nanoBragg command line (a list of arguments, no output flags). ``files``: a dict
     that receives the input files the line names beyond the golden set's (name -> bytes); without
     it no such file is named."""
-    a = _crystal(rng) + _beam(rng) + _detector(rng)
+    a = _crystal(rng, files) + _beam(rng) + _detector(rng)
     if files is not None and rng.random() < 0.12:
         flag, name, data = smv_input(rng)
         files[name] = data
