@@ -100,17 +100,44 @@ def preload(names) -> None:
             gc.enable()
 
 
+_exit_code = None          # set once SIGTERM asked this process to unwind
+
+
 def _exit_once(signum, frame) -> None:
     """SIGTERM: unwind with ``SystemExit(128 + signum)``, ignoring any further SIGTERM while unwinding
     (a second one, e.g. a launcher forwarding what its whole process group got, would interrupt the
     clean-up of a half-built entry)."""
+    global _exit_code
     signal.signal(signum, signal.SIG_IGN)
-    sys.exit(128 + signum)
+    _exit_code = 128 + signum
+    sys.exit(_exit_code)
+
+
+def _redeliver(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)
+    sys.exit(_exit_code)
+
+
+def _unraisable(info) -> None:
+    """The ``SystemExit`` of ``_exit_once`` raised where Python cannot raise (a weakref callback, a
+    ``__del__``: it printed "Exception ignored in ..." with a traceback and went on running) is
+    delivered again, as a signal, at the next point where it can unwind; anything else is reported
+    as usual."""
+    exc = info.exc_value
+    if isinstance(exc, SystemExit) and _exit_code is not None and exc.code == _exit_code:
+        import threading
+        signal.signal(signal.SIGTERM, _redeliver)
+        # sent from another thread a moment later: a signal this thread sends itself runs its
+        # handler at once, inside this hook, where SystemExit would be swallowed again
+        threading.Timer(0.001, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return
+    sys.__unraisablehook__(info)
 
 
 def exit_on_sigterm():
     """Let SIGTERM (kill, a scheduler's time limit) unwind this process like Ctrl-C does, once
     (``_exit_once``); the previous handler, for ``signal.signal`` to restore."""
+    sys.unraisablehook = _unraisable
     return signal.signal(signal.SIGTERM, _exit_once)
 
 

@@ -233,3 +233,27 @@ def test_a_joblib_multirun_ends_with_its_worker_processes(tmp_path):
     assert p.returncode == 0, err
     assert len(out.split()) == 2 and time.time() - t0 < 120
     assert _session_gone(p.pid, timeout_s=5.0), "a joblib worker outlived the command"
+
+
+def test_sigterm_landing_in_a_weakref_callback_still_unwinds(tmp_path):
+    """SIGTERM whose ``SystemExit`` is raised inside a weakref callback (where Python prints
+    "Exception ignored in ..." with a traceback and runs on; seen in CI when the process group got
+    Ctrl-C) is delivered again where it can unwind: exit 143, ``finally`` blocks run, no traceback."""
+    code = (
+        "import os, signal, sys, weakref\n"
+        "from pipeline import proc\n"
+        "proc.exit_on_sigterm()\n"
+        "class A: pass\n"
+        "def cb(ref):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "a = A(); r = weakref.ref(a, cb)\n"
+        "try:\n"
+        "    del a\n"
+        "    for _ in range(10**8): pass\n"
+        "    print('ran on', flush=True)\n"
+        "finally:\n"
+        "    print('unwound', flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 143, p.stderr
+    assert p.stdout == "unwound\n" and "Traceback" not in p.stderr, (p.stdout, p.stderr)
