@@ -125,12 +125,20 @@ def _start_long_multirun(tmp_path):
     return p, store
 
 
-def _only_complete_entries(store: Path) -> None:
+def _only_complete_entries(store: Path, killed_writer: bool = False) -> None:
+    """Every entry complete, and no temp folder or entry lock left. ``killed_writer``: a process of the
+    run was killed with SIGKILL, which nothing can catch; the one entry it was writing itself may keep
+    its hidden temp folder and lock, or only the lock once published (``pipeline.store``: a temp
+    folder is never read; the next run takes the lock over)."""
     entries = [e for e in store.iterdir() if not e.name.startswith(".")]
     assert 1 <= len(entries) < 16
     for e in entries:
         assert (e / "run.json").is_file() and (e / "float.bin").is_file(), e
     left = [e.name for e in store.iterdir() if e.name.startswith(".") and e.name != ".hydra"]
+    if killed_writer:
+        hashes = {name.split(".")[1] for name in left}     # killed before or after publishing it
+        assert len(hashes) <= 1, left
+        return
     assert not left, f"temp folders or entry locks left: {left}"
 
 
@@ -167,7 +175,7 @@ def test_a_killed_render_process_is_reported_and_its_workers_stop(tmp_path):
     assert "was killed by SIGKILL (out of memory?)" in err, err
     assert time.time() - t0 < 30
     assert _session_gone(p.pid), "a worker outlived the command"
-    _only_complete_entries(store)
+    _only_complete_entries(store, killed_writer=True)   # the render process renders a share itself
 
 
 def test_another_launcher_ends_the_render_process_at_once(tmp_path):
