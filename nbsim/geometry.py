@@ -250,6 +250,8 @@ def detector_geometry(d: DetectorSpec, b: BeamSpec, c: CrystalSpec, *, quirks: Q
         adxv_center_y_mm=(g(detsize_s) - g(Sbeam_t)) * 1000,
         mosflm_center_x_mm=(g(Sbeam_t) - 0.5 * g(px)) * 1000.0,
         mosflm_center_y_mm=(g(Fbeam_t) - 0.5 * g(px)) * 1000,
+        echo_m=tuple(g(x) for x in (distance, detsize_f, detsize_s, px, Xbeam, Ybeam, Fbeam_t, Sbeam_t,
+                                    Xclose, Yclose, Fclose_t, Sclose_t)),
     )
     return DetectorGeometry(
         fpixels=fpixels, spixels=spixels, pixel_m=_t(px, dtype, device),

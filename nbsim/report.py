@@ -66,6 +66,9 @@ class DetectorReport:
     adxv_center_y_mm: Optional[float] = field(default=None, kw_only=True)
     mosflm_center_x_mm: Optional[float] = field(default=None, kw_only=True)
     mosflm_center_y_mm: Optional[float] = field(default=None, kw_only=True)
+    # the echo's lengths in metres as C holds them (distance, detsize f/s, pixel, Xbeam, Ybeam, Fbeam,
+    # Sbeam, Xclose, Yclose, Fclose, Sclose): the mm fields times 1e-3 can print another %g at a tie
+    echo_m: Optional[Tuple[float, ...]] = field(default=None, kw_only=True, metadata={"stored": False})
 
     def to_dict(self) -> dict:
         """Plain numbers and lists, the keys ``run.json`` stores under ``info``."""
@@ -224,7 +227,7 @@ def echo_lines(r: SetupReport) -> list:
     out.append(f"  created a total of {r.mosaic_domains} mosaic domains")
     out.append(f"  {r.hkls} initialized hkls (all others ={r.default_F:g})")
     out.append(f"  {_SHAPES.get(r.shape, r.shape)} xtal: %.0fx%.0fx%.0f cells" % (r.Na, r.Nb, r.Nc))
-    out.append(f"  wave={r.wavelength_A * 1e-10:g} meters +/- {r.dispersion[1] * 100:g}% in "
+    out.append(f"  wave={r.wavelength_A / 1.0e10:g} meters +/- {r.dispersion[1] * 100:g}% in "   # C: lambda0
                f"{r.dispsteps} steps")
     out.append("  polarization effect disabled" if r.nopolar else f"  Kahn polarization factor: {r.kahn_factor:f}")
     if r.curved:
@@ -232,14 +235,16 @@ def echo_lines(r: SetupReport) -> list:
     if r.point_pixel:
         out.append("  pixel obliquity effect disabled")
     out.append(f"  incident fluence: {r.fluence:g} photons/m^2")
-    out.append(f"  distance={r.distance_mm * 1e-3:g} detsize={r.detsize_f_mm * 1e-3:g}x"
-               f"{r.detsize_s_mm * 1e-3:g}  pixel={r.pixel_mm * 1e-3:g} meters "
+    m = r.echo_m or tuple(x * 1e-3 for x in (
+        r.distance_mm, r.detsize_f_mm, r.detsize_s_mm, r.pixel_mm, r.xbeam_mm, r.ybeam_mm, r.fbeam_mm,
+        r.sbeam_mm, r.xclose_mm, r.yclose_mm, r.fclose_mm, r.sclose_mm))
+    out.append(f"  distance={m[0]:g} detsize={m[1]:g}x{m[2]:g}  pixel={m[3]:g} meters "
                f"({r.fpixels}x{r.spixels} pixels)")
     out.append(f"  sensor is {r.thick_m:g} m thick in {r.thicksteps} layers with mu= {r.mu_per_m:g}")
-    out.append(f"  Xbeam={r.xbeam_mm * 1e-3:g} Ybeam={r.ybeam_mm * 1e-3:g}")
-    out.append(f"  Fbeam={r.fbeam_mm * 1e-3:g} Sbeam={r.sbeam_mm * 1e-3:g}")
-    out.append(f"  Xclose={r.xclose_mm * 1e-3:g} Yclose={r.yclose_mm * 1e-3:g}")
-    out.append(f"  Fclose={r.fclose_mm * 1e-3:g} Sclose={r.sclose_mm * 1e-3:g}")
+    out.append(f"  Xbeam={m[4]:g} Ybeam={m[5]:g}")
+    out.append(f"  Fbeam={m[6]:g} Sbeam={m[7]:g}")
+    out.append(f"  Xclose={m[8]:g} Yclose={m[9]:g}")
+    out.append(f"  Fclose={m[10]:g} Sclose={m[11]:g}")
     out.append(f"  DIRECTION_OF_DETECTOR_X-AXIS= {_vec(r.fdet)}")
     out.append(f"  DIRECTION_OF_DETECTOR_Y-AXIS= {_vec(r.sdet)}")
     out.append(f"  DIRECTION_OF_DETECTOR_Z-AXIS= {_vec(r.odet)}")
