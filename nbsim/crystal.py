@@ -13,7 +13,7 @@ import torch
 
 from nbsim import libm
 from nbsim.params import value
-from nbsim.rotation import cross, dot, rotate_xyz
+from nbsim.rotation import cross, dot, magnitude, rotate_xyz
 from nbsim.units import deg_to_rad
 
 
@@ -30,8 +30,7 @@ class Lattice:
 
 
 def _vrescale(v, new_mag):
-    mag = libm.sqrt(dot(v, v))
-    return v * (new_mag / mag)
+    return v * (new_mag / magnitude(v))
 
 
 def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
@@ -44,16 +43,12 @@ def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
     cell = torch.as_tensor(cell_A_deg, dtype=dtype, device=device)
     a, b, c = cell.unbind(0)[:3]
     al, be, ga = (deg_to_rad(x) for x in cell.unbind(0)[3:])
-    s = (al + be + ga) / 2
-    skew = torch.abs(libm.sin(s) * libm.sin(s - al) * libm.sin(s - be) * libm.sin(s - ga))
-    V = 2.0 * a * b * c * libm.sqrt(skew)
+    V, ast, bst, cst = _volume_and_reciprocal_lengths(a, b, c, al, be, ga, libm.sin, libm.sqrt)
     Vs = 1.0 / V
-    ast = b * c * libm.sin(al) * Vs
-    bst = c * a * libm.sin(be) * Vs
-    cst = a * b * libm.sin(ga) * Vs
     sin_gs = torch.clamp(c * Vs / ast / bst, min=-1.0, max=1.0)
     # C: a cosine whose square exceeds 1 becomes 1 (whatever its sign)
-    cos_as, cos_bs, cos_gs = (torch.where(x * x > 1.0, torch.ones_like(x), x) for x in _reciprocal_cosines(al, be, ga))
+    cos_as, cos_bs, cos_gs = (torch.where(x * x > 1.0, torch.ones_like(x), x)
+                              for x in _reciprocal_cosines(al, be, ga, libm.sin, libm.cos))
     zero = torch.zeros_like(ast)
     a_star = torch.stack((ast, zero, zero))
     b_star = torch.stack((bst * cos_gs, bst * sin_gs, zero))
@@ -65,9 +60,17 @@ def cell_reciprocal(cell_A_deg, *, faithful: bool, dtype, device):
     return a_star, b_star, c_star, V, (a, b, c)
 
 
-def _reciprocal_cosines(al, be, ga):
-    """cos α*, cos β*, cos γ* from the cell angles (rad), C's expressions."""
-    sin, cos = libm.sin, libm.cos
+def _volume_and_reciprocal_lengths(a, b, c, al, be, ga, sin, sqrt):
+    """(V, |a*|, |b*|, |c*|) of a cell (lengths Å, angles rad), C's expressions: numbers or tensors,
+    with the ``sin``/``sqrt`` of either (``math``'s and ``nbsim.libm``'s round alike)."""
+    s = (al + be + ga) / 2
+    V = 2.0 * a * b * c * sqrt(abs(sin(s) * sin(s - al) * sin(s - be) * sin(s - ga)))
+    Vs = 1.0 / V
+    return V, b * c * sin(al) * Vs, c * a * sin(be) * Vs, a * b * sin(ga) * Vs
+
+
+def _reciprocal_cosines(al, be, ga, sin, cos):
+    """cos α*, cos β*, cos γ* from the cell angles (rad), C's expressions (numbers or tensors)."""
     return ((cos(be) * cos(ga) - cos(al)) / (sin(be) * sin(ga)),
             (cos(ga) * cos(al) - cos(be)) / (sin(ga) * sin(al)),
             (cos(al) * cos(be) - cos(ga)) / (sin(al) * sin(be)))
@@ -91,16 +94,12 @@ _RECIPROCAL_NAMES = ("sin(alpha_star)", "cos(alpha_star)", "sin(beta_star)", "co
 def oddball_cell(cell_A_deg) -> Optional[str]:
     """C's first check, of the reciprocal angles the -cell angles imply (before any vector is built):
     the warning, or None. Numbers only (report, no graph)."""
-    cell = torch.as_tensor([value(x) for x in cell_A_deg], dtype=torch.float64)
-    a, b, c = cell[:3]
-    al, be, ga = (deg_to_rad(x) for x in cell[3:])
-    s = (al + be + ga) / 2
-    V = 2.0 * a * b * c * libm.sqrt(torch.abs(libm.sin(s) * libm.sin(s - al) * libm.sin(s - be)
-                                              * libm.sin(s - ga)))
+    a, b, c, al, be, ga = (float(value(x)) for x in cell_A_deg)
+    al, be, ga = (deg_to_rad(x) for x in (al, be, ga))
+    V, ast, bst, cst = _volume_and_reciprocal_lengths(a, b, c, al, be, ga, math.sin, math.sqrt)
     Vs = 1.0 / V
-    ast, bst, cst = b * c * libm.sin(al) * Vs, c * a * libm.sin(be) * Vs, a * b * libm.sin(ga) * Vs
     sines = (a * Vs / bst / cst, b * Vs / ast / cst, c * Vs / ast / bst)
-    vals = [float(x) for pair in zip(sines, _reciprocal_cosines(al, be, ga)) for x in pair]
+    vals = [x for pair in zip(sines, _reciprocal_cosines(al, be, ga, math.sin, math.cos)) for x in pair]
     return _oddball("oddball reciprocal cell angles (of the -cell angles)", _RECIPROCAL_NAMES, vals)
 
 
@@ -161,8 +160,8 @@ def cell_parameters(lat: Lattice):
     a, b, c = (v * 1e10 for v in (lat.a, lat.b, lat.c))
     vs = (lat.a_star, lat.b_star, lat.c_star)
     V = value(lat.V_cell_A3)
-    L = [value(libm.sqrt(dot(v, v))) for v in (a, b, c)]
-    Ls = [value(libm.sqrt(dot(v, v))) for v in vs]
+    L = [value(magnitude(v)) for v in (a, b, c)]
+    Ls = [value(magnitude(v)) for v in vs]
 
     raw = []
 

@@ -19,7 +19,7 @@ from nbsim.inputs import load_inputs
 from nbsim.params import param_tree, value
 from nbsim.physics import AVOGADRO, R_E_SQR, HKLTable
 from nbsim.report import SetupReport
-from nbsim.rotation import dot, rotate_axis, rotate_umat
+from nbsim.rotation import magnitude, rotate_axis, rotate_umat
 from nbsim.sampling import (make_sources, resolve_dispersion, resolve_divergence, resolve_mosaic,
                             resolve_phi, resolve_thickness)
 from nbsim.sampling import spectrum
@@ -133,7 +133,7 @@ def build_model(spec: ExperimentSpec, *, dtype=torch.float64, device="cpu", base
                         + " ".join(f"{x:g}" for x in real) + " (fixed: the textbook c*)")
 
     # crystal size
-    la, lb, lc = (math.sqrt(value(dot(v, v))) for v in (lat.a, lat.b, lat.c))   # C's magnitude()
+    la, lb, lc = (value(magnitude(v)) for v in (lat.a, lat.b, lat.c))
     Na, Nb, Nc = (p.get(f"crystal.{k}", p["crystal.N"]) for k in ("Na", "Nb", "Nc"))
     N_before_size = tuple(value(x) for x in (Na, Nb, Nc))
     size_y = mm_to_m(c.size_y_mm) if c.size_y_mm else 0.0

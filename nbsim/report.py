@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
+from nbsim.units import angstrom_to_m
+
 Vec3 = Tuple[float, float, float]
 
 
@@ -227,7 +229,7 @@ def echo_lines(r: SetupReport) -> list:
     out.append(f"  created a total of {r.mosaic_domains} mosaic domains")
     out.append(f"  {r.hkls} initialized hkls (all others ={r.default_F:g})")
     out.append(f"  {_SHAPES.get(r.shape, r.shape)} xtal: %.0fx%.0fx%.0f cells" % (r.Na, r.Nb, r.Nc))
-    out.append(f"  wave={r.wavelength_A / 1.0e10:g} meters +/- {r.dispersion[1] * 100:g}% in "   # C: lambda0
+    out.append(f"  wave={angstrom_to_m(r.wavelength_A):g} meters +/- {r.dispersion[1] * 100:g}% in "
                f"{r.dispsteps} steps")
     out.append("  polarization effect disabled" if r.nopolar else f"  Kahn polarization factor: {r.kahn_factor:f}")
     if r.curved:

@@ -56,6 +56,11 @@ def unitize(v: torch.Tensor):
     return v / safe.unsqueeze(-1), mag
 
 
+def magnitude(v: torch.Tensor) -> torch.Tensor:
+    """|v| of a (3,) vector as C's ``magnitude()``: sqrt(x·x + y·y + z·z), correctly rounded."""
+    return libm.sqrt(dot(v, v))
+
+
 def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cross product of (..., 3) vectors, C component order."""
     ax, ay, az = a.unbind(-1)

@@ -113,11 +113,6 @@ def _exit_once(signum, frame) -> None:
     sys.exit(_exit_code)
 
 
-def _redeliver(signum, frame) -> None:
-    signal.signal(signum, signal.SIG_IGN)
-    sys.exit(_exit_code)
-
-
 def _unraisable(info) -> None:
     """The ``SystemExit`` of ``_exit_once`` raised where Python cannot raise (a weakref callback, a
     ``__del__``: it printed "Exception ignored in ..." with a traceback and went on running) is
@@ -126,7 +121,7 @@ def _unraisable(info) -> None:
     exc = info.exc_value
     if isinstance(exc, SystemExit) and _exit_code is not None and exc.code == _exit_code:
         import threading
-        signal.signal(signal.SIGTERM, _redeliver)
+        signal.signal(signal.SIGTERM, _exit_once)
         # sent from another thread a moment later: a signal this thread sends itself runs its
         # handler at once, inside this hook, where SystemExit would be swallowed again
         threading.Timer(0.001, os.kill, (os.getpid(), signal.SIGTERM)).start()
